@@ -1,0 +1,147 @@
+"""Reading a source checkpoint safely, one shard at a time.
+
+`inspect_checkpoint` validates every shard's header (sizes, names, shapes) before any tensor is read, so
+a truncated or corrupt file, a tensor the model doesn't have, or a shape that disagrees with the config is
+refused up front. `iter_shards` then yields our-named tensors shard by shard (safetensors are mapped
+lazily by `mx.load`; PyTorch `.bin` shards only through `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from illada_mlx.config import IlladaError, ModelArgs
+from illada_mlx.weights import expected_shapes, map_name
+
+_ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    shards: list[Path]
+    kind: str  # "safetensors" | "torch"
+    names: dict[str, str] = field(default_factory=dict)  # source name -> our name (None-dropped excluded)
+    sizes: dict[Path, int] = field(default_factory=dict)
+
+
+def _safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise IlladaError(f"{path.name}: truncated or corrupt safetensors header; re-download this shard")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, t in header.items():
+        try:
+            a, b = t["data_offsets"]
+            numel = 1
+            for s in t["shape"]:
+                numel *= s
+            if t["dtype"] not in _ST_DTYPES or b - a != numel * _ST_DTYPES[t["dtype"]]:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise IlladaError(f"{path.name}: corrupt entry for tensor {name!r}; re-download this shard")
+        end = max(end, b)
+    if 8 + n + end != size:
+        raise IlladaError(
+            f"{path.name}: truncated or corrupt shard (header promises {8 + n + end} bytes, file has {size}); "
+            "re-download this shard"
+        )
+    return header
+
+
+def find_shards(root: Path) -> tuple[list[Path], str]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch")):
+        index = root / index_name
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (root / f).exists()]
+            if missing:
+                raise IlladaError(f"{root}: shard {missing[0]} named in {index_name} is missing; download all shards")
+            return [root / f for f in files], kind
+    st = sorted(root.glob("*.safetensors"))
+    if st:
+        return st, "safetensors"
+    pt = sorted(root.glob("pytorch_model*.bin"))
+    if pt:
+        return pt, "torch"
+    raise IlladaError(f"{root}: no weights found (*.safetensors or pytorch_model*.bin); is this the model directory?")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise IlladaError("this checkpoint has PyTorch .bin shards: install torch (pip install 'illada-mlx[torch]') "
+                          "or use its safetensors version")
+    return torch
+
+
+def _torch_names(path: Path) -> dict:
+    torch = _torch()
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors, truncation, unsafe objects refused by weights_only
+        raise IlladaError(f"{path.name}: cannot be read safely as a weights-only PyTorch file ({type(e).__name__}); "
+                          "re-download it or use safetensors")
+    return {k: {"shape": list(v.shape)} for k, v in sd.items()}
+
+
+def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
+    shards, kind = find_shards(root)
+    ck = Checkpoint(root=root, shards=shards, kind=kind)
+    want = expected_shapes(args)
+    seen: dict[str, tuple] = {}
+    for shard in shards:
+        header = _safetensors_header(shard) if kind == "safetensors" else _torch_names(shard)
+        for name, t in header.items():
+            try:
+                ours = map_name(name, args.source_layout)
+            except KeyError:
+                raise IlladaError(f"{shard.name}: tensor {name!r} is not part of a {args.source_layout} model; "
+                                  "wrong architecture in config.json?")
+            if ours is None:
+                continue
+            shape = tuple(t["shape"])
+            if ours == "lm_head.weight" and args.tie_word_embeddings:
+                ours = "lm_head.weight(tied)"
+            elif ours not in want:
+                raise IlladaError(f"{shard.name}: tensor {name!r} does not fit the config "
+                                  f"({args.num_hidden_layers} layers, biases={args.attention_bias}); fix config.json")
+            elif shape != want[ours]:
+                raise IlladaError(f"{shard.name}: {name} has shape {list(shape)} but config.json implies "
+                                  f"{list(want[ours])}; the config does not match the weights")
+            ck.names[name] = ours
+            seen[ours] = shape
+        ck.sizes[shard] = shard.stat().st_size
+    missing = [n for n in want if n not in seen]
+    if missing:
+        raise IlladaError(f"{root}: tensor {missing[0]} (ours) is missing from the shards "
+                          f"({len(missing)} missing); incomplete download or wrong config")
+    return ck
+
+
+def iter_shards(ck: Checkpoint) -> Iterator[tuple[Path, dict[str, mx.array]]]:
+    """Yield (shard, {our name: array}) one source shard at a time. The tied head (if stored) comes
+    as 'lm_head.weight(tied)' so the caller can check it equals the embedding and drop it."""
+    for shard in ck.shards:
+        if ck.kind == "safetensors":
+            raw = mx.load(str(shard))
+        else:
+            torch = _torch()
+            sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            dt = {torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}
+            raw = {k: mx.array(v.float().numpy()).astype(dt.get(v.dtype, mx.float32)) for k, v in sd.items()}
+        yield shard, {ck.names[k]: v for k, v in raw.items() if k in ck.names}

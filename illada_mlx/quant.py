@@ -1,0 +1,99 @@
+"""Quantization: which layers get which (bits, group size, mode), recorded mlx-lm style.
+
+The record written to config.json is {"group_size", "bits", "mode", "<module path>": {...}} where a
+per-path entry overrides the defaults. A module is quantized on load iff its `.scales` tensor exists,
+so layers too narrow for the group size simply stay in float.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import IlladaError
+
+# mode -> (allowed bits, allowed group sizes)
+MODES = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "mxfp8": ((8,), (32,)),
+    "nvfp4": ((4,), (16,)),
+}
+_EMBED = re.compile(r"^(model\.embed_tokens|lm_head)$")
+_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+def check_params(bits: int, group_size: int, mode: str) -> dict:
+    if mode not in MODES:
+        raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    ok_bits, ok_groups = MODES[mode]
+    if bits not in ok_bits or group_size not in ok_groups:
+        raise IlladaError(
+            f"{mode} quantization supports bits {list(ok_bits)} with group size {list(ok_groups)}, "
+            f"not bits={bits} group={group_size}; change --q-bits/--q-group-size"
+        )
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def _recipe_mixed(body_bits: int, high_bits: int, sensitive: bool) -> Callable:
+    """Body at `body_bits`, embedding/head at `high_bits`; with `sensitive`, also v_proj and down_proj
+    of the first and last eighth of the layers and every other layer's down_proj (llama.cpp's K_M idea)."""
+
+    def rule(path: str, n_layers: int, default: dict) -> Optional[dict]:
+        high = {"group_size": 64, "bits": high_bits, "mode": "affine"}
+        if _EMBED.match(path):
+            return high
+        m = _LINEAR.match(path)
+        if not m:
+            return None
+        i, name = int(m.group(1)), m.group(2)
+        edge = i < max(1, n_layers // 8) or i >= n_layers - max(1, n_layers // 8)
+        if sensitive and (name.endswith("v_proj") or name.endswith("down_proj")) and (edge or i % 2 == 0 and name.endswith("down_proj")):
+            return high
+        return {**default, "bits": body_bits} if default["mode"] == "affine" else default
+
+    return rule
+
+
+RECIPES = {
+    "mixed_4_6": _recipe_mixed(4, 6, False),
+    "mixed_4_8": _recipe_mixed(4, 8, False),
+    "mixed_3_6": _recipe_mixed(3, 6, True),
+    "mixed_2_6": _recipe_mixed(2, 6, True),
+}
+
+
+def layer_params(path: str, n_layers: int, default: dict, recipe: Optional[str]) -> Optional[dict]:
+    """Quantization params for a module path, or None to keep it in float (norms, unknown modules)."""
+    if recipe is None:
+        return default if (_EMBED.match(path) or _LINEAR.match(path)) else None
+    if recipe not in RECIPES:
+        raise IlladaError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[recipe](path, n_layers, default)
+
+
+def quantize_tensor(w: mx.array, params: dict) -> Optional[dict]:
+    """{"weight", "scales"[, "biases"]} for a 2-D weight, or None when the rows don't fit the group size."""
+    if w.ndim != 2 or w.shape[-1] % params["group_size"]:
+        return None
+    out = mx.quantize(w, group_size=params["group_size"], bits=params["bits"], mode=params["mode"])
+    names = ("weight", "scales", "biases")
+    return dict(zip(names, out))
+
+
+def apply_quantization(model: nn.Module, record: dict, weight_names) -> None:
+    """Swap in quantized layers for every module whose `.scales` is stored, with the recorded params."""
+    default = {k: record[k] for k in ("group_size", "bits", "mode") if k in record}
+    default.setdefault("mode", "affine")
+    names = set(weight_names)
+
+    def predicate(path, module):
+        if f"{path}.scales" not in names or not hasattr(module, "to_quantized"):
+            return False
+        return record.get(path, default)
+
+    nn.quantize(model, group_size=default.get("group_size"), bits=default.get("bits"), mode=default["mode"],
+                class_predicate=predicate)

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures import Spec, write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """Build (and cache per session) a tiny HF checkpoint for a Spec: returns (dir, stored params)."""
+    made = {}
+
+    def make(spec: Spec):
+        key = repr(spec)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"hf-{spec.layout}")
+            made[key] = (d, write_checkpoint(d, spec))
+        return made[key]
+
+    return make

@@ -1,0 +1,117 @@
+"""Independent references written from the spec (../shared/spec/illada.md §1, §4), in numpy float64.
+
+`forward` is the model; `official_generate` re-derives the official fixed-canvas decoding loop.
+Nothing here imports illada_mlx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEG = -1e300  # finite "−inf" for masked keys, so an all-padded query row stays finite
+
+
+def rmsnorm(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope(x, theta):
+    """Half-split ("rotate_half") RoPE over the sequence axis -2, positions 0..L-1."""
+    L, D = x.shape[-2], x.shape[-1]
+    inv = theta ** (-np.arange(0, D, 2) / D)
+    ang = np.arange(L)[:, None] * inv[None]
+    cos, sin = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def softmax(x, axis=-1):
+    x = x - x.max(axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis, keepdims=True)
+
+
+def forward(p, ids, heads, kv_heads, theta=10000.0, eps=1e-5, key_valid=None):
+    """Logits (B, L, V) in float64. key_valid (B, L): 1 for real tokens, 0 for padding."""
+    ids = np.asarray(ids)
+    B, L = ids.shape
+    h = p["embed"][ids]
+    d = h.shape[-1]
+    hd = d // heads
+    for lay in p["layers"]:
+        n = rmsnorm(h, lay["attn_norm"], eps)
+
+        def proj(w, b, nh):
+            y = n @ lay[w].T + (lay[b] if b in lay else 0)
+            return y.reshape(B, L, nh, hd).transpose(0, 2, 1, 3)
+
+        q, k, v = proj("wq", "bq", heads), proj("wk", "bk", kv_heads), proj("wv", "bv", kv_heads)
+        q, k = rope(q, theta), rope(k, theta)
+        rep = heads // kv_heads
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)  # no causal mask: bidirectional
+        if key_valid is not None:
+            s = np.where(np.asarray(key_valid)[:, None, None, :] > 0, s, NEG)
+        o = (softmax(s) @ v).transpose(0, 2, 1, 3).reshape(B, L, d)
+        h = h + o @ lay["wo"].T + lay.get("bo", 0)
+        n = rmsnorm(h, lay["ffn_norm"], eps)
+        g = n @ lay["w_gate"].T
+        h = h + ((g / (1 + np.exp(-g))) * (n @ lay["w_up"].T)) @ lay["w_down"].T
+    return rmsnorm(h, p["norm"], eps) @ p["head"].T
+
+
+def transfer_counts(n_masked: int, steps: int) -> list[int]:
+    """k_t = floor(n/s) + (1 if t < n mod s)."""
+    return [n_masked // steps + (1 if t < n_masked % steps else 0) for t in range(steps)]
+
+
+def official_generate(logits_fn, prompt, steps, gen_length, block_length, mask_id, temperature=0.0,
+                      cfg_scale=0.0, remasking="low_confidence", uniforms=None, key_valid=None):
+    """The official fixed-canvas algorithm (spec §4), float64, batch of equal-length (left-padded) rows.
+
+    logits_fn(x, key_valid) -> (B, L, V) float64. `uniforms(step, kind, shape)` supplies the random
+    numbers for random remasking / Gumbel noise, so the test can feed the same ones as the sampler.
+    """
+    prompt = np.asarray(prompt)
+    B, P = prompt.shape
+    x = np.concatenate([prompt, np.full((B, gen_length), mask_id)], axis=1)
+    kv = None if key_valid is None else np.concatenate([np.asarray(key_valid), np.ones((B, gen_length))], axis=1)
+    prompt_index = x != mask_id
+    assert gen_length % block_length == 0
+    nb = gen_length // block_length
+    assert steps % nb == 0
+    s = steps // nb
+    step = 0
+    for b in range(nb):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        counts = [transfer_counts(int((x[j, lo:hi] == mask_id).sum()), s) for j in range(B)]
+        for i in range(s):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un = x.copy()
+                un[prompt_index] = mask_id
+                both = logits_fn(np.concatenate([x, un]), None if kv is None else np.concatenate([kv, kv]))
+                cond, unc = both[:B], both[B:]
+                logits = unc + (cfg_scale + 1) * (cond - unc)
+            else:
+                logits = logits_fn(x, kv)
+            if temperature > 0:
+                u = uniforms(step, "gumbel", logits.shape)
+                noisy = np.exp(logits) / (-np.log(u)) ** temperature
+            else:
+                noisy = logits
+            x0 = noisy.argmax(-1)
+            if remasking == "low_confidence":
+                p = softmax(logits)
+                conf = np.take_along_axis(p, x0[..., None], -1)[..., 0]
+            else:
+                conf = uniforms(step, "remask", x0.shape).astype(np.float64)
+            conf[:, hi:] = -np.inf
+            x0 = np.where(mask_index, x0, x)
+            conf = np.where(mask_index, conf, -np.inf)
+            for j in range(B):
+                k = counts[j][i]
+                sel = np.argsort(-conf[j], kind="stable")[:k]
+                x[j, sel] = x0[j, sel]
+            step += 1
+    return x

@@ -1,0 +1,309 @@
+"""The converter: round trips against the oracle, quantization, refusals, atomic output, streaming."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import oracle
+from fixtures import Spec, write_checkpoint
+from illada_mlx.cli import main
+from illada_mlx.load import load
+
+ILLADA = Spec(seed=11)
+LLADA = Spec(layout="llada", kv_heads=4, tied=False, theta=500000.0, seed=12)
+
+
+def run_convert(*args):
+    return CliRunner().invoke(main, ["convert", *map(str, args)])
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def params_from_mlx_dir(d: Path, tied: bool) -> dict:
+    """Read a converted dir back into the oracle's parameter dict, dequantizing what is quantized."""
+    cfg = json.loads((d / "config.json").read_text())
+    q = cfg.get("quantization") or {}
+    w = {}
+    for f in d.glob("*.safetensors"):
+        w.update(mx.load(str(f)))
+
+    def get(path):
+        if f"{path}.scales" in w:
+            prm = q.get(path, q)
+            full = mx.dequantize(w[f"{path}.weight"], w[f"{path}.scales"], w.get(f"{path}.biases"),
+                                 group_size=prm["group_size"], bits=prm["bits"], mode=prm.get("mode", "affine"))
+        else:
+            full = w[f"{path}.weight"]
+        return np.array(full.astype(mx.float32), np.float64)
+
+    p = {"embed": get("model.embed_tokens"), "norm": get("model.norm"), "layers": []}
+    p["head"] = p["embed"] if tied else get("lm_head")
+    i = 0
+    while f"model.layers.{i}.input_layernorm.weight" in w:
+        b = f"model.layers.{i}."
+        p["layers"].append({
+            "attn_norm": get(b + "input_layernorm"), "ffn_norm": get(b + "post_attention_layernorm"),
+            "wq": get(b + "self_attn.q_proj"), "wk": get(b + "self_attn.k_proj"), "wv": get(b + "self_attn.v_proj"),
+            "wo": get(b + "self_attn.o_proj"), "w_gate": get(b + "mlp.gate_proj"), "w_up": get(b + "mlp.up_proj"),
+            "w_down": get(b + "mlp.down_proj"),
+        })
+        i += 1
+    return p
+
+
+def logits(model, spec, seed=0):
+    ids = np.random.default_rng(seed).integers(0, spec.vocab, (2, 11))
+    return ids, np.array(model(mx.array(ids)).astype(mx.float32), np.float64)
+
+
+@pytest.mark.parametrize("spec", [ILLADA, LLADA], ids=["illada", "llada"])
+@pytest.mark.parametrize("flags,tol", [([], 1e-4), (["--dtype", "bfloat16"], 3e-2)], ids=["fp32", "bf16"])
+def test_float_round_trip_matches_oracle(spec, flags, tol, ckpt_factory, tmp_path):
+    src, params = ckpt_factory(spec)
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", src, "--mlx-path", out, *flags)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mask_token_id"] == (5 if spec.layout == "illada" else 258)
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    model, tok = load(str(out))
+    if flags:
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    stored = params_from_mlx_dir(out, spec.tied)
+    ids, got = logits(model, spec)
+    ref = oracle.forward(stored, ids, spec.heads, spec.kv_heads, spec.theta, spec.eps)
+    assert rel(got, ref) <= tol
+    # the stored weights are the source's (rounded to the target dtype)
+    np.testing.assert_allclose(stored["layers"][1]["w_down"], params["layers"][1]["w_down"], rtol=1e-2, atol=1e-2)
+
+
+def test_tied_head_is_stored_once(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    assert run_convert("--hf-path", src, "--mlx-path", out).exit_code == 0
+    names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+
+
+def test_bf16_source_checkpoint(tmp_path):
+    spec = Spec(dtype="bfloat16", seed=13)
+    src = tmp_path / "hf"
+    params = write_checkpoint(src, spec)
+    out = tmp_path / "mlx"
+    assert run_convert("--hf-path", src, "--mlx-path", out, "--dtype", "float32").exit_code == 0
+    model, _ = load(str(out))
+    ids, got = logits(model, spec)
+    assert rel(got, oracle.forward(params, ids, spec.heads, spec.kv_heads, spec.theta, spec.eps)) <= 1e-4
+
+
+QUANT = {
+    "q8": (["-q", "--q-bits", "8"], {"bits": 8}),
+    "q4": (["-q", "--q-bits", "4", "--q-group-size", "32"], {"bits": 4, "group_size": 32}),
+    "mixed_4_8": (["--q-recipe", "mixed_4_8"], {"bits": 4}),
+    "mixed_3_6": (["--q-recipe", "mixed_3_6"], {"bits": 4}),
+    "mxfp4": (["-q", "--q-mode", "mxfp4", "--q-group-size", "32"], {"mode": "mxfp4"}),
+}
+
+
+@pytest.mark.parametrize("spec", [ILLADA, LLADA], ids=["illada", "llada"])
+@pytest.mark.parametrize("name", list(QUANT))
+def test_quantized_round_trip_matches_dequantized_oracle(spec, name, ckpt_factory, tmp_path):
+    if spec.layout == "llada" and name in ("mixed_3_6", "mxfp4"):
+        pytest.skip("covered on the iLLaDA layout")
+    flags, expect = QUANT[name]
+    src, params = ckpt_factory(spec)
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", src, "--mlx-path", out, *flags)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in expect.items():
+        assert cfg["quantization"][k] == v
+    if name.startswith("mixed"):
+        assert cfg["quantization"]["model.embed_tokens"]["bits"] in (6, 8)
+    model, _ = load(str(out))
+    assert type(model.model.layers[0].mlp.gate_proj).__name__ == "QuantizedLinear"
+    assert type(model.model.embed_tokens).__name__ == "QuantizedEmbedding"
+    assert model.model.layers[0].input_layernorm.weight.dtype == mx.float32  # norms stay float
+    deq = params_from_mlx_dir(out, spec.tied)
+    ids, got = logits(model, spec)
+    assert rel(got, oracle.forward(deq, ids, spec.heads, spec.kv_heads, spec.theta, spec.eps)) <= 1e-4
+    # the quantized weights are close to the originals (the quantizer really ran on them)
+    err = np.abs(deq["layers"][0]["w_up"] - params["layers"][0]["w_up"]).mean()
+    assert 0 < err < 0.2 * np.abs(params["layers"][0]["w_up"]).mean()
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def _broken(tmp_path, how):
+    src = tmp_path / "hf"
+    write_checkpoint(src, Spec(seed=14))
+    shard = src / "model-00001-of-00002.safetensors"
+    cfg = json.loads((src / "config.json").read_text())
+    if how == "missing_config":
+        (src / "config.json").unlink()
+    elif how == "missing_shard":
+        (src / "model-00002-of-00002.safetensors").unlink()
+    elif how == "truncated_shard":
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-100])
+    elif how == "corrupt_header":
+        data = bytearray(shard.read_bytes())
+        data[8:20] = b"\x00garbage!!\xff\xfe"
+        shard.write_bytes(bytes(data))
+    elif how == "shape_mismatch":
+        cfg["intermediate_size"] = 96
+    elif how == "unknown_arch":
+        cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    elif how == "no_mask_id":
+        (src / "tokenizer.json").unlink()
+        (src / "tokenizer_config.json").unlink()
+    elif how == "layer_count":
+        cfg["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg)) if how != "missing_config" else None
+    return src
+
+
+REFUSALS = {
+    "missing_config": "config.json",
+    "missing_shard": "missing",
+    "truncated_shard": "truncated",
+    "corrupt_header": "corrupt",
+    "shape_mismatch": "does not match",
+    "unknown_arch": "unknown architecture",
+    "no_mask_id": "--mask-id",
+    "layer_count": "missing",
+}
+
+
+def assert_clean_refusal(r, out: Path, needle: str):
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in r.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("how", list(REFUSALS))
+def test_refuses_broken_checkpoints_cleanly(how, tmp_path):
+    src = _broken(tmp_path, how)
+    out = tmp_path / "out" / "mlx"
+    out.parent.mkdir()
+    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out), out, REFUSALS[how])
+
+
+def test_refuses_bad_paths_and_options(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    assert_clean_refusal(run_convert("--hf-path", tmp_path / "nope", "--mlx-path", out), out, "no such directory")
+    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "-q", "--q-mode", "mxfp4", "--q-bits", "3"),
+                         out, "mxfp4")
+    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "--mask-id", "126336"), out, "outside")
+
+
+def test_wrong_mask_id_flag_is_refused_and_right_one_used(tmp_path):
+    src = _broken(tmp_path, "no_mask_id")
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", src, "--mlx-path", out, "--mask-id", "5")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["mask_token_id"] == 5
+
+
+def test_non_empty_destination_needs_force(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run_convert("--hf-path", src, "--mlx-path", out)
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "--force" in r.output
+    assert (out / "keep.txt").exists()
+    assert run_convert("--hf-path", src, "--mlx-path", out, "--force").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".mlx")) == []
+
+
+def test_interrupt_mid_write_leaves_no_directory(ckpt_factory, tmp_path, monkeypatch):
+    import illada_mlx_convert.converter as conv
+
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv.mx, "save_safetensors", boom)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(str(src), str(out), progress=False, max_shard_bytes=1)
+    assert calls and not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_torch_bin_without_torch_names_the_extra(tmp_path):
+    pytest.importorskip("safetensors")
+    try:
+        import torch  # noqa: F401
+        pytest.skip("torch is installed")
+    except ImportError:
+        pass
+    src = tmp_path / "hf"
+    write_checkpoint(src, Spec(seed=15))
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "model.safetensors.index.json").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not really")
+    out = tmp_path / "mlx"
+    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out), out, "illada-mlx[torch]")
+
+
+def test_hub_id_goes_through_huggingface_hub(ckpt_factory, tmp_path, monkeypatch):
+    """A repo id is fetched with snapshot_download (only the needed files); stubbed: no network here."""
+    import huggingface_hub
+
+    src, _ = ckpt_factory(ILLADA)
+    seen = {}
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        seen.update(repo=repo_id, patterns=allow_patterns)
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", "GSAI-ML/iLLaDA-8B-Base", "--mlx-path", out)
+    assert r.exit_code == 0, r.output
+    assert seen["repo"] == "GSAI-ML/iLLaDA-8B-Base" and "*.safetensors" in seen["patterns"]
+    assert "*.bin" not in seen["patterns"]
+
+
+# ------------------------------------------------------------------------------------------ streaming
+def test_streaming_peak_memory_stays_near_one_shard(tmp_path):
+    """≥ 200 MB of shards: the converter's RSS growth stays under 2× (largest shard + output shard)."""
+    spec = Spec(d=512, layers=12, heads=8, kv_heads=8, ffn=2048, shards=4, seed=16)
+    src = tmp_path / "hf"
+    write_checkpoint(src, spec)
+    sizes = [f.stat().st_size for f in src.glob("*.safetensors")]
+    assert sum(sizes) >= 200e6
+    out_shard = 48 << 20
+    code = (
+        "import json, illada_mlx_convert as c; "
+        f"s = c.convert({str(src)!r}, {str(tmp_path / 'mlx')!r}, max_shard_bytes={out_shard}, progress=False); "
+        "print(json.dumps(s))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    bound = 2 * (max(sizes) + out_shard)
+    print(f"source {sum(sizes) / 1e6:.0f} MB, largest shard {max(sizes) / 1e6:.0f} MB, "
+          f"RSS growth {s['rss_growth_bytes'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
+    assert s["rss_growth_bytes"] < bound
+    assert s["output_shards"] >= 4
