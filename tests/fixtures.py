@@ -94,6 +94,12 @@ def make_params(s: Spec) -> dict:
                 layer[k] = 0.1 * rng.normal(size=n)
         p["layers"].append(layer)
     p["head"] = p["embed"] if s.tied else rng.normal(0, 1, (s.vocab, s.d)) / np.sqrt(s.d) * 4
+    # like a trained model, never predict the mask token (its logit stays near 0)
+    mask = 5 if s.layout == "illada" else LLADA_SPECIALS["<|mdm_mask|>"]
+    if mask < s.vocab:
+        p["embed"][mask] *= 0.05
+        if not s.tied:
+            p["head"][mask] *= 0.05
     return p
 
 

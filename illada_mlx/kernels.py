@@ -1,0 +1,50 @@
+"""Candidates and confidences over the vocabulary: one pass per position, no (L, V) probability array.
+
+`candidates(logits, temperature, key, want_entropy)` returns, per position, the candidate token (argmax at
+T = 0, Gumbel-max at T > 0), its softmax probability, and optionally the entropy. The pure-MLX version
+here is the reference; see kernels_gpu.py for the Metal/CUDA versions and when they are used.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+
+def gumbel_uniforms(key: mx.array, shape) -> mx.array:
+    """The uniforms behind Gumbel-max, u in (0, 1) (u = 0 would make −log u infinite)."""
+    return mx.clip(mx.random.uniform(shape=shape, key=key), 1e-20, 1.0)
+
+
+def candidates_reference(logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None,
+                         want_entropy: bool = False):
+    """(x0, p(x0), entropy | None) for logits (..., V).
+
+    Gumbel-max as the official code means it, exp(l) / (−log u)^T, but in log space
+    (l − T·log(−log u)): the same argmax without float64 or overflow.
+    """
+    l = logits.astype(mx.float32)
+    lse = mx.logsumexp(l, axis=-1)
+    if temperature > 0:
+        u = gumbel_uniforms(key, l.shape)
+        x0 = mx.argmax(l - temperature * mx.log(-mx.log(u)), axis=-1)
+        lx = mx.take_along_axis(l, x0[..., None], axis=-1)[..., 0]
+    else:
+        x0 = mx.argmax(l, axis=-1)
+        lx = mx.max(l, axis=-1)
+    p = mx.exp(lx - lse)
+    ent = None
+    if want_entropy:
+        ent = lse - (mx.softmax(l, axis=-1) * l).sum(-1)
+    return x0.astype(mx.int32), p, ent
+
+
+def candidates(logits, temperature=0.0, key=None, want_entropy=False):
+    """The dispatching entry point the sampler calls."""
+    from .kernels_gpu import fused_candidates
+
+    fused = fused_candidates(logits, temperature, want_entropy)
+    if fused is not None:
+        return fused
+    return candidates_reference(logits, temperature, key, want_entropy)

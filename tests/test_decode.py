@@ -1,0 +1,266 @@
+"""The sampler against the official algorithm re-derived in float64 (oracle.official_generate), plus the
+variable-length, fast-path and argument-checking behaviour on a scripted model."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import oracle
+from fixtures import Spec
+from illada_mlx.config import IlladaError, ModelArgs
+from illada_mlx.decode import Block, Step, generate, var_generate
+from illada_mlx.load import load
+
+ILLADA = Spec(seed=21)
+LLADA = Spec(layout="llada", kv_heads=4, tied=False, theta=500000.0, seed=22)
+
+
+@pytest.fixture(params=["illada", "llada"])
+def tiny(request, ckpt_factory):
+    spec = ILLADA if request.param == "illada" else LLADA
+    d, params = ckpt_factory(spec)
+    model, tok = load(str(d))
+
+    def logits_fn(x, kv):
+        return oracle.forward(params, x, spec.heads, spec.kv_heads, spec.theta, spec.eps, key_valid=kv)
+
+    return model, tok, logits_fn, model.args.mask_token_id
+
+
+def prompts(n, length, seed):
+    return np.random.default_rng(seed).integers(8, 250, (n, length))
+
+
+def replay_uniforms(seed, prompt_len, block_length, steps_per_block, n_steps, rows, vocab, canvas_len):
+    """The sampler's documented random stream, laid out on the canvas for the oracle."""
+    key = mx.random.key(seed)
+    remask, gumbel = {}, {}
+    for step in range(n_steps):
+        key, sub = mx.random.split(key)
+        k_r, k_g = mx.random.split(sub)
+        lo = prompt_len + (step // steps_per_block) * block_length
+        r = np.full((rows, canvas_len), 0.5)
+        r[:, lo:lo + block_length] = np.array(mx.random.uniform(shape=(rows, block_length), key=k_r))
+        g = np.full((rows, canvas_len, vocab), 0.5)
+        u = mx.clip(mx.random.uniform(shape=(rows, block_length, vocab), key=k_g), 1e-20, 1.0)
+        g[:, lo:lo + block_length] = np.array(u)
+        remask[step], gumbel[step] = r, g
+
+    def uniforms(step, kind, shape):
+        return (remask if kind == "remask" else gumbel)[step]
+
+    return uniforms
+
+
+@pytest.mark.parametrize("G,B,S", [(16, 8, 16), (16, 4, 8), (12, 12, 6), (24, 8, 6), (16, 16, 32)])
+def test_exact_mode_matches_official_algorithm(tiny, G, B, S):
+    model, _, logits_fn, mask = tiny
+    for seed in range(3):
+        p = prompts(3, 5 + seed, seed)
+        ref = oracle.official_generate(logits_fn, p, S, G, B, mask)
+        out = generate(model, mx.array(p), steps=S, gen_length=G, block_length=B, mask_id=mask)
+        np.testing.assert_array_equal(np.array(out), ref)
+
+
+def test_batch_with_left_padding_matches_official(tiny):
+    model, _, logits_fn, mask = tiny
+    rows = [list(prompts(1, n, n)[0]) for n in (7, 3, 5)]
+    P = 7
+    padded = np.array([[2] * (P - len(r)) + r for r in rows])
+    valid = np.array([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    ref = oracle.official_generate(logits_fn, padded, 8, 16, 8, mask, key_valid=valid)
+    out = np.array(generate(model, mx.array(padded), attention_mask=mx.array(valid), steps=8, gen_length=16,
+                            block_length=8, mask_id=mask))
+    np.testing.assert_array_equal(out[:, P:], ref[:, P:])
+    # and every padded row equals that prompt decoded alone
+    for j, r in enumerate(rows):
+        alone = np.array(generate(model, [r], steps=8, gen_length=16, block_length=8, mask_id=mask))
+        np.testing.assert_array_equal(out[j, P:], alone[0, len(r):])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_cfg_matches_official(tiny, with_mask):
+    model, _, logits_fn, mask = tiny
+    p = prompts(2, 6, 3)
+    valid = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]]) if with_mask else None
+    # a mild scale: stronger guidance saturates fp32 probabilities at exactly 1.0 (ties the official
+    # fp32 code breaks arbitrarily too), which a float64 oracle would order differently
+    ref = oracle.official_generate(logits_fn, p, 8, 16, 8, mask, cfg_scale=0.3, key_valid=valid)
+    out = generate(model, mx.array(p), steps=8, gen_length=16, block_length=8, mask_id=mask, cfg_scale=0.3,
+                   attention_mask=None if valid is None else mx.array(valid))
+    got = np.array(out)
+    np.testing.assert_array_equal(got[:, 6:], ref[:, 6:])
+
+
+@pytest.mark.parametrize("remasking,T", [("random", 0.0), ("low_confidence", 0.7), ("random", 1.0)])
+def test_random_remasking_and_gumbel_match_official_with_fixed_key(tiny, remasking, T):
+    model, _, logits_fn, mask = tiny
+    G, B, S, P = 16, 8, 8, 5
+    p = prompts(2, P, 4)
+    uni = replay_uniforms(123, P, B, S // (G // B), S, 2, model.args.vocab_size, P + G)
+    ref = oracle.official_generate(logits_fn, p, S, G, B, mask, temperature=T, remasking=remasking, uniforms=uni)
+    out = generate(model, mx.array(p), steps=S, gen_length=G, block_length=B, mask_id=mask, temperature=T,
+                   remasking=remasking, seed=123, logits_at="block")
+    np.testing.assert_array_equal(np.array(out), ref)
+
+
+def test_threshold_one_without_cache_is_exact_mode(tiny):
+    model, _, _, mask = tiny
+    p = mx.array(prompts(2, 6, 5))
+    exact = generate(model, p, steps=16, gen_length=16, block_length=8, mask_id=mask)
+    fast = generate(model, p, steps=16, gen_length=16, block_length=8, mask_id=mask, rule="threshold", threshold=1.0)
+    np.testing.assert_array_equal(np.array(fast), np.array(exact))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refreshed_every_step_is_identical_to_no_cache(tiny, cache):
+    model, _, _, mask = tiny
+    p = mx.array(prompts(2, 6, 6))
+    ref = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask)
+    out = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask, cache=cache, refresh_every=1)
+    np.testing.assert_array_equal(np.array(out), np.array(ref))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_processes_fewer_tokens(tiny, cache):
+    model, _, _, mask = tiny
+    p = mx.array(prompts(1, 6, 7))
+    _, none = generate(model, p, steps=16, gen_length=32, block_length=8, mask_id=mask, return_stats=True)
+    out, st = generate(model, p, steps=16, gen_length=32, block_length=8, mask_id=mask, cache=cache, return_stats=True)
+    assert st.nfe == none.nfe and st.processed < none.processed
+    assert (np.array(out)[:, 6:] != mask).all()
+
+
+def test_step_and_block_events_stream(tiny):
+    model, _, _, mask = tiny
+    events = []
+    out = generate(model, mx.array(prompts(1, 4, 8)), steps=8, gen_length=16, block_length=8, mask_id=mask,
+                   on_event=events.append)
+    steps = [e for e in events if isinstance(e, Step)]
+    blocks = [e for e in events if isinstance(e, Block)]
+    assert len(steps) == 8 and len(blocks) == 2
+    assert int(np.array(steps[0].committed).sum()) == 2  # 8 masks over 4 steps: 2 per step
+    assert np.array_equal(np.array(steps[-1].canvas), np.array(out))
+
+
+# ------------------------------------------------------------------------------- a scripted model
+EOS, MASK, THINK = 2, 5, 7
+
+
+class Scripted:
+    """Predicts script[position] with logit margin; a real Model's call signature, cache ignored.
+    A row's script is chosen by its first token (11 -> script 0, 12 -> script 1, ...)."""
+
+    def __init__(self, script, vocab=64, margin=8.0, think_margin=None):
+        self.args = ModelArgs(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                              intermediate_size=8, vocab_size=vocab, max_position_embeddings=512,
+                              mask_token_id=MASK, eos_token_id=EOS)
+        self.script, self.vocab, self.margin, self.think_margin = script, vocab, margin, think_margin
+        self.calls = []
+
+    def __call__(self, ids, attention_mask=None, logits_at=None, cache=None, offset=0):
+        B, L = ids.shape
+        self.calls.append((B, L))
+        first = np.array(ids[:, 0]) if offset == 0 else self.first
+        self.first = first
+        pos = np.arange(offset, offset + L)
+        at = np.array(logits_at) if logits_at is not None else np.broadcast_to(np.arange(L), (B, L))
+        at = np.broadcast_to(at, (B, at.shape[-1]))
+        out = np.zeros((B, at.shape[1], self.vocab), np.float32)
+        for b in range(B):
+            for k, i in enumerate(at[b]):
+                row = self.script[(int(first[b]) - 11) % len(self.script)]
+                p = pos[i]
+                out[b, k, row[p] if p < len(row) else 9] = self.margin - 0.01 * (p % 7)
+                if self.think_margin is not None:
+                    out[b, k, THINK] = self.margin - self.think_margin
+        return mx.array(out)
+
+
+def script_with_eos(prompt_len, eos_at, n=300, tok=40):
+    s = [tok] * n
+    s[prompt_len + eos_at] = EOS
+    return s
+
+
+def test_variable_length_stops_at_first_eos_and_runs_no_block_after():
+    P = 4
+    model = Scripted([script_with_eos(P, 40)])
+    events = []
+    g = var_generate(model, [[11] * P], steps=8, max_tokens=256, block_length=32, on_event=events.append)
+    assert g.tokens[0] == [40] * 40 and g.finish_reasons == ["stop"]
+    assert len([e for e in events if isinstance(e, Block)]) == 2  # EOS in block 1: block 2 never runs
+    assert g.stats.nfe == 16 and len(model.calls) == 16
+
+
+def test_variable_length_budget_is_respected():
+    P = 3
+    model = Scripted([[40] * 300])
+    g = var_generate(model, [[11] * P], steps=4, max_tokens=70, block_length=32)
+    assert len(g.tokens[0]) == 70 and g.finish_reasons == ["length"]
+    assert max(L for _, L in model.calls) == P + 70  # the canvas never grew past the budget
+
+
+def test_variable_length_batch_stops_rows_independently():
+    P = 4
+    model = Scripted([script_with_eos(P, 5), script_with_eos(P, 70)])
+    g = var_generate(model, [[11] * P, [12] * P], steps=4, max_tokens=256, block_length=32)
+    assert [len(t) for t in g.tokens] == [5, 70]
+    assert g.finish_reasons == ["stop", "stop"]
+    batch_sizes = [B for B, _ in model.calls]
+    assert batch_sizes[:4] == [2] * 4 and set(batch_sizes[4:]) == {1}  # row 0 left after block 0
+
+
+def test_variable_length_stop_string_cuts_text(ckpt_factory):
+    d, _ = ckpt_factory(ILLADA)
+    _, tok = load(str(d))
+    P = 3
+    text = "the answer is 42.\nUser: more"
+    ids = tok.encode(text, add_special_tokens=False)
+    script = [9] * P + ids + [40] * 200
+    model = Scripted([script], vocab=300)
+    events = []
+    g = var_generate(model, [[11] * P], steps=4, max_tokens=256, block_length=8, stop=["\nUser:"],
+                     tokenizer=tok, on_event=events.append)
+    assert g.texts == ["the answer is 42."]
+    stop_block = (text.index("\nUser:") + len("\nUser:") - 1) // 8
+    assert len([e for e in events if isinstance(e, Block)]) == stop_block + 1
+
+
+def test_end_of_thinking_boost_forces_think_close(ckpt_factory):
+    P = 4
+    base = Scripted([[40] * 300], think_margin=5.0)
+    g = var_generate(base, [[11] * P], steps=8, max_tokens=128, block_length=32, mask_id=MASK)
+    assert THINK not in g.tokens[0]
+    boosted = Scripted([[40] * 300], think_margin=5.0)
+    g = var_generate(boosted, [[11] * P], steps=8, max_tokens=128, block_length=32, think_boost=(100.0, 3.0),
+                     think_token=THINK)
+    # progress 32/128 → boost 1.6 < 5; 64/128 → 12.5 > 5: block 2 opens with </think>, and only once
+    assert g.tokens[0].index(THINK) == 64 and g.tokens[0].count(THINK) == 1
+
+
+# ------------------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize("kw,needle", [
+    (dict(gen_length=20, block_length=8), "multiple"),
+    (dict(gen_length=32, block_length=8, steps=6), "divisible"),
+    (dict(gen_length=512, block_length=32, steps=16), "positions"),
+    (dict(mask_id=999), "outside"),
+    (dict(remasking="lowest"), "remasking"),
+    (dict(cache="full"), "cache"),
+    (dict(rule="threshold", threshold=1.5), "threshold"),
+])
+def test_invalid_arguments_fail_before_any_work(kw, needle):
+    model = Scripted([[40] * 600])
+    args = dict(steps=8, gen_length=32, block_length=8)
+    args.update(kw)
+    with pytest.raises(IlladaError, match=needle):
+        generate(model, [[11] * 10], **args)
+    assert model.calls == []
+
+
+def test_missing_mask_id_is_refused():
+    model = Scripted([[40] * 100])
+    model.args.mask_token_id = None
+    with pytest.raises(IlladaError, match="mask"):
+        var_generate(model, [[11] * 4], max_tokens=32)
+    assert model.calls == []
