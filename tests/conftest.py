@@ -21,3 +21,20 @@ def ckpt_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """The demo model converts into a per-session cache, never the user's ~/.cache."""
+    import os
+
+    os.environ["ILLADA_MLX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """(model, tokenizer) of the bundled demo model, loaded once."""
+    from illada_mlx.load import load
+
+    return load()

@@ -1,0 +1,97 @@
+"""Quality yardstick: exact match of the decoded answer on the held-out task mix, per sampler / model.
+
+    python bench/quality.py [--model DIR] [--n 50] [--json bench/results/quality.json]
+
+Rows: exact mode (1 token per step, low-confidence and random remasking), variable length, fast mode
+(τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_tasks import TASKS, test_set  # noqa: E402
+
+from illada_mlx.decode import Options, decode, run  # noqa: E402
+from illada_mlx.runner import build_prompt  # noqa: E402
+
+SAMPLERS = {
+    # name: (Options overrides, gen_length, variable)
+    "exact": (dict(rule="schedule", steps=32), 32, False),
+    "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
+    "variable": (dict(rule="schedule", steps=32), 64, True),
+    "fast_t0.9_prefix": (dict(rule="threshold", threshold=0.9, cache="prefix", steps=32), 64, True),
+}
+
+
+def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
+    over, gen, variable = SAMPLERS[sampler]
+    a = model.args
+    opts = Options(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
+                   block_length=32, **over)
+    per_task = {t: [0, 0] for t in TASKS}
+    nfe = processed = out_tokens = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        prompts = [build_prompt(tok, [{"role": "user", "content": p}]) for _, p, _ in chunk]
+        g = run(decode(model, prompts, opts, gen, variable=variable))
+        nfe += g.stats.nfe
+        processed += g.stats.processed
+        out_tokens += g.stats.output_tokens
+        for (task, _, answer), toks in zip(chunk, g.tokens):
+            per_task[task][0] += tok.decode(toks).strip() == answer
+            per_task[task][1] += 1
+    n = sum(v[1] for v in per_task.values())
+    return {
+        "sampler": sampler, "accuracy": sum(v[0] for v in per_task.values()) / n, "n": n,
+        "per_task": {t: v[0] / max(v[1], 1) for t, v in per_task.items()},
+        "forwards": nfe, "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
+        "processed_tokens": processed, "output_tokens": out_tokens, "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def main():
+    from illada_mlx.demo import BUNDLED
+    from illada_mlx.load import load
+    from illada_mlx_convert import convert
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
+    ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
+    ap.add_argument("--json", default="bench/results/quality.json")
+    a = ap.parse_args()
+    src = a.model or str(BUNDLED)
+    items = test_set(a.n)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {"float32": []}
+        variants["8bit"] = ["-q", 8]
+        variants["4bit"] = ["-q", 4]
+        for name, q in variants.items():
+            dst = Path(tmp) / name
+            convert(src, str(dst), quantize=bool(q), q_bits=q[1] if q else 4, q_group_size=32 if q else 64,
+                    progress=False)
+            model, tok = load(str(dst))
+            for sampler in (SAMPLERS if name == "float32" else ["exact"]):
+                r = evaluate(model, tok, items, sampler)
+                r["weights"] = name
+                rows.append(r)
+                print(f"{name:8s} {sampler:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards {r['forwards']}",
+                      flush=True)
+    out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+           "model": src, "items": len(items), "rows": rows}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""`illada-mlx bench`: tokens/s, forwards, tokens per forward, memory, per mode, against baselines.
+
+Each run: one warm-up, then the median of `repeats` timed runs, for every (mode, prompt length).
+Baselines in the same run: "exact" is the official fixed-canvas algorithm on the same MLX model;
+"torch_official" is the official PyTorch decoding loop on a from-spec torch model with the same weights
+(needs torch); "mlx_lm_ar" is an autoregressive Llama of the same size decoding the same number of
+tokens with mlx-lm (the bar a diffusion model must beat).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelArgs
+from .decode import Block, decode, run
+from .model import Model
+from .runner import Settings, options_for
+
+SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV head; FFN 3.5×; vocab ≈ 38×d
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                 intermediate_size=224, vocab_size=2432),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=896, vocab_size=9728),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=155136),
+}
+MODES = {
+    "exact": dict(mode="exact"),
+    "variable": dict(mode="variable"),
+    "fast": dict(mode="fast", threshold=0.9, cache="prefix"),
+    "fast_fixed": dict(mode="fast_fixed", threshold=0.9, cache="dual"),
+}
+
+
+def random_model(shape: str, dtype=mx.float32, seed: int = 0) -> Model:
+    args = ModelArgs(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
+                     mask_token_id=5, eos_token_id=2, pad_token_id=2)
+    mx.random.seed(seed)
+    model = Model(args)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "mlx": mx.__version__, "device": str(mx.default_device())}
+    try:
+        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))}
+    except Exception:
+        pass
+    return info
+
+
+def _one(model, prompt, s: Settings, tokenizer=None) -> dict:
+    opts, gen, variable = options_for(model, s, tokenizer)
+    first = []
+    t0 = time.perf_counter()
+
+    def on(ev):
+        if isinstance(ev, Block) and not first:
+            first.append(time.perf_counter() - t0)
+
+    g = run(decode(model, [prompt], opts, gen, variable=variable), on)
+    st = g.stats
+    out = max(st.output_tokens, 1)
+    return {"tokens_per_s": out / st.wall_s, "nfe": st.nfe, "output_tokens": st.output_tokens,
+            "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
+            "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
+            "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes}
+
+
+def _median(runs: list[dict]) -> dict:
+    return {k: (statistics.median([r[k] for r in runs]) if runs[0][k] is not None else None) for k in runs[0]}
+
+
+def bench_modes(model, prompts: dict[int, list[int]], modes, gen_length: int, repeats: int, tokenizer=None,
+                block_length: int = 32, log=print) -> list[dict]:
+    rows = []
+    for name in modes:
+        s = replace(Settings(max_tokens=gen_length, block_length=block_length, steps_per_block=block_length,
+                             seed=0), **MODES[name])
+        for plen, prompt in prompts.items():
+            _one(model, prompt, replace(s, max_tokens=min(gen_length, block_length)), tokenizer)  # warm-up
+            r = _median([_one(model, prompt, s, tokenizer) for _ in range(repeats)])
+            r.update(mode=name, gen_length=gen_length, prompt_tokens=plen, block_length=block_length)
+            rows.append(r)
+            log(f"{name:10s} prompt {plen:5d}: {r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  "
+                f"{r['tokens_per_forward']:.2f} tok/fwd  {r['processed_per_output_token']:8.1f} processed/out  "
+                f"{r['ms_per_forward']:.1f} ms/fwd  peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+    return rows
+
+
+def bench_torch(model, prompt, gen_length: int, block_length: int = 32, log=print) -> Optional[dict]:
+    """The official PyTorch loop on the same weights (tied-head iLLaDA layout only)."""
+    try:
+        import torch
+
+        from .torch_ref import from_mlx, official_generate
+    except ImportError:
+        log("torch_official: skipped (pip install 'illada-mlx[bench]')")
+        return None
+    if not model.args.tie_word_embeddings:
+        return None
+    tm = from_mlx(model)
+    p = torch.tensor([prompt])
+    official_generate(tm, p, steps=block_length, gen_length=block_length, block_length=block_length,
+                      mask_id=model.args.mask_token_id)
+    t0 = time.perf_counter()
+    x, nfe = official_generate(tm, p, steps=gen_length, gen_length=gen_length, block_length=block_length,
+                               mask_id=model.args.mask_token_id)
+    wall = time.perf_counter() - t0
+    toks = x[0, len(prompt):].tolist()
+    eos = model.args.eos_token_id
+    out = toks.index(eos) if eos in toks else len(toks)
+    r = {"mode": "torch_official", "gen_length": gen_length, "prompt_tokens": len(prompt), "output_tokens": out,
+         "tokens_per_s": max(out, 1) / wall, "nfe": nfe, "tokens_per_forward": out / nfe,
+         "processed_per_output_token": nfe * (len(prompt) + gen_length) / max(out, 1),
+         "ms_per_forward": 1000 * wall / nfe, "time_to_first_block_s": None, "wall_s": wall,
+         "peak_memory_bytes": None, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    log(f"torch_official prompt {len(prompt)}: {r['tokens_per_s']:.2f} tok/s, {r['ms_per_forward']:.1f} ms/fwd")
+    return r
+
+
+def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Optional[dict]:
+    """An autoregressive Llama of the same size in mlx-lm, decoding gen_length tokens (EOS ignored)."""
+    try:
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models import llama
+    except ImportError:
+        return None
+    la = llama.ModelArgs(model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                         intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
+                         num_key_value_heads=args.num_key_value_heads, rms_norm_eps=args.rms_norm_eps,
+                         vocab_size=args.vocab_size, rope_theta=args.rope_theta, tie_word_embeddings=True)
+    m = llama.Model(la)
+    mx.eval(m.parameters())
+    prompt = mx.array(np.random.default_rng(0).integers(10, args.vocab_size, prompt_len))
+
+    def go(n):
+        t0 = time.perf_counter()
+        for i, _ in zip(range(n), generate_step(prompt, m, max_tokens=n)):
+            pass
+        return time.perf_counter() - t0
+
+    go(4)
+    wall = go(gen_length)
+    r = {"mode": "mlx_lm_ar", "gen_length": gen_length, "prompt_tokens": prompt_len, "output_tokens": gen_length,
+         "tokens_per_s": gen_length / wall, "nfe": gen_length, "tokens_per_forward": 1.0,
+         "processed_per_output_token": (prompt_len + gen_length) / gen_length, "ms_per_forward": 1000 * wall / gen_length,
+         "time_to_first_block_s": None, "wall_s": wall, "peak_memory_bytes": mx.get_peak_memory()}
+    log(f"mlx_lm_ar  prompt {prompt_len}: {r['tokens_per_s']:.2f} tok/s")
+    return r
+
+
+def plot(result: dict, path: str):
+    try:
+        import matplotlib
+    except ImportError:
+        from .config import IlladaError
+
+        raise IlladaError("--plot needs matplotlib: pip install 'illada-mlx[bench]'")
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    names = [f"{r['mode']}\n(p{r['prompt_tokens']})" for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_forward", "processed_per_output_token"),
+                              ("tokens / s (to EOS)", "tokens per forward", "processed tokens per output token")):
+        ax.bar(range(len(runs)), [r[key] for r in runs], color="#4c72b0")
+        ax.set_xticks(range(len(runs)), names, rotation=60, fontsize=7)
+        ax.set_title(title)
+        if key == "processed_per_output_token":
+            ax.set_yscale("log")
+    fig.suptitle(f"illada-mlx bench: {result['model']}, gen {result['gen_length']} ({result['machine']['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
