@@ -8,7 +8,8 @@ model's checkpoints look like to the converter.)
 
 Objective (spec §4): t ~ U(ε, 1), mask every token with probability t, cross-entropy on the masked
 positions weighted 1/t, normalised by the token count. iLLaDA SFT style: prompt and answer are both
-maskable; examples are packed into fixed-length rows, each ending with one EOS, the rest EOS-padded.
+maskable (half of the rows mask the answer only, see loss_fn); examples are packed into fixed-length
+rows, each ending with one EOS, the rest EOS-padded.
 Writes an HF-format iLLaDA checkpoint (config.json with iLLaDA's keys, fp32 safetensors with iLLaDA's
 tensor names, a BPE tokenizer.json with <[MASK]> = 5 and EOS = 2, tokenizer_config.json with a chat
 template) plus train_log.json (command, seed, time, losses).
@@ -68,28 +69,38 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
 
 
 def batches(tok, seed: int, batch: int, length: int):
+    """(ids, answer) rows: packed examples, each ending with one EOS, EOS-padded; `answer` marks the
+    answer tokens and the EOS after them (what a reply is), for the answer-only half of the objective."""
     gen = examples(seed)
     pending = None
     while True:
-        rows = []
+        rows, answers = [], []
         for _ in range(batch):
-            row = []
+            row, ans = [], []
             while True:
                 if pending is None:
                     _, p, a = next(gen)
-                    pending = tok.encode(chat_prompt(p) + a).ids + [EOS]
-                if len(row) + len(pending) > length:
+                    q = tok.encode(chat_prompt(p)).ids
+                    r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
+                    pending = (q + r, [0] * len(q) + [1] * len(r))
+                if len(row) + len(pending[0]) > length:
                     break
-                row += pending
+                row += pending[0]
+                ans += pending[1]
                 pending = None
             rows.append(row + [EOS] * (length - len(row)))
-        yield torch.tensor(rows, dtype=torch.long)
+            answers.append(ans + [1] * (length - len(ans)))
+        yield torch.tensor(rows, dtype=torch.long), torch.tensor(answers, dtype=torch.bool)
 
 
-def loss_fn(model, x, eps=1e-3):
+def loss_fn(model, x, answer, eps=1e-3, answer_only=0.5):
+    """t ~ U(eps, 1); mask each maskable token with probability t; CE on masked tokens weighted 1/t.
+    iLLaDA SFT masks prompt and answer alike; here half of the rows do that and the other half mask the
+    answer only (LLaDA's SFT), which makes the answer determined by what is visible far more often."""
     B, L = x.shape
     t = torch.rand(B, 1) * (1 - eps) + eps
-    masked = torch.rand(B, L) < t
+    maskable = torch.where(torch.rand(B, 1) < answer_only, answer, torch.ones_like(answer))
+    masked = (torch.rand(B, L) < t) & maskable
     logits = model(torch.where(masked, MASK, x))
     ce = torch.nn.functional.cross_entropy(logits.reshape(B * L, -1), x.reshape(-1), reduction="none").view(B, L)
     return (ce * masked / t).sum() / (B * L)
@@ -135,14 +146,14 @@ def main():
     model = TorchIllada(config)
     init_weights(model, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    warm = min(200, a.steps // 10)
+    warm = max(1, min(200, a.steps // 10))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / a.steps))))
     data = batches(tok, a.seed, a.batch, a.length)
     t0, log, ema = time.time(), [], None
     for i in range(a.steps):
-        loss = loss_fn(model, next(data))
+        loss = loss_fn(model, *next(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

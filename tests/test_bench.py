@@ -1,0 +1,33 @@
+"""`illada-mlx bench` writes the promised JSON (a quick tiny-shape run; speed targets live in bench/)."""
+
+import json
+
+from click.testing import CliRunner
+
+from illada_mlx.cli import main
+
+KEYS = {"mode", "gen_length", "tokens_per_s", "nfe", "tokens_per_forward", "processed_per_output_token",
+        "ms_per_forward", "peak_memory_bytes", "time_to_first_block_s"}
+
+
+def test_bench_json_has_every_field(tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "32", "--block-length", "16",
+                                  "--modes", "exact,variable,fast,fast_fixed", "--prompt-lengths", "8",
+                                  "--baselines", "ar", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert {"platform", "mlx", "device"} <= set(res["machine"])
+    modes = [x["mode"] for x in res["runs"]]
+    assert modes == ["exact", "variable", "fast", "fast_fixed", "mlx_lm_ar"]
+    for run in res["runs"]:
+        assert KEYS <= set(run)
+    exact, fast = res["runs"][0], res["runs"][2]
+    assert exact["nfe"] == 32 and exact["processed_per_output_token"] == 8 + 32  # whole canvas every step
+    assert fast["processed_per_output_token"] < exact["processed_per_output_token"]
+    assert "fast vs exact" in r.stdout
+
+
+def test_bench_rejects_unknown_mode():
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact,warp"])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "warp" in r.output
