@@ -181,6 +181,9 @@ def chat(system, visual, model_path, mask_id, **kw):
     s = _settings(model, tok, **kw)
     visual = visual and (sys.stdout.isatty() or os.environ.get("ILLADA_MLX_FORCE_VISUAL") == "1")
     history = [{"role": "system", "content": system}] if system else []
+    from .cache import BlockCache
+
+    cache = BlockCache()  # reused across turns when the mode has a cache on
     click.echo("illada-mlx chat: /reset, /settings, /quit. Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -196,6 +199,7 @@ def chat(system, visual, model_path, mask_id, **kw):
             break
         if line.strip() == "/reset":
             history = history[:1] if system else []
+            cache = BlockCache()
             click.echo("(history cleared)", err=True)
             continue
         if line.strip() == "/settings":
@@ -207,7 +211,7 @@ def chat(system, visual, model_path, mask_id, **kw):
         try:
             g = complete(model, tok, ids, s, on_text=None if visual else (lambda t: (click.echo(t, nl=False),
                                                                                          sys.stdout.flush())),
-                         on_event=view.frame if view else None)
+                         on_event=view.frame if view else None, cache=cache)
         except KeyboardInterrupt:
             click.echo("\n(interrupted)", err=True)
             history.pop()

@@ -167,12 +167,14 @@ def _forward(model, x, key_valid, prompt_mask, pos, lo, hi, cache, refresh, opts
         kv = None if kv is None else mx.concatenate([kv, kv])
         at = mx.concatenate([pos, pos])
     if cache is None or refresh:
+        n = 0
         if cache is not None:
-            cache.refreshing = True
-        logits = model(xin, kv, logits_at=at, cache=cache)
+            cache.refreshing, n, cache.reuse = True, cache.reuse, 0
+            cache.tokens = x
+        logits = model(xin[:, n:], kv, logits_at=at - n, cache=cache, offset=n)
         if cache is not None:
             cache.refreshing = False
-        stats.processed += xin.shape[0] * L
+        stats.processed += xin.shape[0] * (L - n)
     else:
         wlo, whi = window(opts.cache, lo, hi, L)
         logits = model(xin[:, wlo:whi], kv, logits_at=at - wlo, cache=cache, offset=wlo)
@@ -254,12 +256,15 @@ def _first_stop(tokens: list[int], stop_ids: set) -> Optional[int]:
 
 # ------------------------------------------------------------------------------------------ the loop
 def decode(model, prompts, opts: Options, gen_length: int, variable: bool = False,
-           stop_fn: Optional[Callable[[list[int]], bool]] = None) -> Iterator[Union[Step, Block, Generation]]:
+           stop_fn: Optional[Callable[[list[int]], bool]] = None,
+           cache: Optional[BlockCache] = None) -> Iterator[Union[Step, Block, Generation]]:
     """Yields Step and Block events, then the final Generation.
 
     Fixed canvas (variable=False): prompt + gen_length masks, every block run (the official algorithm).
     Variable (variable=True): gen_length is a budget; the canvas grows a block at a time and each row
     stops after the block where EOS/EoT appears or `stop_fn(tokens so far)` says so.
+    cache: a BlockCache kept from an earlier call (chat turns): its common prefix with this prompt is
+    reused by the first refresh (only with opts.cache on, batch 1).
     """
     t0 = time.perf_counter()
     mx.reset_peak_memory()
@@ -276,7 +281,12 @@ def decode(model, prompts, opts: Options, gen_length: int, variable: bool = Fals
     if key_valid is not None:
         key_valid = mx.concatenate([key_valid, mx.ones((n_rows, canvas_len - P), dtype=mx.int32)], axis=1)
     key = mx.random.key(opts.seed if opts.seed is not None else int(time.time_ns() % 2**31))
-    cache = BlockCache() if opts.cache != "none" else None
+    if opts.cache == "none":
+        cache = None
+    elif cache is None:
+        cache = BlockCache()
+    else:
+        cache.plan_reuse(x, P - 1 if opts.cfg_scale == 0 else 0)  # the prompt's last token is always recomputed
     stop_ids = {t for t in (opts.eos_id, opts.eot_id) if t is not None}
     rows = list(range(n_rows))  # original indices of the active rows
     out: list[list[int]] = [[] for _ in range(n_rows)]
@@ -317,7 +327,7 @@ def decode(model, prompts, opts: Options, gen_length: int, variable: bool = Fals
             key_valid = None if key_valid is None else key_valid[idx]
             rows = [rows[j] for j in keep]
             if cache is not None:
-                cache = BlockCache()
+                cache.keys, cache.values, cache.tokens = {}, {}, None
     mx.eval(x)
     stats.output_tokens = sum(len(o) for o in out)
     stats.wall_s = time.perf_counter() - t0

@@ -90,8 +90,9 @@ def options_for(model, s: Settings, tokenizer=None) -> tuple[Options, int, bool]
 
 def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
              on_text: Optional[Callable[[str], None]] = None, on_event: Optional[Callable] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> Generation:
-    """Run one prompt; on_text gets the text as it is produced, block by block (cut at stops)."""
+             should_stop: Optional[Callable[[], bool]] = None, cache=None) -> Generation:
+    """Run one prompt; on_text gets the text as it is produced, block by block (cut at stops).
+    cache: a BlockCache kept across calls (chat) so a shared prompt prefix is not recomputed."""
     opts, gen, variable = options_for(model, s, tokenizer)
     stop = [x for x in s.stop if x]
     stop_fn = (lambda toks: any(x in tokenizer.decode(toks) for x in stop)) if stop and variable else None
@@ -112,7 +113,7 @@ def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
             raise _Cancelled
 
     try:
-        g = run(decode(model, [prompt_ids], opts, gen, variable=variable, stop_fn=stop_fn), handle)
+        g = run(decode(model, [prompt_ids], opts, gen, variable=variable, stop_fn=stop_fn, cache=cache), handle)
     except _Cancelled:
         return Generation([acc], ["cancelled"], None)
     g.texts = [cut_at_stop(tokenizer.decode(t), stop) for t in g.tokens]

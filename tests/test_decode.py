@@ -131,6 +131,24 @@ def test_cache_processes_fewer_tokens(tiny, cache):
     assert (np.array(out)[:, 6:] != mask).all()
 
 
+def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
+    """Chat turns: the second prompt extends the first; its first refresh runs only the new part."""
+    from illada_mlx.cache import BlockCache
+    from illada_mlx.decode import Options, decode, run
+
+    model, _, _, mask = tiny
+    opts = Options(steps=4, block_length=8, mask_id=mask, cache="prefix")
+    turn1 = prompts(1, 10, 9)[0].tolist()
+    cache = BlockCache()
+    g1 = run(decode(model, [turn1], opts, 16, variable=True, cache=cache))
+    turn2 = turn1 + g1.tokens[0] + [40, 41, 42]
+    fresh = run(decode(model, [turn2], opts, 16, variable=True))
+    reused = run(decode(model, [turn2], opts, 16, variable=True, cache=cache))
+    saved = len(turn1)  # at least the first turn's prompt came from the cache
+    assert fresh.stats.processed - reused.stats.processed >= saved
+    assert len(reused.tokens[0]) == 16 and mask not in reused.tokens[0]
+
+
 def test_step_and_block_events_stream(tiny):
     model, _, _, mask = tiny
     events = []
