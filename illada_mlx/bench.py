@@ -72,8 +72,10 @@ def _one(model, prompt, s: Settings, tokenizer=None) -> dict:
     g = run(decode(model, [prompt], opts, gen, variable=variable), on)
     st = g.stats
     out = max(st.output_tokens, 1)
+    # ideal: every forward runs one block (block_length tokens) and nothing else
     return {"tokens_per_s": out / st.wall_s, "nfe": st.nfe, "output_tokens": st.output_tokens,
             "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
+            "processed_vs_ideal": st.processed / max(st.nfe * opts.block_length, 1),
             "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
             "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes}
 
@@ -95,7 +97,8 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_length: int, re
             rows.append(r)
             log(f"{name:10s} prompt {plen:5d}: {r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  "
                 f"{r['tokens_per_forward']:.2f} tok/fwd  {r['processed_per_output_token']:8.1f} processed/out  "
-                f"{r['ms_per_forward']:.1f} ms/fwd  peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+                f"{r['ms_per_forward']:.1f} ms/fwd  {r['processed_vs_ideal']:.2f}x ideal  "
+                f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
     return rows
 
 
@@ -122,6 +125,7 @@ def bench_torch(model, prompt, gen_length: int, block_length: int = 32, log=prin
     eos = model.args.eos_token_id
     out = toks.index(eos) if eos in toks else len(toks)
     r = {"mode": "torch_official", "gen_length": gen_length, "prompt_tokens": len(prompt), "output_tokens": out,
+         "processed_vs_ideal": (len(prompt) + gen_length) / block_length,
          "tokens_per_s": max(out, 1) / wall, "nfe": nfe, "tokens_per_forward": out / nfe,
          "processed_per_output_token": nfe * (len(prompt) + gen_length) / max(out, 1),
          "ms_per_forward": 1000 * wall / nfe, "time_to_first_block_s": None, "wall_s": wall,
@@ -154,6 +158,7 @@ def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Op
     go(4)
     wall = go(gen_length)
     r = {"mode": "mlx_lm_ar", "gen_length": gen_length, "prompt_tokens": prompt_len, "output_tokens": gen_length,
+         "processed_vs_ideal": None,
          "tokens_per_s": gen_length / wall, "nfe": gen_length, "tokens_per_forward": 1.0,
          "processed_per_output_token": (prompt_len + gen_length) / gen_length, "ms_per_forward": 1000 * wall / gen_length,
          "time_to_first_block_s": None, "wall_s": wall, "peak_memory_bytes": mx.get_peak_memory()}

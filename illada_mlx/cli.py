@@ -234,8 +234,6 @@ def chat(system, visual, model_path, mask_id, **kw):
 @click.option("--mask-id", type=int, default=None)
 def serve(model_path, host, port, max_queue, mask_id):
     """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions."""
-    from pathlib import Path
-
     import uvicorn
 
     from .server import Engine, make_app
@@ -284,7 +282,9 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
         prompts = {len(p): p for p in (build_prompt(tok, [{"role": "user", "content": t}]) for t in texts)}
     else:
         lens = [16, 128] if prompt_lengths == "auto" else [int(x) for x in prompt_lengths.split(",")]
-        rng = __import__("numpy").random.default_rng(0)
+        import numpy as np
+
+        rng = np.random.default_rng(0)
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
     mode_list = [m for m in modes.split(",") if m]
     bad = [m for m in mode_list if m not in B.MODES]

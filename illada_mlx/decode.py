@@ -58,7 +58,7 @@ class Options:
 @dataclass
 class Stats:
     nfe: int = 0  # model forwards
-    committed: int = 0  # tokens written into the canvas
+    committed: int = 0  # tokens written into the canvas (past a stop too)
     output_tokens: int = 0  # generated tokens up to the first stop, all rows
     processed: int = 0  # query tokens run through the model (rows × window), CFG rows included
     wall_s: float = 0.0
@@ -70,6 +70,10 @@ class Stats:
         return self.output_tokens / max(self.nfe, 1)
 
     @property
+    def committed_per_forward(self) -> float:
+        return self.committed / max(self.nfe, 1)
+
+    @property
     def processed_per_output_token(self) -> float:
         return self.processed / max(self.output_tokens, 1)
 
@@ -79,7 +83,8 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d.update(tokens_per_forward=self.tokens_per_forward, tokens_per_s=self.tokens_per_s,
+        d.update(tokens_per_forward=self.tokens_per_forward, committed_per_forward=self.committed_per_forward,
+                 tokens_per_s=self.tokens_per_s,
                  processed_per_output_token=self.processed_per_output_token)
         return d
 
@@ -203,6 +208,7 @@ def _denoise_block(model, x, key_valid, prompt_mask, P, lo, hi, cache, opts, key
     counts = transfer_counts(size, steps) if opts.rule == "schedule" else None
     remaining, t = size, 0  # a block starts all masks; `remaining` is the most any row has left
     block_pos = mx.arange(lo, hi, dtype=mx.int32)
+    banned = mx.array([opts.mask_id] + ([opts.eos_id] if opts.logits_eos_inf and opts.eos_id is not None else []))
     while remaining > 0 and t < (steps if counts else size):
         key, sub = mx.random.split(key)
         k_remask, k_gumbel = mx.random.split(sub)
@@ -217,9 +223,7 @@ def _denoise_block(model, x, key_valid, prompt_mask, P, lo, hi, cache, opts, key
                           refresh_due(opts.cache, t, opts.refresh_every), opts, stats)
         cur = mx.take_along_axis(x, pos, axis=1)
         is_mask = cur == opts.mask_id
-        logits[..., opts.mask_id] = -mx.inf  # never a candidate: a committed mask would stay masked
-        if opts.logits_eos_inf and opts.eos_id is not None:
-            logits[..., opts.eos_id] = -mx.inf
+        logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
         if boost and opts.think_token is not None:  # end-of-thinking boost at the leftmost masked position
             thought = mx.any(x[:, P:] == opts.think_token, axis=1)
             first = mx.argmax(mx.where(is_mask, -pos, -(2 ** 30)), axis=1)
@@ -242,11 +246,9 @@ def _denoise_block(model, x, key_valid, prompt_mask, P, lo, hi, cache, opts, key
             mx.async_eval(x)
         else:  # the adaptive rules need the count left: the step's one sync
             remaining = int(mx.max((is_mask & ~transfer).sum(axis=1)))
-        stats.committed += counts[t] * B if counts else 0
         yield Step(index, t, x, pos, transfer, rows)
         t += 1
-    if not counts:
-        stats.committed += size * x.shape[0]
+    stats.committed += size * x.shape[0]  # a block always ends fully committed
     return x, key
 
 

@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .config import IlladaError
-from .runner import MODES, Settings, build_prompt, complete, default_settings
+from .decode import validate
+from .runner import MODES, Settings, build_prompt, complete, default_settings, options_for
 
 MAX_BODY_BYTES = 1 << 20
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "n", "user",
@@ -120,8 +121,7 @@ def _settings(engine: Engine, body: dict) -> Settings:
     t = _num(body, "temperature", float, 0.0, 2.0)
     s.temperature = t if t is not None else 0.0
     s.seed = _num(body, "seed", int, 0, 2**31 - 1)
-    if _num(body, "n", int, 1, 1) is None and "n" in body:
-        pass
+    _num(body, "n", int, 1, 1)  # one choice per request
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
@@ -178,9 +178,6 @@ async def _serve(request: Request, chat: bool):
             raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's "
                                 f"{limit} positions", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        from .runner import options_for
-        from .decode import validate
-
         opts, gen, variable = options_for(engine.model, s, engine.tok)
         validate(engine.model, len(ids), len(ids) + gen, opts, None if variable else gen)
     except ApiError as e:
