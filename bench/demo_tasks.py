@@ -1,6 +1,6 @@
 """The synthetic instruction mix the demo model is trained on, and its held-out split.
 
-Four tasks: multi-digit addition (carries run right to left: a poor left-to-right order), sorting digits
+Four tasks: two-digit addition (carries run right to left: a poor left-to-right order), sorting digits
 (the answer depends on the whole list), reversing letters, and key -> value recall. A prompt belongs to
 the held-out split iff a stable hash of it is 0 mod 10; training never draws such a prompt.
 """
@@ -16,13 +16,13 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def _make(task: str, rng: random.Random) -> tuple[str, str]:
     if task == "add":
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"{a}+{b}=", str(a + b)
     if task == "sort":
-        xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 7))]
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
         return "sort " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
     if task == "reverse":
-        s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 7)))
+        s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
         return "reverse " + s, s[::-1]
     keys = rng.sample(LETTERS, rng.randint(2, 4))
     vals = [rng.randint(0, 9) for _ in keys]

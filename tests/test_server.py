@@ -59,26 +59,43 @@ def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == ["illada-demo"]
 
 
-def test_chat_completion_non_streamed(client):
+def direct(demo, text, mode="fast", max_tokens=32):
+    """The same prompt decoded without the server (T = 0 is deterministic)."""
+    model, tok = demo
+    return complete(model, tok, build_prompt(tok, [{"role": "user", "content": text}]),
+                    Settings(mode=mode, max_tokens=max_tokens))
+
+
+def test_chat_completion_non_streamed(client, demo):
     r = client.chat.completions.create(model="illada-demo", messages=[{"role": "user", "content": "reverse abc"}],
                                        max_tokens=32, extra_body={"diffusion": FAST})
-    assert r.choices[0].message.content == "cba"
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3
+    g = direct(demo, "reverse abc")
+    assert r.choices[0].message.content == g.texts[0]
+    assert r.choices[0].finish_reason == g.finish_reasons[0] and r.usage.completion_tokens == len(g.tokens[0])
 
 
-def test_chat_completion_streamed_block_by_block(client):
-    stream = client.chat.completions.create(model="illada-demo", stream=True, max_tokens=32,
-                                            messages=[{"role": "user", "content": "sort 3 1 2"}])
+def test_chat_completion_streamed_block_by_block(client, demo):
+    stream = client.chat.completions.create(model="illada-demo", stream=True, max_tokens=64,
+                                            messages=[{"role": "user", "content": "sort 3 1 2"}],
+                                            extra_body={"diffusion": {"mode": "variable", "block_length": 8,
+                                                                      "steps_per_block": 8}})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert text == "1 2 3"
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    model, tok = demo
+    g = complete(model, tok, build_prompt(tok, [{"role": "user", "content": "sort 3 1 2"}]),
+                 Settings(mode="variable", max_tokens=64, block_length=8, steps_per_block=8))
+    assert text == g.texts[0]
+    assert chunks[-1].choices[0].finish_reason == ("stop" if g.finish_reasons[0] == "stop" else "length")
+    assert len(chunks) - 1 <= g.stats.blocks  # at most one text chunk per committed block
 
 
-def test_completions_endpoint_with_stop(client):
-    r = client.completions.create(model="illada-demo", max_tokens=32, stop=["c"],
-                                  prompt="<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n")
-    assert r.choices[0].text == ""  # "cba" cut at the first stop
+def test_completions_endpoint_with_stop(client, demo):
+    full = direct(demo, "reverse abc").texts[0]
+    prompt = "<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n"
+    stop = full[1:2] or "x"
+    r = client.completions.create(model="illada-demo", max_tokens=32, stop=[stop], prompt=prompt,
+                                  extra_body={"diffusion": FAST})
+    assert r.choices[0].text == (full[: full.find(stop)] if stop in full else full)
 
 
 def test_concurrent_requests_all_complete_correctly(client, demo):
