@@ -67,13 +67,18 @@ def test_errors_are_one_line():
     assert r.exit_code == 1 and "positions" in r.output and r.output.count("\n") == 1
 
 
-def test_chat_two_turns_reset_and_settings(direct):
+def test_chat_two_turns_reset_and_settings(demo):
+    from illada_mlx.cache import BlockCache
+
+    model, tok = demo
     script = "reverse abc\na=1 b=2 ; a?\n/settings\n/reset\nreverse pq\n"
     r = CliRunner().invoke(main, ["chat", *FAST], input=script)
     assert r.exit_code == 0, r.output
-    first = direct(user("reverse abc"))
-    second = direct(user("reverse abc") + [{"role": "assistant", "content": first}] + user("a=1 b=2 ; a?"))
-    third = direct(user("reverse pq"))  # after /reset the history is gone
+    s, cache = Settings(mode="fast", max_tokens=32), BlockCache()  # chat keeps one cache across turns
+    first = complete(model, tok, build_prompt(tok, user("reverse abc")), s, cache=cache).texts[0]
+    history = user("reverse abc") + [{"role": "assistant", "content": first}] + user("a=1 b=2 ; a?")
+    second = complete(model, tok, build_prompt(tok, history), s, cache=cache).texts[0]
+    third = complete(model, tok, build_prompt(tok, user("reverse pq")), s, cache=BlockCache()).texts[0]  # /reset
     assert r.stdout.split("\n")[:3] == [first, second, third]
     assert "history cleared" in r.stderr and "mode=fast" in r.stderr and r.stderr.count("tok/s") == 3
 
