@@ -44,7 +44,7 @@ def examples(seed: int, split: str = "train", tasks=TASKS):
             yield task, prompt, answer
 
 
-def test_set(n_per_task: int = 50, seed: int = 12345) -> list[tuple[str, str, str]]:
+def held_out_set(n_per_task: int = 50, seed: int = 12345) -> list[tuple[str, str, str]]:
     """A fixed held-out set: n prompts per task, none of which training can draw."""
     out = []
     for task in TASKS:

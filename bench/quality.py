@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import TASKS, test_set  # noqa: E402
+from demo_tasks import TASKS, held_out_set  # noqa: E402
 
 from illada_mlx.decode import Options, decode, run  # noqa: E402
 from illada_mlx.runner import build_prompt  # noqa: E402
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
-    items = test_set(a.n)
+    items = held_out_set(a.n)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"float32": []}

@@ -23,7 +23,7 @@ import openai
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import test_set  # noqa: E402
+from demo_tasks import held_out_set  # noqa: E402
 
 from illada_mlx.load import load  # noqa: E402
 from illada_mlx.runner import Settings, build_prompt, complete  # noqa: E402
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--json", default="bench/results/soak.json")
     a = ap.parse_args()
     model, tok = load()
-    items = [p for _, p, _ in test_set(5)]
+    items = [p for _, p, _ in held_out_set(5)]
     s = Settings(mode="fast", max_tokens=32)
     expected = {p: complete(model, tok, build_prompt(tok, [{"role": "user", "content": p}]), s).texts[0] for p in items}
     with socket.socket() as so:

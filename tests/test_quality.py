@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from demo_tasks import test_set  # noqa: E402
+from demo_tasks import held_out_set  # noqa: E402
 from quality import evaluate  # noqa: E402
 
-ITEMS = test_set(6, seed=777)  # 24 held-out prompts, 6 per task
+ITEMS = held_out_set(6, seed=777)  # 24 held-out prompts, 6 per task
 
 
 @pytest.fixture(scope="module")
