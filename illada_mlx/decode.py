@@ -274,9 +274,8 @@ def decode(model, prompts, opts: Options, gen_length: int, variable: bool = Fals
     pad = opts.pad_id if opts.pad_id is not None else (opts.eos_id if opts.eos_id is not None else 0)
     x, key_valid = left_pad(prompts, pad)
     n_rows, P = x.shape
-    canvas_len = P + (gen_length if not variable else math.ceil(gen_length / opts.block_length) * opts.block_length)
-    validate(model, P, min(canvas_len, P + gen_length) if variable else canvas_len, opts,
-             None if variable else gen_length)
+    canvas_len = P + gen_length  # the most it grows to (the last variable block is cut at the budget)
+    validate(model, P, canvas_len, opts, None if variable else gen_length)
     prompt_mask = mx.concatenate([x != opts.mask_id, mx.zeros((n_rows, canvas_len - P), dtype=mx.bool_)], axis=1)
     if not variable:
         x = mx.concatenate([x, mx.full((n_rows, gen_length), opts.mask_id, dtype=mx.int32)], axis=1)
