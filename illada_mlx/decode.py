@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import CACHE_MODES, BlockCache, refresh_due, window
-from .config import IlladaError
+from .config import THINK_END_TEXT, IlladaError
 from .kernels import candidates
 from .rules import RULES, commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
 
@@ -389,20 +389,30 @@ def var_generate(model, prompt, steps: int = 32, max_tokens: int = 1024, block_l
     """iLLaDA's variable-length generation, batched: grow the canvas a block at a time (`steps` steps per
     block), stop a row after the block where EOS/EoT or a stop string appears, cut at the first stop.
     `max_tokens` is the budget. `think_boost=(100, 3)` is iLLaDA-Instruct's end-of-thinking boost."""
-    stop = [s for s in stop if s]
-    if stop and tokenizer is None:
-        raise IlladaError("stop strings need the tokenizer: pass tokenizer=")
-    think = None
-    if think_boost and tokenizer is not None:
-        ids = tokenizer.encode("</think>", add_special_tokens=False)
-        think = ids[0] if ids else None
-    stop_fn = (lambda toks: any(s in tokenizer.decode(toks) for s in stop)) if stop else None
+    stop_fn = stop_checker(tokenizer, stop)
+    think = think_token_id(tokenizer) if think_boost else None
     opts = _options(model, mask_id, steps=steps, block_length=block_length, temperature=temperature,
                     think_token=kw.pop("think_token", think), think_boost=think_boost, **kw)
     g = run(decode(model, prompt, opts, max_tokens, variable=True, stop_fn=stop_fn), on_event)
     if tokenizer is not None:
         g.texts = [cut_at_stop(tokenizer.decode(t), stop) for t in g.tokens]
     return g
+
+
+def think_token_id(tokenizer) -> Optional[int]:
+    """The token the end-of-thinking boost pushes: the first token of `</think>`."""
+    ids = tokenizer.encode(THINK_END_TEXT, add_special_tokens=False) if tokenizer is not None else []
+    return ids[0] if ids else None
+
+
+def stop_checker(tokenizer, stop: Sequence[str]) -> Optional[Callable[[list[int]], bool]]:
+    """stop_fn for decode(): has any stop string appeared in the decoded tokens so far?"""
+    stop = [s for s in stop if s]
+    if not stop:
+        return None
+    if tokenizer is None:
+        raise IlladaError("stop strings need the tokenizer: pass tokenizer=")
+    return lambda toks: any(s in tokenizer.decode(toks) for s in stop)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .kernels_gpu import fused_candidates
+
 
 def gumbel_uniforms(key: mx.array, shape) -> mx.array:
     """The uniforms behind Gumbel-max, u in (0, 1) (u = 0 would make −log u infinite)."""
@@ -42,8 +44,6 @@ def candidates_reference(logits: mx.array, temperature: float = 0.0, key: Option
 
 def candidates(logits, temperature=0.0, key=None, want_entropy=False):
     """The dispatching entry point the sampler calls."""
-    from .kernels_gpu import fused_candidates
-
     fused = fused_candidates(logits, temperature, want_entropy)
     if fused is not None:
         return fused

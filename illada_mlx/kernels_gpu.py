@@ -160,12 +160,16 @@ def candidates_kernel(logits: mx.array, kind: str):
     return x0.reshape(shape), p.reshape(shape), ent.reshape(shape)
 
 
+@lru_cache(maxsize=None)
+def enabled_backend() -> str | None:
+    """Decided once per process: the opt-in flag and a live GPU backend."""
+    return backend() if os.environ.get("ILLADA_MLX_KERNELS") == "1" else None
+
+
 def fused_candidates(logits, temperature, want_entropy):
     """The kernel's result when enabled and applicable (T = 0 on a live GPU backend), else None."""
-    if temperature > 0 or os.environ.get("ILLADA_MLX_KERNELS") != "1":
-        return None
-    kind = backend()
-    if kind is None:
+    kind = enabled_backend()
+    if temperature > 0 or kind is None:
         return None
     x0, p, ent = candidates_kernel(logits, kind)
     return x0, p, ent if want_entropy else None

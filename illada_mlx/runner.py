@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from .config import LLADA, IlladaError
-from .decode import Block, Generation, Options, cut_at_stop, decode, run
+from .decode import Block, Generation, Options, cut_at_stop, decode, run, stop_checker, think_token_id
 
 MODES = ("exact", "variable", "fast", "fast_fixed")
 
@@ -78,10 +78,9 @@ def options_for(model, s: Settings, tokenizer=None) -> tuple[Options, int, bool]
         kw.update(rule="threshold", threshold=s.threshold, cache=s.cache or ("prefix" if s.mode == "fast" else "dual"))
     else:
         kw.update(cache=s.cache or "none")
-    if s.think_boost and tokenizer is not None:
-        ids = tokenizer.encode("</think>", add_special_tokens=False)
-        if ids:
-            kw.update(think_token=ids[0], think_boost=(100.0, 3.0))
+    think = think_token_id(tokenizer) if s.think_boost else None
+    if think is not None:
+        kw.update(think_token=think, think_boost=(100.0, 3.0))
     if s.mode in ("exact", "fast_fixed"):
         gen = math.ceil(s.max_tokens / s.block_length) * s.block_length
         return Options(**kw), gen, False
@@ -95,7 +94,7 @@ def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
     cache: a BlockCache kept across calls (chat) so a shared prompt prefix is not recomputed."""
     opts, gen, variable = options_for(model, s, tokenizer)
     stop = [x for x in s.stop if x]
-    stop_fn = (lambda toks: any(x in tokenizer.decode(toks) for x in stop)) if stop and variable else None
+    stop_fn = stop_checker(tokenizer, stop) if variable else None
     emitted = [""]
     acc: list[int] = []
 

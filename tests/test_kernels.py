@@ -29,6 +29,7 @@ def test_gpu_kernel_matches_reference(kind, dtype, V):
 
 def test_dispatch_falls_back_to_reference_without_gpu_or_opt_in(monkeypatch):
     monkeypatch.delenv("ILLADA_MLX_KERNELS", raising=False)
+    kernels_gpu.enabled_backend.cache_clear()  # the choice is made once per process
     logits = mx.array(np.random.default_rng(0).normal(size=(2, 3, 50)).astype(np.float32))
     got = candidates(logits, 0.0, None, True)
     ref = candidates_reference(logits, 0.0, None, True)
