@@ -38,7 +38,8 @@ def candidates_reference(logits: mx.array, temperature: float = 0.0, key: Option
     p = mx.exp(lx - lse)
     ent = None
     if want_entropy:
-        ent = lse - (mx.softmax(l, axis=-1) * l).sum(-1)
+        # 0 · log 0 = 0: banned ids carry −inf logits (the mask token always), and 0 · −inf is NaN
+        ent = lse - mx.where(l > -mx.inf, mx.softmax(l, axis=-1) * l, 0.0).sum(-1)
     return x0.astype(mx.int32), p, ent
 
 

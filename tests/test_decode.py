@@ -112,6 +112,18 @@ def test_threshold_one_without_cache_is_exact_mode(tiny):
     np.testing.assert_array_equal(np.array(fast), np.array(exact))
 
 
+def test_entropy_rule_with_a_loose_bound_fills_each_block_in_one_forward(tiny):
+    # every masked position has a finite entropy even though the mask token is banned, so a bound
+    # larger than any sum commits the whole block at once, to the step's argmax
+    model, _, logits_fn, mask = tiny
+    p = prompts(2, 6, 7)
+    out, stats = generate(model, mx.array(p), steps=16, gen_length=16, block_length=8, mask_id=mask,
+                          rule="entropy", entropy_gamma=1e9, return_stats=True)
+    assert stats.nfe == 2
+    ref = oracle.official_generate(logits_fn, p, 2, 16, 8, mask)  # one step per block takes all 8
+    np.testing.assert_array_equal(np.array(out), ref)
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cache_refreshed_every_step_is_identical_to_no_cache(tiny, cache):
     model, _, _, mask = tiny

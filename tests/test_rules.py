@@ -76,6 +76,20 @@ def test_candidates_reference_against_numpy():
     np.testing.assert_allclose(np.array(ent), -(sm * np.log(sm)).sum(-1), rtol=1e-4, atol=1e-5)
 
 
+def test_candidates_entropy_ignores_banned_ids():
+    # the sampler bans the mask token (and EOS on request) with −inf logits: 0 · log 0 must count as 0,
+    # not NaN (found on the CUDA machine: every entropy-rule step then committed one token)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (2, 4, 30))
+    logits[..., 5] = NEG
+    logits[1, :, :3] = NEG
+    _, _, ent = candidates_reference(m(logits), 0.0, None, True)
+    sm = np.exp(logits - logits.max(-1, keepdims=True))
+    sm /= sm.sum(-1, keepdims=True)
+    want = -np.where(sm > 0, sm * np.log(np.where(sm > 0, sm, 1.0)), 0.0).sum(-1)
+    np.testing.assert_allclose(np.array(ent), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("T", [0.5, 1.0])
 def test_gumbel_choice_is_the_official_float64_formula(T):
     rng = np.random.default_rng(2)
