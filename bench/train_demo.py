@@ -19,17 +19,26 @@ template) plus train_log.json (command, seed, time, losses).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import examples  # noqa: E402
-from illada_mlx.torch_ref import TorchIllada, init_weights  # noqa: E402
+from demo_tasks import TASKS, examples, held_out_set  # noqa: E402
+
+# torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
+# runs where only PyTorch is installed, e.g. the lent CUDA machine
+_spec = importlib.util.spec_from_file_location("torch_ref", Path(__file__).resolve().parents[1] / "illada_mlx" / "torch_ref.py")
+torch_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(torch_ref)
+TorchIllada, init_weights, official_generate = torch_ref.TorchIllada, torch_ref.init_weights, torch_ref.official_generate
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
 MASK, EOS = 5, 2
@@ -61,6 +70,11 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
     tok.train_from_iterator(corpus, trainer)
     assert tok.token_to_id("<[MASK]>") == MASK and tok.token_to_id("</s>") == EOS
     tok.save(str(out / "tokenizer.json"))
+    write_tokenizer_config(out)
+    return tok
+
+
+def write_tokenizer_config(out: Path):
     tc = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "pad_token": "</s>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
@@ -69,31 +83,70 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
                                           "normalized": False, "single_word": False} for i, s in enumerate(SPECIALS)},
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
-    return tok
 
 
-def batches(tok, seed: int, batch: int, block: int):
+def batches(tok, seed: int, batch: int, block: int, tasks=None):
     """(ids, answer, valid) rows laid out like inference: the chat prompt, then exactly `block` positions
     holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as answer, so the
     model learns to fill a block's tail with EOS). Rows are right-padded to the batch's longest with
-    `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask."""
-    gen = examples(seed)
+    `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask.
+    Tokenizes 64 batches at a time with the Rust batch encoder (the per-example loop starved a GPU)."""
+    gen = examples(seed, tasks=tasks or TASKS)
     while True:
-        rows, answers = [], []
-        while len(rows) < batch:
-            _, p, a = next(gen)
-            q = tok.encode(chat_prompt(p)).ids
-            r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
-            if len(r) > block:
-                continue
-            rows.append(q + r + [EOS] * (block - len(r)))
-            answers.append([0] * len(q) + [1] * block)
-        width = max(map(len, rows))
-        valid = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
-        rows = [r + [EOS] * (width - len(r)) for r in rows]
-        answers = [a + [0] * (width - len(a)) for a in answers]
-        yield (torch.tensor(rows, dtype=torch.long), torch.tensor(answers, dtype=torch.bool),
-               torch.tensor(valid, dtype=torch.bool))
+        items = [next(gen) for _ in range(batch * 64)]
+        qs = tok.encode_batch([chat_prompt(p) for _, p, _ in items])
+        fs = tok.encode_batch([chat_prompt(p) + a for _, p, a in items])
+        pairs = [(q.ids, f.ids[len(q.ids):] + [EOS]) for q, f in zip(qs, fs)]
+        pairs = [(q, r) for q, r in pairs if len(r) <= block]
+        for i in range(0, len(pairs) - batch + 1, batch):
+            chunk = pairs[i:i + batch]
+            width = max(len(q) for q, _ in chunk) + block
+            ids = np.full((batch, width), EOS, dtype=np.int64)
+            answer = np.zeros((batch, width), dtype=bool)
+            valid = np.zeros((batch, width), dtype=bool)
+            for j, (q, r) in enumerate(chunk):
+                ids[j, :len(q) + len(r)] = q + r
+                answer[j, len(q):len(q) + block] = True
+                valid[j, :len(q) + block] = True
+            yield torch.from_numpy(ids), torch.from_numpy(answer), torch.from_numpy(valid)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
+    round-robin order keeps a run reproducible for a given --workers)."""
+
+    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks):
+        super().__init__()
+        self.args = tok_file, seed, batch, block, tasks
+
+    def __iter__(self):
+        from tokenizers import Tokenizer
+
+        tok_file, seed, batch, block, tasks = self.args
+        info = torch.utils.data.get_worker_info()
+        return batches(Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks)
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tok, items, block: int = 32) -> dict:
+    """Exact mode in torch (one token per step over a `block`-token canvas, low-confidence remasking,
+    answer = text before the first EOS), per task, on held-out prompts; rows bucketed by prompt length."""
+    model.eval()
+    dev = next(model.parameters()).device
+    buckets: dict[int, list] = {}
+    for task, p, a in items:
+        ids = tok.encode(chat_prompt(p)).ids
+        buckets.setdefault(len(ids), []).append((task, ids, a))
+    score = {}
+    for n, rows in buckets.items():
+        prompt = torch.tensor([r[1] for r in rows], device=dev)
+        x, _ = official_generate(model, prompt, steps=block, gen_length=block, block_length=block, mask_id=MASK)
+        for (task, _, a), out in zip(rows, x[:, n:].tolist()):
+            out = out[:out.index(EOS)] if EOS in out else out
+            ok = tok.decode(out).strip() == a
+            score.setdefault(task, []).append(ok)
+    model.train()
+    return {t: round(sum(v) / len(v), 3) for t, v in sorted(score.items())}
 
 
 def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False):
@@ -103,9 +156,9 @@ def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False):
     the plain mean over masked tokens learned measurably faster (recall 38% vs ~20% one-shot after
     400 vs 1000 steps), so it is the default here."""
     B, L = x.shape
-    t = torch.rand(B, 1) * (1 - eps) + eps
-    maskable = torch.where(torch.rand(B, 1) < answer_only, answer, valid)
-    masked = (torch.rand(B, L) < t) & maskable & valid
+    t = torch.rand(B, 1, device=x.device) * (1 - eps) + eps
+    maskable = torch.where(torch.rand(B, 1, device=x.device) < answer_only, answer, valid)
+    masked = (torch.rand(B, L, device=x.device) < t) & maskable & valid
     logits = model(torch.where(masked, MASK, x), attention_mask=valid)
     ce = torch.nn.functional.cross_entropy(logits.reshape(B * L, -1), x.reshape(-1), reduction="none").view(B, L)
     w = masked / t if inv_t else masked.float()
@@ -115,18 +168,19 @@ def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False):
 def save_checkpoint(model: TorchIllada, out: Path):
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(model.config, indent=2))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="illada_mlx/demo")
+    ap.add_argument("--out", default="illada_mlx/demo_model")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
     ap.add_argument("--inv-t", action="store_true", help="weight masked tokens by 1/t (the spec's objective)")
+    ap.add_argument("--answer-only", type=float, default=0.8, help="share of rows that mask the answer only")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--d", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
@@ -134,14 +188,31 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=320)
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                    help="data worker processes")
+    ap.add_argument("--eval-every", type=int, default=500, help="held-out exact-mode accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=24.0, help="stop early at this wall time")
+    ap.add_argument("--minutes", type=float, default=24.0,
+                    help="time budget: after 300 steps the run is cut (schedule included) to what fits; 0 = none")
+    ap.add_argument("--init", default=None, help="start from this checkpoint dir (same shape) instead of random")
+    ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tok = build_tokenizer(out, a.seed, a.vocab)
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tasks = tuple(a.tasks.split(","))
+    if a.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(a.tokenizer)
+        (out / "tokenizer.json").write_text(Path(a.tokenizer).read_text())
+        write_tokenizer_config(out)
+    else:
+        tok = build_tokenizer(out, a.seed, a.vocab)
     config = {
         "architectures": ["ILLaDAForCausalLM"], "model_type": "illada", "hidden_size": a.d,
         "num_hidden_layers": a.layers, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
@@ -152,33 +223,53 @@ def main():
     }
     model = TorchIllada(config)
     init_weights(model, a.seed)
+    if a.init:  # a second phase starts from an earlier run's checkpoint (train_log.json records both)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(a.init) / "model.safetensors")))
+    model.to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     warm = max(1, min(200, a.steps // 10))
+    total = [a.steps]  # cut to what fits in --minutes once the step rate is known (see the loop)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / a.steps))))
-    data = batches(tok, a.seed, a.batch, a.block)
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total[0]) / total[0]))))
+    data = iter(torch.utils.data.DataLoader(Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks),
+                                            batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
+    probe = [it for it in held_out_set(25, seed=999) if it[0] in tasks]  # not the bench's held-out items
     t0, log, ema = time.time(), [], None
-    for i in range(a.steps):
-        loss = loss_fn(model, *next(data), inv_t=a.inv_t)
+    i = 0
+    while i < total[0]:
+        if i == 300 and a.minutes:  # the cosine schedule ends where the time budget does
+            rate = 250 / (time.time() - t50)
+            total[0] = min(total[0], int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
+        if i == 50:
+            t50 = time.time()
+        x, answer, valid = (t.to(a.device, non_blocking=True) for t in next(data))
+        loss = loss_fn(model, x, answer, valid, answer_only=a.answer_only, inv_t=a.inv_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if i % 50 == 0 or i == a.steps - 1:
+        if i % 50 == 0 or i == total[0] - 1:
+            ema = loss.item() if ema is None else 0.6 * ema + 0.4 * loss.item()
             el = time.time() - t0
-            log.append({"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)})
-            print(f"step {i} loss {ema:.4f} {el:.0f}s", flush=True)
-            if el > a.minutes * 60:
-                break
-        if i and i % 500 == 0:
+            row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}
+            if a.eval_every and i % a.eval_every == 0 and i:
+                row["held_out"] = held_out_accuracy(model, tok, probe, a.block)
+            log.append(row)
+            print(json.dumps(row), flush=True)
+        if i and i % 1000 == 0:
             save_checkpoint(model, out)
+        i += 1
+    i -= 1
     save_checkpoint(model, out)
+    final = held_out_accuracy(model, tok, probe, a.block)
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i + 1, "params": n_params,
-            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "log": log,
-            "machine": "2-core x86_64 CPU, PyTorch " + torch.__version__}
+            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final,
+            "log": log, "machine": f"{a.device}: " + (torch.cuda.get_device_name() if a.device == "cuda" else
+                                                     f"{torch.get_num_threads()}-thread CPU") + ", PyTorch " + torch.__version__}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))
 

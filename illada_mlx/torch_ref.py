@@ -94,7 +94,7 @@ class TorchIllada(nn.Module):
 def get_num_transfer_tokens(mask_index, steps):
     mask_num = mask_index.sum(dim=1, keepdim=True)
     base, remainder = mask_num // steps, mask_num % steps
-    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64, device=mask_index.device) + base
     for i in range(mask_num.size(0)):
         out[i, : remainder[i]] += 1
     return out
@@ -103,7 +103,7 @@ def get_num_transfer_tokens(mask_index, steps):
 @torch.no_grad()
 def official_generate(model, prompt, steps=128, gen_length=128, block_length=128, mask_id=5):
     """The official fixed-canvas algorithm at temperature 0, low-confidence remasking (batch of rows)."""
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, : prompt.shape[1]] = prompt
     num_blocks = gen_length // block_length
     steps = steps // num_blocks
@@ -120,7 +120,7 @@ def official_generate(model, prompt, steps=128, gen_length=128, block_length=128
             x0_p = torch.gather(p, -1, x0[..., None])[..., 0]
             x0_p[:, hi:] = -np.inf
             x0 = torch.where(mask_index, x0, x)
-            conf = torch.where(mask_index, x0_p, torch.tensor(-np.inf))
+            conf = torch.where(mask_index, x0_p, torch.tensor(-np.inf, device=x.device))
             transfer = torch.zeros_like(x0, dtype=torch.bool)
             for j in range(conf.shape[0]):
                 _, sel = torch.topk(conf[j], k=int(counts[j, i]))
