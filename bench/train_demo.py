@@ -1,19 +1,23 @@
-"""Train the bundled demo model: a small iLLaDA-layout masked-diffusion model (PyTorch, CPU) on the synthetic mix.
+"""Train the bundled demo model: a small iLLaDA-layout masked-diffusion model (PyTorch) on the synthetic mix.
 
-    pip install -e ".[train]"; python bench/train_demo.py --out illada_mlx/demo --steps 3000 --seed 0
+    pip install -e ".[train]"; python bench/train_demo.py --out /tmp/demo --minutes 6     (CUDA if present)
 
-(PyTorch because MLX's CPU backend trains ~20x slower on this 2-core Linux box; the model is written
-from the spec in torch_ref.py with iLLaDA's tensor names, so the checkpoint is exactly what the real
-model's checkpoints look like to the converter.)
+The bundled model was trained on the lent H200 in two phases (bench/gpu_train.sh, then
+bench/gpu_finetune.sh: the commands, seeds, times and losses of each are in
+illada_mlx/demo_model/train_log.json; bench/README.md has the story). On this 2-core CPU the same
+script runs ~30x slower. PyTorch because the released model is PyTorch too; the model is written from
+the spec in torch_ref.py with iLLaDA's tensor names, so the checkpoint is exactly what the real model's
+checkpoints look like to the converter.
 
 Objective (spec §4): t ~ U(ε, 1), mask every token with probability t, cross-entropy on the masked
-positions (weighted 1/t with --inv-t; see loss_fn for why the default is the plain mean). iLLaDA SFT style: prompt and answer are both
-maskable (most rows mask the answer only, see loss_fn); one example per row, ending with EOS
-and EOS-padded (LLaDA's SFT). A first run packed several examples per row: with bidirectional attention
-a masked answer must then also learn which prompt is its own, and after 1500 steps it had not (4%).
+positions (weighted 1/t with --inv-t; see loss_fn for why the default is the plain mean). iLLaDA SFT
+style: prompt and answer are both maskable (a share of rows mask the answer only, --answer-only); one
+example per row, ending with EOS and EOS-padded (LLaDA's SFT). A first run packed several examples per
+row: with bidirectional attention a masked answer must then also learn which prompt is its own, and
+after 1500 steps it had not (4%).
 Writes an HF-format iLLaDA checkpoint (config.json with iLLaDA's keys, fp32 safetensors with iLLaDA's
 tensor names, a BPE tokenizer.json with <[MASK]> = 5 and EOS = 2, tokenizer_config.json with a chat
-template) plus train_log.json (command, seed, time, losses).
+template) plus train_log.json (command, seed, time, losses, held-out probe accuracy per task).
 """
 
 from __future__ import annotations
