@@ -2,12 +2,12 @@
 
     pip install -e ".[train]"; python bench/train_demo.py --out /tmp/demo --minutes 6     (CUDA if present)
 
-The bundled model was trained on the lent H200 in two phases (bench/gpu_train.sh, then
-bench/gpu_finetune.sh: the commands, seeds, times and losses of each are in
-illada_mlx/demo_model/train_log.json; bench/README.md has the story). On this 2-core CPU the same
-script runs ~30x slower. PyTorch because the released model is PyTorch too; the model is written from
-the spec in torch_ref.py with iLLaDA's tensor names, so the checkpoint is exactly what the real model's
-checkpoints look like to the converter.
+The bundled model is run lr1e-3 of bench/gpu_train.sh: 6 minutes on the lent H200 (six runs side by
+side); its command, seed, time, losses and probe accuracies are in illada_mlx/demo_model/train_log.json,
+the story in bench/README.md. On this 2-core CPU the script runs ~30x slower than on the GPU.
+PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
+with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
+the converter.
 
 Objective (spec §4): t ~ U(ε, 1), mask every token with probability t, cross-entropy on the masked
 positions (weighted 1/t with --inv-t; see loss_fn for why the default is the plain mean). iLLaDA SFT
@@ -181,11 +181,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="illada_mlx/demo_model")
     ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
     ap.add_argument("--inv-t", action="store_true", help="weight masked tokens by 1/t (the spec's objective)")
     ap.add_argument("--answer-only", type=float, default=0.8, help="share of rows that mask the answer only")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--d", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=6)

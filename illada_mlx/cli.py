@@ -96,6 +96,8 @@ def _settings(model, tok, **kw):
     from .runner import default_settings
 
     s = default_settings(model, tok)
+    if kw.get("max_tokens") is not None:
+        s.fit_context = False  # a budget the user asked for is refused if it does not fit, not cut
     for k, v in kw.items():
         if v is not None and hasattr(s, k):
             setattr(s, k, list(v) if k == "stop" else v)
@@ -278,7 +280,7 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
         model, tok = _load(model_path)
         name = model_path or "illada-demo"
     if prompt_lengths == "auto" and tok is not None:
-        texts = ["reverse abcdefg", "sort 9 3 7 1 4 2 8 and explain nothing else"]
+        texts = ["reverse qwerty", "sort 9 3 7 1 4 2"]  # the demo model's longest in-distribution answers
         prompts = {len(p): p for p in (build_prompt(tok, [{"role": "user", "content": t}]) for t in texts)}
     else:
         lens = [16, 128] if prompt_lengths == "auto" else [int(x) for x in prompt_lengths.split(",")]

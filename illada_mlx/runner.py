@@ -32,6 +32,7 @@ class Settings:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     think_boost: bool = False
+    fit_context: bool = False  # variable modes: cut max_tokens to the positions left (default budgets only)
 
     def as_dict(self):
         return asdict(self)
@@ -43,7 +44,7 @@ def default_settings(model, tokenizer=None) -> Settings:
     if model.args.source_layout == LLADA:
         return Settings(mode="exact", max_tokens=128, block_length=32, steps_per_block=32)
     instruct = tokenizer is not None and getattr(tokenizer, "chat_template", None)
-    return Settings(mode="variable", max_tokens=2048 if instruct else 1024)
+    return Settings(mode="variable", max_tokens=2048 if instruct else 1024, fit_context=True)
 
 
 def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
@@ -93,6 +94,12 @@ def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
     """Run one prompt; on_text gets the text as it is produced, block by block (cut at stops).
     cache: a BlockCache kept across calls (chat) so a shared prompt prefix is not recomputed."""
     opts, gen, variable = options_for(model, s, tokenizer)
+    if variable and s.fit_context:  # the default budget ends where the model's positions do
+        room = model.args.max_position_embeddings - len(prompt_ids)
+        if room < 1:
+            raise IlladaError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {model.args.max_position_embeddings}"
+                              " positions; shorten it")
+        gen = min(gen, room)
     stop = [x for x in s.stop if x]
     stop_fn = stop_checker(tokenizer, stop) if variable else None
     emitted = [""]

@@ -39,6 +39,14 @@ def test_generate_streams_text_and_prints_stats(direct):
     assert "tok/s" in r.stderr and "forwards" in r.stderr and "peak memory" in r.stderr
 
 
+def test_readme_command_answers_with_the_default_settings():
+    # the README's second line: no options, so the model's defaults (variable length, a 2048-token
+    # budget for a chat model) must fit the demo model's 1024 positions; reversing is a learned task
+    r = CliRunner().invoke(main, ["generate", "-p", "reverse hello"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "olleh\n"
+
+
 def test_generate_json_is_one_object(direct):
     r = CliRunner().invoke(main, ["generate", "-p", "a=3 b=7 ; b?", "--json", *FAST])
     assert r.exit_code == 0, r.output
@@ -85,8 +93,10 @@ def test_chat_two_turns_reset_and_settings(demo):
 
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
     monkeypatch.setenv("ILLADA_MLX_FORCE_VISUAL", "1")
-    r = CliRunner().invoke(main, ["chat", "--visual", *FAST], input="reverse abc\n")
+    # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)
+    r = CliRunner().invoke(main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"],
+                           input="reverse abc\n")
     assert r.exit_code == 0, r.output
     assert "\u2591" in r.stdout  # masked slots were drawn
     assert "\x1b8" in r.stdout  # frames redraw in place
-    assert r.stdout.endswith(direct(user("reverse abc")) + "\n")
+    assert r.stdout.endswith(direct(user("reverse abc"), mode="variable") + "\n")

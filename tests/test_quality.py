@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from demo_tasks import held_out_set  # noqa: E402
 from quality import evaluate  # noqa: E402
 
-ITEMS = held_out_set(6, seed=777)  # 24 held-out prompts, 6 per task
+ITEMS = held_out_set(6, seed=777)  # 24 held-out prompts, 6 per task, never drawn in training
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,19 @@ def test_suite_scores_every_task(exact):
     assert 0.0 <= exact["accuracy"] <= 1.0
 
 
-@pytest.mark.xfail(strict=False, reason="the bundled demo model is undertrained (issue 4): ~25 CPU minutes "
-                                        "did not teach it to read its prompt; the target stays here")
-def test_exact_mode_solves_held_out_tasks(exact):
-    assert exact["accuracy"] >= 0.8, exact
+@pytest.mark.parametrize("task", ["add", "sort", "reverse"])
+def test_exact_mode_solves_held_out_prompts(exact, task):
+    # addition with carries, sorting, reversal: learned (bench: 99-100% on 50 held-out prompts each)
+    assert exact["per_task"][task] >= 5 / 6, exact
 
 
-def test_fast_mode_keeps_quality_with_fewer_forwards(demo, exact):
+@pytest.mark.xfail(strict=False, reason="key -> value recall (an induction-style lookup) was not learned in the "
+                                        "demo model's 6 GPU minutes: it answers some value from the prompt")
+def test_exact_mode_recalls_values(exact):
+    assert exact["per_task"]["recall"] >= 0.8, exact
+
+
+def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
     fast = evaluate(*demo, ITEMS, "fast_t0.9_prefix", batch=24)
-    assert fast["accuracy"] >= exact["accuracy"] - 0.1, (fast, exact)
-    assert fast["forwards"] < exact["forwards"], (fast, exact)
+    assert fast["accuracy"] >= exact["accuracy"] - 1 / 24, (fast, exact)
+    assert fast["forwards"] <= exact["forwards"] / 2, (fast, exact)
