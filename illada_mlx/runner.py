@@ -32,7 +32,7 @@ class Settings:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     think_boost: bool = False
-    fit_context: bool = False  # variable modes: cut max_tokens to the positions left (default budgets only)
+    fit_context: bool = False  # cut max_tokens to the positions left (the default budgets only)
 
     def as_dict(self):
         return asdict(self)
@@ -94,8 +94,9 @@ def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
     """Run one prompt; on_text gets the text as it is produced, block by block (cut at stops).
     cache: a BlockCache kept across calls (chat) so a shared prompt prefix is not recomputed."""
     opts, gen, variable = options_for(model, s, tokenizer)
-    if variable and s.fit_context:  # the default budget ends where the model's positions do
+    if s.fit_context:  # the default budget ends where the model's positions do (fixed canvas: whole blocks)
         room = model.args.max_position_embeddings - len(prompt_ids)
+        room -= 0 if variable else room % opts.block_length
         if room < 1:
             raise IlladaError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {model.args.max_position_embeddings}"
                               " positions; shorten it")
