@@ -294,3 +294,20 @@ def test_missing_mask_id_is_refused():
     with pytest.raises(IlladaError, match="mask"):
         var_generate(model, [[11] * 4], max_tokens=32)
     assert model.calls == []
+
+
+@pytest.mark.parametrize("mode", ["exact", "variable"])
+def test_default_budget_is_cut_to_the_context_and_an_asked_one_refused(tiny, mode):
+    from illada_mlx.runner import Settings, complete
+
+    model, tok, _, _ = tiny
+    ids = prompts(1, 6, 8)[0].tolist()
+    room = model.args.max_position_embeddings - len(ids)
+    s = Settings(mode=mode, max_tokens=4096, block_length=8, steps_per_block=1, fit_context=True)
+    g = complete(model, tok, ids, s)
+    assert len(g.tokens[0]) <= room
+    if mode == "exact":  # the fixed canvas is cut to whole blocks: one forward per block here
+        assert g.stats.nfe == (room - room % 8) // 8
+    s.fit_context = False
+    with pytest.raises(IlladaError, match="positions"):
+        complete(model, tok, ids, s)
