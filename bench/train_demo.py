@@ -39,10 +39,12 @@ from demo_tasks import TASKS, examples, held_out_set  # noqa: E402
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
-_spec = importlib.util.spec_from_file_location("torch_ref", Path(__file__).resolve().parents[1] / "illada_mlx" / "torch_ref.py")
+_spec = importlib.util.spec_from_file_location(
+    "torch_ref", Path(__file__).resolve().parents[1] / "illada_mlx" / "torch_ref.py")
 torch_ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torch_ref)
-TorchIllada, init_weights, official_generate = torch_ref.TorchIllada, torch_ref.init_weights, torch_ref.official_generate
+TorchIllada, init_weights, official_generate = (torch_ref.TorchIllada, torch_ref.init_weights,
+                                                torch_ref.official_generate)
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
 MASK, EOS = 5, 2
@@ -244,11 +246,11 @@ def main():
     t0, log, ema = time.time(), [], None
     i = 0
     while i < total[0]:
+        if i == 50:
+            t50 = time.time()
         if i == 300 and a.minutes:  # the cosine schedule ends where the time budget does
             rate = 250 / (time.time() - t50)
             total[0] = min(total[0], int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
-        if i == 50:
-            t50 = time.time()
         x, answer, valid = (t.to(a.device, non_blocking=True) for t in next(data))
         loss = loss_fn(model, x, answer, valid, answer_only=a.answer_only, inv_t=a.inv_t)
         opt.zero_grad(set_to_none=True)
@@ -267,13 +269,12 @@ def main():
         if i and i % 1000 == 0:
             save_checkpoint(model, out)
         i += 1
-    i -= 1
     save_checkpoint(model, out)
     final = held_out_accuracy(model, tok, probe, a.block)
-    info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i + 1, "params": n_params,
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
+    info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
             "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final,
-            "log": log, "machine": f"{a.device}: " + (torch.cuda.get_device_name() if a.device == "cuda" else
-                                                     f"{torch.get_num_threads()}-thread CPU") + ", PyTorch " + torch.__version__}
+            "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))
 

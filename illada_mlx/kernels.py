@@ -38,8 +38,9 @@ def candidates_reference(logits: mx.array, temperature: float = 0.0, key: Option
     p = mx.exp(lx - lse)
     ent = None
     if want_entropy:
-        # 0 · log 0 = 0: banned ids carry −inf logits (the mask token always), and 0 · −inf is NaN
-        ent = lse - mx.where(l > -mx.inf, mx.softmax(l, axis=-1) * l, 0.0).sum(-1)
+        # reuses lse (no second softmax reduction); 0 · log 0 = 0: banned ids carry −inf logits
+        # (the mask token always), and 0 · −inf is NaN
+        ent = lse - mx.where(l > -mx.inf, mx.exp(l - lse[..., None]) * l, 0.0).sum(-1)
     return x0.astype(mx.int32), p, ent
 
 

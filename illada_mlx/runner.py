@@ -65,8 +65,9 @@ def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def options_for(model, s: Settings, tokenizer=None) -> tuple[Options, int, bool]:
-    """(Options, gen_length, variable) for a mode."""
+def options_for(model, s: Settings, tokenizer=None, prompt_len: Optional[int] = None) -> tuple[Options, int, bool]:
+    """(Options, gen_length, variable) for a mode; with `s.fit_context` and the prompt's length, the budget
+    is cut to the model's positions left (a fixed canvas to whole blocks)."""
     if s.mode not in MODES:
         raise IlladaError(f"mode {s.mode!r}: use one of {', '.join(MODES)}")
     if s.max_tokens < 1:
@@ -82,10 +83,16 @@ def options_for(model, s: Settings, tokenizer=None) -> tuple[Options, int, bool]
     think = think_token_id(tokenizer) if s.think_boost else None
     if think is not None:
         kw.update(think_token=think, think_boost=(100.0, 3.0))
-    if s.mode in ("exact", "fast_fixed"):
-        gen = math.ceil(s.max_tokens / s.block_length) * s.block_length
-        return Options(**kw), gen, False
-    return Options(**kw), s.max_tokens, True
+    variable = s.mode not in ("exact", "fast_fixed")
+    gen = s.max_tokens if variable else math.ceil(s.max_tokens / s.block_length) * s.block_length
+    if s.fit_context and prompt_len is not None:
+        room = model.args.max_position_embeddings - prompt_len
+        room -= 0 if variable else room % s.block_length
+        if room < 1:
+            raise IlladaError(f"the prompt ({prompt_len} tokens) fills the model's {model.args.max_position_embeddings}"
+                              " positions; shorten it")
+        gen = min(gen, room)
+    return Options(**kw), gen, variable
 
 
 def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
@@ -93,14 +100,7 @@ def complete(model, tokenizer, prompt_ids: list[int], s: Settings,
              should_stop: Optional[Callable[[], bool]] = None, cache=None) -> Generation:
     """Run one prompt; on_text gets the text as it is produced, block by block (cut at stops).
     cache: a BlockCache kept across calls (chat) so a shared prompt prefix is not recomputed."""
-    opts, gen, variable = options_for(model, s, tokenizer)
-    if s.fit_context:  # the default budget ends where the model's positions do (fixed canvas: whole blocks)
-        room = model.args.max_position_embeddings - len(prompt_ids)
-        room -= 0 if variable else room % opts.block_length
-        if room < 1:
-            raise IlladaError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {model.args.max_position_embeddings}"
-                              " positions; shorten it")
-        gen = min(gen, room)
+    opts, gen, variable = options_for(model, s, tokenizer, len(prompt_ids))
     stop = [x for x in s.stop if x]
     stop_fn = stop_checker(tokenizer, stop) if variable else None
     emitted = [""]
