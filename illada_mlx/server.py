@@ -118,6 +118,7 @@ def _settings(engine: Engine, body: dict) -> Settings:
     mt = _num(body, "max_tokens", int, 1, engine.model.args.max_position_embeddings) or \
         _num(body, "max_completion_tokens", int, 1, engine.model.args.max_position_embeddings)
     s.max_tokens = mt or min(s.max_tokens, 512)
+    s.fit_context = mt is None  # no budget asked for: up to 512, cut to the positions the prompt leaves
     t = _num(body, "temperature", float, 0.0, 2.0)
     s.temperature = t if t is not None else 0.0
     s.seed = _num(body, "seed", int, 0, 2**31 - 1)
@@ -174,11 +175,11 @@ async def _serve(request: Request, chat: bool):
         s = _settings(engine, body)
         ids = _prompt(engine, body, chat)
         limit = engine.model.args.max_position_embeddings
-        if len(ids) + s.max_tokens > limit:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's "
-                                f"{limit} positions", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
-        opts, gen, variable = options_for(engine.model, s, engine.tok)
+        if len(ids) + (1 if s.fit_context else s.max_tokens) > limit:
+            asked = "" if s.fit_context else f" + max_tokens ({s.max_tokens})"
+            raise ApiError(400, f"prompt ({len(ids)} tokens){asked} exceeds the model's {limit} positions",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        opts, gen, variable = options_for(engine.model, s, engine.tok, len(ids))
         validate(engine.model, len(ids), len(ids) + gen, opts, None if variable else gen)
     except ApiError as e:
         return e.response()
