@@ -1,8 +1,18 @@
 """The synthetic instruction mix the demo model is trained on, and its held-out split.
 
-Four tasks: two-digit addition (carries run right to left: a poor left-to-right order), sorting digits
-(the answer depends on the whole list), reversing letters, and key -> value recall. A prompt belongs to
-the held-out split iff a stable hash of it is 0 mod 10; training never draws such a prompt.
+The mix the yardstick scores (TASKS): two-digit addition (carries run right to left: a poor left-to-right
+order), sorting digits (the answer depends on the whole list), reversing letters, and key -> value recall.
+
+EXTRA tasks are drawn only when asked for (train_demo.py --tasks, quality.py --tasks); the bundled model
+has not learned them. "sums" is the candidate order-sensitive task: running sums mod 10 listed last first
+("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals 3 4 8 9 14 mod 10 from the last back). Each digit is its
+right-hand neighbour plus one list digit; without the neighbour it is the sum of a whole prefix, so
+committing right to left is easy and left to right asks for the full sum in one forward. Two-digit
+addition does not separate decoding orders on the bundled model: it computes every digit of the sum
+from the prompt in one forward (bench/README.md).
+
+A prompt belongs to the held-out split iff a stable hash of it is 0 mod 10; training never draws such a
+prompt.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall")
+EXTRA = ("sums",)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -24,6 +35,10 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
     if task == "reverse":
         s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
         return "reverse " + s, s[::-1]
+    if task == "sums":
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
+        totals = [sum(xs[:i + 1]) % 10 for i in range(len(xs))]
+        return "sums " + " ".join(map(str, xs)), " ".join(map(str, totals[::-1]))
     keys = rng.sample(LETTERS, rng.randint(2, 4))
     vals = [rng.randint(0, 9) for _ in keys]
     q = rng.randrange(len(keys))
@@ -44,11 +59,11 @@ def examples(seed: int, split: str = "train", tasks=TASKS):
             yield task, prompt, answer
 
 
-def held_out_set(n_per_task: int = 50, seed: int = 12345) -> list[tuple[str, str, str]]:
+def held_out_set(n_per_task: int = 50, seed: int = 12345, tasks=TASKS) -> list[tuple[str, str, str]]:
     """A fixed held-out set: n prompts per task, none of which training can draw."""
     out = []
-    for task in TASKS:
-        seen, gen = set(), examples(seed + TASKS.index(task), "test", (task,))
+    for task in tasks:
+        seen, gen = set(), examples(seed + (TASKS + EXTRA).index(task), "test", (task,))
         while len(seen) < n_per_task:
             t, p, a = next(gen)
             if p not in seen:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import TASKS, examples, held_out_set  # noqa: E402
+from demo_tasks import EXTRA, TASKS, examples, held_out_set  # noqa: E402
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
@@ -155,6 +155,31 @@ def held_out_accuracy(model, tok, items, block: int = 32) -> dict:
     return {t: round(sum(v) / len(v), 3) for t, v in sorted(score.items())}
 
 
+@torch.no_grad()
+def order_probe(model, tok, items, block: int = 32) -> dict:
+    """Does the model read the answer digits it has committed? For "sums" answers (demo_tasks), the
+    teacher-forced accuracy on the digits 2 or more from the right end (each a sum of 3+ list digits from
+    the prompt alone, but one addition from its right-hand neighbour): with only that digit masked, and
+    with every answer digit masked. Decoding order can only matter once the first beats the second."""
+    model.eval()
+    dev = next(model.parameters()).device
+    hits = {"neighbours_visible": [], "all_masked": []}
+    for _, p, a in items:
+        q = tok.encode(chat_prompt(p)).ids
+        r = tok.encode(chat_prompt(p) + a).ids[len(q):]
+        row = torch.tensor(q + r + [EOS] * (block - len(r)), device=dev)
+        digits = [len(q) + i for i, t in enumerate(r) if tok.id_to_token(t).isdigit()]
+        for name, hit in hits.items():
+            x = row.repeat(len(digits) - 2, 1)
+            for j, pos in enumerate(digits[:-2]):
+                x[j, [pos] if name == "neighbours_visible" else digits] = MASK
+            logits = model(x)[torch.arange(len(x)), digits[:-2]]
+            logits[:, MASK] = float("-inf")
+            hit += (logits.argmax(-1) == row[digits[:-2]]).tolist()
+    model.train()
+    return {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
+
+
 def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False):
     """t ~ U(eps, 1); mask each maskable token with probability t; cross-entropy on the masked tokens.
     iLLaDA SFT masks prompt and answer alike; here a fifth of the rows do that and the rest mask the
@@ -194,7 +219,8 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=320)
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                     help="data worker processes")
@@ -205,12 +231,14 @@ def main():
     ap.add_argument("--init", default=None, help="start from this checkpoint dir (same shape) instead of random")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     a = ap.parse_args()
+    tasks = tuple(a.tasks.split(","))
+    if set(tasks) - set(TASKS + EXTRA):
+        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     if a.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    tasks = tuple(a.tasks.split(","))
     if a.tokenizer:
         from tokenizers import Tokenizer
 
@@ -242,7 +270,8 @@ def main():
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total[0]) / total[0]))))
     data = iter(torch.utils.data.DataLoader(Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks),
                                             batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
-    probe = [it for it in held_out_set(25, seed=999) if it[0] in tasks]  # not the bench's held-out items
+    probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
+    sums_probe = [it for it in probe if it[0] == "sums"]
     t0, log, ema = time.time(), [], None
     i = 0
     while i < total[0]:
@@ -264,6 +293,8 @@ def main():
             row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}
             if a.eval_every and i % a.eval_every == 0 and i:
                 row["held_out"] = held_out_accuracy(model, tok, probe, a.block)
+                if sums_probe:
+                    row["order_probe"] = order_probe(model, tok, sums_probe, a.block)
             log.append(row)
             print(json.dumps(row), flush=True)
         if i and i % 1000 == 0:
@@ -274,6 +305,7 @@ def main():
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
             "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final,
+            **({"order_probe": order_probe(model, tok, sums_probe, a.block)} if sums_probe else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))

@@ -1,0 +1,81 @@
+"""The demo model's synthetic tasks and its trainer: answers follow each task's rule (re-derived here from
+the task's definition, not from the generator), the held-out split never leaks into training, and the
+trainer writes a checkpoint the real converter takes."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from demo_tasks import EXTRA, TASKS, examples, held_out, held_out_set  # noqa: E402
+
+
+def digits(s):
+    return [int(c) for c in s.split()]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_task_answers_by_its_rule(split):
+    for task, prompt, answer in itertools.islice(examples(3, split, TASKS + EXTRA), 2000):
+        if task == "add":
+            a, b = prompt.rstrip("=").split("+")
+            assert int(answer) == int(a) + int(b)
+        elif task == "sort":
+            assert digits(answer) == sorted(digits(prompt[len("sort "):]))
+        elif task == "reverse":
+            assert answer == prompt[len("reverse "):][::-1]
+        elif task == "recall":
+            pairs, key = prompt.rstrip("?").split(" ; ")
+            assert dict(p.split("=") for p in pairs.split())[key] == answer
+        else:  # sums: running totals mod 10, last first
+            xs, d = digits(prompt[len("sums "):]), digits(answer)
+            n = len(xs)
+            assert len(d) == n and d[-1] == xs[0] and d[0] == sum(xs) % 10
+            # the order-sensitive property: each digit is its right-hand neighbour plus one list digit
+            assert all(d[j] == (d[j + 1] + xs[n - 1 - j]) % 10 for j in range(n - 1))
+
+
+def test_held_out_prompts_never_reach_training():
+    train = {p for _, p, _ in itertools.islice(examples(0, "train", TASKS + EXTRA), 20000)}
+    assert not any(held_out(p) for p in train)
+    items = held_out_set(20, tasks=TASKS + EXTRA)
+    assert all(held_out(p) for _, p, _ in items)
+    assert [t for t, _, _ in items] == [t for t in TASKS + EXTRA for _ in range(20)]
+    # asking for an extra task leaves the yardstick's own items as they were
+    assert held_out_set(20) == items[:20 * len(TASKS)]
+
+
+def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
+    pytest.importorskip("torch")
+    from illada_mlx.load import load
+    from illada_mlx_convert import convert
+
+    out = tmp_path / "ckpt"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--steps", "3", "--batch", "4",
+         "--d", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0",
+         "--eval-every", "0", "--workers", "0", "--tasks", "reverse,sums",
+         "--tokenizer", str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json")],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 3 and set(log["held_out_probe"]) == {"reverse", "sums"}
+    assert set(log["order_probe"]) == {"neighbours_visible", "all_masked"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "illada" and cfg["num_key_value_heads"] == 1
+    convert(str(out), str(tmp_path / "mlx"), progress=False)
+    model, tok = load(str(tmp_path / "mlx"))
+    assert model.args.mask_token_id == 5 and model.args.eos_token_id == 2
+
+
+def test_trainer_refuses_an_unknown_task(tmp_path):
+    pytest.importorskip("torch")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
+                        "--tasks", "add,divide"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown task(s) ['divide']" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
