@@ -52,8 +52,9 @@ def replay_uniforms(seed, prompt_len, block_length, steps_per_block, n_steps, ro
     return uniforms
 
 
-@pytest.mark.parametrize("G,B,S", [(16, 8, 16), (16, 4, 8), (12, 12, 6), (24, 8, 6), (16, 16, 32)])
+@pytest.mark.parametrize("G,B,S", [(16, 8, 16), (16, 4, 8), (12, 12, 6), (24, 8, 6), (16, 16, 32), (8, 1, 8)])
 def test_exact_mode_matches_official_algorithm(tiny, G, B, S):
+    # (8, 1, 8): 1-token blocks, one step each: strictly left to right (bench/quality.py's AR-order row)
     model, _, logits_fn, mask = tiny
     for seed in range(3):
         p = prompts(3, 5 + seed, seed)
