@@ -2,7 +2,8 @@
 
     python bench/quality.py [--model DIR] [--n 50] [--json bench/results/quality.json]
 
-Rows: exact mode (1 token per step, low-confidence and random remasking), variable length, fast mode
+Rows: exact mode (1 token per step: low-confidence remasking, random remasking, and strictly left to right
+through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
 """
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import TASKS, held_out_set  # noqa: E402
+from demo_tasks import EXTRA, TASKS, held_out_set  # noqa: E402
 
 from illada_mlx.decode import Options, decode, run  # noqa: E402
 from illada_mlx.runner import build_prompt  # noqa: E402
@@ -26,6 +27,8 @@ SAMPLERS = {
     # name: (Options overrides, gen_length, variable)
     "exact": (dict(rule="schedule", steps=32), 32, False),
     "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
+    # the official loop with 1-token blocks: one token per step, strictly left to right (an AR order)
+    "exact_left_to_right": (dict(rule="schedule", steps=1, block_length=1), 32, False),
     "variable": (dict(rule="schedule", steps=32), 64, True),
     "fast_t0.9_prefix": (dict(rule="threshold", threshold=0.9, cache="prefix", steps=32), 64, True),
 }
@@ -35,8 +38,8 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     over, gen, variable = SAMPLERS[sampler]
     a = model.args
     opts = Options(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
-                   block_length=32, **over)
-    per_task = {t: [0, 0] for t in TASKS}
+                   **{"block_length": 32, **over})
+    per_task = {t: [0, 0] for t in dict.fromkeys(t for t, _, _ in items)}
     nfe = processed = out_tokens = 0
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
@@ -66,10 +69,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"held-out tasks (extra: {','.join(EXTRA)})")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
-    items = held_out_set(a.n)
+    items = held_out_set(a.n, tasks=a.tasks.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"float32": []}
