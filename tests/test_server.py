@@ -117,14 +117,16 @@ def test_concurrent_requests_all_complete_correctly(client, demo):
 
 
 def test_long_prompt_without_max_tokens_gets_the_room_left(client):
-    # the server's default budget (512) does not fit beside a ~740-token prompt in the demo's 1024
+    # the server's default budget (512) does not fit beside a ~1000-token prompt in the demo's 1024
     # positions: with no max_tokens asked for it is cut to the room left, as OpenAI's servers do
-    r = client.completions.create(model="illada-demo", prompt="reverse abc " + "x" * 700)
+    prompt = "reverse abc " + "x" * 990
+    r = client.completions.create(model="illada-demo", prompt=prompt, extra_body={"diffusion": FAST})
     assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 1024
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:  # a budget the client asked for is refused, not cut
-        client.completions.create(model="illada-demo", prompt="reverse abc " + "x" * 700, max_tokens=512)
+        client.completions.create(model="illada-demo", prompt=prompt, max_tokens=512)
     assert e.value.code == "context_length_exceeded" and "+ max_tokens (512)" in e.value.message
 
 
