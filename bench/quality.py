@@ -73,7 +73,10 @@ def main():
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
-    items = held_out_set(a.n, tasks=a.tasks.split(","))
+    tasks = a.tasks.split(",")
+    if set(tasks) - set(TASKS + EXTRA):
+        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
+    items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"float32": []}

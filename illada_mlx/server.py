@@ -176,8 +176,8 @@ async def _serve(request: Request, chat: bool):
         ids = _prompt(engine, body, chat)
         limit = engine.model.args.max_position_embeddings
         if len(ids) + (1 if s.fit_context else s.max_tokens) > limit:
-            asked = "" if s.fit_context else f" + max_tokens ({s.max_tokens})"
-            raise ApiError(400, f"prompt ({len(ids)} tokens){asked} exceeds the model's {limit} positions",
+            what = "leaves no room in" if s.fit_context else f"+ max_tokens ({s.max_tokens}) exceeds"
+            raise ApiError(400, f"prompt ({len(ids)} tokens) {what} the model's {limit} positions",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         opts, gen, variable = options_for(engine.model, s, engine.tok, len(ids))
         validate(engine.model, len(ids), len(ids) + gen, opts, None if variable else gen)
