@@ -264,22 +264,22 @@ def main():
     model.to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     warm = max(1, min(200, a.steps // 10))
-    total = [a.steps]  # cut to what fits in --minutes once the step rate is known (see the loop)
+    total = a.steps  # cut to what fits in --minutes once the step rate is known (the schedule reads it late)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total[0]) / total[0]))))
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
     data = iter(torch.utils.data.DataLoader(Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks),
                                             batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
     sums_probe = [it for it in probe if it[0] == "sums"]
     t0, log, ema = time.time(), [], None
     i = 0
-    while i < total[0]:
+    while i < total:
         if i == 50:
             t50 = time.time()
         if i == 300 and a.minutes:  # the cosine schedule ends where the time budget does
             rate = 250 / (time.time() - t50)
-            total[0] = min(total[0], int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
+            total = min(total, int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
         x, answer, valid = (t.to(a.device, non_blocking=True) for t in next(data))
         loss = loss_fn(model, x, answer, valid, answer_only=a.answer_only, inv_t=a.inv_t)
         opt.zero_grad(set_to_none=True)
@@ -287,7 +287,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if i % 50 == 0 or i == total[0] - 1:
+        if i % 50 == 0 or i == total - 1:
             ema = loss.item() if ema is None else 0.6 * ema + 0.4 * loss.item()
             el = time.time() - t0
             row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}

@@ -16,6 +16,10 @@ class IlladaError(Exception):
     """A user-facing problem: the message is one line that names the problem and the fix."""
 
 
+class ContextError(IlladaError):
+    """The prompt and the generation do not fit the model's positions (the server's context_length_exceeded)."""
+
+
 ILLADA = "illada"
 LLADA = "llada"
 MASK_TOKEN_NAMES = ("<[MASK]>", "<|mdm_mask|>")

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import CACHE_MODES, BlockCache, refresh_due, window
-from .config import THINK_END_TEXT, IlladaError
+from .config import THINK_END_TEXT, ContextError, IlladaError
 from .kernels import candidates
 from .rules import RULES, commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
 
@@ -131,7 +131,7 @@ def validate(model, prompt_len: int, canvas_len: int, opts: Options, gen_length:
     if gen_length is not None and gen_length % opts.block_length:
         raise IlladaError(f"gen_length {gen_length} is not a multiple of block_length {opts.block_length}")
     if canvas_len > a.max_position_embeddings:
-        raise IlladaError(f"prompt ({prompt_len}) + generation ({canvas_len - prompt_len}) = {canvas_len} tokens is more "
+        raise ContextError(f"prompt ({prompt_len}) + generation ({canvas_len - prompt_len}) = {canvas_len} tokens is more "
                           f"than the model's {a.max_position_embeddings} positions; shorten the prompt or max tokens")
     if opts.remasking not in ("low_confidence", "random"):
         raise IlladaError(f"remasking {opts.remasking!r}: use 'low_confidence' or 'random'")

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from .config import LLADA, IlladaError
+from .config import LLADA, ContextError, IlladaError
 from .decode import Block, Generation, Options, cut_at_stop, decode, run, stop_checker, think_token_id
 
 MODES = ("exact", "variable", "fast", "fast_fixed")
@@ -32,7 +32,7 @@ class Settings:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     think_boost: bool = False
-    fit_context: bool = False  # cut max_tokens to the positions left (the default budgets only)
+    fit_context: bool = False  # a default budget: cut to the positions left (an asked-for one is refused)
 
     def as_dict(self):
         return asdict(self)
@@ -42,7 +42,7 @@ def default_settings(model, tokenizer=None) -> Settings:
     """The spec's official settings: iLLaDA = variable length, block 32, 32 steps per block, max 1024
     (2048 with a chat template); LLaDA = fixed canvas 128 tokens, 128 steps, block 32."""
     if model.args.source_layout == LLADA:
-        return Settings(mode="exact", max_tokens=128, block_length=32, steps_per_block=32)
+        return Settings(mode="exact", max_tokens=128, block_length=32, steps_per_block=32, fit_context=True)
     instruct = tokenizer is not None and getattr(tokenizer, "chat_template", None)
     return Settings(mode="variable", max_tokens=2048 if instruct else 1024, fit_context=True)
 
@@ -66,8 +66,9 @@ def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int
 
 
 def options_for(model, s: Settings, tokenizer=None, prompt_len: Optional[int] = None) -> tuple[Options, int, bool]:
-    """(Options, gen_length, variable) for a mode; with `s.fit_context` and the prompt's length, the budget
-    is cut to the model's positions left (a fixed canvas to whole blocks)."""
+    """(Options, gen_length, variable) for a mode. Given the prompt's length, a budget that does not fit the
+    model's positions is cut to the room left with `s.fit_context` (a fixed canvas to whole blocks) and
+    refused without it (ContextError)."""
     if s.mode not in MODES:
         raise IlladaError(f"mode {s.mode!r}: use one of {', '.join(MODES)}")
     if s.max_tokens < 1:
@@ -85,13 +86,18 @@ def options_for(model, s: Settings, tokenizer=None, prompt_len: Optional[int] = 
         kw.update(think_token=think, think_boost=(100.0, 3.0))
     variable = s.mode not in ("exact", "fast_fixed")
     gen = s.max_tokens if variable else math.ceil(s.max_tokens / s.block_length) * s.block_length
-    if s.fit_context and prompt_len is not None:
-        room = model.args.max_position_embeddings - prompt_len
+    limit = model.args.max_position_embeddings
+    if prompt_len is not None and prompt_len + gen > limit:
+        room = limit - prompt_len
         room -= 0 if variable else room % s.block_length
+        if not s.fit_context:
+            whole = "" if gen == s.max_tokens else f", {gen} in whole blocks"
+            raise ContextError(f"prompt ({prompt_len} tokens) + max_tokens ({s.max_tokens}{whole}) exceeds the "
+                               f"model's {limit} positions; shorten the prompt or lower max_tokens")
         if room < 1:
-            raise IlladaError(f"the prompt ({prompt_len} tokens) fills the model's {model.args.max_position_embeddings}"
-                              " positions; shorten it")
-        gen = min(gen, room)
+            raise ContextError(f"prompt ({prompt_len} tokens) leaves no room in the model's {limit} positions; "
+                               "shorten it")
+        gen = room
     return Options(**kw), gen, variable
 
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .config import IlladaError
+from .config import ContextError, IlladaError
 from .decode import validate
 from .runner import MODES, Settings, build_prompt, complete, default_settings, options_for
 
@@ -174,15 +174,12 @@ async def _serve(request: Request, chat: bool):
         body = await _body(request, CHAT_FIELDS if chat else COMPLETION_FIELDS)
         s = _settings(engine, body)
         ids = _prompt(engine, body, chat)
-        limit = engine.model.args.max_position_embeddings
-        if len(ids) + (1 if s.fit_context else s.max_tokens) > limit:
-            what = "leaves no room in" if s.fit_context else f"+ max_tokens ({s.max_tokens}) exceeds"
-            raise ApiError(400, f"prompt ({len(ids)} tokens) {what} the model's {limit} positions",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
         opts, gen, variable = options_for(engine.model, s, engine.tok, len(ids))
         validate(engine.model, len(ids), len(ids) + gen, opts, None if variable else gen)
     except ApiError as e:
         return e.response()
+    except ContextError as e:
+        return ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded").response()
     except IlladaError as e:
         return ApiError(400, str(e)).response()
     job = Job(ids, s, asyncio.get_running_loop(), asyncio.Queue())

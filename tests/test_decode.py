@@ -312,3 +312,24 @@ def test_default_budget_is_cut_to_the_context_and_an_asked_one_refused(tiny, mod
     s.fit_context = False
     with pytest.raises(IlladaError, match="positions"):
         complete(model, tok, ids, s)
+
+
+def test_every_model_kinds_default_budget_is_cut_and_an_asked_one_refused_with_a_context_error(tiny):
+    # the rule lives in options_for, for LLaDA's fixed 128-token default as for iLLaDA's growing one;
+    # ContextError is what the server reports as context_length_exceeded
+    from dataclasses import replace
+
+    from illada_mlx.config import ContextError
+    from illada_mlx.runner import default_settings, options_for
+
+    model, tok, _, _ = tiny
+    limit = model.args.max_position_embeddings
+    s = default_settings(model, tok)
+    prompt_len = limit - s.block_length - 5  # room for one whole block and 5 tokens more
+    _, gen, variable = options_for(model, s, tok, prompt_len)
+    assert gen == (s.block_length + 5 if variable else s.block_length)
+    with pytest.raises(ContextError, match="leaves no room"):
+        options_for(model, s, tok, limit)
+    asked = replace(s, fit_context=False)
+    with pytest.raises(ContextError, match=f"max_tokens \\({s.max_tokens}"):
+        options_for(model, asked, tok, prompt_len)
