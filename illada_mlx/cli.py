@@ -75,7 +75,7 @@ def sampler_options(f):
                      help="exact = official fixed canvas (LLaDA default); variable = iLLaDA growing canvas "
                           "(iLLaDA default); fast = variable + threshold commits + prefix cache; "
                           "fast_fixed = fixed canvas + threshold + dual cache."),
-        click.option("--max-tokens", type=int, default=None, help="Budget (iLLaDA: 1024 base / 2048 instruct, cut to the context; LLaDA: 128)."),
+        click.option("--max-tokens", type=int, default=None, help="Budget (iLLaDA: 1024 base / 2048 instruct; LLaDA: 128; a default is cut to the context, a given one refused if it does not fit)."),
         click.option("--block-length", type=int, default=None, help="Block size (default 32)."),
         click.option("--steps-per-block", type=int, default=None, help="Denoising steps per block (default 32)."),
         click.option("--temperature", type=float, default=None, help="0 = greedy (default)."),
