@@ -1,10 +1,11 @@
 """Quality yardstick: exact match of the decoded answer on the held-out task mix, per sampler / model.
 
-    python bench/quality.py [--model DIR] [--n 50] [--json bench/results/quality.json]
+    python bench/quality.py [--model DIR] [--n 50] [--samplers ...] [--json bench/results/quality.json]
 
 Rows: exact mode (1 token per step: low-confidence remasking, random remasking, and strictly left to right
 through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
+exact_canvas128 (the official defaults' 128-token canvas) is a row of its own: --samplers exact_canvas128.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ SAMPLERS = {
     "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
     # the official loop with 1-token blocks: one token per step, strictly left to right (an AR order)
     "exact_left_to_right": (dict(rule="schedule", steps=1, block_length=1), 32, False),
+    # the official defaults' fixed canvas (LLaDA: 128 tokens in 4 blocks of 32, one token per step): 96
+    # positions past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
+    "exact_canvas128": (dict(rule="schedule", steps=32), 128, False),
     "variable": (dict(rule="schedule", steps=32), 64, True),
     "fast_t0.9_prefix": (dict(rule="threshold", threshold=0.9, cache="prefix", steps=32), 64, True),
 }
@@ -70,24 +74,27 @@ def main():
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"held-out tasks (extra: {','.join(EXTRA)})")
+    ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s != "exact_canvas128"),
+                    help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
     tasks = a.tasks.split(",")
     if set(tasks) - set(TASKS + EXTRA):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
+    samplers = a.samplers.split(",")
+    if set(samplers) - set(SAMPLERS):
+        ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
     items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"float32": []}
-        variants["8bit"] = ["-q", 8]
-        variants["4bit"] = ["-q", 4]
+        variants = {"float32": [], **({"8bit": ["-q", 8], "4bit": ["-q", 4]} if "exact" in samplers else {})}
         for name, q in variants.items():
             dst = Path(tmp) / name
             convert(src, str(dst), quantize=bool(q), q_bits=q[1] if q else 4, q_group_size=32 if q else 64,
                     progress=False)
             model, tok = load(str(dst))
-            for sampler in (SAMPLERS if name == "float32" else ["exact"]):
+            for sampler in (samplers if name == "float32" else ["exact"]):
                 r = evaluate(model, tok, items, sampler)
                 r["weights"] = name
                 rows.append(r)

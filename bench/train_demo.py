@@ -2,9 +2,11 @@
 
     pip install -e ".[train]"; python bench/train_demo.py --out /tmp/demo --minutes 6     (CUDA if present)
 
-The bundled model is run lr1e-3 of bench/gpu_train.sh: 6 minutes on the lent H200 (six runs side by
-side); its command, seed, time, losses and probe accuracies are in illada_mlx/demo_model/train_log.json,
-the story in bench/README.md. On this 2-core CPU the script runs ~30x slower than on the GPU.
+The bundled model is run lr1e-3 of bench/gpu_train.sh (6 minutes on the lent H200, six runs side by
+side), then 20 minutes on the 2-core CPU from that checkpoint with answer areas of 16-256 positions
+(--init ... --lr 3e-4 --max-area 256) so that fixed canvases longer than 32 decode; both phases' commands,
+seeds, times, losses and probe accuracies are in illada_mlx/demo_model/train_log.json, the story in
+bench/README.md. On this 2-core CPU the script runs ~30x slower than on the GPU.
 PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
 with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
 the converter.
@@ -91,29 +93,34 @@ def write_tokenizer_config(out: Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
-def batches(tok, seed: int, batch: int, block: int, tasks=None):
-    """(ids, answer, valid) rows laid out like inference: the chat prompt, then exactly `block` positions
-    holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as answer, so the
-    model learns to fill a block's tail with EOS). Rows are right-padded to the batch's longest with
+def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0):
+    """(ids, answer, valid) rows laid out like inference: the chat prompt, then an answer area of `block`
+    positions holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as answer,
+    so the model learns to fill a canvas's tail with EOS). With `max_area` > `block` each batch draws its
+    area's length log-uniformly from [block / 2, max_area], so a fixed canvas of any of those lengths
+    (exact mode's 128, say) is in distribution. Rows are right-padded to the batch's longest with
     `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask.
     Tokenizes 64 batches at a time with the Rust batch encoder (the per-example loop starved a GPU)."""
     gen = examples(seed, tasks=tasks or TASKS)
+    lo = block // 2 if max_area > block else block
+    rng = np.random.default_rng(seed)
     while True:
         items = [next(gen) for _ in range(batch * 64)]
         qs = tok.encode_batch([chat_prompt(p) for _, p, _ in items])
         fs = tok.encode_batch([chat_prompt(p) + a for _, p, a in items])
         pairs = [(q.ids, f.ids[len(q.ids):] + [EOS]) for q, f in zip(qs, fs)]
-        pairs = [(q, r) for q, r in pairs if len(r) <= block]
+        pairs = [(q, r) for q, r in pairs if len(r) <= lo]
         for i in range(0, len(pairs) - batch + 1, batch):
             chunk = pairs[i:i + batch]
-            width = max(len(q) for q, _ in chunk) + block
+            area = int(np.exp(rng.uniform(np.log(lo), np.log(max_area + 1)))) if max_area > block else block
+            width = max(len(q) for q, _ in chunk) + area
             ids = np.full((batch, width), EOS, dtype=np.int64)
             answer = np.zeros((batch, width), dtype=bool)
             valid = np.zeros((batch, width), dtype=bool)
             for j, (q, r) in enumerate(chunk):
                 ids[j, :len(q) + len(r)] = q + r
-                answer[j, len(q):len(q) + block] = True
-                valid[j, :len(q) + block] = True
+                answer[j, len(q):len(q) + area] = True
+                valid[j, :len(q) + area] = True
             yield torch.from_numpy(ids), torch.from_numpy(answer), torch.from_numpy(valid)
 
 
@@ -121,16 +128,17 @@ class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
 
-    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks):
+    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks, max_area: int = 0):
         super().__init__()
-        self.args = tok_file, seed, batch, block, tasks
+        self.args = tok_file, seed, batch, block, tasks, max_area
 
     def __iter__(self):
         from tokenizers import Tokenizer
 
-        tok_file, seed, batch, block, tasks = self.args
+        tok_file, seed, batch, block, tasks, max_area = self.args
         info = torch.utils.data.get_worker_info()
-        return batches(Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks)
+        return batches(Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks,
+                       max_area)
 
 
 @torch.no_grad()
@@ -210,6 +218,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
+    ap.add_argument("--max-area", type=int, default=0,
+                    help="draw each batch's answer area from block/2 .. this (log-uniform), so fixed canvases of "
+                         "those lengths decode; 0 = always --block")
     ap.add_argument("--inv-t", action="store_true", help="weight masked tokens by 1/t (the spec's objective)")
     ap.add_argument("--answer-only", type=float, default=0.8, help="share of rows that mask the answer only")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -268,8 +279,8 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
-    data = iter(torch.utils.data.DataLoader(Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks),
-                                            batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
+    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area)
+    data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
     sums_probe = [it for it in probe if it[0] == "sums"]
     t0, log, ema = time.time(), [], None
@@ -302,9 +313,11 @@ def main():
         i += 1
     save_checkpoint(model, out)
     final = held_out_accuracy(model, tok, probe, a.block)
+    longest = {f"held_out_probe_canvas_{a.max_area}": held_out_accuracy(model, tok, probe, a.max_area)
+               } if a.max_area > a.block else {}  # the longest fixed canvas trained for
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
-            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final,
+            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final, **longest,
             **({"order_probe": order_probe(model, tok, sums_probe, a.block)} if sums_probe else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))

@@ -79,3 +79,28 @@ def test_trainer_refuses_an_unknown_task(tmp_path):
                         "--tasks", "add,divide"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown task(s) ['divide']" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_batches_lay_out_answer_areas_of_drawn_lengths():
+    # --max-area: each batch's answer area (answer, one EOS, EOS padding) has a length drawn from
+    # [block / 2, max_area]; the prompt keeps its place and only the area is answer-maskable
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer
+    from train_demo import EOS, batches
+
+    tok = Tokenizer.from_file(str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"))
+    areas = set()
+    for ids, answer, valid in itertools.islice(batches(tok, 0, 4, 32, TASKS, max_area=256), 40):
+        n = answer.sum(1)
+        assert (n == n[0]).all() and 16 <= int(n[0]) <= 256
+        areas.add(int(n[0]))
+        for row, ans, ok in zip(ids.tolist(), answer.tolist(), valid.tolist()):
+            start = ans.index(True)
+            assert sum(ok) == start + int(n[0]) and all(ok[:start + int(n[0])])  # right padding is not valid
+            area = row[start:start + int(n[0])]
+            assert EOS in area and set(area[area.index(EOS):]) == {EOS}
+            assert row[0] == tok.token_to_id("<|im_start|>") and tok.decode(row[:start]).endswith("assistant\n")
+    assert len(areas) > 10 and min(areas) < 32 < max(areas)
+    # without --max-area every area is the block
+    ids, answer, _ = next(batches(tok, 0, 4, 32, TASKS))
+    assert (answer.sum(1) == 32).all()
