@@ -5,7 +5,8 @@
 Rows: exact mode (1 token per step: low-confidence remasking, random remasking, and strictly left to right
 through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
-exact_canvas128 (the official defaults' 128-token canvas) is a row of its own: --samplers exact_canvas128.
+Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas) and
+fast_t0.9_nocache (fast mode's commits without its cache).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ SAMPLERS = {
     "exact_canvas128": (dict(rule="schedule", steps=32), 128, False),
     "variable": (dict(rule="schedule", steps=32), 64, True),
     "fast_t0.9_prefix": (dict(rule="threshold", threshold=0.9, cache="prefix", steps=32), 64, True),
+    # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
+    "fast_t0.9_nocache": (dict(rule="threshold", threshold=0.9, cache="none", steps=32), 64, True),
 }
+ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache")
 
 
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
@@ -74,7 +78,7 @@ def main():
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"held-out tasks (extra: {','.join(EXTRA)})")
-    ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s != "exact_canvas128"),
+    ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
                     help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
