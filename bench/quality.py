@@ -92,10 +92,10 @@ def main():
     items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"float32": [], **({"8bit": ["-q", 8], "4bit": ["-q", 4]} if "exact" in samplers else {})}
-        for name, q in variants.items():
+        variants = {"float32": 0, **({"8bit": 8, "4bit": 4} if "exact" in samplers else {})}  # name: bits
+        for name, bits in variants.items():
             dst = Path(tmp) / name
-            convert(src, str(dst), quantize=bool(q), q_bits=q[1] if q else 4, q_group_size=32 if q else 64,
+            convert(src, str(dst), quantize=bool(bits), q_bits=bits or 4, q_group_size=32 if bits else 64,
                     progress=False)
             model, tok = load(str(dst))
             for sampler in (samplers if name == "float32" else ["exact"]):

@@ -102,7 +102,7 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
     `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask.
     Tokenizes 64 batches at a time with the Rust batch encoder (the per-example loop starved a GPU)."""
     gen = examples(seed, tasks=tasks or TASKS)
-    lo = block // 2 if max_area > block else block
+    lo, hi = (block // 2, max_area) if max_area > block else (block, block)
     rng = np.random.default_rng(seed)
     while True:
         items = [next(gen) for _ in range(batch * 64)]
@@ -112,7 +112,7 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
         pairs = [(q, r) for q, r in pairs if len(r) <= lo]
         for i in range(0, len(pairs) - batch + 1, batch):
             chunk = pairs[i:i + batch]
-            area = int(np.exp(rng.uniform(np.log(lo), np.log(max_area + 1)))) if max_area > block else block
+            area = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))  # log-uniform on [lo, hi]
             width = max(len(q) for q, _ in chunk) + area
             ids = np.full((batch, width), EOS, dtype=np.int64)
             answer = np.zeros((batch, width), dtype=bool)
@@ -142,9 +142,11 @@ class Batches(torch.utils.data.IterableDataset):
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tok, items, block: int = 32) -> dict:
-    """Exact mode in torch (one token per step over a `block`-token canvas, low-confidence remasking,
-    answer = text before the first EOS), per task, on held-out prompts; rows bucketed by prompt length."""
+def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> dict:
+    """Exact mode in torch (one token per step over a `canvas`-token canvas, `block` by default, in
+    semi-AR blocks of `block` like the samplers; low-confidence remasking; answer = text before the first
+    EOS), per task, on held-out prompts; rows bucketed by prompt length."""
+    canvas = canvas or block
     model.eval()
     dev = next(model.parameters()).device
     buckets: dict[int, list] = {}
@@ -154,7 +156,7 @@ def held_out_accuracy(model, tok, items, block: int = 32) -> dict:
     score = {}
     for n, rows in buckets.items():
         prompt = torch.tensor([r[1] for r in rows], device=dev)
-        x, _ = official_generate(model, prompt, steps=block, gen_length=block, block_length=block, mask_id=MASK)
+        x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block, mask_id=MASK)
         for (task, _, a), out in zip(rows, x[:, n:].tolist()):
             out = out[:out.index(EOS)] if EOS in out else out
             ok = tok.decode(out).strip() == a
@@ -313,8 +315,9 @@ def main():
         i += 1
     save_checkpoint(model, out)
     final = held_out_accuracy(model, tok, probe, a.block)
-    longest = {f"held_out_probe_canvas_{a.max_area}": held_out_accuracy(model, tok, probe, a.max_area)
-               } if a.max_area > a.block else {}  # the longest fixed canvas trained for
+    longest = {}  # and on the longest fixed canvas trained for, in blocks of --block as the samplers decode it
+    if a.max_area > a.block:
+        longest[f"held_out_probe_canvas_{a.max_area}"] = held_out_accuracy(model, tok, probe, a.block, a.max_area)
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
             "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final, **longest,

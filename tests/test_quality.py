@@ -50,7 +50,6 @@ def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
     assert fast["forwards"] <= exact["forwards"] / 2, (fast, exact)
 
 
-
 @pytest.mark.parametrize("max_tokens", [64, 128])
 def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
     # `generate --mode exact --max-tokens 128` (the official defaults' canvas: blocks of 32, one token per
