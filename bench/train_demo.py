@@ -4,9 +4,11 @@
 
 The bundled model is run lr1e-3 of bench/gpu_train.sh (6 minutes on the lent H200, six runs side by
 side), then 20 minutes on the 2-core CPU from that checkpoint with answer areas of 16-256 positions
-(--init ... --lr 3e-4 --max-area 256) so that fixed canvases longer than 32 decode; both phases' commands,
-seeds, times, losses and probe accuracies are in illada_mlx/demo_model/train_log.json, the story in
-bench/README.md. On this 2-core CPU the script runs ~30x slower than on the GPU.
+(--init ... --lr 3e-4 --max-area 256) so that fixed canvases longer than 32 decode, then 30 CPU minutes
+adding the order-sensitive "parity" task (--lr 5e-4 --max-area 256 --tasks
+add,sort,reverse,recall,parity,parity,parity); all three phases' commands, seeds, times, losses and
+probe accuracies are in illada_mlx/demo_model/train_log.json, the story in bench/README.md. On this
+2-core CPU the script runs ~30x slower than on the GPU.
 PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
 with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
 the converter.
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import EXTRA, TASKS, examples, held_out_set  # noqa: E402
+from demo_tasks import EXTRA, ORDERED, TASKS, examples, held_out_set  # noqa: E402
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
@@ -167,9 +169,9 @@ def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> di
 
 @torch.no_grad()
 def order_probe(model, tok, items, block: int = 32) -> dict:
-    """Does the model read the answer digits it has committed? For "sums" answers (demo_tasks), the
-    teacher-forced accuracy on the digits 2 or more from the right end (each a sum of 3+ list digits from
-    the prompt alone, but one addition from its right-hand neighbour): with only that digit masked, and
+    """Does the model read the answer digits it has committed? For the ORDERED tasks' answers (demo_tasks:
+    sums, parity), the teacher-forced accuracy on the digits 2 or more from the right end (each a sum of
+    3+ list digits from the prompt alone, but one addition from its right-hand neighbour): with only that digit masked, and
     with every answer digit masked. Decoding order can only matter once the first beats the second."""
     model.eval()
     dev = next(model.parameters()).device
@@ -284,7 +286,7 @@ def main():
     rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
-    sums_probe = [it for it in probe if it[0] == "sums"]
+    sums_probe = [it for it in probe if it[0] in ORDERED]
     t0, log, ema = time.time(), [], None
     i = 0
     while i < total:

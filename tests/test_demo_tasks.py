@@ -21,7 +21,9 @@ def digits(s):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_task_answers_by_its_rule(split):
-    for task, prompt, answer in itertools.islice(examples(3, split, TASKS + EXTRA), 2000):
+    seen = set()
+    for task, prompt, answer in itertools.islice(examples(3, split, TASKS + EXTRA), 3000):
+        seen.add(task)
         if task == "add":
             a, b = prompt.rstrip("=").split("+")
             assert int(answer) == int(a) + int(b)
@@ -32,12 +34,19 @@ def test_every_task_answers_by_its_rule(split):
         elif task == "recall":
             pairs, key = prompt.rstrip("?").split(" ; ")
             assert dict(p.split("=") for p in pairs.split())[key] == answer
+        elif task == "parity":  # suffix parities in list order
+            xs, d = [int(c) for c in prompt[len("parity "):]], [int(c) for c in answer]
+            n = len(xs)
+            assert len(d) == n and d[-1] == xs[-1] and d[0] == sum(xs) % 2
+            # order-sensitive: each bit is its right-hand neighbour XOR the list bit in its own place
+            assert all(d[j] == d[j + 1] ^ xs[j] for j in range(n - 1))
         else:  # sums: running totals mod 10, last first
             xs, d = digits(prompt[len("sums "):]), digits(answer)
             n = len(xs)
             assert len(d) == n and d[-1] == xs[0] and d[0] == sum(xs) % 10
             # the order-sensitive property: each digit is its right-hand neighbour plus one list digit
             assert all(d[j] == (d[j + 1] + xs[n - 1 - j]) % 10 for j in range(n - 1))
+    assert seen == set(TASKS + EXTRA)
 
 
 def test_held_out_prompts_never_reach_training():
