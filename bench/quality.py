@@ -5,8 +5,9 @@
 Rows: exact mode (1 token per step: low-confidence remasking, random remasking, and strictly left to right
 through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
-Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas) and
-fast_t0.9_nocache (fast mode's commits without its cache).
+Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas),
+fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
+of the random order).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ SAMPLERS = {
     # name: (Options overrides, gen_length, variable)
     "exact": (dict(rule="schedule", steps=32), 32, False),
     "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
+    # the same with other draws of the random order (run on their own: how much the seed moves it)
+    "exact_random_remask_seed1": (dict(rule="schedule", steps=32, remasking="random", seed=1), 32, False),
+    "exact_random_remask_seed2": (dict(rule="schedule", steps=32, remasking="random", seed=2), 32, False),
     # the official loop with 1-token blocks: one token per step, strictly left to right (an AR order)
     "exact_left_to_right": (dict(rule="schedule", steps=1, block_length=1), 32, False),
     # the official defaults' fixed canvas (LLaDA: 128 tokens in 4 blocks of 32, one token per step): 96
@@ -39,7 +43,7 @@ SAMPLERS = {
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
     "fast_t0.9_nocache": (dict(rule="threshold", threshold=0.9, cache="none", steps=32), 64, True),
 }
-ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache")
+ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_seed1", "exact_random_remask_seed2")
 
 
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
@@ -48,6 +52,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     opts = Options(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
                    **{"block_length": 32, **over})
     per_task = {t: [0, 0] for t in dict.fromkeys(t for t, _, _ in items)}
+    correct = []  # per item, in order: rows on the same items compare prompt by prompt
     nfe = processed = out_tokens = 0
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
@@ -58,7 +63,8 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
         processed += g.stats.processed
         out_tokens += g.stats.output_tokens
         for (task, _, answer), toks in zip(chunk, g.tokens):
-            per_task[task][0] += tok.decode(toks).strip() == answer
+            correct.append(int(tok.decode(toks).strip() == answer))
+            per_task[task][0] += correct[-1]
             per_task[task][1] += 1
     n = sum(v[1] for v in per_task.values())
     return {
@@ -66,6 +72,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
         "per_task": {t: v[0] / max(v[1], 1) for t, v in per_task.items()},
         "forwards": nfe, "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
         "processed_tokens": processed, "output_tokens": out_tokens, "seconds": round(time.perf_counter() - t0, 2),
+        "correct": correct,
     }
 
 
@@ -80,6 +87,7 @@ def main():
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"held-out tasks (extra: {','.join(EXTRA)})")
     ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
                     help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
+    ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
@@ -92,7 +100,8 @@ def main():
     items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"float32": 0, **({"8bit": 8, "4bit": 4} if "exact" in samplers else {})}  # name: bits
+        quantized = "exact" in samplers and not a.float_only
+        variants = {"float32": 0, **({"8bit": 8, "4bit": 4} if quantized else {})}  # name: bits
         for name, bits in variants.items():
             dst = Path(tmp) / name
             convert(src, str(dst), quantize=bool(bits), q_bits=bits or 4, q_group_size=32 if bits else 64,

@@ -10,43 +10,74 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from demo_tasks import held_out_set  # noqa: E402
 from quality import evaluate  # noqa: E402
 
-ITEMS = held_out_set(6, seed=777)  # 24 held-out prompts, 6 per task, never drawn in training
+from illada_mlx.runner import build_prompt  # noqa: E402
+
+ITEMS = held_out_set(6, seed=777)  # 30 held-out prompts, 6 per task, never drawn in training
 
 
 @pytest.fixture(scope="module")
 def exact(demo):
-    return evaluate(*demo, ITEMS, "exact", batch=24)
+    return evaluate(*demo, ITEMS, "exact", batch=30)
 
 
 def test_suite_scores_every_task(exact):
-    assert exact["n"] == 24 and set(exact["per_task"]) == {"add", "sort", "reverse", "recall"}
+    assert exact["n"] == 30 and set(exact["per_task"]) == {"add", "sort", "reverse", "recall", "parity"}
     assert exact["forwards"] == 32  # exact mode: one token per step over a 32-token canvas
     assert 0.0 <= exact["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("task", ["add", "sort", "reverse"])
 def test_exact_mode_solves_held_out_prompts(exact, task):
-    # addition with carries, sorting, reversal: learned (bench: 100% on 50 held-out prompts each)
+    # addition with carries, sorting, reversal: learned (bench: 96-100% on 50 held-out prompts each)
     assert exact["per_task"][task] >= 5 / 6, exact
 
 
 @pytest.mark.xfail(strict=False, reason="key -> value recall (an induction-style lookup) was not learned in the "
-                                        "demo model's training (bench: 50% on 50 prompts, guessing 38.5%)")
+                                        "demo model's training (bench: 48% on 50 prompts, guessing 38.5%)")
 def test_exact_mode_recalls_values(exact):
     assert exact["per_task"]["recall"] >= 0.8, exact
 
 
 def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
-    # the yardstick's AR-order row: 32 one-token blocks of one step each. On the bundled model it scores
-    # 100% on the learned tasks like low-confidence remasking (bench: 85.0% vs 87.5%, the gap all recall)
-    l2r = evaluate(*demo, [it for it in ITEMS if it[0] != "recall"], "exact_left_to_right", batch=24)
+    # the yardstick's AR-order row: 32 one-token blocks of one step each. On the tasks the model answers
+    # from the prompt in one forward it scores like low-confidence remasking (bench: 96-100% on both)
+    l2r = evaluate(*demo, [it for it in ITEMS if it[0] in ("add", "sort", "reverse")], "exact_left_to_right",
+                   batch=24)
     assert l2r["forwards"] == 32 and l2r["output_tokens"] > 0
     assert all(v >= 5 / 6 for v in l2r["per_task"].values()), l2r
 
 
+def test_parity_leftmost_bit_needs_its_neighbours(demo):
+    # why the commit order matters on parity: each answer bit is its right-hand neighbour XOR one list bit,
+    # and the leftmost is the parity of all 12, which the model gets far more often once the other
+    # answer bits are on the canvas than from the prompt alone. Low-confidence remasking therefore commits
+    # it late; left to right commits it first (bench: exact 64-65%, random order 48-56%, left to right 36%)
+    import mlx.core as mx
+
+    model, tok = demo
+    items = held_out_set(30, seed=31, tasks=("parity",))
+    rows, mask_id = [], model.args.mask_token_id
+    for _, prompt, answer in items:
+        q = build_prompt(tok, [{"role": "user", "content": prompt}])
+        a = [tok.convert_tokens_to_ids(c) for c in answer]
+        rows.append((q, a))
+    n = len(rows[0][0])
+    assert all(len(q) == n for q, _ in rows)  # 12 bits: every prompt is the same length
+    full = mx.array([q + a + [model.args.eos_token_id] * 20 for q, a in rows])
+    truth = full[:, n]
+    hits = {}
+    for case, span in (("all_masked", slice(n, n + 12)), ("neighbours_visible", slice(n, n + 1))):
+        x = mx.array(full)
+        x[:, span] = mask_id
+        logits = model(x)[:, n]
+        logits[:, mask_id] = -1e9
+        hits[case] = mx.mean(mx.argmax(logits, -1) == truth).item()
+    assert hits["neighbours_visible"] >= hits["all_masked"] + 0.15, hits
+
+
 def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
-    fast = evaluate(*demo, ITEMS, "fast_t0.9_prefix", batch=24)
-    assert fast["accuracy"] >= exact["accuracy"] - 1 / 24, (fast, exact)
+    fast = evaluate(*demo, ITEMS, "fast_t0.9_prefix", batch=30)
+    assert fast["accuracy"] >= exact["accuracy"] - 1 / 30, (fast, exact)
     assert fast["forwards"] <= exact["forwards"] / 2, (fast, exact)
 
 
