@@ -31,8 +31,8 @@ SAMPLERS = {
     "exact": (dict(rule="schedule", steps=32), 32, False),
     "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
     # the same with other draws of the random order (run on their own: how much the seed moves it)
-    "exact_random_remask_seed1": (dict(rule="schedule", steps=32, remasking="random", seed=1), 32, False),
-    "exact_random_remask_seed2": (dict(rule="schedule", steps=32, remasking="random", seed=2), 32, False),
+    **{f"exact_random_remask_seed{s}": (dict(rule="schedule", steps=32, remasking="random", seed=s), 32, False)
+       for s in (1, 2)},
     # the official loop with 1-token blocks: one token per step, strictly left to right (an AR order)
     "exact_left_to_right": (dict(rule="schedule", steps=1, block_length=1), 32, False),
     # the official defaults' fixed canvas (LLaDA: 128 tokens in 4 blocks of 32, one token per step): 96

@@ -170,9 +170,9 @@ def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> di
 @torch.no_grad()
 def order_probe(model, tok, items, block: int = 32) -> dict:
     """Does the model read the answer digits it has committed? For the ORDERED tasks' answers (demo_tasks:
-    sums, parity), the teacher-forced accuracy on the digits 2 or more from the right end (each a sum of
-    3+ list digits from the prompt alone, but one addition from its right-hand neighbour): with only that digit masked, and
-    with every answer digit masked. Decoding order can only matter once the first beats the second."""
+    sums, parity), the teacher-forced accuracy on the digits 2 or more from the right end (each a sum or
+    XOR of 3+ list items from the prompt alone, but one step from its right-hand neighbour): with only
+    that digit masked, and with every answer digit masked. Decoding order can only matter once the first beats the second."""
     model.eval()
     dev = next(model.parameters()).device
     hits = {"neighbours_visible": [], "all_masked": []}
@@ -286,7 +286,7 @@ def main():
     rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
-    sums_probe = [it for it in probe if it[0] in ORDERED]
+    ordered_probe = [it for it in probe if it[0] in ORDERED]
     t0, log, ema = time.time(), [], None
     i = 0
     while i < total:
@@ -308,8 +308,8 @@ def main():
             row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}
             if a.eval_every and i % a.eval_every == 0 and i:
                 row["held_out"] = held_out_accuracy(model, tok, probe, a.block)
-                if sums_probe:
-                    row["order_probe"] = order_probe(model, tok, sums_probe, a.block)
+                if ordered_probe:
+                    row["order_probe"] = order_probe(model, tok, ordered_probe, a.block)
             log.append(row)
             print(json.dumps(row), flush=True)
         if i and i % 1000 == 0:
@@ -323,7 +323,7 @@ def main():
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
             "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final, **longest,
-            **({"order_probe": order_probe(model, tok, sums_probe, a.block)} if sums_probe else {}),
+            **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))

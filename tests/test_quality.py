@@ -86,7 +86,7 @@ def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
     # `generate --mode exact --max-tokens 128` (the official defaults' canvas: blocks of 32, one token per
     # step): the positions past the answer are filled with EOS, so the answer is the one a 32-token canvas
     # gives. The demo model learned answer areas of 16-256 positions for this; before, it wrote garbage.
-    from illada_mlx.runner import Settings, build_prompt, complete
+    from illada_mlx.runner import Settings, complete
 
     model, tok = demo
     items = [("add", "61+64=", "125"), ("sort", "sort 8 5 2 3", "2 3 5 8"), ("reverse", "reverse yxaw", "waxy")]
