@@ -7,7 +7,7 @@ through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
 Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas),
 fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
-of the random order).
+of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
 def main():
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
+    from illada_mlx.quant import RECIPES
     from illada_mlx_convert import convert
 
     ap = argparse.ArgumentParser()
@@ -88,6 +89,9 @@ def main():
     ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
                     help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
     ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
+                    help="also score a mixed-precision conversion (illada_mlx.quant.RECIPES; body 4-bit g32) in "
+                         "exact mode; repeatable")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
@@ -97,15 +101,18 @@ def main():
     samplers = a.samplers.split(",")
     if set(samplers) - set(SAMPLERS):
         ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
+    if set(a.recipe) - set(RECIPES):
+        ap.error(f"unknown recipe(s) {sorted(set(a.recipe) - set(RECIPES))}: use {','.join(RECIPES)}")
     items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         quantized = "exact" in samplers and not a.float_only
-        variants = {"float32": 0, **({"8bit": 8, "4bit": 4} if quantized else {})}  # name: bits
-        for name, bits in variants.items():
+        variants = {"float32": (0, None), **({"8bit": (8, None), "4bit": (4, None)} if quantized else {}),
+                    **{r: (4, r) for r in a.recipe}}  # name: (bits, recipe)
+        for name, (bits, recipe) in variants.items():
             dst = Path(tmp) / name
             convert(src, str(dst), quantize=bool(bits), q_bits=bits or 4, q_group_size=32 if bits else 64,
-                    progress=False)
+                    q_recipe=recipe, progress=False)
             model, tok = load(str(dst))
             for sampler in (samplers if name == "float32" else ["exact"]):
                 r = evaluate(model, tok, items, sampler)
