@@ -13,7 +13,10 @@ needs sits at a fixed distance from it; with 5-10 bits the CPU runs did not lear
 EXTRA tasks are drawn only when asked for (train_demo.py --tasks, quality.py --tasks); the bundled model
 has not learned them. "sums" was the first order-sensitive candidate: running sums mod 10 listed last
 first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals 3 4 8 9 14 mod 10 from the last back); 3000 CPU steps
-learned only the two digits nearest the right end.
+learned only the two digits nearest the right end. "recall_abcd" is recall with keys from a, b, c, d only:
+a training curriculum, not a task of its own. Recall with 26 possible keys sat at chance for every CPU run
+(a lookup needs a positional hop and a key match learned together: a long plateau); with 4 possible keys a
+2-layer model learns the lookup in ~1000 steps and then carries it over to all 26 letters.
 
 A prompt belongs to the held-out split iff a stable hash of it is 0 mod 10; training never draws such a
 prompt.
@@ -25,7 +28,7 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-EXTRA = ("sums",)
+EXTRA = ("sums", "recall_abcd")
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -47,7 +50,7 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
     if task == "parity":
         xs = [rng.randint(0, 1) for _ in range(12)]
         return "parity " + "".join(map(str, xs)), "".join(str(sum(xs[i:]) % 2) for i in range(len(xs)))
-    keys = rng.sample(LETTERS, rng.randint(2, 4))
+    keys = rng.sample(LETTERS[:4] if task == "recall_abcd" else LETTERS, rng.randint(2, 4))
     vals = [rng.randint(0, 9) for _ in keys]
     q = rng.randrange(len(keys))
     return " ".join(f"{k}={v}" for k, v in zip(keys, vals)) + f" ; {keys[q]}?", str(vals[q])

@@ -31,9 +31,11 @@ def test_every_task_answers_by_its_rule(split):
             assert digits(answer) == sorted(digits(prompt[len("sort "):]))
         elif task == "reverse":
             assert answer == prompt[len("reverse "):][::-1]
-        elif task == "recall":
+        elif task in ("recall", "recall_abcd"):
             pairs, key = prompt.rstrip("?").split(" ; ")
-            assert dict(p.split("=") for p in pairs.split())[key] == answer
+            table = dict(p.split("=") for p in pairs.split())
+            assert table[key] == answer and 2 <= len(table) == len(pairs.split()) <= 4  # 2-4 distinct keys
+            assert task == "recall" or set(table) <= set("abcd")  # the curriculum's small key alphabet
         elif task == "parity":  # suffix parities in list order
             xs, d = [int(c) for c in prompt[len("parity "):]], [int(c) for c in answer]
             n = len(xs)
