@@ -95,11 +95,9 @@ def sampler_options(f):
 def _settings(model, tok, **kw):
     from .runner import default_settings
 
-    s = default_settings(model, tok)
-    if kw.get("max_tokens") is not None:
-        s.fit_context = False  # a budget the user asked for is refused if it does not fit, not cut
+    s = default_settings(model, tok).with_budget(kw.get("max_tokens"))
     for k, v in kw.items():
-        if v is not None and hasattr(s, k):
+        if v is not None and hasattr(s, k) and k != "max_tokens":
             setattr(s, k, list(v) if k == "stop" else v)
     return s
 

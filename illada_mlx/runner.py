@@ -10,7 +10,7 @@ Modes (each a set of options of the one decode loop):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 from .config import LLADA, ContextError, IlladaError
@@ -36,6 +36,13 @@ class Settings:
 
     def as_dict(self):
         return asdict(self)
+
+    def with_budget(self, max_tokens: Optional[int], cap: Optional[int] = None) -> "Settings":
+        """The budget rule, for the CLI and the server alike: a max_tokens the user asked for is kept exactly
+        (and refused if it does not fit); with none, the default (at most `cap`) is cut to the room left."""
+        if max_tokens is not None:
+            return replace(self, max_tokens=max_tokens, fit_context=False)
+        return replace(self, max_tokens=min(self.max_tokens, cap or self.max_tokens), fit_context=True)
 
 
 def default_settings(model, tokenizer=None) -> Settings:

@@ -114,11 +114,9 @@ def _num(body, name, kind, lo, hi, default=None):
 
 
 def _settings(engine: Engine, body: dict) -> Settings:
-    s = replace(engine.defaults, stop=[])
     mt = _num(body, "max_tokens", int, 1, engine.model.args.max_position_embeddings) or \
         _num(body, "max_completion_tokens", int, 1, engine.model.args.max_position_embeddings)
-    s.max_tokens = mt or min(s.max_tokens, 512)
-    s.fit_context = mt is None  # no budget asked for: up to 512, cut to the positions the prompt leaves
+    s = replace(engine.defaults, stop=[]).with_budget(mt, cap=512)  # none asked for: up to 512, cut to fit
     t = _num(body, "temperature", float, 0.0, 2.0)
     s.temperature = t if t is not None else 0.0
     s.seed = _num(body, "seed", int, 0, 2**31 - 1)

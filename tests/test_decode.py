@@ -333,3 +333,15 @@ def test_every_model_kinds_default_budget_is_cut_and_an_asked_one_refused_with_a
     asked = replace(s, fit_context=False)
     with pytest.raises(ContextError, match=f"max_tokens \\({s.max_tokens}"):
         options_for(model, asked, tok, prompt_len)
+
+
+def test_budget_rule_keeps_an_asked_budget_and_caps_a_default_one():
+    # Settings.with_budget, shared by the CLI and the server: asked -> exact and refused if it does not fit;
+    # not asked -> the default, at most `cap`, cut to the room the prompt leaves
+    from illada_mlx.runner import Settings
+
+    s = Settings(max_tokens=1024)
+    assert (s.with_budget(64).max_tokens, s.with_budget(64).fit_context) == (64, False)
+    assert (s.with_budget(None, cap=512).max_tokens, s.with_budget(None, cap=512).fit_context) == (512, True)
+    assert (s.with_budget(None).max_tokens, s.with_budget(2048, cap=512).max_tokens) == (1024, 2048)
+    assert (s.max_tokens, s.fit_context) == (1024, False)  # a new Settings; the defaults are not touched
