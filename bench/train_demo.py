@@ -172,7 +172,8 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
     """Does the model read the answer digits it has committed? For the ORDERED tasks' answers (demo_tasks:
     sums, parity), the teacher-forced accuracy on the digits 2 or more from the right end (each a sum or
     XOR of 3+ list items from the prompt alone, but one step from its right-hand neighbour): with only
-    that digit masked, and with every answer digit masked. Decoding order can only matter once the first beats the second."""
+    that digit masked, and with every answer digit masked. Decoding order can only matter once the first
+    beats the second."""
     model.eval()
     dev = next(model.parameters()).device
     hits = {"neighbours_visible": [], "all_masked": []}

@@ -95,9 +95,9 @@ def sampler_options(f):
 def _settings(model, tok, **kw):
     from .runner import default_settings
 
-    s = default_settings(model, tok).with_budget(kw.get("max_tokens"))
+    s = default_settings(model, tok).with_budget(kw.pop("max_tokens", None))
     for k, v in kw.items():
-        if v is not None and hasattr(s, k) and k != "max_tokens":
+        if v is not None and hasattr(s, k):
             setattr(s, k, list(v) if k == "stop" else v)
     return s
 

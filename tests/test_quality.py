@@ -59,7 +59,7 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
     rows, mask_id = [], model.args.mask_token_id
     for _, prompt, answer in items:
         q = build_prompt(tok, [{"role": "user", "content": prompt}])
-        a = [tok.convert_tokens_to_ids(c) for c in answer]
+        a = tok.encode(answer, add_special_tokens=False)
         rows.append((q, a))
     n = len(rows[0][0])
     assert all(len(q) == n for q, _ in rows)  # 12 bits: every prompt is the same length
