@@ -22,13 +22,18 @@ MODES = {
     "mxfp8": ((8,), (32,)),
     "nvfp4": ((4,), (16,)),
 }
+# mode -> (bits, group size) when not given: mlx-lm's defaults (each float format has one group size)
+DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 _EMBED = re.compile(r"^(model\.embed_tokens|lm_head)$")
 _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
-def check_params(bits: int, group_size: int, mode: str) -> dict:
+def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> dict:
+    """The (bits, group size, mode) record, the mode's defaults filling what is None; refused if unsupported."""
     if mode not in MODES:
         raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    bits = DEFAULTS[mode][0] if bits is None else bits
+    group_size = DEFAULTS[mode][1] if group_size is None else group_size
     ok_bits, ok_groups = MODES[mode]
     if bits not in ok_bits or group_size not in ok_groups:
         raise IlladaError(

@@ -112,13 +112,16 @@ QUANT = {
     "mixed_4_8": (["--q-recipe", "mixed_4_8"], {"bits": 4}),
     "mixed_3_6": (["--q-recipe", "mixed_3_6"], {"bits": 4}),
     "mxfp4": (["-q", "--q-mode", "mxfp4", "--q-group-size", "32"], {"mode": "mxfp4"}),
+    # no --q-group-size: the mode's own (nvfp4 has only 16; affine's 64 would be refused)
+    "nvfp4": (["-q", "--q-mode", "nvfp4"], {"mode": "nvfp4", "group_size": 16, "bits": 4}),
+    "nvfp4_mixed_4_8": (["--q-mode", "nvfp4", "--q-recipe", "mixed_4_8"], {"mode": "nvfp4", "group_size": 16}),
 }
 
 
 @pytest.mark.parametrize("spec", [ILLADA, LLADA], ids=["illada", "llada"])
 @pytest.mark.parametrize("name", list(QUANT))
 def test_quantized_round_trip_matches_dequantized_oracle(spec, name, ckpt_factory, tmp_path):
-    if spec.layout == "llada" and name in ("mixed_3_6", "mxfp4"):
+    if spec.layout == "llada" and name in ("mixed_3_6", "mxfp4", "nvfp4", "nvfp4_mixed_4_8"):
         pytest.skip("covered on the iLLaDA layout")
     flags, expect = QUANT[name]
     src, params = ckpt_factory(spec)
@@ -128,8 +131,9 @@ def test_quantized_round_trip_matches_dequantized_oracle(spec, name, ckpt_factor
     cfg = json.loads((out / "config.json").read_text())
     for k, v in expect.items():
         assert cfg["quantization"][k] == v
-    if name.startswith("mixed"):
+    if "mixed" in name:  # the embedding/head at 6 or 8 bits, affine whatever the body's mode
         assert cfg["quantization"]["model.embed_tokens"]["bits"] in (6, 8)
+        assert cfg["quantization"]["model.embed_tokens"]["mode"] == "affine"
     model, _ = load(str(out))
     assert type(model.model.layers[0].mlp.gate_proj).__name__ == "QuantizedLinear"
     assert type(model.model.embed_tokens).__name__ == "QuantizedEmbedding"
