@@ -7,7 +7,8 @@ through 1-token blocks), variable length, fast mode
 (τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
 Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas),
 fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
-of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion.
+of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion, --q-mode
+MODE one for a 4-bit float format (nvfp4, mxfp4) and one per recipe with that format as its body.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
 def main():
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
-    from illada_mlx.quant import RECIPES
+    from illada_mlx.quant import MODES, RECIPES
     from illada_mlx_convert import convert
 
     ap = argparse.ArgumentParser()
@@ -92,6 +93,9 @@ def main():
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
                     help="also score a mixed-precision conversion (illada_mlx.quant.RECIPES; body 4-bit g32) in "
                          "exact mode; repeatable")
+    ap.add_argument("--q-mode", action="append", default=[], metavar="MODE",
+                    help="also score a 4-bit conversion in this mode (mxfp4, nvfp4; at the mode's group size) in "
+                         "exact mode, and each --recipe with this mode's body; repeatable")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
@@ -103,16 +107,27 @@ def main():
         ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
     if set(a.recipe) - set(RECIPES):
         ap.error(f"unknown recipe(s) {sorted(set(a.recipe) - set(RECIPES))}: use {','.join(RECIPES)}")
+    fp4 = [m for m in MODES if m != "affine" and 4 in MODES[m][0]]
+    if set(a.q_mode) - set(fp4):
+        ap.error(f"unknown 4-bit mode(s) {sorted(set(a.q_mode) - set(fp4))}: use {','.join(fp4)}")
     items = held_out_set(a.n, tasks=tasks)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         quantized = "exact" in samplers and not a.float_only
-        variants = {"float32": (0, None), **({"8bit": (8, None), "4bit": (4, None)} if quantized else {}),
-                    **{r: (4, r) for r in a.recipe}}  # name: (bits, recipe)
-        for name, (bits, recipe) in variants.items():
+        # name: (bits, group size, mode, recipe); affine 4-bit at group 32 as the yardstick has always used
+        variants = {"float32": None, **({"8bit": (8, 32, "affine", None), "4bit": (4, 32, "affine", None)}
+                                        if quantized else {}),
+                    **{r: (4, 32, "affine", r) for r in a.recipe},
+                    **{f"4bit_{m}": (4, None, m, None) for m in a.q_mode},  # None: the mode's group size
+                    **{f"{r}_{m}": (4, None, m, r) for r in a.recipe for m in a.q_mode}}
+        for name, q in variants.items():
             dst = Path(tmp) / name
-            convert(src, str(dst), quantize=bool(bits), q_bits=bits or 4, q_group_size=32 if bits else 64,
-                    q_recipe=recipe, progress=False)
+            if q:
+                bits, group, mode, recipe = q
+                convert(src, str(dst), quantize=True, q_bits=bits, q_group_size=group, q_mode=mode, q_recipe=recipe,
+                        progress=False)
+            else:
+                convert(src, str(dst), progress=False)
             model, tok = load(str(dst))
             for sampler in (samplers if name == "float32" else ["exact"]):
                 r = evaluate(model, tok, items, sampler)

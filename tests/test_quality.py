@@ -98,12 +98,17 @@ def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
         assert g.stats.nfe == max_tokens and g.texts[0].strip() == answer, (prompt, g.texts[0])
 
 
-def test_quality_script_refuses_an_unknown_recipe():
-    # --recipe NAME scores a mixed-precision conversion; a name that is not a recipe is refused before any work
+@pytest.mark.parametrize("flag,value,said,listed", [
+    ("--recipe", "mixed_9_9", "unknown recipe(s) ['mixed_9_9']", "mixed_4_8"),
+    ("--q-mode", "affine", "unknown 4-bit mode(s) ['affine']", "mxfp4,nvfp4"),
+])
+def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, listed):
+    # --recipe NAME scores a mixed-precision conversion, --q-mode MODE a 4-bit float-format one (the affine
+    # 4-bit row is always there); a name that is not one of them is refused before any work
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    r = subprocess.run([sys.executable, str(script), "--recipe", "mixed_9_9", "--json", "/nonexistent/q.json"],
+    r = subprocess.run([sys.executable, str(script), flag, value, "--json", "/nonexistent/q.json"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "unknown recipe(s) ['mixed_9_9']" in r.stderr and "mixed_4_8" in r.stderr
+    assert r.returncode == 2 and said in r.stderr and listed in r.stderr
     assert "Traceback" not in r.stderr
