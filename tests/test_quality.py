@@ -82,8 +82,9 @@ def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
 
 
 def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
-    # the 4-bit conversion README recommends (`-q --q-mode nvfp4 --q-recipe mixed_4_8`: nvfp4 body, embedding
-    # and head affine 8-bit) still answers: bench -2.8 points on 250 prompts, where affine 4-bit loses 10.8
+    # the 4-bit conversion that lost least on the yardstick (README's convert section: `-q --q-mode nvfp4
+    # --q-recipe mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers: bench -2.8 points on
+    # 250 prompts, where affine 4-bit loses 10.8
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
     from illada_mlx_convert import convert
