@@ -114,20 +114,16 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         quantized = "exact" in samplers and not a.float_only
-        # name: (bits, group size, mode, recipe); affine 4-bit at group 32 as the yardstick has always used
-        variants = {"float32": None, **({"8bit": (8, 32, "affine", None), "4bit": (4, 32, "affine", None)}
-                                        if quantized else {}),
-                    **{r: (4, 32, "affine", r) for r in a.recipe},
-                    **{f"4bit_{m}": (4, None, m, None) for m in a.q_mode},  # None: the mode's group size
-                    **{f"{r}_{m}": (4, None, m, r) for r in a.recipe for m in a.q_mode}}
-        for name, q in variants.items():
+        # name: the conversion's options; affine 4-bit at group 32 as the yardstick has always used, the float
+        # formats at their own group size
+        q4 = dict(quantize=True, q_bits=4, q_group_size=32)
+        variants = {"float32": {}, **({"8bit": {**q4, "q_bits": 8}, "4bit": q4} if quantized else {}),
+                    **{r: {**q4, "q_recipe": r} for r in a.recipe},
+                    **{f"4bit_{m}": dict(quantize=True, q_mode=m) for m in a.q_mode},
+                    **{f"{r}_{m}": dict(quantize=True, q_mode=m, q_recipe=r) for r in a.recipe for m in a.q_mode}}
+        for name, options in variants.items():
             dst = Path(tmp) / name
-            if q:
-                bits, group, mode, recipe = q
-                convert(src, str(dst), quantize=True, q_bits=bits, q_group_size=group, q_mode=mode, q_recipe=recipe,
-                        progress=False)
-            else:
-                convert(src, str(dst), progress=False)
+            convert(src, str(dst), progress=False, **options)
             model, tok = load(str(dst))
             for sampler in (samplers if name == "float32" else ["exact"]):
                 r = evaluate(model, tok, items, sampler)

@@ -22,8 +22,6 @@ MODES = {
     "mxfp8": ((8,), (32,)),
     "nvfp4": ((4,), (16,)),
 }
-# mode -> (bits, group size) when not given: mlx-lm's defaults (each float format has one group size)
-DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 _EMBED = re.compile(r"^(model\.embed_tokens|lm_head)$")
 _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
@@ -32,9 +30,11 @@ def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> d
     """The (bits, group size, mode) record, the mode's defaults filling what is None; refused if unsupported."""
     if mode not in MODES:
         raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-    bits = DEFAULTS[mode][0] if bits is None else bits
-    group_size = DEFAULTS[mode][1] if group_size is None else group_size
     ok_bits, ok_groups = MODES[mode]
+    # not given: 4 bits in groups of 64 where the mode allows them (affine), else the mode's only value
+    # (mlx-lm's defaults: mxfp4 g32, nvfp4 g16, mxfp8 8-bit g32)
+    bits = (4 if 4 in ok_bits else ok_bits[0]) if bits is None else bits
+    group_size = (64 if 64 in ok_groups else ok_groups[0]) if group_size is None else group_size
     if bits not in ok_bits or group_size not in ok_groups:
         raise IlladaError(
             f"{mode} quantization supports bits {list(ok_bits)} with group size {list(ok_groups)}, "
