@@ -115,3 +115,36 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
     # without --max-area every area is the block
     ids, answer, _ = next(batches(tok, 0, 4, 32, TASKS))
     assert (answer.sum(1) == 32).all()
+
+
+@pytest.mark.parametrize("pad_weight", [1.0, 0.0, 0.25])
+def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight):
+    # t_min = 1 masks the whole answer area (answer rows only); the loss is the mean cross-entropy over
+    # it with the EOS padding after the answer's own EOS weighted by pad_weight; oracle: numpy float64
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from train_demo import EOS, MASK, loss_fn
+
+    V = 24
+    x = torch.tensor([[10, 11, 12, 20, 21, EOS, EOS, EOS],
+                      [13, 14, 22, EOS, EOS, EOS, EOS, EOS]])
+    answer = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1] * 8, [1] * 7 + [0]], dtype=torch.bool)
+    logits = torch.randn(2, 8, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen = []
+
+    def model(ids, attention_mask):
+        seen.append(ids.clone())
+        return logits
+
+    loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight)
+    assert torch.equal(seen[0], torch.where(answer, MASK, x))  # the area masked, the prompt as it was
+    lg = logits.numpy()
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    ce, w = [], []
+    for b, (start, own_eos, end) in enumerate([(3, 5, 8), (2, 3, 7)]):  # answer area, its own EOS, area end
+        for j in range(start, end):
+            ce.append(-logp[b, j, int(x[b, j])])
+            w.append(pad_weight if j > own_eos else 1.0)
+    want = np.dot(ce, w) / np.sum(w)
+    assert abs(float(loss) - want) < 1e-9
