@@ -16,8 +16,9 @@ first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals 3 4 8 9 14 mod 10 from the la
 learned only the two digits nearest the right end. "recall_abcd" is recall with keys from a, b, c, d only:
 a training curriculum, not a task of its own. Recall with 26 possible keys sat at chance for every CPU run
 (the key match has a long plateau); with 4 possible keys a 2-layer model learns the lookup in ~1000 steps
-and then carries it over to all 26 letters. In a 30-minute CPU fine-tune of the bundled model it did not
-help (bench/README.md, phase 7).
+and then carries it over to all 26 letters. Mixed into the diffusion loss it did not help the bundled
+model in 30 CPU minutes (bench/README.md, phase 7); trained alone as classification of the answer from
+the prompt (train_demo.py --t-min 1 --pad-weight 0), it gave the bundled model recall (phase 9).
 
 A prompt belongs to the held-out split iff a stable hash of it is 0 mod 10; training never draws such a
 prompt.

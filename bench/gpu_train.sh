@@ -4,10 +4,11 @@
 # tar per run in $OUT (checkpoint + tokenizer + train_log.json + stdout). The best by held-out probe
 # accuracy becomes illada_mlx/demo_model (bench/README.md records which and why).
 #   MINUTES=6.5 bash bench/gpu_train.sh              the sweep that gave the bundled model's phase 1 (run lr1e-3)
-#   SET=next MINUTES=6.5 bash bench/gpu_train.sh     the runs planned for the next lent GPU: recall with
-#     the recall_abcd curriculum (keys from a-d broke the plateau in a CPU lab, not yet in the bundled
-#     model: bench/README.md phase 7) and longer prompt masking, alongside the harder order-sensitive
-#     "sums" task; watch recall, recall_abcd and "order_probe" in each run's log
+#   SET=next MINUTES=6.5 bash bench/gpu_train.sh     the runs planned for the next lent GPU: the harder
+#     order-sensitive "sums" task from the bundled model (CPU runs never got past its last two digits), and
+#     from scratch whether the diffusion loss alone, given GPU-many rows, learns recall (the bundled model
+#     needed recall as classification first: bench/README.md phase 9); watch sums, recall, recall_abcd and
+#     "order_probe" in each run's log
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 MINUTES=${MINUTES:-6.5}
@@ -20,12 +21,12 @@ if [ "${SET:-bundle}" = next ]; then
   all6=add,sort,reverse,recall,parity,sums
   common+=(--max-area 256)  # the bundled model decodes fixed canvases of up to 256; keep it so
   runs=(
-    [abcd_ft]="--init illada_mlx/demo_model --lr 5e-4 --tasks add,sort,reverse,recall,recall_abcd,recall_abcd,parity,parity"
+    [sums_ft_lr5e-4]="--init illada_mlx/demo_model --lr 5e-4 --tasks add,sort,reverse,recall,parity,sums,sums"
+    [sums_ft_lr1e-3]="--init illada_mlx/demo_model --lr 1e-3 --tasks add,sort,reverse,recall,parity,sums,sums"
     [abcd_scratch]="--tasks $all6,recall_abcd,recall_abcd"
     [abcd_heavy_scratch]="--tasks add,sort,reverse,parity,sums,recall,recall_abcd,recall_abcd,recall_abcd,recall_abcd"
     [all6]="--tasks $all6"
     [all6_ans0.5]="--tasks $all6 --answer-only 0.5"
-    [recall_ans0.5_ft]="--init illada_mlx/demo_model --tasks add,sort,reverse,recall,recall,parity --answer-only 0.5"
   )
 else runs=(
   [lr3e-3]="--lr 3e-3"

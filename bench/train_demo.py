@@ -6,9 +6,13 @@ The bundled model is run lr1e-3 of bench/gpu_train.sh (6 minutes on the lent H20
 side), then 20 minutes on the 2-core CPU from that checkpoint with answer areas of 16-256 positions
 (--init ... --lr 3e-4 --max-area 256) so that fixed canvases longer than 32 decode, then 30 CPU minutes
 adding the order-sensitive "parity" task (--lr 5e-4 --max-area 256 --tasks
-add,sort,reverse,recall,parity,parity,parity); all three phases' commands, seeds, times, losses and
-probe accuracies are in illada_mlx/demo_model/train_log.json, the story in bench/README.md. On this
-2-core CPU the script runs ~30x slower than on the GPU.
+add,sort,reverse,recall,parity,parity,parity), then recall's lookup: 12 + 8 CPU minutes of recall alone as
+answer-from-prompt classification (--block 2 --t-min 1 --pad-weight 0 --answer-only 1 --tasks recall_abcd,
+then recall_abcd,recall_abcd,recall), which breaks the plateau the diffusion loss never left, and 25 minutes
+of the whole mix to bring the other tasks back (--lr 5e-4 --max-area 256 --tasks
+add,sort,reverse,recall,recall,parity,parity). Every phase's command, seed, time, loss and probe accuracies
+are in illada_mlx/demo_model/train_log.json, the story in bench/README.md. On this 2-core CPU the script
+runs ~30x slower than on the GPU.
 PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
 with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
 the converter.
@@ -193,8 +197,8 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
     return {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
 
 
-def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False, t_min=None, pad_weight=1.0):
-    """t ~ U(t_min, 1) (t_min = eps by default); mask each maskable token with probability t; cross-entropy
+def loss_fn(model, x, answer, valid, t_min=1e-3, answer_only=0.8, inv_t=False, pad_weight=1.0):
+    """t ~ U(t_min, 1) (the spec's ε by default); mask each maskable token with probability t; cross-entropy
     on the masked tokens. iLLaDA SFT masks prompt and answer alike; here a fifth of the rows do that and the
     rest mask the answer only (LLaDA's SFT). The spec weights each masked token by 1/t (`inv_t`); at this
     tiny scale the plain mean over masked tokens learned measurably faster (recall 38% vs ~20% one-shot
@@ -202,8 +206,7 @@ def loss_fn(model, x, answer, valid, eps=1e-3, answer_only=0.8, inv_t=False, t_m
     answer's own EOS (LLaDA's SFT: 1, like any token); with t_min = 1 and pad_weight = 0 a row is the
     answer-from-prompt classification a one-digit answer needs to leave its plateau (bench/README.md)."""
     B, L = x.shape
-    lo = eps if t_min is None else t_min
-    t = torch.rand(B, 1, device=x.device) * (1 - lo) + lo
+    t = torch.rand(B, 1, device=x.device) * (1 - t_min) + t_min
     maskable = torch.where(torch.rand(B, 1, device=x.device) < answer_only, answer, valid)
     masked = (torch.rand(B, L, device=x.device) < t) & maskable & valid
     logits = model(torch.where(masked, MASK, x), attention_mask=valid)
@@ -233,8 +236,8 @@ def main():
                     help="draw each batch's answer area from block/2 .. this (log-uniform), so fixed canvases of "
                          "those lengths decode; 0 = always --block")
     ap.add_argument("--inv-t", action="store_true", help="weight masked tokens by 1/t (the spec's objective)")
-    ap.add_argument("--t-min", type=float, default=None,
-                    help="draw the mask rate t from [this, 1] (default 1e-3); 1 masks every maskable token")
+    ap.add_argument("--t-min", type=float, default=1e-3,
+                    help="draw the mask rate t from [this, 1] (the spec's ε); 1 masks every maskable token")
     ap.add_argument("--pad-weight", type=float, default=1.0,
                     help="loss weight of the EOS padding after an answer's own EOS (LLaDA's SFT: 1)")
     ap.add_argument("--answer-only", type=float, default=0.8, help="share of rows that mask the answer only")
