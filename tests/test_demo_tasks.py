@@ -123,6 +123,7 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight)
     # it with the EOS padding after the answer's own EOS weighted by pad_weight; oracle: numpy float64
     torch = pytest.importorskip("torch")
     import numpy as np
+    import oracle
     from train_demo import EOS, MASK, loss_fn
 
     V = 24
@@ -139,8 +140,7 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight)
 
     loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight)
     assert torch.equal(seen[0], torch.where(answer, MASK, x))  # the area masked, the prompt as it was
-    lg = logits.numpy()
-    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    logp = np.log(oracle.softmax(logits.numpy()))
     ce, w = [], []
     for b, (start, own_eos, end) in enumerate([(3, 5, 8), (2, 3, 7)]):  # answer area, its own EOS, area end
         for j in range(start, end):
