@@ -24,34 +24,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_tasks import EXTRA, TASKS, held_out_set  # noqa: E402
 
-from illada_mlx.decode import Options, decode, run  # noqa: E402
-from illada_mlx.runner import build_prompt  # noqa: E402
+from illada_mlx.decode import decode, run  # noqa: E402
+from illada_mlx.engine import build_prompt  # noqa: E402
+from illada_mlx.spec import PRESETS, make_spec  # noqa: E402
 
 SAMPLERS = {
-    # name: (Options overrides, gen_length, variable)
-    "exact": (dict(rule="schedule", steps=32), 32, False),
-    "exact_random_remask": (dict(rule="schedule", steps=32, remasking="random", seed=0), 32, False),
+    # name: (a PRESETS mode, its overrides); blocks of 32 with one step per token unless overridden
+    "exact": ("exact", dict(max_tokens=32)),
+    "exact_random_remask": ("exact", dict(max_tokens=32, remasking="random", seed=0)),
     # the same with other draws of the random order (run on their own: how much the seed moves it)
-    **{f"exact_random_remask_seed{s}": (dict(rule="schedule", steps=32, remasking="random", seed=s), 32, False)
-       for s in (1, 2)},
+    **{f"exact_random_remask_seed{s}": ("exact", dict(max_tokens=32, remasking="random", seed=s)) for s in (1, 2)},
     # the official loop with 1-token blocks: one token per step, strictly left to right (an AR order)
-    "exact_left_to_right": (dict(rule="schedule", steps=1, block_length=1), 32, False),
-    # the official defaults' fixed canvas (LLaDA: 128 tokens in 4 blocks of 32, one token per step): 96
-    # positions past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
-    "exact_canvas128": (dict(rule="schedule", steps=32), 128, False),
-    "variable": (dict(rule="schedule", steps=32), 64, True),
-    "fast_t0.9_prefix": (dict(rule="threshold", threshold=0.9, cache="prefix", steps=32), 64, True),
+    "exact_left_to_right": ("exact", dict(max_tokens=32, block_length=1, steps_per_block=1)),
+    # the official defaults' fixed canvas (128 tokens in 4 blocks of 32, one token per step): 96 positions
+    # past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
+    "exact_canvas128": ("exact", dict(max_tokens=128)),
+    "variable": ("variable", dict(max_tokens=64)),
+    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9)),
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
-    "fast_t0.9_nocache": (dict(rule="threshold", threshold=0.9, cache="none", steps=32), 64, True),
+    "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none")),
 }
+assert all(mode in PRESETS for mode, _ in SAMPLERS.values())
 ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_seed1", "exact_random_remask_seed2")
 
 
+def sampler_spec(model, tok, sampler: str):
+    """The DecodeSpec a sampler row runs."""
+    mode, over = SAMPLERS[sampler]
+    return make_spec(model, tok, mode=mode, **{"block_length": 32, "steps_per_block": 32, **over})
+
+
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
-    over, gen, variable = SAMPLERS[sampler]
-    a = model.args
-    opts = Options(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
-                   **{"block_length": 32, **over})
+    spec = sampler_spec(model, tok, sampler)
     per_task = {t: [0, 0] for t in dict.fromkeys(t for t, _, _ in items)}
     correct = []  # per item, in order: rows on the same items compare prompt by prompt
     nfe = processed = out_tokens = 0
@@ -59,7 +63,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         prompts = [build_prompt(tok, [{"role": "user", "content": p}]) for _, p, _ in chunk]
-        g = run(decode(model, prompts, opts, gen, variable=variable))
+        g = run(decode(model, prompts, spec))
         nfe += g.stats.nfe
         processed += g.stats.processed
         out_tokens += g.stats.output_tokens

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_tasks import held_out_set  # noqa: E402
 
 from illada_mlx.load import load  # noqa: E402
-from illada_mlx.runner import Settings, build_prompt, complete  # noqa: E402
+from illada_mlx.engine import generate_text  # noqa: E402
 from illada_mlx.server import Engine, make_app  # noqa: E402
 
 
@@ -38,8 +38,8 @@ def main():
     a = ap.parse_args()
     model, tok = load()
     items = [p for _, p, _ in held_out_set(5)]
-    s = Settings(mode="fast", max_tokens=32)
-    expected = {p: complete(model, tok, build_prompt(tok, [{"role": "user", "content": p}]), s).texts[0] for p in items}
+    expected = {p: generate_text(model, tok, [{"role": "user", "content": p}], mode="fast", max_tokens=32)
+                for p in items}
     with socket.socket() as so:
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]

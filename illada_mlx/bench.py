@@ -19,10 +19,10 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelArgs
-from .decode import Block, decode, run
+from .config import IlladaError, ModelArgs
+from .decode import BlockDone, decode, run
 from .model import Model
-from .runner import Settings, options_for
+from .spec import make_spec
 
 SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV head; FFN 3.5×; vocab ≈ 38×d
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
@@ -31,12 +31,6 @@ SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV
                   intermediate_size=896, vocab_size=9728),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=155136),
-}
-MODES = {
-    "exact": dict(mode="exact"),
-    "variable": dict(mode="variable"),
-    "fast": dict(mode="fast", threshold=0.9, cache="prefix"),
-    "fast_fixed": dict(mode="fast_fixed", threshold=0.9, cache="dual"),
 }
 
 
@@ -60,22 +54,21 @@ def machine() -> dict:
     return info
 
 
-def _one(model, prompt, s: Settings, tokenizer=None) -> dict:
-    opts, gen, variable = options_for(model, s, tokenizer)
+def _one(model, prompt, spec) -> dict:
     first = []
     t0 = time.perf_counter()
 
     def on(ev):
-        if isinstance(ev, Block) and not first:
+        if isinstance(ev, BlockDone) and not first:
             first.append(time.perf_counter() - t0)
 
-    g = run(decode(model, [prompt], opts, gen, variable=variable), on)
+    g = run(decode(model, [prompt], spec), on)
     st = g.stats
     out = max(st.output_tokens, 1)
     # ideal: every forward runs one block (block_length tokens) and nothing else
     return {"tokens_per_s": out / st.wall_s, "nfe": st.nfe, "output_tokens": st.output_tokens,
             "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
-            "processed_vs_ideal": st.processed / max(st.nfe * opts.block_length, 1),
+            "processed_vs_ideal": st.processed / max(st.nfe * spec.block_length, 1),
             "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
             "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes}
 
@@ -86,20 +79,45 @@ def _median(runs: list[dict]) -> dict:
 
 def bench_modes(model, prompts: dict[int, list[int]], modes, gen_length: int, repeats: int, tokenizer=None,
                 block_length: int = 32, log=print) -> list[dict]:
+    """Every (mode, prompt) with the mode's preset at `block_length`, one step per token in a block."""
     rows = []
     for name in modes:
-        s = replace(Settings(max_tokens=gen_length, block_length=block_length, steps_per_block=block_length,
-                             seed=0), **MODES[name])
         for plen, prompt in prompts.items():
-            _one(model, prompt, replace(s, max_tokens=min(gen_length, block_length)), tokenizer)  # warm-up
-            r = _median([_one(model, prompt, s, tokenizer) for _ in range(repeats)])
-            r.update(mode=name, gen_length=gen_length, prompt_tokens=plen, block_length=block_length)
+            spec = make_spec(model, tokenizer, plen, mode=name, max_tokens=gen_length, block_length=block_length,
+                             steps_per_block=block_length, seed=0)
+            warm = make_spec(model, tokenizer, plen, mode=name, max_tokens=min(gen_length, block_length),
+                             block_length=block_length, steps_per_block=block_length, seed=0)
+            _one(model, prompt, warm)
+            r = _median([_one(model, prompt, spec) for _ in range(repeats)])
+            r.update(mode=name, gen_length=gen_length, prompt_tokens=plen, block_length=block_length,
+                     cache=spec.cache, rule=spec.rule, canvas=spec.canvas)
             rows.append(r)
             log(f"{name:10s} prompt {plen:5d}: {r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  "
                 f"{r['tokens_per_forward']:.2f} tok/fwd  {r['processed_per_output_token']:8.1f} processed/out  "
                 f"{r['ms_per_forward']:.1f} ms/fwd  {r['processed_vs_ideal']:.2f}x ideal  "
                 f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
     return rows
+
+
+def table(runs: list[dict]) -> str:
+    """The result rows as a text table, then each mode against exact on the same prompt."""
+    head = ("mode", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out", "ms/fwd", "peak MB")
+    lines = ["  ".join(f"{h:>10s}" for h in head)]
+    for r in runs:
+        peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else float("nan")
+        cells = (r["mode"], r["prompt_tokens"], r["output_tokens"], f"{r['tokens_per_s']:.2f}", r["nfe"],
+                 f"{r['tokens_per_forward']:.2f}", f"{r['processed_per_output_token']:.1f}",
+                 f"{r['ms_per_forward']:.1f}", f"{peak:.0f}")
+        lines.append("  ".join(f"{str(c):>10s}" for c in cells))
+    exact = [r for r in runs if r["mode"] == "exact"]
+    for r in runs:
+        if exact and r["mode"] != "exact":
+            e = next((x for x in exact if x["prompt_tokens"] == r["prompt_tokens"]), exact[0])
+            lines.append(f"{r['mode']} vs exact (prompt {r['prompt_tokens']}): "
+                         f"{r['tokens_per_s'] / e['tokens_per_s']:.2f}x tokens/s, "
+                         f"{e['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer processed "
+                         "tokens per output token")
+    return "\n".join(lines)
 
 
 def bench_torch(model, prompt, gen_length: int, block_length: int = 32, log=print) -> Optional[dict]:
@@ -166,14 +184,17 @@ def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Op
     return r
 
 
-def plot(result: dict, path: str):
+def require_matplotlib():
+    """matplotlib, or a one-line refusal naming the extra that installs it."""
     try:
         import matplotlib
     except ImportError:
-        from .config import IlladaError
+        raise IlladaError("--plot needs matplotlib: pip install 'illada-mlx[plot]'")
+    return matplotlib
 
-        raise IlladaError("--plot needs matplotlib: pip install 'illada-mlx[bench]'")
 
+def plot(result: dict, path: str):
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual")
 
 
 class BlockCache:

@@ -1,13 +1,20 @@
-"""The `illada-mlx` command: convert, generate, chat, serve, bench."""
+"""The `illada-mlx` command: convert, generate, chat, serve, bench.
+
+This module composes the library (`illada_mlx`) and the converter (`illada_mlx_convert`): it is the one
+place in the package that imports the converter.
+"""
 
 from __future__ import annotations
 
+import shutil
 import sys
-from pathlib import Path
+import time
 
 import click
 
+from .cache import CACHES
 from .config import IlladaError
+from .spec import PRESETS
 
 
 class _Group(click.Group):
@@ -24,70 +31,58 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="illada-mlx")
 def main():
     """Run iLLaDA / LLaDA masked-diffusion language models with MLX."""
+
+
+def _add_convert():
+    from illada_mlx_convert.cli import convert_command
+
+    main.add_command(convert_command)
+
+
+_add_convert()
 
 
 def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-@main.command()
-@click.option("--hf-path", required=True, help="Source: a local HF checkpoint dir or a hub repo id.")
-@click.option("--mlx-path", required=True, help="Destination MLX model dir (written atomically).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Cast float tensors (default: keep the checkpoint's dtype).")
-@click.option("-q", "--quantize", is_flag=True, help="Quantize linear layers and the embedding.")
-@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
-              help="Default: the mode's (4; mxfp8: 8).")
-@click.option("--q-group-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
-              help="Default: the mode's (affine 64, mxfp4/mxfp8 32, nvfp4 16).")
-@click.option("--q-mode", type=click.Choice(["affine", "mxfp4", "mxfp8", "nvfp4"]), default="affine", show_default=True)
-@click.option("--q-recipe", type=click.Choice(["mixed_4_6", "mixed_4_8", "mixed_3_6", "mixed_2_6"]), default=None,
-              help="Mixed precision: body bits_embedding/head bits (3/2-bit recipes also keep sensitive layers at 6).")
-@click.option("--mask-id", type=int, default=None, help="Override the mask token id (iLLaDA: 5).")
-@click.option("--max-shard-size", type=float, default=2.0, show_default=True, help="Output shard size in GB.")
-@click.option("--force", is_flag=True, help="Replace a non-empty destination.")
-def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, mask_id, max_shard_size, force):
-    """Convert an HF checkpoint (iLLaDA or LLaDA layout) into an MLX model directory."""
-    from illada_mlx_convert import convert as run
-
-    s = run(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits) if q_bits else None,
-            q_group_size=int(q_group_size) if q_group_size else None,
-            q_mode=q_mode, q_recipe=q_recipe, mask_id=mask_id, force=force,
-            max_shard_bytes=int(max_shard_size * 2**30))
-    click.echo(f"wrote {s['path']} ({s['layout']} layout, {s['output_shards']} shard(s), {_gb(s['output_bytes'])}) "
-               f"from {_gb(s['source_bytes'])}; peak memory {_gb(s['peak_rss_bytes'])} RSS "
-               f"(largest source shard {_gb(s['largest_source_shard'])})")
-
-
 # ------------------------------------------------------------------------------------------ shared options
-def _load(model_path, mask_id=None):
+def load_model(model_path, mask_id=None):
+    """(model, tokenizer); no path: the bundled demo model, converted into the cache on first use."""
     from .load import load
 
-    return load(model_path, mask_id=mask_id)
+    if model_path is None:
+        from illada_mlx_convert import ensure_demo_model
+
+        model_path = ensure_demo_model(notice=lambda m: click.echo(m, err=True))
+    return load(str(model_path), mask_id=mask_id)
+
+
+MODE_HELP = "; ".join(f"{name} = {p.about}" for name, p in PRESETS.items())
 
 
 def sampler_options(f):
     """The decoding options generate/chat share. Unset ones take the model's defaults (see --help)."""
     opts = [
         click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the bundled demo model)."),
-        click.option("--mode", type=click.Choice(["exact", "variable", "fast", "fast_fixed"]), default=None,
-                     help="exact = official fixed canvas (LLaDA default); variable = iLLaDA growing canvas "
-                          "(iLLaDA default); fast = variable + threshold commits + prefix cache; "
-                          "fast_fixed = fixed canvas + threshold + dual cache."),
-        click.option("--max-tokens", type=int, default=None, help="Budget (iLLaDA: 1024 base / 2048 instruct; LLaDA: 128; a default is cut to the context, a given one refused if it does not fit)."),
+        click.option("--mode", type=click.Choice(list(PRESETS)), default=None,
+                     help=f"Default: iLLaDA variable, LLaDA exact. {MODE_HELP}."),
+        click.option("-m", "--max-tokens", type=int, default=None,
+                     help="Budget. Default: a fixed canvas 128 tokens (the official one); the growing canvas 1024 "
+                          "(base) / 2048 (chat model), cut to the context. A given budget that does not fit is refused."),
         click.option("--block-length", type=int, default=None, help="Block size (default 32)."),
         click.option("--steps-per-block", type=int, default=None, help="Denoising steps per block (default 32)."),
-        click.option("--temperature", type=float, default=None, help="0 = greedy (default)."),
-        click.option("--threshold", type=float, default=None, help="Fast mode: commit tokens with confidence ≥ τ (0.9)."),
-        click.option("--cache", type=click.Choice(["none", "prefix", "dual"]), default=None,
-                     help="Block KV cache (fast mode default: prefix)."),
+        click.option("--temperature", "--temp", "temperature", type=float, default=None, help="0 = greedy (default)."),
+        click.option("--threshold", type=float, default=None, help="Threshold modes: commit tokens with confidence ≥ τ (0.9)."),
+        click.option("--cache", type=click.Choice(list(CACHES)), default=None,
+                     help="Block KV cache (default: the mode's: fast prefix, fast_fixed dual, else none)."),
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--think-boost/--no-think-boost", default=False, help="iLLaDA-Instruct end-of-thinking boost."),
+        click.option("--think-boost/--no-think-boost", default=None, help="iLLaDA-Instruct end-of-thinking boost."),
         click.option("--mask-id", type=int, default=None, help="Override the mask token id."),
     ]
     for o in reversed(opts):
@@ -95,51 +90,131 @@ def sampler_options(f):
     return f
 
 
-def _settings(model, tok, **kw):
-    from .runner import default_settings
-
-    s = default_settings(model, tok).with_budget(kw.pop("max_tokens", None))
-    for k, v in kw.items():
-        if v is not None and hasattr(s, k):
-            setattr(s, k, list(v) if k == "stop" else v)
+def _settings(kw: dict) -> dict:
+    """The options the user gave, as make_spec settings (None = the model's / mode's default)."""
+    s = {k: v for k, v in kw.items() if v is not None}
+    if "stop" in s:
+        s["stop"] = tuple(s["stop"])
     return s
 
 
-def _stats_line(st) -> str:
-    return (f"{st.output_tokens} tokens in {st.wall_s:.2f}s = {st.tokens_per_s:.1f} tok/s to EOS | "
-            f"{st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward | peak memory {_gb(st.peak_memory_bytes)}")
+def stats_block(r) -> str:
+    """mlx-lm's stats block, plus the diffusion figures and what ran."""
+    sp, st = r.spec, r.stats
+    what = (f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
+            f"{sp.steps_per_block} steps/block, rule {sp.rule}"
+            + (f" {sp.threshold}" if sp.rule == "threshold" else "") + f", cache {sp.cache}")
+    return ("==========\n"
+            f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {r.generation_tokens} tokens, {st.tokens_per_s:.3f} tokens-per-sec\n"
+            f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
+            f"({what})\n"
+            f"Peak memory: {r.peak_memory:.3f} GB")
+
+
+class Progress:
+    """A status on a terminal's stderr while a reply is written (block of the budget, tokens/s); nothing
+    when stderr is not a terminal. When stdout is the same terminal the status sits after the streamed
+    text and is erased before more text is written."""
+
+    def __init__(self, enabled=None):
+        self.on = sys.stderr.isatty() if enabled is None else enabled
+        self.inline = self.on and sys.stdout.isatty()
+        self.shown, self.col, self.last, self.msg = 0, 0, 0.0, ""
+        self.width = shutil.get_terminal_size().columns
+
+    def _draw(self):
+        if not self.msg:
+            return
+        msg = f" [{self.msg}]" if self.inline else self.msg
+        if self.inline and self.col + len(msg) >= self.width:
+            return
+        sys.stdout.flush()
+        sys.stderr.write(msg if self.inline else "\r\033[K" + msg)
+        sys.stderr.flush()
+        self.shown = len(msg)
+
+    def clear(self):
+        if self.on and self.shown:
+            sys.stderr.write(f"\033[{self.shown}D\033[K" if self.inline else "\r\033[K")
+            sys.stderr.flush()
+            self.shown = 0
+
+    def status(self, msg: str, force: bool = False):
+        now = time.perf_counter()
+        if not self.on or (not force and now - self.last < 0.1):
+            return
+        self.last, self.msg = now, msg
+        self.clear()
+        self._draw()
+
+    def text(self, s: str):
+        """Write reply text to stdout, keeping the status out of its way."""
+        if not s:
+            return
+        self.clear()
+        sys.stdout.write(s)
+        sys.stdout.flush()
+        self.col = len(s.rsplit("\n", 1)[-1]) if "\n" in s else self.col + len(s)
+        self._draw()
+
+    def done(self):
+        self.clear()
+        self.msg = ""
+
+
+def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_step=None, show_text=True):
+    """Stream one reply to stdout (show_text) with a progress status; returns (last Response, text, tokens)."""
+    from .engine import stream_generate
+
+    t0 = time.perf_counter()
+    n, total = [0], [0]
+
+    def step(ev):
+        if on_step is not None:
+            on_step(ev)
+        if total[0]:
+            tps = n[0] / max(time.perf_counter() - t0, 1e-9)
+            progress.status(f"block {ev.block + 1}/{total[0]}, step {ev.step + 1}, {n[0]} tokens, {tps:.1f} tok/s")
+
+    r, parts, tokens = None, [], []
+    try:
+        for r in stream_generate(model, tok, ids, cache=cache, on_step=step, **settings):
+            total[0], n[0] = r.blocks, r.generation_tokens
+            parts.append(r.text)
+            tokens.extend(r.tokens)
+            if show_text:
+                progress.text(r.text)
+    finally:
+        progress.done()
+    return r, "".join(parts), tokens
 
 
 @main.command()
 @click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin).")
-@click.option("--system", default=None, help="System text (merged into the first user turn).")
-@click.option("--raw", is_flag=True, help="No chat template (base models).")
+@click.option("--system", "--system-prompt", "system", default=None, help="System text (merged into the first user turn).")
+@click.option("--raw", "--ignore-chat-template", "raw", is_flag=True, help="No chat template (base models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @sampler_options
 def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     """Generate a reply to one prompt, streamed block by block; stats on stderr."""
     import json
 
-    from .runner import build_prompt, complete
+    from .engine import build_prompt
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    model, tok = _load(model_path, mask_id)
-    s = _settings(model, tok, **kw)
+    model, tok = load_model(model_path, mask_id)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = build_prompt(tok, msgs, raw=raw)
-
-    def show(text):
-        click.echo(text, nl=False)
-        sys.stdout.flush()
-
-    g = complete(model, tok, ids, s, on_text=None if as_json else show)
+    r, text, tokens = stream_reply(model, tok, ids, _settings(kw), Progress(), show_text=not as_json)
     if as_json:
-        click.echo(json.dumps({"text": g.texts[0], "tokens": g.tokens[0], "finish_reason": g.finish_reasons[0],
-                               "prompt_tokens": len(ids), "settings": s.as_dict(), "stats": g.stats.as_dict()}))
+        click.echo(json.dumps({"text": text, "tokens": tokens, "finish_reason": r.finish_reason,
+                               "prompt_tokens": r.prompt_tokens, "settings": r.spec.as_dict(),
+                               "stats": r.stats.as_dict()}))
     else:
         click.echo()
-        click.echo(_stats_line(g.stats), err=True)
+        click.echo(stats_block(r), err=True)
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -155,9 +230,7 @@ class CanvasView:
     def frame(self, ev):
         import numpy as np
 
-        from .decode import Step
-
-        if not isinstance(ev, Step) or 0 not in ev.rows:
+        if 0 not in ev.rows:
             return
         row = np.array(ev.canvas[ev.rows.index(0), self.P:]).tolist()
         parts = [self.MASK_GLYPH if t == self.mask_id else self.tok.decode([t]) for t in row]
@@ -170,7 +243,7 @@ class CanvasView:
 
 
 @main.command()
-@click.option("--system", default=None, help="System text for the conversation.")
+@click.option("--system", "--system-prompt", "system", default=None, help="System text for the conversation.")
 @click.option("--visual/--no-visual", default=False, help="Show the canvas being denoised (TTY only).")
 @sampler_options
 def chat(system, visual, model_path, mask_id, **kw):
@@ -178,15 +251,17 @@ def chat(system, visual, model_path, mask_id, **kw):
     Ctrl-C interrupts a reply, not the session."""
     import os
 
-    from .runner import build_prompt, complete
+    from .cache import BlockCache
+    from .engine import build_prompt
+    from .spec import make_spec
 
-    model, tok = _load(model_path, mask_id)
-    s = _settings(model, tok, **kw)
+    model, tok = load_model(model_path, mask_id)
+    settings = _settings(kw)
+    make_spec(model, tok, None, **settings)  # refuse bad options before the first question
     visual = visual and (sys.stdout.isatty() or os.environ.get("ILLADA_MLX_FORCE_VISUAL") == "1")
     history = [{"role": "system", "content": system}] if system else []
-    from .cache import BlockCache
-
     cache = BlockCache()  # reused across turns when the mode has a cache on
+    last_spec = None
     click.echo("illada-mlx chat: /reset, /settings, /quit. Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -206,25 +281,26 @@ def chat(system, visual, model_path, mask_id, **kw):
             click.echo("(history cleared)", err=True)
             continue
         if line.strip() == "/settings":
-            click.echo(" ".join(f"{k}={v}" for k, v in s.as_dict().items()), err=True)
+            spec = last_spec or make_spec(model, tok, len(build_prompt(tok, history + [{"role": "user", "content": ""}])),
+                                          **settings)
+            click.echo(" ".join(f"{k}={v}" for k, v in spec.as_dict().items()), err=True)
             continue
         history.append({"role": "user", "content": line})
         ids = build_prompt(tok, history)
         view = CanvasView(tok, model.args.mask_token_id, len(ids)) if visual else None
         try:
-            g = complete(model, tok, ids, s, on_text=None if visual else (lambda t: (click.echo(t, nl=False),
-                                                                                         sys.stdout.flush())),
-                         on_event=view.frame if view else None, cache=cache)
+            r, reply, _ = stream_reply(model, tok, ids, settings, Progress(False if visual else None),
+                                       cache=cache, on_step=view.frame if view else None, show_text=not visual)
         except KeyboardInterrupt:
             click.echo("\n(interrupted)", err=True)
             history.pop()
             continue
-        reply = g.texts[0]
         if view:
             view.finish(reply)
         else:
             click.echo()
-        click.echo(_stats_line(g.stats), err=True)
+        click.echo(stats_block(r), err=True)
+        last_spec = r.spec
         history.append({"role": "assistant", "content": reply})
 
 
@@ -237,23 +313,33 @@ def chat(system, visual, model_path, mask_id, **kw):
 @click.option("--mask-id", type=int, default=None)
 def serve(model_path, host, port, max_queue, mask_id):
     """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions."""
+    from pathlib import Path
+
     import uvicorn
 
     from .server import Engine, make_app
 
-    model, tok = _load(model_path, mask_id)
+    model, tok = load_model(model_path, mask_id)
     name = Path(str(model_path)).name if model_path else "illada-demo"
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
     uvicorn.run(make_app(Engine(model, tok, name, max_queue)), host=host, port=port, log_level="warning")
 
 
 # ------------------------------------------------------------------------------------------ bench
+def _modes(value: str) -> list[str]:
+    names = [m for m in value.split(",") if m]
+    bad = [m for m in names if m not in PRESETS]
+    if bad or not names:
+        raise IlladaError(f"unknown mode {bad[0] if bad else value!r}; choose from {', '.join(PRESETS)}")
+    return names
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model dir (default: the demo model, or --shape).")
 @click.option("--shape", type=click.Choice(["tiny", "small", "8b"]), default=None,
               help="A random-weight model of this shape instead of a checkpoint (8b = iLLaDA-8B dims).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--modes", default="exact,fast", show_default=True, help="Comma list of exact,variable,fast,fast_fixed.")
+@click.option("--modes", default="exact,fast", show_default=True, help=f"Comma list of {','.join(PRESETS)}.")
 @click.option("--gen-length", type=int, default=256, show_default=True)
 @click.option("--block-length", type=int, default=32, show_default=True)
 @click.option("--prompt-lengths", default="auto", show_default=True,
@@ -261,24 +347,29 @@ def serve(model_path, host, port, max_queue, mask_id):
 @click.option("--repeats", type=int, default=1, show_default=True)
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
-@click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib).")
+@click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib: the `plot` extra).")
 def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_lengths, repeats, baselines, json_out,
           plot_out):
-    """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines."""
+    """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines.
+    The table goes to stdout, progress to stderr."""
     import json
     import time as _time
+    from pathlib import Path
 
     import mlx.core as mx
 
     from . import bench as B
-    from .runner import build_prompt
+    from .engine import build_prompt
 
+    mode_list = _modes(modes)
+    if plot_out:
+        B.require_matplotlib()
     tok = None
     if shape:
         model = B.random_model(shape, getattr(mx, dtype))
         name = f"random {shape} ({dtype})"
     else:
-        model, tok = _load(model_path)
+        model, tok = load_model(model_path)
         name = model_path or "illada-demo"
     if prompt_lengths == "auto" and tok is not None:
         texts = ["reverse qwerty", "sort 9 3 7 1 4 2"]  # the demo model's longest in-distribution answers
@@ -289,10 +380,6 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
 
         rng = np.random.default_rng(0)
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
-    mode_list = [m for m in modes.split(",") if m]
-    bad = [m for m in mode_list if m not in B.MODES]
-    if bad:
-        raise IlladaError(f"unknown mode {bad[0]!r}; choose from {', '.join(B.MODES)}")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     runs = B.bench_modes(model, prompts, mode_list, gen_length, repeats, tok, block_length, log)
     base = [b for b in baselines.split(",") if b]
@@ -310,14 +397,7 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
         Path(json_out).write_text(json.dumps(result, indent=2))
     if plot_out:
         B.plot(result, plot_out)
-    exact = [r for r in runs if r["mode"] == "exact"]
-    for r in runs:
-        if exact and r["mode"] != "exact":
-            e = next((x for x in exact if x["prompt_tokens"] == r["prompt_tokens"]), exact[0])
-            click.echo(f"{r['mode']} vs exact (prompt {r['prompt_tokens']}): "
-                       f"{r['tokens_per_s'] / e['tokens_per_s']:.2f}x tokens/s, "
-                       f"{e['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer processed "
-                       "tokens per output token")
+    click.echo(B.table(runs))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 from starlette.applications import Starlette
@@ -23,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from .cache import CACHES
 from .config import ContextError, IlladaError
-from .decode import validate
-from .runner import MODES, Settings, build_prompt, complete, default_settings, options_for
+from .engine import build_prompt, stream_generate
+from .spec import PRESETS, DecodeSpec, make_spec
 
 MAX_BODY_BYTES = 1 << 20
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "n", "user",
@@ -49,7 +50,7 @@ class ApiError(Exception):
 @dataclass
 class Job:
     prompt_ids: list
-    settings: Settings
+    spec: DecodeSpec  # resolved and validated when the request came in
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +61,6 @@ class Engine:
 
     def __init__(self, model, tokenizer, name: str, max_queue: int = 16):
         self.model, self.tok, self.name = model, tokenizer, name
-        self.defaults = default_settings(model, tokenizer)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.served = 0
         threading.Thread(target=self._work, daemon=True).start()
@@ -79,9 +79,13 @@ class Engine:
                 continue
             emit = lambda kind, payload: job.loop.call_soon_threadsafe(job.out.put_nowait, (kind, payload))  # noqa
             try:
-                g = complete(self.model, self.tok, job.prompt_ids, job.settings,
-                             on_text=lambda t: emit("text", t), should_stop=job.cancel.is_set)
-                emit("done", g)
+                for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=job.spec):
+                    if r.text:
+                        emit("text", r.text)
+                    if job.cancel.is_set():
+                        break
+                    if r.finish_reason is not None:
+                        emit("done", r)
             except Exception as e:  # never let one request kill the worker
                 emit("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.served += 1
@@ -113,39 +117,35 @@ def _num(body, name, kind, lo, hi, default=None):
     return kind(v)
 
 
-def _settings(engine: Engine, body: dict) -> Settings:
-    mt = _num(body, "max_tokens", int, 1, engine.model.args.max_position_embeddings) or \
-        _num(body, "max_completion_tokens", int, 1, engine.model.args.max_position_embeddings)
-    s = replace(engine.defaults, stop=[]).with_budget(mt, cap=512)  # none asked for: up to 512, cut to fit
-    t = _num(body, "temperature", float, 0.0, 2.0)
-    s.temperature = t if t is not None else 0.0
-    s.seed = _num(body, "seed", int, 0, 2**31 - 1)
+def _settings(engine: Engine, body: dict) -> dict:
+    """The request's decode settings (make_spec keywords); unset ones keep the model's defaults."""
+    limit = engine.model.args.max_position_embeddings
+    mt = _num(body, "max_tokens", int, 1, limit) or _num(body, "max_completion_tokens", int, 1, limit)
+    s = dict(max_tokens=mt, default_cap=512,  # none asked for: up to 512, cut to fit
+             temperature=_num(body, "temperature", float, 0.0, 2.0), seed=_num(body, "seed", int, 0, 2**31 - 1))
     _num(body, "n", int, 1, 1)  # one choice per request
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) for x in stop):
             raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-        s.stop = stop
+        s["stop"] = tuple(stop)
     d = body.get("diffusion") or {}
     if not isinstance(d, dict):
         raise ApiError(400, "diffusion must be an object", param="diffusion")
     bad = sorted(set(d) - DIFFUSION_FIELDS)
     if bad:
         raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
-    if "mode" in d:
-        if d["mode"] not in MODES:
-            raise ApiError(400, f"diffusion.mode must be one of {', '.join(MODES)}", param="diffusion.mode")
-        s.mode = d["mode"]
-    s.block_length = _num(d, "block_length", int, 1, 1024) or s.block_length
-    s.steps_per_block = _num(d, "steps_per_block", int, 1, 1024) or s.steps_per_block
-    s.threshold = _num(d, "threshold", float, 1e-6, 1.0) or s.threshold
-    s.refresh_every = _num(d, "refresh_every", int, 0, 1024) or 0
-    if "cache" in d:
-        if d["cache"] not in ("none", "prefix", "dual"):
-            raise ApiError(400, "diffusion.cache must be none, prefix or dual", param="diffusion.cache")
-        s.cache = d["cache"]
-    s.think_boost = bool(d.get("think_boost", False))
+    for name, allowed in (("mode", PRESETS), ("cache", CACHES)):
+        if name in d:
+            if d[name] not in allowed:
+                raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")
+            s[name] = d[name]
+    s["block_length"] = _num(d, "block_length", int, 1, 1024)
+    s["steps_per_block"] = _num(d, "steps_per_block", int, 1, 1024)
+    s["threshold"] = _num(d, "threshold", float, 1e-6, 1.0)
+    s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024)
+    s["think_boost"] = bool(d.get("think_boost", False))
     return s
 
 
@@ -170,17 +170,16 @@ async def _serve(request: Request, chat: bool):
     engine: Engine = request.app.state.engine
     try:
         body = await _body(request, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        s = _settings(engine, body)
+        settings = _settings(engine, body)
         ids = _prompt(engine, body, chat)
-        opts, gen, variable = options_for(engine.model, s, engine.tok, len(ids))
-        validate(engine.model, len(ids), len(ids) + gen, opts, None if variable else gen)
+        spec = make_spec(engine.model, engine.tok, len(ids), **settings)
     except ApiError as e:
         return e.response()
     except ContextError as e:
         return ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded").response()
     except IlladaError as e:
         return ApiError(400, str(e)).response()
-    job = Job(ids, s, asyncio.get_running_loop(), asyncio.Queue())
+    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue())
     try:
         engine.submit(job)
     except ApiError as e:
@@ -217,6 +216,7 @@ async def _serve(request: Request, chat: bool):
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    parts = []
     while True:
         try:
             kind, payload = await asyncio.wait_for(job.out.get(), timeout=0.5)
@@ -225,26 +225,27 @@ async def _serve(request: Request, chat: bool):
                 job.cancel.set()
                 return JSONResponse({}, status_code=499)
             continue
+        if kind == "text":
+            parts.append(payload)
         if kind == "done":
             break
         if kind == "error":
             return ApiError(500, payload, kind="server_error").response()
-    g = payload
-    text = g.texts[0] if g.texts else ""
-    usage = {"prompt_tokens": len(ids), "completion_tokens": len(g.tokens[0]),
-             "total_tokens": len(ids) + len(g.tokens[0])}
-    choice = {"index": 0, "finish_reason": _finish(g)}
+    r = payload
+    text = "".join(parts)
+    usage = {"prompt_tokens": len(ids), "completion_tokens": r.generation_tokens,
+             "total_tokens": len(ids) + r.generation_tokens}
+    choice = {"index": 0, "finish_reason": _finish(r)}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    extra = {"diffusion_stats": g.stats.as_dict()} if g.stats else {}
     return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                         "usage": usage, **extra})
+                         "usage": usage, "diffusion_stats": r.stats.as_dict(), "diffusion_settings": r.spec.as_dict()})
 
 
-def _finish(g) -> str:
-    return "stop" if g.finish_reasons[0] == "stop" else "length"
+def _finish(r) -> str:
+    return "stop" if r.finish_reason == "stop" else "length"
 
 
 async def chat_completions(request):

@@ -209,3 +209,14 @@ def copy_spec(s: Spec, **kw) -> Spec:
     for k, v in kw.items():
         setattr(s, k, v)
     return s
+
+
+def reply(model, tok, prompt, **settings):
+    """(text, tokens, last Response) of one reply through the engine."""
+    from illada_mlx.engine import stream_generate
+
+    text, tokens, r = "", [], None
+    for r in stream_generate(model, tok, prompt, **settings):
+        text += r.text
+        tokens += r.tokens
+    return text, tokens, r

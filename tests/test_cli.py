@@ -7,8 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from illada_mlx.cache import BlockCache
 from illada_mlx.cli import main
-from illada_mlx.runner import Settings, build_prompt, complete
+from illada_mlx.engine import generate_text
+from illada_mlx.spec import PRESETS
 
 FAST = ["--mode", "fast", "--max-tokens", "32"]
 
@@ -21,8 +23,7 @@ def direct(demo):
     def answer(history, mode="fast"):
         key = (json.dumps(history), mode)
         if key not in cache:
-            ids = build_prompt(tok, history)
-            cache[key] = complete(model, tok, ids, Settings(mode=mode, max_tokens=32)).texts[0]
+            cache[key] = generate_text(model, tok, history, mode=mode, max_tokens=32)
         return cache[key]
 
     return answer
@@ -36,7 +37,9 @@ def test_generate_streams_text_and_prints_stats(direct):
     r = CliRunner().invoke(main, ["generate", "-p", "reverse abc", *FAST])
     assert r.exit_code == 0, r.output
     assert r.stdout == direct(user("reverse abc")) + "\n"
-    assert "tok/s" in r.stderr and "forwards" in r.stderr and "peak memory" in r.stderr
+    # mlx-lm's stats block, plus the diffusion figures and what ran
+    assert "Prompt: " in r.stderr and "tokens-per-sec" in r.stderr and "Peak memory" in r.stderr
+    assert "Diffusion: 1 forwards" in r.stderr and "fast: growing canvas, budget 32" in r.stderr
 
 
 def test_readme_command_answers_with_the_default_settings():
@@ -53,9 +56,11 @@ def test_generate_json_is_one_object(direct):
     obj = json.loads(r.stdout)
     assert obj["text"] == direct(user("a=3 b=7 ; b?"))
     assert obj["finish_reason"] in ("stop", "length") and isinstance(obj["tokens"], list)
-    for k in ("nfe", "tokens_per_forward", "tokens_per_s", "peak_memory_bytes", "processed"):
+    for k in ("nfe", "tokens_per_forward", "tokens_per_s", "peak_memory_bytes", "processed", "prompt_tokens"):
         assert k in obj["stats"]
-    assert obj["settings"]["mode"] == "fast"
+    # what ran, after defaults: fast mode's rule and cache, the asked-for budget
+    s = obj["settings"]
+    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "threshold", "prefix", 32, "growing")
 
 
 def test_generate_exact_mode_and_help_shows_defaults(direct):
@@ -63,8 +68,8 @@ def test_generate_exact_mode_and_help_shows_defaults(direct):
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
     assert obj["text"] == direct(user("reverse xyz"), "exact") and obj["stats"]["nfe"] == 32
-    h = CliRunner().invoke(main, ["generate", "--help"])
-    assert "iLLaDA: 1024 base / 2048 instruct" in h.output and "exact = official fixed canvas" in h.output
+    h = CliRunner().invoke(main, ["generate", "-h"])
+    assert h.exit_code == 0 and "fixed canvas 128 tokens" in h.output and "exact = the official fixed canvas" in h.output
 
 
 def test_errors_are_one_line():
@@ -76,19 +81,19 @@ def test_errors_are_one_line():
 
 
 def test_chat_two_turns_reset_and_settings(demo):
-    from illada_mlx.cache import BlockCache
-
     model, tok = demo
     script = "reverse abc\na=1 b=2 ; a?\n/settings\n/reset\nreverse pq\n"
     r = CliRunner().invoke(main, ["chat", *FAST], input=script)
     assert r.exit_code == 0, r.output
-    s, cache = Settings(mode="fast", max_tokens=32), BlockCache()  # chat keeps one cache across turns
-    first = complete(model, tok, build_prompt(tok, user("reverse abc")), s, cache=cache).texts[0]
+    s, cache = dict(mode="fast", max_tokens=32), BlockCache()  # chat keeps one cache across turns
+    first = generate_text(model, tok, user("reverse abc"), cache=cache, **s)
     history = user("reverse abc") + [{"role": "assistant", "content": first}] + user("a=1 b=2 ; a?")
-    second = complete(model, tok, build_prompt(tok, history), s, cache=cache).texts[0]
-    third = complete(model, tok, build_prompt(tok, user("reverse pq")), s, cache=BlockCache()).texts[0]  # /reset
+    second = generate_text(model, tok, history, cache=cache, **s)
+    third = generate_text(model, tok, user("reverse pq"), cache=BlockCache(), **s)  # after /reset
     assert r.stdout.split("\n")[:3] == [first, second, third]
-    assert "history cleared" in r.stderr and "mode=fast" in r.stderr and r.stderr.count("tok/s") == 3
+    # /settings reports what ran: the mode's cache and rule, the asked-for budget
+    assert "history cleared" in r.stderr and "mode=fast" in r.stderr and "cache=prefix" in r.stderr
+    assert "max_tokens=32" in r.stderr and r.stderr.count("tokens-per-sec") == 6
 
 
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
@@ -100,3 +105,66 @@ def test_chat_visual_renders_when_forced(monkeypatch, direct):
     assert "\u2591" in r.stdout  # masked slots were drawn
     assert "\x1b8" in r.stdout  # frames redraw in place
     assert r.stdout.endswith(direct(user("reverse abc"), mode="variable") + "\n")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast_fixed"])
+def test_fixed_canvas_default_is_the_official_128_tokens(mode):
+    # without --max-tokens a fixed canvas is 128 tokens (never one sized to the context), so it finishes
+    r = CliRunner().invoke(main, ["generate", "-p", "57+68=", "--mode", mode, "--json"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["text"] == "125" and obj["stats"]["nfe"] <= 128 and obj["settings"]["max_tokens"] == 128
+
+
+def test_mode_and_cache_names_come_from_the_one_table():
+    import sys
+    from pathlib import Path
+
+    from illada_mlx import server
+    from illada_mlx.cache import CACHES
+    from illada_mlx.cli import _modes
+    from illada_mlx.config import IlladaError
+
+    for cmd in ("generate", "chat"):
+        params = {p.name: p for p in main.commands[cmd].params}
+        assert list(params["mode"].type.choices) == list(PRESETS)
+        assert list(params["cache"].type.choices) == list(CACHES)
+    # bench --modes: every preset, nothing else
+    assert _modes(",".join(PRESETS)) == list(PRESETS)
+    with pytest.raises(IlladaError, match="warp"):
+        _modes("exact,warp")
+    # the server: every preset and cache accepted, anything else refused
+
+    class E:  # what _settings reads of the engine
+        class model:
+            class args:
+                max_position_embeddings = 1024
+
+    for name in PRESETS:
+        assert server._settings(E, {"diffusion": {"mode": name}})["mode"] == name
+    for name in CACHES:
+        assert server._settings(E, {"diffusion": {"cache": name}})["cache"] == name
+    for bad in ({"mode": "warp"}, {"cache": "full"}):
+        with pytest.raises(server.ApiError):
+            server._settings(E, {"diffusion": bad})
+    # bench/quality.py's sampler rows are presets with overrides
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import quality
+
+    assert {mode for mode, _ in quality.SAMPLERS.values()} <= set(PRESETS)
+
+
+def test_python_m_and_mlx_lm_aliases(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "illada_mlx", "-h"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "generate" in r.stdout and "convert" in r.stdout
+    # --temp, -m, --system-prompt, --ignore-chat-template are mlx-lm's names for ours
+    a = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--temp", "0", "-m", "32", "--mode", "fast",
+                                  "--system-prompt", "", "--json"])
+    b = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--temperature", "0", "--max-tokens", "32",
+                                  "--mode", "fast", "--json"])
+    assert a.exit_code == 0 and json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"] == "cba"
+    raw = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--ignore-chat-template", "-m", "8", "--json"])
+    assert raw.exit_code == 0 and json.loads(raw.stdout)["prompt_tokens"] == 11  # no template: the text alone

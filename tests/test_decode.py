@@ -8,7 +8,7 @@ import pytest
 import oracle
 from fixtures import Spec
 from illada_mlx.config import IlladaError, ModelArgs
-from illada_mlx.decode import Block, Step, generate, var_generate
+from illada_mlx.decode import BlockDone, Step, generate, var_generate
 from illada_mlx.load import load
 
 ILLADA = Spec(seed=21)
@@ -147,16 +147,18 @@ def test_cache_processes_fewer_tokens(tiny, cache):
 def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
     """Chat turns: the second prompt extends the first; its first refresh runs only the new part."""
     from illada_mlx.cache import BlockCache
-    from illada_mlx.decode import Options, decode, run
+    from illada_mlx.decode import decode, run
+    from illada_mlx.spec import DecodeSpec
 
     model, _, _, mask = tiny
-    opts = Options(steps=4, block_length=8, mask_id=mask, cache="prefix")
+    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=16, steps_per_block=4, block_length=8,
+                      cache="prefix")
     turn1 = prompts(1, 10, 9)[0].tolist()
     cache = BlockCache()
-    g1 = run(decode(model, [turn1], opts, 16, variable=True, cache=cache))
+    g1 = run(decode(model, [turn1], spec, cache=cache))
     turn2 = turn1 + g1.tokens[0] + [40, 41, 42]
-    fresh = run(decode(model, [turn2], opts, 16, variable=True))
-    reused = run(decode(model, [turn2], opts, 16, variable=True, cache=cache))
+    fresh = run(decode(model, [turn2], spec))
+    reused = run(decode(model, [turn2], spec, cache=cache))
     saved = len(turn1)  # at least the first turn's prompt came from the cache
     assert fresh.stats.processed - reused.stats.processed >= saved
     assert len(reused.tokens[0]) == 16 and mask not in reused.tokens[0]
@@ -168,7 +170,7 @@ def test_step_and_block_events_stream(tiny):
     out = generate(model, mx.array(prompts(1, 4, 8)), steps=8, gen_length=16, block_length=8, mask_id=mask,
                    on_event=events.append)
     steps = [e for e in events if isinstance(e, Step)]
-    blocks = [e for e in events if isinstance(e, Block)]
+    blocks = [e for e in events if isinstance(e, BlockDone)]
     assert len(steps) == 8 and len(blocks) == 2
     assert int(np.array(steps[0].committed).sum()) == 2  # 8 masks over 4 steps: 2 per step
     assert np.array_equal(np.array(steps[-1].canvas), np.array(out))
@@ -220,7 +222,7 @@ def test_variable_length_stops_at_first_eos_and_runs_no_block_after():
     events = []
     g = var_generate(model, [[11] * P], steps=8, max_tokens=256, block_length=32, on_event=events.append)
     assert g.tokens[0] == [40] * 40 and g.finish_reasons == ["stop"]
-    assert len([e for e in events if isinstance(e, Block)]) == 2  # EOS in block 1: block 2 never runs
+    assert len([e for e in events if isinstance(e, BlockDone)]) == 2  # EOS in block 1: block 2 never runs
     assert g.stats.nfe == 16 and len(model.calls) == 16
 
 
@@ -255,7 +257,7 @@ def test_variable_length_stop_string_cuts_text(ckpt_factory):
                      tokenizer=tok, on_event=events.append)
     assert g.texts == ["the answer is 42."]
     stop_block = (text.index("\nUser:") + len("\nUser:") - 1) // 8
-    assert len([e for e in events if isinstance(e, Block)]) == stop_block + 1
+    assert len([e for e in events if isinstance(e, BlockDone)]) == stop_block + 1
 
 
 def test_end_of_thinking_boost_forces_think_close(ckpt_factory):
@@ -299,49 +301,51 @@ def test_missing_mask_id_is_refused():
 
 @pytest.mark.parametrize("mode", ["exact", "variable"])
 def test_default_budget_is_cut_to_the_context_and_an_asked_one_refused(tiny, mode):
-    from illada_mlx.runner import Settings, complete
-
-    model, tok, _, _ = tiny
-    ids = prompts(1, 6, 8)[0].tolist()
-    room = model.args.max_position_embeddings - len(ids)
-    s = Settings(mode=mode, max_tokens=4096, block_length=8, steps_per_block=1, fit_context=True)
-    g = complete(model, tok, ids, s)
-    assert len(g.tokens[0]) <= room
-    if mode == "exact":  # the fixed canvas is cut to whole blocks: one forward per block here
-        assert g.stats.nfe == (room - room % 8) // 8
-    s.fit_context = False
-    with pytest.raises(IlladaError, match="positions"):
-        complete(model, tok, ids, s)
-
-
-def test_every_model_kinds_default_budget_is_cut_and_an_asked_one_refused_with_a_context_error(tiny):
-    # the rule lives in options_for, for LLaDA's fixed 128-token default as for iLLaDA's growing one;
-    # ContextError is what the server reports as context_length_exceeded
-    from dataclasses import replace
-
+    from fixtures import reply
     from illada_mlx.config import ContextError
-    from illada_mlx.runner import default_settings, options_for
 
     model, tok, _, _ = tiny
-    limit = model.args.max_position_embeddings
-    s = default_settings(model, tok)
-    prompt_len = limit - s.block_length - 5  # room for one whole block and 5 tokens more
-    _, gen, variable = options_for(model, s, tok, prompt_len)
-    assert gen == (s.block_length + 5 if variable else s.block_length)
+    ids = prompts(1, model.args.max_position_embeddings - 62, 8)[0].tolist()  # 62 positions left
+    s = dict(mode=mode, block_length=8, steps_per_block=1)
+    _, toks, r = reply(model, tok, ids, **s)
+    # the fixed canvas's 128-token default is cut to whole blocks (56), the growing one's to the room (62)
+    assert r.spec.max_tokens == (56 if mode == "exact" else 62) and len(toks) <= 62
+    if mode == "exact":  # one forward per block here
+        assert r.stats.nfe == 7
+    with pytest.raises(ContextError, match="positions"):
+        reply(model, tok, ids, max_tokens=63, **s)
+
+
+def test_budget_rule():
+    # spec.fit_budget, the one rule every entry point goes through (make_spec): an asked-for budget is kept
+    # (a fixed canvas in whole blocks) and refused if it does not fit; a default one is cut to the room left
+    from illada_mlx.config import ContextError
+    from illada_mlx.spec import fit_budget
+
+    assert fit_budget(64, 1024, 10, 1024, 32, fixed=False) == 64
+    assert fit_budget(40, 128, 10, 1024, 32, fixed=True) == 64  # rounded up to whole blocks
+    assert fit_budget(None, 1024, 100, 1024, 32, fixed=False) == 924
+    assert fit_budget(None, 128, 1000, 1024, 8, fixed=True) == 24
+    assert fit_budget(None, 128, 10, 1024, 32, fixed=True) == 128
+    with pytest.raises(ContextError, match="max_tokens \\(1000"):
+        fit_budget(1000, 128, 100, 1024, 8, fixed=False)
     with pytest.raises(ContextError, match="leaves no room"):
-        options_for(model, s, tok, limit)
-    asked = replace(s, fit_context=False)
-    with pytest.raises(ContextError, match=f"max_tokens \\({s.max_tokens}"):
-        options_for(model, asked, tok, prompt_len)
+        fit_budget(None, 128, 1020, 1024, 8, fixed=True)
 
 
-def test_budget_rule_keeps_an_asked_budget_and_caps_a_default_one():
-    # Settings.with_budget, shared by the CLI and the server: asked -> exact and refused if it does not fit;
-    # not asked -> the default, at most `cap`, cut to the room the prompt leaves
-    from illada_mlx.runner import Settings
+def test_make_spec_defaults_per_model_kind(tiny):
+    # a fixed canvas without a budget is the official 128 tokens on either kind; the growing one is iLLaDA's
+    # 1024 (no chat template) cut to the context; LLaDA defaults to exact, iLLaDA to variable
+    from illada_mlx.spec import make_spec
 
-    s = Settings(max_tokens=1024)
-    assert (s.with_budget(64).max_tokens, s.with_budget(64).fit_context) == (64, False)
-    assert (s.with_budget(None, cap=512).max_tokens, s.with_budget(None, cap=512).fit_context) == (512, True)
-    assert (s.with_budget(None).max_tokens, s.with_budget(2048, cap=512).max_tokens) == (1024, 2048)
-    assert (s.max_tokens, s.fit_context) == (1024, False)  # a new Settings; the defaults are not touched
+    model, tok, _, _ = tiny
+    default = make_spec(model, tok, 6)
+    if model.args.source_layout == "llada":
+        assert (default.mode, default.canvas, default.max_tokens) == ("exact", "fixed", 128)
+    else:
+        assert (default.mode, default.canvas, default.max_tokens) == ("variable", "growing", 512 - 6)
+    fixed = make_spec(model, tok, 6, mode="fast_fixed")
+    assert (fixed.max_tokens, fixed.rule, fixed.cache) == (128, "threshold", "dual")
+    assert make_spec(model, tok, 6, mode="fast", cache="none").cache == "none"
+    with pytest.raises(IlladaError, match="unknown decode option 'warp'"):
+        make_spec(model, tok, 6, warp=1)

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from demo_tasks import held_out_set  # noqa: E402
 from quality import evaluate  # noqa: E402
 
-from illada_mlx.runner import build_prompt  # noqa: E402
+from illada_mlx.engine import build_prompt  # noqa: E402
 
 ITEMS = held_out_set(6, seed=777)  # 30 held-out prompts, 6 per task, never drawn in training
 
@@ -100,17 +100,16 @@ def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
 def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
     # `generate --mode exact --max-tokens 128` (the official defaults' canvas: blocks of 32, one token per
     # step): the positions past the answer are filled with EOS, so the answer is the one a 32-token canvas
-    # gives. The demo model learned answer areas of 16-256 positions for this; before, it wrote garbage.
-    from illada_mlx.runner import Settings, complete
+    # gives (the demo model is trained on answer areas of 16-256 positions)
+    from fixtures import reply
 
     model, tok = demo
     items = [("add", "61+64=", "125"), ("sort", "sort 8 5 2 3", "2 3 5 8"), ("reverse", "reverse yxaw", "waxy")]
     if max_tokens == 128:
         items = items[1:2]  # 128 forwards over ~160 positions: one prompt keeps the suite quick
     for _, prompt, answer in items:  # held-out prompts (ITEMS)
-        g = complete(model, tok, build_prompt(tok, [{"role": "user", "content": prompt}]),
-                     Settings(mode="exact", max_tokens=max_tokens))
-        assert g.stats.nfe == max_tokens and g.texts[0].strip() == answer, (prompt, g.texts[0])
+        text, _, r = reply(model, tok, [{"role": "user", "content": prompt}], mode="exact", max_tokens=max_tokens)
+        assert r.stats.nfe == max_tokens and text.strip() == answer, (prompt, text)
 
 
 @pytest.mark.parametrize("flag,value,said,listed", [

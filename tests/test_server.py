@@ -11,7 +11,8 @@ import pytest
 import uvicorn
 
 from illada_mlx.load import load
-from illada_mlx.runner import Settings, build_prompt, complete
+from fixtures import reply
+from illada_mlx.engine import generate_text
 from illada_mlx.server import Engine, make_app
 
 FAST = {"mode": "fast"}
@@ -62,16 +63,15 @@ def test_models_endpoint(client):
 def direct(demo, text, mode="fast", max_tokens=32):
     """The same prompt decoded without the server (T = 0 is deterministic)."""
     model, tok = demo
-    return complete(model, tok, build_prompt(tok, [{"role": "user", "content": text}]),
-                    Settings(mode=mode, max_tokens=max_tokens))
+    return reply(model, tok, [{"role": "user", "content": text}], mode=mode, max_tokens=max_tokens)
 
 
 def test_chat_completion_non_streamed(client, demo):
     r = client.chat.completions.create(model="illada-demo", messages=[{"role": "user", "content": "reverse abc"}],
                                        max_tokens=32, extra_body={"diffusion": FAST})
-    g = direct(demo, "reverse abc")
-    assert r.choices[0].message.content == g.texts[0]
-    assert r.choices[0].finish_reason == g.finish_reasons[0] and r.usage.completion_tokens == len(g.tokens[0])
+    text, tokens, last = direct(demo, "reverse abc")
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == last.finish_reason and r.usage.completion_tokens == len(tokens)
 
 
 def test_chat_completion_streamed_block_by_block(client, demo):
@@ -82,15 +82,15 @@ def test_chat_completion_streamed_block_by_block(client, demo):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     model, tok = demo
-    g = complete(model, tok, build_prompt(tok, [{"role": "user", "content": "sort 3 1 2"}]),
-                 Settings(mode="variable", max_tokens=64, block_length=8, steps_per_block=8))
-    assert text == g.texts[0]
-    assert chunks[-1].choices[0].finish_reason == ("stop" if g.finish_reasons[0] == "stop" else "length")
-    assert len(chunks) - 1 <= g.stats.blocks  # at most one text chunk per committed block
+    want, _, last = reply(model, tok, [{"role": "user", "content": "sort 3 1 2"}], mode="variable", max_tokens=64,
+                          block_length=8, steps_per_block=8)
+    assert text == want
+    assert chunks[-1].choices[0].finish_reason == last.finish_reason
+    assert len(chunks) - 1 <= last.stats.blocks  # at most one text chunk per committed block
 
 
 def test_completions_endpoint_with_stop(client, demo):
-    full = direct(demo, "reverse abc").texts[0]
+    full = direct(demo, "reverse abc")[0]
     prompt = "<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n"
     stop = full[1:2] or "x"
     r = client.completions.create(model="illada-demo", max_tokens=32, stop=[stop], prompt=prompt,
@@ -101,8 +101,8 @@ def test_completions_endpoint_with_stop(client, demo):
 def test_concurrent_requests_all_complete_correctly(client, demo):
     model, tok = demo
     prompts = ["reverse abc", "reverse xyz", "sort 2 1", "a=4 b=8 ; b?"]
-    expected = {p: complete(model, tok, build_prompt(tok, [{"role": "user", "content": p}]),
-                            Settings(mode="fast", max_tokens=32)).texts[0] for p in prompts}
+    expected = {p: generate_text(model, tok, [{"role": "user", "content": p}], mode="fast", max_tokens=32)
+                for p in prompts}
 
     def ask(i):
         p = prompts[i % len(prompts)]

@@ -1,0 +1,132 @@
+"""The engine every command and Python caller uses, in mlx-lm's shape.
+
+    for r in stream_generate(model, tokenizer, messages, mode="fast", max_tokens=256):
+        print(r.text, end="", flush=True)         # new text, one response per committed block
+    print(r.finish_reason, r.generation_tps)      # the last response: finish_reason, stats, spec
+
+`stream_generate` resolves the settings into a `DecodeSpec` (spec.make_spec: the model's defaults, the
+mode preset, the budget rule) unless it is handed one, runs the sampler (decode.py), and turns each
+finished block into text with mlx-lm's streaming detokenizer (text.py). `generate_text` joins it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+
+from .cache import BlockCache
+from .config import IlladaError
+from .decode import BlockDone, Stats, Step, decode
+from .spec import DecodeSpec, make_spec
+from .text import ReplyText
+
+Prompt = Union[str, list]  # text (no template), a list of token ids, or a list of chat messages
+
+
+@dataclass
+class Response:
+    """One committed block of the reply (the last one carries finish_reason, stats and spec)."""
+    text: str  # new text since the previous response (may be empty)
+    tokens: list[int]  # the block's new tokens, cut at EOS
+    prompt_tokens: int
+    prompt_tps: float  # prompt tokens / time of the first forward (which reads the whole prompt)
+    generation_tokens: int  # so far
+    generation_tps: float  # generated tokens / time since the start, first forward included
+    peak_memory: float  # GB, like mlx-lm
+    forwards: int
+    tokens_per_forward: float
+    blocks_done: int
+    blocks: int  # the budget in blocks
+    finish_reason: Optional[str] = None  # "stop" or "length" on the last response
+    stats: Optional[Stats] = None
+    spec: Optional[DecodeSpec] = None
+
+
+def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
+    """Chat-template the messages (system text merged into the first user turn, as iLLaDA's template
+    rejects a system role); raw, or a tokenizer without a template: the last message's text as is."""
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+    msgs, system = [], None
+    for m in messages:
+        if m["role"] == "system":
+            system = m["content"]
+            continue
+        if system and m["role"] == "user":
+            m = {"role": "user", "content": f"{system}\n\n{m['content']}"}
+            system = None
+        msgs.append(m)
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids for a prompt: chat messages go through the chat template, text is encoded as is."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise IlladaError("a text prompt needs the tokenizer: pass tokenizer= or token ids")
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        if tokenizer is None:
+            raise IlladaError("chat messages need the tokenizer: pass tokenizer= or token ids")
+        return build_prompt(tokenizer, prompt)
+    return [int(t) for t in prompt]
+
+
+def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSpec] = None,
+                    cache: Optional[BlockCache] = None, on_step: Optional[Callable[[Step], None]] = None,
+                    **settings) -> Iterator[Response]:
+    """Yield one Response per committed block, the last with finish_reason, stats and the spec that ran.
+
+    settings: mode, max_tokens, block_length, steps_per_block, temperature, threshold, cache, stop, seed,
+    think_boost, ... (spec.make_spec); or pass a resolved `spec`. cache: a BlockCache kept across calls
+    (chat turns) so a shared prompt prefix is not recomputed. on_step: called with every denoising Step.
+    Stopping the iteration early stops the decode.
+    """
+    if cache is not None and not isinstance(cache, BlockCache):
+        raise IlladaError("cache= takes a BlockCache (kept across chat turns); choose the cache policy with "
+                          "the `cache` setting of the spec")
+    ids = prompt_ids(tokenizer, prompt)
+    if spec is None:
+        spec = make_spec(model, tokenizer, len(ids), **settings)
+    elif settings:
+        raise IlladaError("pass either spec= or settings, not both")
+    reply = ReplyText(tokenizer, spec.stop) if tokenizer is not None else None
+    stop_fn = (lambda row, toks: reply.add(toks)) if reply is not None else None
+    t0 = time.perf_counter()
+    produced = 0
+
+    def response(text, tokens, st: Stats, blocks_done, **end):
+        wall = time.perf_counter() - t0
+        return Response(text, tokens, len(ids), st.prompt_tps, produced, produced / max(wall, 1e-9),
+                        _peak_gb(), st.nfe, produced / max(st.nfe, 1), blocks_done, spec.n_blocks, **end)
+
+    events = decode(model, [ids], spec, stop_fn=stop_fn, cache=cache)
+    try:
+        for ev in events:
+            if isinstance(ev, Step):
+                if on_step is not None:
+                    on_step(ev)
+            elif isinstance(ev, BlockDone):
+                produced += len(ev.tokens[0])
+                yield response(reply.take() if reply else "", ev.tokens[0], ev.stats, ev.index + 1)
+            else:
+                if reply is not None:
+                    reply.finish()
+                yield response(reply.take() if reply else "", [], ev.stats, ev.stats.blocks,
+                               finish_reason=ev.finish_reasons[0], stats=ev.stats, spec=spec)
+    finally:
+        events.close()
+
+
+def generate_text(model, tokenizer, prompt: Prompt, **kw) -> str:
+    """The whole reply as text (stream_generate, joined)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kw))
+
+
+def _peak_gb() -> float:
+    import mlx.core as mx
+
+    return mx.get_peak_memory() / 1e9

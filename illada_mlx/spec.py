@@ -1,0 +1,188 @@
+"""What a decode needs, in one place: the `DecodeSpec`, the mode presets, the budget rule, validation.
+
+Every entry point (the CLI, the server, `bench`, `bench/quality.py`, Python callers) builds its spec with
+`make_spec`: the model's defaults, then a preset from `PRESETS`, then the caller's overrides, then the
+budget rule against the prompt's length, then one validation. The sampler (decode.py) takes the result
+as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple, Optional
+
+from .cache import CACHES
+from .config import LLADA, THINK_END_TEXT, ContextError, IlladaError
+from .rules import RULES
+
+CANVASES = ("fixed", "growing")
+REMASKING = ("low_confidence", "random")
+LOGITS_AT = ("block", "masked")
+FIXED_DEFAULT_TOKENS = 128  # the official fixed canvas (LLaDA's generate: 128 tokens in blocks of 32)
+THINK_BOOST = (100.0, 3.0)  # iLLaDA-Instruct's end-of-thinking boost (scale, power)
+
+
+class Preset(NamedTuple):
+    about: str
+    settings: dict
+
+
+PRESETS = {
+    "exact": Preset("the official fixed canvas (prompt + max_tokens masks), the official schedule",
+                    dict(canvas="fixed", rule="schedule", cache="none")),
+    "variable": Preset("iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
+                       dict(canvas="growing", rule="schedule", cache="none")),
+    "fast": Preset("the growing canvas, every token with confidence >= threshold per step, block prefix cache",
+                   dict(canvas="growing", rule="threshold", cache="prefix")),
+    "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
+                         dict(canvas="fixed", rule="threshold", cache="dual")),
+}
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """One decode, fully resolved. `max_tokens` is the fixed canvas's length (whole blocks) or the growing
+    canvas's budget; `steps_per_block` is exact for the schedule and an upper bound for the adaptive rules."""
+    mask_id: int
+    canvas: str = "fixed"
+    max_tokens: int = FIXED_DEFAULT_TOKENS
+    block_length: int = 32
+    steps_per_block: int = 32
+    rule: str = "schedule"
+    threshold: float = 0.9
+    factor: float = 1.0
+    entropy_gamma: float = 0.1
+    cache: str = "none"
+    refresh_every: int = 0
+    logits_at: str = "masked"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    stop: tuple = ()
+    eos_id: Optional[int] = None
+    eot_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    think_token: Optional[int] = None
+    think_boost: Optional[tuple] = None
+    seed: Optional[int] = None
+    mode: Optional[str] = None  # the preset it was made from (reports only)
+
+    @property
+    def growing(self) -> bool:
+        return self.canvas == "growing"
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.max_tokens / self.block_length)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def check(self, vocab_size: int, positions: int, prompt_len: int) -> None:
+        """Refuse anything invalid before any work (one line naming the problem and the fix)."""
+        if self.mask_id is None:
+            raise IlladaError("no mask token id: pass mask_id (iLLaDA: 5, LLaDA: 126336) or load the model with "
+                              "its tokenizer")
+        if not 0 <= self.mask_id < vocab_size:
+            raise IlladaError(f"mask_id {self.mask_id} is outside the vocabulary (size {vocab_size}); iLLaDA uses 5")
+        for name, value, allowed in (("canvas", self.canvas, CANVASES), ("remasking", self.remasking, REMASKING),
+                                     ("commit rule", self.rule, RULES), ("cache", self.cache, CACHES),
+                                     ("logits_at", self.logits_at, LOGITS_AT)):
+            if value not in allowed:
+                raise IlladaError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        if self.block_length < 1 or self.steps_per_block < 1 or self.max_tokens < 1:
+            raise IlladaError("max_tokens, block_length and steps_per_block must be at least 1")
+        if not self.growing and self.max_tokens % self.block_length:
+            raise IlladaError(f"gen_length {self.max_tokens} is not a multiple of block_length {self.block_length}")
+        if prompt_len + self.max_tokens > positions:
+            raise ContextError(f"prompt ({prompt_len}) + generation ({self.max_tokens}) = "
+                               f"{prompt_len + self.max_tokens} tokens is more than the model's {positions} "
+                               "positions; shorten the prompt or max tokens")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            raise IlladaError("temperature and cfg_scale must be ≥ 0")
+        if not 0 < self.threshold <= 1:
+            raise IlladaError(f"threshold {self.threshold} must be in (0, 1]")
+        if self.remasking == "random" and self.rule != "schedule":
+            raise IlladaError("random remasking has no confidence to threshold: use rule='schedule'")
+        if self.refresh_every < 0:
+            raise IlladaError("refresh_every must be ≥ 0 (0: refresh at block starts only)")
+
+
+def default_budget(model, tokenizer, canvas: str) -> int:
+    """A budget nobody asked for: the official 128-token fixed canvas; for the growing canvas iLLaDA's
+    1024 (base) or 2048 (a chat model, i.e. a tokenizer with a chat template)."""
+    if canvas == "fixed":
+        return FIXED_DEFAULT_TOKENS
+    return 2048 if tokenizer is not None and getattr(tokenizer, "chat_template", None) else 1024
+
+
+def fit_budget(asked: Optional[int], default: int, prompt_len: Optional[int], positions: int, block: int,
+               fixed: bool) -> int:
+    """The budget rule: an asked-for budget is kept (a fixed canvas rounded up to whole blocks) and refused
+    if it does not fit the model's positions; a default one is cut to the room the prompt leaves."""
+    want = asked if asked is not None else default
+    if want < 1:
+        raise IlladaError("max_tokens must be at least 1")
+    gen = math.ceil(want / block) * block if fixed else want
+    if prompt_len is None or prompt_len + gen <= positions:
+        return gen
+    room = positions - prompt_len
+    room -= room % block if fixed else 0
+    if asked is not None:
+        whole = "" if gen == asked else f", {gen} in whole blocks"
+        raise ContextError(f"prompt ({prompt_len} tokens) + max_tokens ({asked}{whole}) exceeds the model's "
+                           f"{positions} positions; shorten the prompt or lower max_tokens")
+    if room < 1:
+        raise ContextError(f"prompt ({prompt_len} tokens) leaves no room in the model's {positions} positions; "
+                           "shorten it")
+    return room
+
+
+def think_token_id(tokenizer) -> Optional[int]:
+    """The token the end-of-thinking boost pushes: the first token of `</think>`."""
+    ids = tokenizer.encode(THINK_END_TEXT, add_special_tokens=False) if tokenizer is not None else []
+    return ids[0] if ids else None
+
+
+SPEC_FIELDS = {f.name for f in fields(DecodeSpec)}
+
+
+def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: Optional[str] = None,
+              max_tokens: Optional[int] = None, default_cap: Optional[int] = None, think_boost=False,
+              stop=(), **overrides) -> DecodeSpec:
+    """The resolved spec for a decode of `prompt_len` tokens on `model`.
+
+    mode: a PRESETS name (default: LLaDA `exact`, iLLaDA `variable`); overrides: any DecodeSpec field
+    (None = keep the preset's / model's); max_tokens: the asked-for budget (None: the default, at most
+    `default_cap`, cut to the context); think_boost: True for iLLaDA-Instruct's (100, 3) or a (scale, power).
+    """
+    a = model.args
+    mode = mode or ("exact" if a.source_layout == LLADA else "variable")
+    if mode not in PRESETS:
+        raise IlladaError(f"mode {mode!r}: use one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - SPEC_FIELDS)
+    if unknown:
+        raise IlladaError(f"unknown decode option {unknown[0]!r}; options are {', '.join(sorted(SPEC_FIELDS))}")
+    base = dict(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
+                mode=mode, **PRESETS[mode].settings)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if think_boost:
+        base.setdefault("think_token", think_token_id(tokenizer))
+        base["think_boost"] = THINK_BOOST if think_boost is True else tuple(think_boost)
+    stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop or ()) if s)
+    spec = DecodeSpec(**base, stop=stop)
+    default = default_budget(model, tokenizer, spec.canvas)
+    default = min(default, default_cap) if default_cap else default
+    if spec.block_length < 1:
+        raise IlladaError("block_length must be at least 1")
+    spec = replace(spec, max_tokens=fit_budget(max_tokens, default, prompt_len, a.max_position_embeddings,
+                                               spec.block_length, not spec.growing))
+    spec.check(a.vocab_size, a.max_position_embeddings, prompt_len or 0)
+    if spec.stop and tokenizer is None:
+        raise IlladaError("stop strings need the tokenizer: pass tokenizer=")
+    return spec
