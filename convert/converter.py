@@ -18,34 +18,12 @@ from typing import Optional
 
 import mlx.core as mx
 
+from illada_mlx.checkpoint import inspect_checkpoint, iter_shards
 from illada_mlx.config import IlladaError, args_from_config, load_config, resolve_special_ids
+from illada_mlx.load import SIDE_FILES, resolve_source
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
 
-from .checkpoint import inspect_checkpoint, iter_shards
-
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-
-
-def resolve_source(src: str) -> Path:
-    """A local directory, or a hub repo id downloaded with huggingface_hub (only the files needed)."""
-    p = Path(src).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise IlladaError(f"{src} is a file; --hf-path takes a model directory or a hub repo id")
-    looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
-    if looks_local:
-        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id like GSAI-ML/iLLaDA-8B-Base")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
-    except Exception as e:
-        raise IlladaError(f"could not download {src} from the hub ({type(e).__name__}); check the repo id, "
-                          "your network, or download it yourself and pass the directory")
 
 
 def peak_rss_bytes() -> int:
@@ -102,7 +80,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         summary = _write(ck, args, tmp, target, default_q, q_recipe, max_shard_bytes, progress)
-        for name in TOKENIZER_FILES:
+        for name in SIDE_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         config = args.to_config()

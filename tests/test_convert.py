@@ -311,3 +311,40 @@ def test_streaming_peak_memory_stays_near_one_shard(tmp_path):
           f"RSS growth {s['rss_growth_bytes'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
     assert s["rss_growth_bytes"] < bound
     assert s["output_shards"] >= 4
+
+
+# ------------------------------------------------------------------------------------------ the demo model
+DEMO = dict(heads=6, kv_heads=2, theta=10000.0, eps=1e-5, vocab=270)  # illada_mlx/demo_model/config.json
+
+
+def test_load_without_a_path_reads_the_bundled_checkpoint_in_memory(tmp_path, monkeypatch):
+    from illada_mlx.demo import BUNDLED
+
+    monkeypatch.setenv("ILLADA_MLX_CACHE", str(tmp_path / "cache"))
+    model, tok = load()
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing written
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == mx.float32
+    params = params_from_mlx_dir(BUNDLED, tied=True)  # the bundled file uses our names, unquantized
+    ids = np.random.default_rng(1).integers(0, DEMO["vocab"], (2, 9))
+    ref = oracle.forward(params, ids, DEMO["heads"], DEMO["kv_heads"], DEMO["theta"], DEMO["eps"])
+    assert rel(np.array(model(mx.array(ids)), np.float64), ref) <= 1e-4
+    assert tok.encode("reverse hello", add_special_tokens=False)
+
+
+def test_ensure_demo_model_converts_once_and_says_so(tmp_path, monkeypatch):
+    from illada_mlx.demo import BUNDLED, fingerprint
+    from illada_mlx_convert import ensure_demo_model
+
+    monkeypatch.setenv("ILLADA_MLX_CACHE", str(tmp_path / "cache"))
+    notices = []
+    d = ensure_demo_model(notices.append)
+    assert d == tmp_path / "cache" / f"demo-{fingerprint()}"
+    assert notices == [f"converting the bundled demo model into {d} (first use only)"]
+    assert ensure_demo_model(notices.append) == d and len(notices) == 1
+    assert ensure_demo_model() == d
+    src = {k: np.array(v) for k, v in mx.load(str(BUNDLED / "model.safetensors")).items()}
+    out = {}
+    for f in d.glob("*.safetensors"):
+        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+    assert out.keys() == src.keys()
+    assert all(np.array_equal(out[k], src[k]) for k in src)
