@@ -28,7 +28,8 @@ def resolve_source(src: str) -> Path:
     if p.exists():
         raise IlladaError(f"{src} is a file; pass a model directory or a hub repo id")
     if src.startswith((".", "/", "~")) or src.count("/") != 1:
-        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id like GSAI-ML/iLLaDA-8B-Base")
+        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id "
+                          "like GSAI-ML/iLLaDA-8B-Base")
     from huggingface_hub import snapshot_download
 
     try:
