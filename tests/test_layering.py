@@ -11,19 +11,33 @@ COMPOSITION_ROOT = {"cli.py", "__main__.py"}
 
 
 def imported_modules(tree: ast.AST) -> set[str]:
-    """Every absolute module name an import statement in `tree` names (anywhere, lazy imports included)."""
+    """Every absolute module name `tree` imports anywhere (lazy imports included): import statements, and
+    string literals given to `import_module(...)` / `__import__(...)`."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__"):
+            names.update(a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str))
     return names
 
 
-def test_the_oracle_sees_lazy_imports():
-    tree = ast.parse("def f():\n    from illada_mlx_convert.converter import convert\n    import illada_mlx_convert\n")
-    assert imported_modules(tree) == {"illada_mlx_convert.converter", "illada_mlx_convert"}
+def test_the_oracle_sees_lazy_and_dynamic_imports():
+    source = """
+def f():
+    from illada_mlx_convert.converter import convert
+    import illada_mlx_convert
+    importlib.import_module('illada_mlx_convert.demo')
+    __import__('illada_mlx_convert.cli')
+    from .load import load
+    'illada_mlx_convert is only named in this string'
+"""
+    tree = ast.parse(source)
+    assert imported_modules(tree) == {"illada_mlx_convert.converter", "illada_mlx_convert", "illada_mlx_convert.demo",
+                                      "illada_mlx_convert.cli"}
 
 
 def test_library_modules_do_not_import_the_converter():
