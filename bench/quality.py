@@ -84,7 +84,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
 def main():
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
-    from illada_mlx.quant import MODES, RECIPES
+    from illada_mlx.quant import QUANT_MODES, RECIPES
     from illada_mlx_convert import convert
 
     ap = argparse.ArgumentParser()
@@ -111,7 +111,7 @@ def main():
         ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
     if set(a.recipe) - set(RECIPES):
         ap.error(f"unknown recipe(s) {sorted(set(a.recipe) - set(RECIPES))}: use {','.join(RECIPES)}")
-    fp4 = [m for m in MODES if m != "affine" and 4 in MODES[m][0]]
+    fp4 = [m for m in QUANT_MODES if m != "affine" and 4 in QUANT_MODES[m][0]]
     if set(a.q_mode) - set(fp4):
         ap.error(f"unknown 4-bit mode(s) {sorted(set(a.q_mode) - set(fp4))}: use {','.join(fp4)}")
     items = held_out_set(a.n, tasks=tasks)

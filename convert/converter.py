@@ -2,7 +2,9 @@
 
 Streams: one source shard is read, cast / quantized and appended to an output shard, which is written as
 soon as it reaches `max_shard_bytes`; peak memory stays near one source shard plus one output shard.
-Everything is written into a temporary directory beside the destination, renamed into place at the end.
+Everything (weights in mlx-lm's file names, index, config, tokenizer and generation config, model card) is
+written into a temporary directory beside the destination, renamed into place at the end; an optional
+upload to the hub follows.
 """
 
 from __future__ import annotations
@@ -18,34 +20,15 @@ from typing import Optional
 
 import mlx.core as mx
 
+from illada_mlx.checkpoint import inspect_checkpoint, iter_shards
 from illada_mlx.config import IlladaError, args_from_config, load_config, resolve_special_ids
+from illada_mlx.load import SIDE_FILES, resolve_source
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
 
-from .checkpoint import inspect_checkpoint, iter_shards
+from .card import describe_quantization, model_card
+from .hub import check_repo_id, upload_to_hub
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-
-
-def resolve_source(src: str) -> Path:
-    """A local directory, or a hub repo id downloaded with huggingface_hub (only the files needed)."""
-    p = Path(src).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise IlladaError(f"{src} is a file; --hf-path takes a model directory or a hub repo id")
-    looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
-    if looks_local:
-        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id like GSAI-ML/iLLaDA-8B-Base")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
-    except Exception as e:
-        raise IlladaError(f"could not download {src} from the hub ({type(e).__name__}); check the repo id, "
-                          "your network, or download it yourself and pass the directory")
 
 
 def peak_rss_bytes() -> int:
@@ -71,6 +54,12 @@ def _prepare_dest(dst: Path, force: bool) -> None:
         raise IlladaError(f"{dst} exists and is not empty; choose another --mlx-path or pass --force to replace it")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -84,14 +73,18 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = 2 << 30,
     progress: bool = True,
+    upload_repo: Optional[str] = None,
 ) -> dict:
-    """Convert; returns a summary (paths, sizes, peak memory)."""
+    """Convert, then upload to `upload_repo` if given; returns a summary (paths, sizes, parameter count, bits per
+    weight, peak memory, the upload's URL)."""
     rss_at_start = peak_rss_bytes()
     dst = Path(mlx_path).expanduser().resolve()
     _prepare_dest(dst, force)
     if dtype is not None and dtype not in DTYPES:
         raise IlladaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     default_q = check_params(q_bits, q_group_size, q_mode) if quantize or q_recipe else None
+    if upload_repo is not None:
+        check_repo_id(upload_repo)
     src = resolve_source(hf_path)
     cfg = load_config(src)
     args = resolve_special_ids(args_from_config(cfg), src, mask_id)
@@ -102,7 +95,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         summary = _write(ck, args, tmp, target, default_q, q_recipe, max_shard_bytes, progress)
-        for name in TOKENIZER_FILES:
+        for name in SIDE_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         config = args.to_config()
@@ -110,6 +103,13 @@ def convert(
             config["quantization"] = summary.pop("quantization")
             config["quantization_config"] = config["quantization"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        hub_source = not Path(hf_path).expanduser().is_dir()  # resolve_source took it as a repo id
+        quantization = describe_quantization(config.get("quantization"), q_recipe)
+        (tmp / "README.md").write_text(model_card(
+            name=upload_repo or dst.name, ref=upload_repo or str(dst), source=hf_path if hub_source else src.name,
+            hub_source=hub_source, layout=args.source_layout, quantization=quantization,
+            bits_per_weight=summary["bits_per_weight"], size_bytes=summary["output_bytes"]))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the result is an ordinary directory
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
             os.replace(dst, old / "x")
@@ -124,6 +124,8 @@ def convert(
                    source_bytes=sum(ck.sizes.values()), largest_source_shard=max(ck.sizes.values()),
                    peak_rss_bytes=peak_rss_bytes(), rss_growth_bytes=peak_rss_bytes() - rss_at_start,
                    mlx_peak_bytes=mx.get_peak_memory())
+    if upload_repo is not None:
+        summary["uploaded"] = upload_to_hub(dst, upload_repo)
     return summary
 
 
@@ -134,6 +136,7 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
     buf: dict[str, mx.array] = {}
     shards: list[dict[str, str]] = []
     total = 0
+    parameters = 0  # the weights' element counts before quantization (mlx-lm's parameter count)
     embed_fp = head_fp = None
 
     def flush():
@@ -165,6 +168,7 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
                 parts = {f"{base}.{k}": v for k, v in q.items()}
             else:
                 parts = {name: w}
+            parameters += w.size
             for k, v in parts.items():
                 mx.eval(v)
                 buf[k] = v
@@ -182,9 +186,16 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
     n = len(shards)
     weight_map = {}
     for i, s in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        final = shard_name(i, n)
         os.replace(out / next(iter(s.values())), out / final)
         weight_map.update({k: final for k in s})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": total, "total_parameters": parameters},
+             "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"output_bytes": total, "output_shards": n, "quantization": record}
+    return {"output_bytes": total, "output_shards": n, "parameters": parameters,
+            "bits_per_weight": total * 8 / parameters, "quantization": record}
+
+
+def shard_name(i: int, n: int) -> str:
+    """mlx-lm's name for output shard i (from 0) of n: `model.safetensors` when it is the only one."""
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -1,5 +1,6 @@
-"""The bundled demo model: a small iLLaDA-format HF checkpoint shipped in the package (illada_mlx/demo_model/),
-converted through the real converter on first use into a cache directory and reused afterwards."""
+"""The bundled demo model: a small iLLaDA-format fp32 HF checkpoint shipped in the package (illada_mlx/demo_model/).
+
+`load()` reads it in memory; `illada_mlx_convert.ensure_demo_model` converts it into `converted_path()`."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ BUNDLED = Path(__file__).parent / "demo_model"
 
 
 def cache_root() -> Path:
+    """$ILLADA_MLX_CACHE, else $XDG_CACHE_HOME/illada-mlx, else ~/.cache/illada-mlx."""
     base = os.environ.get("ILLADA_MLX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "illada-mlx")
     return Path(base)
 
 
-def _fingerprint() -> str:
+def fingerprint() -> str:
+    """The first 12 hex digits of a SHA-1 over the bundled checkpoint's files (names and bytes)."""
     h = hashlib.sha1()
     for f in sorted(BUNDLED.iterdir()):
         if f.is_file() and f.suffix in (".json", ".safetensors"):
@@ -27,13 +30,13 @@ def _fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def default_model_path() -> Path:
-    """The converted demo model's MLX dir (converting it the first time)."""
+def bundled() -> Path:
+    """The bundled checkpoint's directory; refused when this install lacks its weights."""
     if not (BUNDLED / "model.safetensors").exists():
         raise IlladaError("the bundled demo model is missing from this install; pass --model DIR")
-    dst = cache_root() / f"demo-{_fingerprint()}"
-    if not (dst / "config.json").exists():
-        from illada_mlx_convert import convert
+    return BUNDLED
 
-        convert(str(BUNDLED), str(dst), force=True, progress=False)
-    return dst
+
+def converted_path() -> Path:
+    """Where the bundled checkpoint's MLX conversion lives: one directory per fingerprint under cache_root()."""
+    return cache_root() / f"demo-{fingerprint()}"

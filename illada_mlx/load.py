@@ -1,4 +1,5 @@
-"""`load(path) -> (model, tokenizer)` for MLX model dirs (ours) and, for small models, HF dirs."""
+"""`load(path) -> (model, tokenizer)` for MLX model dirs (ours) and, for small models, HF dirs; `resolve_source`
+turns a local dir or a hub repo id into a directory (the converter uses it too)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,34 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .checkpoint import inspect_checkpoint, iter_shards
 from .config import IlladaError, ModelArgs, args_from_config, load_config, resolve_special_ids
 from .model import Model
 from .quant import apply_quantization
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # what a model dir holds beside config and weights
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
+
+
+def resolve_source(src: str) -> Path:
+    """A local directory, or a hub repo id downloaded with huggingface_hub (only HUB_PATTERNS' files)."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise IlladaError(f"{src} is a file; pass a model directory or a hub repo id")
+    if src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id "
+                          "like GSAI-ML/iLLaDA-8B-Base")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise IlladaError(f"could not download {src} from the hub ({type(e).__name__}); check the repo id, "
+                          "your network, or download it yourself and pass the directory")
 
 
 def _build(args: ModelArgs, weights: dict[str, mx.array]) -> Model:
@@ -27,6 +53,8 @@ def _build(args: ModelArgs, weights: dict[str, mx.array]) -> Model:
 
 
 def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
+    """The model in an MLX dir (memory-mapped) or an HF dir (read whole into memory through the checkpoint
+    reader: fine for small models, `illada-mlx convert` for big ones)."""
     path = Path(path)
     cfg = load_config(path)
     if cfg.get("illada_mlx_format"):
@@ -43,9 +71,6 @@ def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
             except Exception as e:
                 raise IlladaError(f"{Path(f).name}: cannot be read ({e}); the file is corrupt, convert again")
         return _build(args, weights)
-    # an HF checkpoint: convert in memory (fine for small models; use `convert` for big ones)
-    from illada_mlx_convert.checkpoint import inspect_checkpoint, iter_shards
-
     args = resolve_special_ids(args_from_config(cfg), path, mask_id)
     weights = {}
     for _, tensors in iter_shards(inspect_checkpoint(path, args)):
@@ -80,13 +105,13 @@ def load_tokenizer(path: Path, args: ModelArgs):
 
 
 def load(path: Optional[str] = None, mask_id: Optional[int] = None):
-    """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model."""
+    """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model's HF
+    checkpoint, read in memory."""
     if path is None:
-        from .demo import default_model_path
+        from .demo import bundled
 
-        path = default_model_path()
-    from illada_mlx_convert.converter import resolve_source
-
-    root = resolve_source(str(path))
+        root = bundled()
+    else:
+        root = resolve_source(str(path))
     model = load_model(root, mask_id)
     return model, load_tokenizer(root, model.args)

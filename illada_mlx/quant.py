@@ -16,7 +16,7 @@ import mlx.nn as nn
 from .config import IlladaError
 
 # mode -> (allowed bits, allowed group sizes)
-MODES = {
+QUANT_MODES = {
     "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
     "mxfp4": ((4,), (32,)),
     "mxfp8": ((8,), (32,)),
@@ -28,9 +28,9 @@ _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate
 
 def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> dict:
     """The (bits, group size, mode) record, the mode's defaults filling what is None; refused if unsupported."""
-    if mode not in MODES:
-        raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-    ok_bits, ok_groups = MODES[mode]
+    if mode not in QUANT_MODES:
+        raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    ok_bits, ok_groups = QUANT_MODES[mode]
     # not given: 4 bits in groups of 64 where the mode allows them (affine), else the mode's only value
     # (mlx-lm's defaults: mxfp4 g32, nvfp4 g16, mxfp8 8-bit g32)
     bits = (4 if 4 in ok_bits else ok_bits[0]) if bits is None else bits

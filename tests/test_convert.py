@@ -14,15 +14,15 @@ from click.testing import CliRunner
 
 import oracle
 from fixtures import Spec, write_checkpoint
-from illada_mlx.cli import main
-from illada_mlx.load import load
+from illada_mlx.load import HUB_PATTERNS, load
+from illada_mlx_convert import convert, convert_command
 
 ILLADA = Spec(seed=11)
 LLADA = Spec(layout="llada", kv_heads=4, tied=False, theta=500000.0, seed=12)
 
 
 def run_convert(*args):
-    return CliRunner().invoke(main, ["convert", *map(str, args)])
+    return CliRunner().invoke(convert_command, list(map(str, args)))
 
 
 def rel(a, b):
@@ -286,7 +286,192 @@ def test_hub_id_goes_through_huggingface_hub(ckpt_factory, tmp_path, monkeypatch
     r = run_convert("--hf-path", "GSAI-ML/iLLaDA-8B-Base", "--mlx-path", out)
     assert r.exit_code == 0, r.output
     assert seen["repo"] == "GSAI-ML/iLLaDA-8B-Base" and "*.safetensors" in seen["patterns"]
-    assert "*.bin" not in seen["patterns"]
+    assert "*.bin" not in seen["patterns"] and "generation_config.json" in seen["patterns"]
+    card = (out / "README.md").read_text()
+    assert "\nbase_model: GSAI-ML/iLLaDA-8B-Base\n" in card
+    assert "[GSAI-ML/iLLaDA-8B-Base](https://huggingface.co/GSAI-ML/iLLaDA-8B-Base)" in card
+
+
+# ------------------------------------------------------------------------------------------ mlx-lm's conventions
+def source_tensors(src: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in src.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_one_shard_is_model_safetensors_with_an_index(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    assert run_convert("--hf-path", src, "--mlx-path", out).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = source_tensors(out)
+    assert set(index["weight_map"].values()) == {"model.safetensors"} and index["weight_map"].keys() == stored.keys()
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in stored.values())
+    # fp32 and tied: the parameters are the source's tensors less the head it does not store
+    assert index["metadata"]["total_parameters"] == sum(v.size for v in source_tensors(src).values())
+
+
+def test_several_shards_are_numbered_of_n(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    s = convert(str(src), str(out), max_shard_bytes=40_000, progress=False)
+    n = s["output_shards"]
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert n >= 3 and names == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(names)
+    for name in names:
+        assert {k for k, f in index["weight_map"].items() if f == name} == set(mx.load(str(out / name)))
+
+
+def test_generation_config_is_copied(ckpt_factory, tmp_path):
+    base, _ = ckpt_factory(ILLADA)
+    src = tmp_path / "hf"
+    shutil.copytree(base, src)
+    gen = {"eos_token_id": 2, "temperature": 0.0}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    out = tmp_path / "mlx"
+    assert run_convert("--hf-path", src, "--mlx-path", out).exit_code == 0
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+    assert "generation_config.json" in HUB_PATTERNS
+
+
+@pytest.mark.parametrize("flags,exact", [([], 32.0), (["--dtype", "bfloat16"], 16.0),
+                                         (["-q", "--q-group-size", "32"], None), (["--q-recipe", "mixed_4_8"], None),
+                                         (["-q", "--q-mode", "nvfp4"], None)],
+                         ids=["fp32", "bf16", "q4g32", "mixed_4_8", "nvfp4"])
+def test_bits_per_weight_is_mlx_lms(flags, exact, ckpt_factory, tmp_path):
+    from mlx_lm.utils import compute_bits_per_weight
+
+    src, _ = ckpt_factory(LLADA)
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", src, "--mlx-path", out, *flags)
+    assert r.exit_code == 0, r.output
+    bpw = compute_bits_per_weight(load(str(out))[0])  # mlx-lm's own count on the loaded model
+    assert bpw == (exact or bpw)
+    assert f"{bpw:.3f} bits per weight" in r.output
+    assert f"| bits per weight | {bpw:.3f} |" in (out / "README.md").read_text()
+
+
+def test_convert_returns_bits_per_weight(ckpt_factory, tmp_path):
+    from mlx_lm.utils import compute_bits_per_weight
+
+    src, _ = ckpt_factory(ILLADA)
+    s = convert(str(src), str(tmp_path / "mlx"), q_recipe="mixed_3_6", progress=False)
+    assert s["bits_per_weight"] == pytest.approx(compute_bits_per_weight(load(str(tmp_path / "mlx"))[0]), rel=1e-12)
+    assert 4 < s["bits_per_weight"] < 8
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o027, 0o750)], ids=["022", "027"])
+def test_output_directory_has_the_umasks_permissions(umask, mode, ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    old = os.umask(umask)
+    try:
+        convert(str(src), str(tmp_path / "mlx"), progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "mlx").stat().st_mode & 0o777 == mode
+
+
+def test_model_card_says_what_and_how(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(LLADA)
+    out = tmp_path / "my model"
+    r = run_convert("--hf-path", src, "--mlx-path", out, "-q", "--q-bits", "8", "--quant-predicate", "mixed_4_6")
+    assert r.exit_code == 0, r.output
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mlx\n") and "base_model" not in card  # a local source
+    assert f"from the local checkpoint `{src.name}`" in card
+    assert "| source layout | llada |" in card
+    assert "| quantization | affine 8-bit, group size 64, recipe mixed_4_6 |" in card
+    size = sum(v.nbytes for v in source_tensors(out).values())
+    assert f"| size | {size / 2**20:.1f} MB |" in card
+    assert f"illada-mlx generate --model '{out}' -p" in card
+    assert f'from illada_mlx import load\n\nmodel, tokenizer = load("{out}")' in card
+    plain = tmp_path / "plain"
+    assert run_convert("--hf-path", src, "--mlx-path", plain).exit_code == 0
+    assert "| quantization | none |" in (plain / "README.md").read_text()
+
+
+def test_quant_predicate_is_q_recipe(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    for flag in ("--q-recipe", "--quant-predicate"):
+        assert run_convert("--hf-path", src, "--mlx-path", tmp_path / flag, flag, "mixed_2_6").exit_code == 0
+    a, b = (json.loads((tmp_path / f / "config.json").read_text())["quantization"]
+            for f in ("--q-recipe", "--quant-predicate"))
+    assert a == b and a["model.embed_tokens"]["bits"] == 6
+
+
+def test_quantization_choices_are_quant_modes():
+    from illada_mlx.quant import QUANT_MODES, RECIPES
+
+    choices = {p.name: list(p.type.choices) for p in convert_command.params if hasattr(p.type, "choices")}
+    assert choices["q_mode"] == list(QUANT_MODES) and choices["q_recipe"] == list(RECIPES)
+    for name, i in (("q_bits", 0), ("q_group_size", 1)):
+        allowed = {v for spec in QUANT_MODES.values() for v in spec[i]}
+        assert sorted(map(int, choices[name])) == sorted(allowed)
+
+
+# ------------------------------------------------------------------------------------------ upload
+class FakeHfApi:
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False, **kw):
+        self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, **kw):
+        if self.fail:
+            raise self.fail
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        card = (Path(folder_path) / "README.md").read_text()
+        self.calls.append(("upload_folder", Path(folder_path), repo_id, repo_type, files, card))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.calls, FakeHfApi.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi
+
+
+def test_upload_repo_creates_and_uploads_the_output(fake_hub, ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    r = run_convert("--hf-path", src, "--mlx-path", out, "-q", "--upload-repo", "me/illada-tiny-4bit")
+    assert r.exit_code == 0, r.output
+    (c, repo, kind, exist_ok), (u, folder, repo2, kind2, files, card) = fake_hub.calls
+    assert (c, repo, kind, exist_ok) == ("create_repo", "me/illada-tiny-4bit", "model", True)
+    assert (u, folder, repo2, kind2) == ("upload_folder", out, "me/illada-tiny-4bit", "model")
+    assert files == sorted(p.name for p in out.iterdir()) and "model.safetensors" in files
+    assert "# me/illada-tiny-4bit" in card and 'load("me/illada-tiny-4bit")' in card
+    assert "uploaded to https://huggingface.co/me/illada-tiny-4bit" in r.output
+
+
+def test_upload_failure_is_one_line_and_keeps_the_conversion(fake_hub, ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    fake_hub.fail = ConnectionError("network is unreachable\nsecond line")
+    r = run_convert("--hf-path", src, "--mlx-path", out, "--upload-repo", "me/tiny")
+    errors = [ln for ln in r.output.splitlines() if "error" in ln.lower()]  # the progress bar precedes it
+    assert r.exit_code == 1 and len(errors) == 1 and errors[0].startswith("error: upload to me/tiny failed"), r.output
+    assert "ConnectionError: network is unreachable)" in errors[0] and str(out) in errors[0]
+    assert "Traceback" not in r.output and "second line" not in r.output
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_malformed_upload_repo_is_refused_before_converting(fake_hub, ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "mlx"
+    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "--upload-repo", "a/b/c"), out,
+                         "--upload-repo")
+    assert fake_hub.calls == []
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -311,3 +496,40 @@ def test_streaming_peak_memory_stays_near_one_shard(tmp_path):
           f"RSS growth {s['rss_growth_bytes'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
     assert s["rss_growth_bytes"] < bound
     assert s["output_shards"] >= 4
+
+
+# ------------------------------------------------------------------------------------------ the demo model
+DEMO = dict(heads=6, kv_heads=2, theta=10000.0, eps=1e-5, vocab=270)  # illada_mlx/demo_model/config.json
+
+
+def test_load_without_a_path_reads_the_bundled_checkpoint_in_memory(tmp_path, monkeypatch):
+    from illada_mlx.demo import BUNDLED
+
+    monkeypatch.setenv("ILLADA_MLX_CACHE", str(tmp_path / "cache"))
+    model, tok = load()
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing written
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == mx.float32
+    params = params_from_mlx_dir(BUNDLED, tied=True)  # the bundled file uses our names, unquantized
+    ids = np.random.default_rng(1).integers(0, DEMO["vocab"], (2, 9))
+    ref = oracle.forward(params, ids, DEMO["heads"], DEMO["kv_heads"], DEMO["theta"], DEMO["eps"])
+    assert rel(np.array(model(mx.array(ids)), np.float64), ref) <= 1e-4
+    assert tok.encode("reverse hello", add_special_tokens=False)
+
+
+def test_ensure_demo_model_converts_once_and_says_so(tmp_path, monkeypatch):
+    from illada_mlx.demo import BUNDLED, fingerprint
+    from illada_mlx_convert import ensure_demo_model
+
+    monkeypatch.setenv("ILLADA_MLX_CACHE", str(tmp_path / "cache"))
+    notices = []
+    d = ensure_demo_model(notices.append)
+    assert d == tmp_path / "cache" / f"demo-{fingerprint()}"
+    assert notices == [f"converting the bundled demo model into {d} (first use only)"]
+    assert ensure_demo_model(notices.append) == d and len(notices) == 1
+    assert ensure_demo_model() == d
+    src = {k: np.array(v) for k, v in mx.load(str(BUNDLED / "model.safetensors")).items()}
+    out = {}
+    for f in d.glob("*.safetensors"):
+        out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+    assert out.keys() == src.keys()
+    assert all(np.array_equal(out[k], src[k]) for k in src)

@@ -1,4 +1,6 @@
-"""Reading a source checkpoint safely, one shard at a time.
+"""Reading an HF checkpoint (iLLaDA or LLaDA layout) safely, one shard at a time.
+
+Used by the loader (small HF dirs are read in memory) and by the converter (`illada_mlx_convert`).
 
 `inspect_checkpoint` validates every shard's header (sizes, names, shapes) before any tensor is read, so
 a truncated or corrupt file, a tensor the model doesn't have, or a shape that disagrees with the config is
@@ -16,8 +18,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from illada_mlx.config import IlladaError, ModelArgs
-from illada_mlx.weights import expected_shapes, map_name
+from .config import IlladaError, ModelArgs
+from .weights import expected_shapes, map_name
 
 _ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -63,6 +65,8 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def find_shards(root: Path) -> tuple[list[Path], str]:
+    """The weight files of a checkpoint dir and their kind ("safetensors" or "torch"), from the index when
+    there is one, else by name."""
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch")):
         index = root / index_name
         if index.exists():
@@ -100,6 +104,8 @@ def _torch_names(path: Path) -> dict:
 
 
 def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
+    """Validate every shard's header against the config and map each source name to ours; nothing is read
+    beyond the headers (PyTorch shards are memory-mapped to list their tensors)."""
     shards, kind = find_shards(root)
     ck = Checkpoint(root=root, shards=shards, kind=kind)
     want = expected_shapes(args)
