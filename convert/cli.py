@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 import click
 
-from illada_mlx.config import IlladaError
+from illada_mlx.config import one_line_errors
 from illada_mlx.quant import QUANT_MODES, RECIPES, check_params
 
 from .card import format_size
@@ -21,17 +20,9 @@ def _mode_defaults(key: str) -> str:
 
 
 class _OneLineErrors(click.Command):
-    """A user-facing failure is one line on stderr and exit code 1, never a traceback."""
-
     def invoke(self, ctx):
-        try:
+        with one_line_errors():
             return super().invoke(ctx)
-        except IlladaError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
 
 
 @click.command("convert", cls=_OneLineErrors)

@@ -9,11 +9,9 @@ tokens with mlx-lm (the bar a diffusion model must beat).
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
-from dataclasses import replace
 from typing import Optional
 
 import mlx.core as mx
@@ -127,7 +125,7 @@ def bench_torch(model, prompt, gen_length: int, block_length: int = 32, log=prin
 
         from .torch_ref import from_mlx, official_generate
     except ImportError:
-        log("torch_official: skipped (pip install 'illada-mlx[bench]')")
+        log("torch_official: skipped (pip install 'illada-mlx[torch]')")
         return None
     if not model.args.tie_word_embeddings:
         return None

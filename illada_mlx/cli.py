@@ -13,22 +13,14 @@ import time
 import click
 
 from .cache import CACHES
-from .config import IlladaError
+from .config import IlladaError, one_line_errors
 from .spec import PRESETS
 
 
 class _Group(click.Group):
-    """Every user-facing failure is one line on stderr and exit code 1, never a traceback."""
-
     def invoke(self, ctx):
-        try:
+        with one_line_errors():
             return super().invoke(ctx)
-        except IlladaError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

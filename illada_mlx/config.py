@@ -7,6 +7,8 @@ read into one `ModelArgs`; our MLX directories store the iLLaDA-style keys plus 
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +16,20 @@ from typing import Any, Optional
 
 class IlladaError(Exception):
     """A user-facing problem: the message is one line that names the problem and the fix."""
+
+
+@contextmanager
+def one_line_errors():
+    """For commands: a user-facing failure is one line on stderr and exit code 1 (Ctrl-C: 130), never a
+    traceback."""
+    try:
+        yield
+    except IlladaError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 class ContextError(IlladaError):

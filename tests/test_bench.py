@@ -31,3 +31,21 @@ def test_bench_json_has_every_field(tmp_path):
 def test_bench_rejects_unknown_mode():
     r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact,warp"])
     assert r.exit_code == 1 and r.output.startswith("error: ") and "warp" in r.output
+
+
+def test_bench_table_on_stdout_progress_on_stderr():
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16",
+                                  "--modes", "fast", "--prompt-lengths", "8"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0].split()[:3] == ["mode", "prompt", "out"] and "fast" in r.stdout
+    assert "ms/fwd" in r.stderr and "ms/fwd" not in r.stdout.splitlines()[1]
+
+
+def test_bench_refuses_plot_before_running_without_matplotlib(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact", "--plot", str(tmp_path / "p.png"),
+                                  "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 1 and "illada-mlx[plot]" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "b.json").exists()  # refused before the benchmark ran

@@ -169,3 +169,66 @@ def test_python_m_and_mlx_lm_aliases(tmp_path):
     assert a.exit_code == 0 and json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"] == "cba"
     raw = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--ignore-chat-template", "-m", "8", "--json"])
     assert raw.exit_code == 0 and json.loads(raw.stdout)["prompt_tokens"] == 11  # no template: the text alone
+
+
+class Terminal:
+    """stdout and stderr on one terminal: applies text, \\r, \\n, CSI n D (left) and CSI K (erase to end)."""
+
+    def __init__(self):
+        self.lines, self.col = [""], 0
+
+    def write(self, s):
+        import re
+
+        for tok in re.findall(r"\x1b\[(\d*)([DK])|(\r)|(\n)|([^\x1b\r\n])", s):
+            n, code, cr, nl, ch = tok
+            line = self.lines[-1]
+            if code == "D":
+                self.col = max(0, self.col - int(n or 1))
+            elif code == "K":
+                self.lines[-1] = line[: self.col]
+            elif cr:
+                self.col = 0
+            elif nl:
+                self.lines.append("")
+                self.col = 0
+            else:
+                self.lines[-1] = line[: self.col] + ch + line[self.col + 1:]
+                self.col += 1
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_status_never_garbles_the_streamed_text(monkeypatch):
+    from illada_mlx.cli import Progress
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stdout", term)
+    monkeypatch.setattr("sys.stderr", term)
+    p = Progress()
+    p.status("block 1/4, 0 tokens", force=True)
+    assert term.lines == [" [block 1/4, 0 tokens]"]
+    p.text("hello ")
+    p.status("block 2/4, 6 tokens", force=True)
+    assert term.lines == ["hello  [block 2/4, 6 tokens]"]
+    p.text("world\nsecond")
+    p.done()
+    assert term.lines == ["hello world", "second"]
+    # stdout piped, stderr a terminal: the status is its own line, redrawn in place and erased at the end
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.setattr("sys.stdout", type("Pipe", (), {"write": lambda s, x: None, "flush": lambda s: None,
+                                                         "isatty": lambda s: False})())
+    p = Progress()
+    p.status("block 1/4", force=True)
+    p.text("abc")
+    p.status("block 2/4", force=True)
+    assert err.lines == ["block 2/4"]
+    p.done()
+    assert err.lines == [""]
+    # not a terminal: nothing at all
+    assert Progress(enabled=False).on is False

@@ -34,8 +34,8 @@ def test_exact_mode_solves_held_out_prompts(exact, task):
 
 def test_exact_mode_recalls_values(exact):
     # key -> value recall, an induction-style lookup (find the key asked for, read the value two tokens
-    # later), learned in the demo model's phase 4 (bench: 86% on 50 prompts, where answering a random value
-    # of the prompt scores 38.5%)
+    # later): bench/quality.py measures 86% on 50 prompts, where answering a random value of the prompt
+    # scores 38.5%
     assert exact["per_task"]["recall"] >= 0.8, exact
 
 
@@ -85,7 +85,7 @@ def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
 def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
     # a 4-bit float format with an 8-bit embedding (README's convert section: `-q --q-mode nvfp4 --q-recipe
     # mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers: bench -3.6 points on 250
-    # prompts (-2.8 on the model's phase 3), where plain nvfp4 loses 5.6
+    # prompts, where plain nvfp4 loses 5.6
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
     from illada_mlx_convert import convert

@@ -78,7 +78,7 @@ def test_candidates_reference_against_numpy():
 
 def test_candidates_entropy_ignores_banned_ids():
     # the sampler bans the mask token (and EOS on request) with −inf logits: 0 · log 0 must count as 0,
-    # not NaN (found on the CUDA machine: every entropy-rule step then committed one token)
+    # not NaN (a NaN entropy makes every entropy-rule step commit only one token)
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 3, (2, 4, 30))
     logits[..., 5] = NEG
