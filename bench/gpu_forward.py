@@ -56,7 +56,6 @@ def main():
             cache = BlockCache()
             model(ids, cache=cache, logits_at=mx.arange(ctx, L))
             mx.eval(cache.state())
-            cache.refreshing = False
             at = mx.arange(0, 32)
             ms = timed(lambda: model(ids[:, ctx:], cache=cache, offset=ctx, logits_at=at))
             roof = 1000 * wbytes / (bw * 1e9)

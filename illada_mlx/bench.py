@@ -20,7 +20,7 @@ import numpy as np
 from .config import IlladaError, ModelArgs
 from .decode import BlockDone, decode, run
 from .model import Model
-from .spec import make_spec
+from .spec import PRESETS, make_spec
 
 SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV head; FFN 3.5×; vocab ≈ 38×d
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
@@ -75,46 +75,60 @@ def _median(runs: list[dict]) -> dict:
     return {k: (statistics.median([r[k] for r in runs]) if runs[0][k] is not None else None) for k in runs[0]}
 
 
-def bench_modes(model, prompts: dict[int, list[int]], modes, gen_length: int, repeats: int, tokenizer=None,
-                block_length: int = 32, log=print) -> list[dict]:
-    """Every (mode, prompt) with the mode's preset at `block_length`, one step per token in a block."""
+def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeats: int, tokenizer=None,
+                block_length: int = 32, log=print, refreshes=("window",), ban_eos: bool = False) -> list[dict]:
+    """Every (gen length, mode, block refresh policy, prompt) with the mode's preset at `block_length`, one
+    step per token in a block. The refresh policy matters only to modes with a cache; ban_eos (random
+    weights): every run writes its whole budget, so the rows compare equal outputs."""
     rows = []
-    for name in modes:
-        for plen, prompt in prompts.items():
-            spec = make_spec(model, tokenizer, plen, mode=name, max_tokens=gen_length, block_length=block_length,
-                             steps_per_block=block_length, seed=0)
-            warm = make_spec(model, tokenizer, plen, mode=name, max_tokens=min(gen_length, block_length),
-                             block_length=block_length, steps_per_block=block_length, seed=0)
-            _one(model, prompt, warm)
-            r = _median([_one(model, prompt, spec) for _ in range(repeats)])
-            r.update(mode=name, gen_length=gen_length, prompt_tokens=plen, block_length=block_length,
-                     cache=spec.cache, rule=spec.rule, canvas=spec.canvas)
-            rows.append(r)
-            log(f"{name:10s} prompt {plen:5d}: {r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  "
-                f"{r['tokens_per_forward']:.2f} tok/fwd  {r['processed_per_output_token']:8.1f} processed/out  "
-                f"{r['ms_per_forward']:.1f} ms/fwd  {r['processed_vs_ideal']:.2f}x ideal  "
-                f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+    for gen in gen_lengths:
+        for name in modes:
+            policies = refreshes if PRESETS[name].settings["cache"] != "none" else refreshes[:1]
+            for refresh in policies:
+                for plen, prompt in prompts.items():
+                    kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
+                              block_refresh=refresh, logits_eos_inf=ban_eos)
+                    spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
+                    _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
+                    r = _median([_one(model, prompt, spec) for _ in range(repeats)])
+                    r.update(mode=name, gen_length=gen, prompt_tokens=plen, block_length=block_length,
+                             cache=spec.cache, block_refresh=spec.block_refresh if spec.cache != "none" else None,
+                             rule=spec.rule, canvas=spec.canvas)
+                    rows.append(r)
+                    log(f"gen {gen:5d} {name:10s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
+                        f"{r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  {r['tokens_per_forward']:.2f} tok/fwd  "
+                        f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
+                        f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
+                        f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
     return rows
 
 
 def table(runs: list[dict]) -> str:
-    """The result rows as a text table, then each mode against exact on the same prompt."""
-    head = ("mode", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out", "ms/fwd", "peak MB")
-    lines = ["  ".join(f"{h:>10s}" for h in head)]
+    """The result rows as a text table, then each mode against exact (or, without an exact row, each
+    window-refresh row against its full-refresh row) on the same prompt and length."""
+    head = ("gen", "mode", "refresh", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out", "vs ideal",
+            "ms/fwd", "1st blk s", "peak MB")
+    lines = ["".join(f"{h:>10s}" for h in head)]
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in runs:
-        peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else float("nan")
-        cells = (r["mode"], r["prompt_tokens"], r["output_tokens"], f"{r['tokens_per_s']:.2f}", r["nfe"],
-                 f"{r['tokens_per_forward']:.2f}", f"{r['processed_per_output_token']:.1f}",
-                 f"{r['ms_per_forward']:.1f}", f"{peak:.0f}")
-        lines.append("  ".join(f"{str(c):>10s}" for c in cells))
-    exact = [r for r in runs if r["mode"] == "exact"]
+        peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None
+        cells = (r["gen_length"], r["mode"], r.get("block_refresh") or "-", r["prompt_tokens"], r["output_tokens"],
+                 num(r["tokens_per_s"], ".2f"), r["nfe"], num(r["tokens_per_forward"], ".2f"),
+                 num(r["processed_per_output_token"], ".1f"), num(r.get("processed_vs_ideal"), ".2f"),
+                 num(r["ms_per_forward"], ".1f"), num(r.get("time_to_first_block_s"), ".2f"), num(peak, ".0f"))
+        lines.append("".join(f"{str(c):>10s}" for c in cells))
+    same = lambda a, b: a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]  # noqa
     for r in runs:
-        if exact and r["mode"] != "exact":
-            e = next((x for x in exact if x["prompt_tokens"] == r["prompt_tokens"]), exact[0])
-            lines.append(f"{r['mode']} vs exact (prompt {r['prompt_tokens']}): "
-                         f"{r['tokens_per_s'] / e['tokens_per_s']:.2f}x tokens/s, "
-                         f"{e['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer processed "
-                         "tokens per output token")
+        base = next((x for x in runs if x["mode"] == "exact" and same(x, r)), None)
+        if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh") == "window":
+            base = next((x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)),
+                        None)
+        if base is not None and base is not r and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar"):
+            what = "exact" if base["mode"] == "exact" else f"{base['mode']} full refresh"
+            lines.append(f"gen {r['gen_length']} {r['mode']} {r.get('block_refresh') or ''} vs {what} (prompt "
+                         f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                         f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
+                         "processed tokens per output token")
     return "\n".join(lines)
 
 
@@ -197,7 +211,7 @@ def plot(result: dict, path: str):
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    names = [f"{r['mode']}\n(p{r['prompt_tokens']})" for r in runs]
+    names = [f"{r['mode']} {r.get('block_refresh') or ''}\n(p{r['prompt_tokens']}, g{r['gen_length']})" for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_forward", "processed_per_output_token"),
                               ("tokens / s (to EOS)", "tokens per forward", "processed tokens per output token")):
@@ -206,6 +220,6 @@ def plot(result: dict, path: str):
         ax.set_title(title)
         if key == "processed_per_output_token":
             ax.set_yscale("log")
-    fig.suptitle(f"illada-mlx bench: {result['model']}, gen {result['gen_length']} ({result['machine']['device']})")
+    fig.suptitle(f"illada-mlx bench: {result['model']}, gen {result['gen_lengths']} ({result['machine']['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

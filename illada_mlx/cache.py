@@ -1,64 +1,119 @@
-"""Block KV cache (Fast-dLLM style): what is kept, which window runs, when it is refreshed.
+"""Block KV cache (Fast-dLLM style, with dKV-Cache's delayed caching): what is kept, which window runs,
+when what is recomputed.
 
-A refresh runs the whole canvas once and keeps every layer's post-RoPE keys/values. Later steps run
-only a window of the canvas; its fresh keys/values are spliced between the cached ones:
-  - "prefix": window = [block start, canvas end): cached prefix, everything after it recomputed;
-  - "dual":   window = [block start, block end): cached prefix *and* cached (masked) suffix.
-The cache is approximate (the cached states saw older versions of the canvas): quality is measured
-in bench/, and refreshing every step reproduces the uncached forward exactly.
+Every layer's post-RoPE keys/values live in one preallocated buffer per layer, (B, kv_heads, capacity,
+head_dim), sized to the canvas and grown in chunks; a forward of the window [offset, offset + L) writes
+its keys/values into the buffer in place and attends over the buffer's first `length` positions (the
+canvas). Which window a forward runs:
+  - a full refresh: the whole canvas (after the prefix reused from an earlier call);
+  - a block start under the "window" policy: the block just finished (its keys/values computed once more
+    with its final tokens, one block after it was committed) and the new block, to the step window's end;
+  - a step: "prefix" = [block start, canvas end), "dual" = [block start, block end) (the masked suffix
+    stays as cached).
+The cache is approximate (cached states saw older versions of the canvas): quality is measured in
+bench/, and refreshing every step reproduces the uncached forward exactly.
 
-Across calls (chat turns), a cache remembers the canvas of its last refresh: the next call's first refresh
-reuses the keys/values of the longest common token prefix and runs only the rest ("extend").
+`ids` records the token each position held when its keys/values were last written; a later call (the
+next chat turn) reuses the longest common prefix of its canvas with them ("extend").
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 
 CACHES = ("none", "prefix", "dual")
+REFRESHES = ("full", "window")  # what a block start recomputes: the whole canvas, or the last two blocks
+CHUNK = 256  # buffers grow in steps of this many positions
 
 
 class BlockCache:
     def __init__(self):
-        self.keys: dict[int, mx.array] = {}
-        self.values: dict[int, mx.array] = {}
-        self.refreshing = True
-        self.tokens = None  # (1, L) canvas of the last refresh, for reuse by the next call
-        self.reuse = 0  # prefix length the next refresh may take from the cache
+        self.keys: list[mx.array] = []  # per layer, (B, kv_heads, capacity, head_dim)
+        self.values: list[mx.array] = []
+        self.ids: Optional[mx.array] = None  # (B, capacity) int32, -1 where nothing was written
+        self.length = 0  # positions a forward attends over (the canvas)
+        self.capacity = 0  # positions the buffers hold
+        self.reuse = 0  # prefix length the next call's first refresh may take from the cache
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for a canvas of `capacity` positions before the buffers are first written."""
+        self.capacity = max(self.capacity, capacity)
+
+    def _room(self, layer: int, k: mx.array, v: mx.array, end: int) -> None:
+        B, H, _, D = k.shape
+        if layer < len(self.keys) and self.keys[layer].shape[0] == B and end <= self.keys[layer].shape[2]:
+            return
+        size = self.capacity if self.capacity >= end else -(-end // CHUNK) * CHUNK
+        grow_k = mx.zeros((B, H, size, D), k.dtype)
+        grow_v = mx.zeros((B, H, size, v.shape[3]), v.dtype)
+        if layer < len(self.keys) and self.keys[layer].shape[0] == B:  # keep what is there
+            n = self.keys[layer].shape[2]
+            grow_k[..., :n, :] = self.keys[layer]
+            grow_v[..., :n, :] = self.values[layer]
+        if layer < len(self.keys):
+            self.keys[layer], self.values[layer] = grow_k, grow_v
+        else:
+            self.keys.append(grow_k)
+            self.values.append(grow_v)
+        self.capacity = max(self.capacity, size)
 
     def update(self, layer: int, k: mx.array, v: mx.array, offset: int):
-        if self.refreshing:  # a refresh: keep everything (after the reused prefix when extending)
-            if offset:
-                k = mx.concatenate([self.keys[layer][:, :, :offset], k], axis=2)
-                v = mx.concatenate([self.values[layer][:, :, :offset], v], axis=2)
-            self.keys[layer], self.values[layer] = k, v
-            return k, v
+        """Write the window's keys/values at [offset, offset + L); return the canvas's keys/values."""
         end = offset + k.shape[2]
+        self._room(layer, k, v, end)
+        self.keys[layer][..., offset:end, :] = k
+        self.values[layer][..., offset:end, :] = v
+        self.length = max(self.length, end)
+        n = self.length
         K, V = self.keys[layer], self.values[layer]
-        ks, vs = [K[:, :, :offset], k], [V[:, :, :offset], v]
-        if end < K.shape[2]:
-            ks.append(K[:, :, end:])
-            vs.append(V[:, :, end:])
-        return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+        return (K, V) if n == K.shape[2] else (K[..., :n, :], V[..., :n, :])
+
+    def record(self, tokens: mx.array, offset: int) -> None:
+        """The tokens (B, L) whose keys/values a forward just wrote at [offset, offset + L)."""
+        B, end = tokens.shape[0], offset + tokens.shape[1]
+        if self.ids is None or self.ids.shape[0] != B or self.ids.shape[1] < end:
+            grown = mx.full((B, max(self.capacity, end)), -1, dtype=mx.int32)
+            if self.ids is not None and self.ids.shape[0] == B:
+                grown[:, : self.ids.shape[1]] = self.ids
+            self.ids = grown
+        self.ids[:, offset:end] = tokens
+
+    def keep(self, rows: mx.array) -> None:
+        """Keep only these rows of the batch (the others finished)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.ids = None if self.ids is None else self.ids[rows]
 
     def plan_reuse(self, canvas: mx.array, limit: int) -> None:
         """Before a new call: how much of `canvas` (batch 1) the cache already holds, at most `limit`."""
         self.reuse = 0
-        if self.tokens is None or canvas.shape[0] != 1 or self.tokens.shape[0] != 1:
+        if self.ids is None or canvas.shape[0] != 1 or self.ids.shape[0] != 1:
             return
-        n = min(self.tokens.shape[1], canvas.shape[1], limit)
-        same = (self.tokens[0, :n] == canvas[0, :n]).astype(mx.int32)
-        self.reuse = int(mx.cumprod(same).sum()) if n > 0 else 0
+        n = min(self.ids.shape[1], canvas.shape[1], limit)
+        if n > 0:
+            same = (self.ids[0, :n] == canvas[0, :n]).astype(mx.int32)
+            self.reuse = int(mx.cumprod(same).sum())
 
     def state(self):
-        return list(self.keys.values()) + list(self.values.values())
+        return self.keys + self.values
 
 
-def window(mode: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
+def step_window(mode: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
     """The canvas slice a cached step runs."""
     return (block_start, canvas_len) if mode == "prefix" else (block_start, block_end)
 
 
-def refresh_due(mode: str, step_in_block: int, every: int) -> bool:
-    """Refresh policy: always without a cache; at every block start; and every `every` steps (0 = never)."""
-    return mode == "none" or step_in_block == 0 or (every > 0 and step_in_block % every == 0)
+def refresh_kind(mode: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
+    """What a forward recomputes: "full" (the canvas), "window" (the last block again + the new one, at a
+    block start) or None (the step window). Always full without a cache, at the first block and every
+    `every` steps (0 = never); at a block start per the policy, with a full refresh every `full_every`
+    blocks (0 = never) under the window policy."""
+    if mode == "none" or (every > 0 and step % every == 0):
+        return "full"
+    if step:
+        return None
+    if block == 0 or refresh == "full" or (full_every > 0 and block % full_every == 0):
+        return "full"
+    return "window"

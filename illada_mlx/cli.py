@@ -12,7 +12,7 @@ import time
 
 import click
 
-from .cache import CACHES
+from .cache import CACHES, REFRESHES
 from .config import IlladaError, one_line_errors
 from .spec import PRESETS
 
@@ -318,6 +318,16 @@ def serve(model_path, host, port, max_queue, mask_id):
 
 
 # ------------------------------------------------------------------------------------------ bench
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise IlladaError(f"{option} takes a comma list of positive whole numbers, not {value!r}")
+    return out
+
+
 def _modes(value: str) -> list[str]:
     names = [m for m in value.split(",") if m]
     bad = [m for m in names if m not in PRESETS]
@@ -332,16 +342,19 @@ def _modes(value: str) -> list[str]:
               help="A random-weight model of this shape instead of a checkpoint (8b = iLLaDA-8B dims).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--modes", default="exact,fast", show_default=True, help=f"Comma list of {','.join(PRESETS)}.")
-@click.option("--gen-length", type=int, default=256, show_default=True)
+@click.option("--gen-length", "gen_lengths", default="256", show_default=True,
+              help="Comma list of budgets (with --shape every run writes the whole budget).")
 @click.option("--block-length", type=int, default=32, show_default=True)
 @click.option("--prompt-lengths", default="auto", show_default=True,
               help="Comma list of prompt lengths (random tokens), or auto: demo prompts / 16,128.")
 @click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--refresh", "refreshes", default="window", show_default=True,
+              help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).")
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib: the `plot` extra).")
-def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_lengths, repeats, baselines, json_out,
-          plot_out):
+def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_lengths, repeats, refreshes, baselines,
+          json_out, plot_out):
     """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines.
     The table goes to stdout, progress to stderr."""
     import json
@@ -354,6 +367,11 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
     from .engine import build_prompt
 
     mode_list = _modes(modes)
+    gens = _ints(gen_lengths, "--gen-length")
+    policies = [p for p in refreshes.split(",") if p]
+    bad = [p for p in policies if p not in REFRESHES] or ([] if policies else [refreshes])
+    if bad:
+        raise IlladaError(f"unknown refresh policy {bad[0]!r}; choose from {', '.join(REFRESHES)}")
     if plot_out:
         B.require_matplotlib()
     tok = None
@@ -367,22 +385,24 @@ def bench(model_path, shape, dtype, modes, gen_length, block_length, prompt_leng
         texts = ["reverse qwerty", "sort 9 3 7 1 4 2"]  # the demo model's longest in-distribution answers
         prompts = {len(p): p for p in (build_prompt(tok, [{"role": "user", "content": t}]) for t in texts)}
     else:
-        lens = [16, 128] if prompt_lengths == "auto" else [int(x) for x in prompt_lengths.split(",")]
+        lens = [16, 128] if prompt_lengths == "auto" else _ints(prompt_lengths, "--prompt-lengths")
         import numpy as np
 
         rng = np.random.default_rng(0)
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    runs = B.bench_modes(model, prompts, mode_list, gen_length, repeats, tok, block_length, log)
+    runs = B.bench_modes(model, prompts, mode_list, gens, repeats, tok, block_length, log, policies,
+                         ban_eos=shape is not None)
     base = [b for b in baselines.split(",") if b]
     first_prompt = next(iter(prompts.values()))
-    if "torch" in base:
-        r = B.bench_torch(model, first_prompt, gen_length, block_length, log)
-        runs += [r] if r else []
-    if "ar" in base:
-        r = B.bench_ar(model.args, len(first_prompt), gen_length, log)
-        runs += [r] if r else []
-    result = {"model": name, "gen_length": gen_length, "block_length": block_length, "repeats": repeats,
+    for gen in gens:
+        if "torch" in base:
+            r = B.bench_torch(model, first_prompt, gen, block_length, log)
+            runs += [r] if r else []
+        if "ar" in base:
+            r = B.bench_ar(model.args, len(first_prompt), gen, log)
+            runs += [r] if r else []
+    result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
               "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .cache import BlockCache, refresh_due, window
+from .cache import BlockCache, refresh_kind, step_window
 from .config import IlladaError
 from .kernels import candidates
 from .rules import commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
@@ -114,14 +114,16 @@ class DecodeState:
     stats: Stats
     t0: float
 
-    def keep(self, idx: list[int]) -> None:
-        """Drop every active row not in idx (positions in the active batch)."""
+    def keep(self, idx: list[int], cfg: bool) -> None:
+        """Drop every active row not in idx (positions in the active batch); the cache keeps its rows
+        (with CFG the unconditional copies too, which follow the conditional rows)."""
+        n = self.x.shape[0]
         i = mx.array(idx)
         self.x, self.prompt_mask = self.x[i], self.prompt_mask[i]
         self.key_valid = None if self.key_valid is None else self.key_valid[i]
         self.rows = [self.rows[j] for j in idx]
         if self.cache is not None:
-            self.cache.keys, self.cache.values, self.cache.tokens = {}, {}, None
+            self.cache.keep(mx.array(idx + [j + n for j in idx]) if cfg else i)
 
 
 def left_pad(prompts, pad_id: int):
@@ -138,8 +140,9 @@ def left_pad(prompts, pad_id: int):
 
 
 # ------------------------------------------------------------------------------------------ one step
-def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, refresh: bool):
-    """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache."""
+def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str]):
+    """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache. kind: what the
+    forward recomputes (cache.refresh_kind): "full", "window" or None (a step)."""
     x, cache = st.x, st.cache
     B, L = x.shape
     kv = None if st.key_valid is None else st.key_valid[:, :L]
@@ -148,19 +151,21 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, re
         xin = mx.concatenate([x, mx.where(st.prompt_mask[:, :L], spec.mask_id, x)])
         kv = None if kv is None else mx.concatenate([kv, kv])
         at = mx.concatenate([pos, pos])
-    if cache is None or refresh:
-        n = 0
-        if cache is not None:
-            cache.refreshing, n, cache.reuse = True, cache.reuse, 0
-            cache.tokens = x
-        logits = model(xin[:, n:], kv, logits_at=at - n, cache=cache, offset=n)
-        if cache is not None:
-            cache.refreshing = False
-        st.stats.processed += xin.shape[0] * (L - n)
+    end = step_window(spec.cache, lo, hi, L)[1]
+    if cache is None:
+        wlo, end = 0, L
+    elif kind == "full":
+        wlo, end, cache.reuse = cache.reuse, L, 0
+    elif kind == "window":  # the finished block once more, with its final tokens, and the new one
+        wlo = lo - spec.block_length
     else:
-        wlo, whi = window(spec.cache, lo, hi, L)
-        logits = model(xin[:, wlo:whi], kv, logits_at=at - wlo, cache=cache, offset=wlo)
-        st.stats.processed += xin.shape[0] * (whi - wlo)
+        wlo = lo
+    if cache is not None:
+        cache.length = L
+    logits = model(xin[:, wlo:end], kv, logits_at=at - wlo, cache=cache, offset=wlo)
+    if cache is not None:
+        cache.record(xin[:, wlo:end], wlo)
+    st.stats.processed += xin.shape[0] * (end - wlo)
     st.stats.nfe += 1
     if spec.cfg_scale > 0:
         cond, un = logits[:B], logits[B:]
@@ -197,7 +202,8 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
             pos = (order[:, :remaining] + lo).astype(mx.int32)
         else:
             pos = mx.broadcast_to(block_pos, (B, size))
-        logits = _forward(model, st, spec, pos, lo, hi, refresh_due(spec.cache, t, spec.refresh_every))
+        kind = refresh_kind(spec.cache, spec.block_refresh, index, t, spec.refresh_every, spec.full_refresh_every)
+        logits = _forward(model, st, spec, pos, lo, hi, kind)
         cur = mx.take_along_axis(x, pos, axis=1)
         is_mask = cur == spec.mask_id
         logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
@@ -266,10 +272,10 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
         key_valid = mx.concatenate([key_valid, mx.ones((n_rows, gen_length), dtype=mx.int32)], axis=1)
     if spec.cache == "none":
         cache = None
-    elif cache is None:
-        cache = BlockCache()
     else:
+        cache = cache if cache is not None else BlockCache()
         cache.plan_reuse(x, P - 1 if spec.cfg_scale == 0 else 0)  # the prompt's last token is always recomputed
+        cache.reserve(canvas_len)
     key = mx.random.key(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
     st = DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), cache, key, stats, t0)
     stop_ids = {t for t in (spec.eos_id, spec.eot_id) if t is not None}
@@ -304,7 +310,7 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
             keep = [j for j, f in enumerate(finished) if not f]
             if not keep:
                 break
-            st.keep(keep)
+            st.keep(keep, spec.cfg_scale > 0)
     mx.eval(st.x)
     stats.output_tokens = sum(len(o) for o in out)
     stats.wall_s = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
-from .cache import CACHES
+from .cache import CACHES, REFRESHES
 from .config import LLADA, THINK_END_TEXT, ContextError, IlladaError
 from .rules import RULES
 
@@ -54,7 +54,9 @@ class DecodeSpec:
     factor: float = 1.0
     entropy_gamma: float = 0.1
     cache: str = "none"
-    refresh_every: int = 0
+    refresh_every: int = 0  # also recompute the whole canvas every this many steps of a block (0: never)
+    block_refresh: str = "window"  # what a block start recomputes (cache.REFRESHES)
+    full_refresh_every: int = 0  # under "window": the whole canvas every this many blocks (0: never)
     logits_at: str = "masked"
     temperature: float = 0.0
     cfg_scale: float = 0.0
@@ -92,6 +94,7 @@ class DecodeSpec:
             raise IlladaError(f"mask_id {self.mask_id} is outside the vocabulary (size {vocab_size}); iLLaDA uses 5")
         for name, value, allowed in (("canvas", self.canvas, CANVASES), ("remasking", self.remasking, REMASKING),
                                      ("commit rule", self.rule, RULES), ("cache", self.cache, CACHES),
+                                     ("block_refresh", self.block_refresh, REFRESHES),
                                      ("logits_at", self.logits_at, LOGITS_AT)):
             if value not in allowed:
                 raise IlladaError(f"{name} {value!r}: use one of {', '.join(allowed)}")
@@ -109,8 +112,8 @@ class DecodeSpec:
             raise IlladaError(f"threshold {self.threshold} must be in (0, 1]")
         if self.remasking == "random" and self.rule != "schedule":
             raise IlladaError("random remasking has no confidence to threshold: use rule='schedule'")
-        if self.refresh_every < 0:
-            raise IlladaError("refresh_every must be ≥ 0 (0: refresh at block starts only)")
+        if self.refresh_every < 0 or self.full_refresh_every < 0:
+            raise IlladaError("refresh_every and full_refresh_every must be ≥ 0 (0: never)")
 
 
 def default_budget(model, tokenizer, canvas: str) -> int:

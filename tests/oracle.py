@@ -15,11 +15,11 @@ def rmsnorm(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def rope(x, theta):
-    """Half-split ("rotate_half") RoPE over the sequence axis -2, positions 0..L-1."""
+def rope(x, theta, offset=0):
+    """Half-split ("rotate_half") RoPE over the sequence axis -2, positions offset..offset+L-1."""
     L, D = x.shape[-2], x.shape[-1]
     inv = theta ** (-np.arange(0, D, 2) / D)
-    ang = np.arange(L)[:, None] * inv[None]
+    ang = np.arange(offset, offset + L)[:, None] * inv[None]
     cos, sin = np.cos(ang), np.sin(ang)
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -31,14 +31,18 @@ def softmax(x, axis=-1):
     return e / e.sum(axis, keepdims=True)
 
 
-def forward(p, ids, heads, kv_heads, theta=10000.0, eps=1e-5, key_valid=None):
-    """Logits (B, L, V) in float64. key_valid (B, L): 1 for real tokens, 0 for padding."""
+def forward(p, ids, heads, kv_heads, theta=10000.0, eps=1e-5, key_valid=None, store=None, offset=0, length=None):
+    """Logits (B, L, V) in float64. key_valid (B, L): 1 for real tokens, 0 for padding.
+
+    With `store` (a dict, empty at first): `ids` is the window [offset, offset + L) of a canvas of
+    `length` positions; every layer's keys/values of the window are written into store[layer] (kept,
+    (B, kv_heads, length, hd)) and attention runs over all `length` stored positions."""
     ids = np.asarray(ids)
     B, L = ids.shape
     h = p["embed"][ids]
     d = h.shape[-1]
     hd = d // heads
-    for lay in p["layers"]:
+    for i, lay in enumerate(p["layers"]):
         n = rmsnorm(h, lay["attn_norm"], eps)
 
         def proj(w, b, nh):
@@ -46,7 +50,16 @@ def forward(p, ids, heads, kv_heads, theta=10000.0, eps=1e-5, key_valid=None):
             return y.reshape(B, L, nh, hd).transpose(0, 2, 1, 3)
 
         q, k, v = proj("wq", "bq", heads), proj("wk", "bk", kv_heads), proj("wv", "bv", kv_heads)
-        q, k = rope(q, theta), rope(k, theta)
+        q, k = rope(q, theta, offset), rope(k, theta, offset)
+        if store is not None:
+            K, V = store.get(i, (np.zeros((B, kv_heads, length, hd)), np.zeros((B, kv_heads, length, hd))))
+            if K.shape[2] < length:
+                pad = ((0, 0), (0, 0), (0, length - K.shape[2]), (0, 0))
+                K, V = np.pad(K, pad), np.pad(V, pad)
+            K, V = K.copy(), V.copy()
+            K[:, :, offset:offset + L], V[:, :, offset:offset + L] = k, v
+            store[i] = (K, V)
+            k, v = K[:, :, :length], V[:, :, :length]
         rep = heads // kv_heads
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)  # no causal mask: bidirectional

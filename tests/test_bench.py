@@ -25,7 +25,7 @@ def test_bench_json_has_every_field(tmp_path):
     exact, fast = res["runs"][0], res["runs"][2]
     assert exact["nfe"] == 32 and exact["processed_per_output_token"] == 8 + 32  # whole canvas every step
     assert fast["processed_per_output_token"] < exact["processed_per_output_token"]
-    assert "fast vs exact" in r.stdout
+    assert "fast window vs exact" in r.stdout
 
 
 def test_bench_rejects_unknown_mode():
@@ -37,7 +37,7 @@ def test_bench_table_on_stdout_progress_on_stderr():
     r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16",
                                   "--modes", "fast", "--prompt-lengths", "8"])
     assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines()[0].split()[:3] == ["mode", "prompt", "out"] and "fast" in r.stdout
+    assert r.stdout.splitlines()[0].split()[:4] == ["gen", "mode", "refresh", "prompt"] and "fast" in r.stdout
     assert "ms/fwd" in r.stderr and "ms/fwd" not in r.stdout.splitlines()[1]
 
 
@@ -49,3 +49,27 @@ def test_bench_refuses_plot_before_running_without_matplotlib(monkeypatch, tmp_p
                                   "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 1 and "illada-mlx[plot]" in r.output and r.output.count("\n") == 1
     assert not (tmp_path / "b.json").exists()  # refused before the benchmark ran
+
+
+def test_bench_rows_per_length_and_refresh_policy(tmp_path):
+    # one run, side by side: each budget, each block refresh policy of a cached mode; random weights write
+    # the whole budget (EOS banned), so the rows compare equal outputs
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "32,64", "--block-length", "16",
+                                  "--modes", "fast,variable", "--refresh", "full,window", "--prompt-lengths", "8",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    runs = json.loads(out.read_text())["runs"]
+    got = [(x["gen_length"], x["mode"], x["block_refresh"]) for x in runs]
+    assert got == [(32, "fast", "full"), (32, "fast", "window"), (32, "variable", None),
+                   (64, "fast", "full"), (64, "fast", "window"), (64, "variable", None)]
+    assert all(x["output_tokens"] == x["gen_length"] for x in runs)
+    full, window = runs[3], runs[4]
+    assert window["processed_per_output_token"] < full["processed_per_output_token"]
+    assert "gen 64 fast window vs fast full refresh" in r.stdout
+
+
+def test_bench_refuses_bad_lists():
+    for args in (["--gen-length", "abc"], ["--prompt-lengths", "8,x"], ["--refresh", "sometimes"]):
+        r = CliRunner().invoke(main, ["bench", "--shape", "tiny", *args])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output

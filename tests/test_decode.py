@@ -159,7 +159,9 @@ def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
     turn2 = turn1 + g1.tokens[0] + [40, 41, 42]
     fresh = run(decode(model, [turn2], spec))
     reused = run(decode(model, [turn2], spec, cache=cache))
-    saved = len(turn1)  # at least the first turn's prompt came from the cache
+    # the first turn's prompt and its reply come from the cache, up to the reply's last block (whose
+    # keys/values were last written before its last commits): from there on this turn recomputes
+    saved = len(turn1) + len(g1.tokens[0]) - 8
     assert fresh.stats.processed - reused.stats.processed >= saved
     assert len(reused.tokens[0]) == 16 and mask not in reused.tokens[0]
 
@@ -349,3 +351,86 @@ def test_make_spec_defaults_per_model_kind(tiny):
     assert make_spec(model, tok, 6, mode="fast", cache="none").cache == "none"
     with pytest.raises(IlladaError, match="unknown decode option 'warp'"):
         make_spec(model, tok, 6, warp=1)
+
+
+# ------------------------------------------------------------------------------- the block cache
+def _growing(mask, **kw):
+    from illada_mlx.spec import DecodeSpec
+
+    return DecodeSpec(mask_id=mask, canvas="growing", **{"block_length": 8, "steps_per_block": 4, **kw})
+
+
+@pytest.mark.parametrize("cache,refresh,full_every", [("prefix", "window", 0), ("prefix", "full", 0),
+                                                       ("dual", "window", 2), ("prefix", "window", 3)])
+def test_processed_tokens_follow_the_refresh_policy(tiny, cache, refresh, full_every):
+    # the growing canvas, P = 6, blocks of 8, 4 steps each, 5 blocks: block 0 starts with the whole canvas;
+    # a later block start runs the finished block again and the new one (window) or the whole canvas (full,
+    # and every `full_every` blocks under window); a step runs the block
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    P, B, S, n = 6, 8, 4, 5
+    spec = _growing(mask, max_tokens=n * B, cache=cache, block_refresh=refresh, full_refresh_every=full_every,
+                    logits_eos_inf=True)
+    g = run(decode(model, [prompts(1, P, 11)[0].tolist()], spec))
+    full = [b == 0 or refresh == "full" or (full_every and b % full_every == 0) for b in range(n)]
+    want = sum((P + (b + 1) * B if full[b] else 2 * B) + (S - 1) * B for b in range(n))
+    assert g.stats.processed == want and g.stats.nfe == n * S
+
+
+def test_in_place_cache_matches_the_float64_cached_forward(ckpt_factory):
+    # the cache's semantics re-derived in numpy (oracle.forward with a store): a full refresh, a step that
+    # changed the block, the next block's window refresh (the finished block again, the new block), a dual
+    # step that leaves the masked suffix as cached
+    spec = ILLADA
+    d, params = ckpt_factory(spec)
+    model, _ = load(str(d))
+    from illada_mlx.cache import BlockCache
+
+    rng = np.random.default_rng(12)
+    canvas = rng.integers(8, 250, (2, 30))
+    cache, store = BlockCache(), {}
+    plan = [(0, 14, 14), (6, 14, 14), (6, 22, 22), (14, 22, 30), (14, 30, 30)]  # (lo, hi, canvas length)
+    for i, (lo, hi, L) in enumerate(plan):
+        canvas[:, lo + i % 3] = rng.integers(8, 250, 2)  # the canvas changes between forwards
+        cache.length = L
+        got = np.array(model(mx.array(canvas[:, lo:hi]), cache=cache, offset=lo))
+        ref = oracle.forward(params, canvas[:, lo:hi], spec.heads, spec.kv_heads, spec.theta, spec.eps,
+                             store=store, offset=lo, length=L)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (i, lo, hi)
+
+
+@pytest.mark.parametrize("cfg", [0.0, 0.3])
+def test_a_finished_row_leaves_the_others_cache_intact(tiny, cfg):
+    # row 0 stops after block 0 (a stop string, say); row 1 goes on with its cache rows, so it decodes
+    # exactly as it does alone
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    spec = _growing(mask, max_tokens=32, cache="prefix", rule="threshold", threshold=0.5, cfg_scale=cfg,
+                    logits_eos_inf=True)
+    rows = prompts(2, 7, 13).tolist()
+    both = run(decode(model, rows, spec, stop_fn=lambda r, toks: r == 0))
+    alone = run(decode(model, rows[1:], spec))
+    assert len(both.tokens[0]) == 8 and both.tokens[1] == alone.tokens[0]
+
+
+def test_cache_buffers_are_allocated_once_per_call(tiny):
+    from illada_mlx.cache import BlockCache
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    cache = BlockCache()
+    run(decode(model, [prompts(1, 6, 14)[0].tolist()], _growing(mask, max_tokens=40, cache="prefix",
+                                                                  logits_eos_inf=True), cache=cache))
+    assert {k.shape[2] for k in cache.keys} == {6 + 40}  # sized to the canvas's budget at the start
+
+
+def test_full_refresh_every_block_is_the_full_policy(tiny):
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    p = [prompts(1, 6, 15)[0].tolist()]
+    full = run(decode(model, p, _growing(mask, max_tokens=32, cache="prefix", block_refresh="full")))
+    every = run(decode(model, p, _growing(mask, max_tokens=32, cache="prefix", full_refresh_every=1)))
+    assert full.tokens == every.tokens and full.stats.processed == every.stats.processed

@@ -79,7 +79,6 @@ def test_cached_window_equals_full_forward_on_unchanged_canvas(loaded):
     for lo, hi in ((4, 16), (4, 8)):  # prefix (to the end), dual (a middle block)
         cache = BlockCache()
         model(ids, cache=cache)
-        cache.refreshing = False
         win = np.array(model(ids[:, lo:hi], cache=cache, offset=lo))
         np.testing.assert_allclose(win, full[:, lo:hi], rtol=1e-4, atol=1e-4)
 
