@@ -72,6 +72,9 @@ def sampler_options(f):
         click.option("--threshold", type=float, default=None, help="Threshold modes: commit tokens with confidence ≥ τ (0.9)."),
         click.option("--cache", type=click.Choice(list(CACHES)), default=None,
                      help="Block KV cache (default: the mode's: fast prefix, fast_fixed dual, else none)."),
+        click.option("--block-refresh", type=click.Choice(list(REFRESHES)), default=None,
+                     help="What a cached mode recomputes at a block start: window = the finished block and the new "
+                          "one (default), full = the whole canvas."),
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--think-boost/--no-think-boost", default=None, help="iLLaDA-Instruct end-of-thinking boost."),

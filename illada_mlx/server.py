@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .cache import CACHES
+from .cache import CACHES, REFRESHES
 from .config import ContextError, IlladaError
 from .engine import build_prompt, stream_generate
 from .spec import PRESETS, DecodeSpec, make_spec
@@ -33,7 +33,8 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop",
           "stream_options", "top_p", "diffusion"}
 CHAT_FIELDS = COMMON | {"messages"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
-DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "think_boost"}
+DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "block_refresh",
+                    "think_boost"}
 
 
 class ApiError(Exception):
@@ -136,7 +137,7 @@ def _settings(engine: Engine, body: dict) -> dict:
     bad = sorted(set(d) - DIFFUSION_FIELDS)
     if bad:
         raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
-    for name, allowed in (("mode", PRESETS), ("cache", CACHES)):
+    for name, allowed in (("mode", PRESETS), ("cache", CACHES), ("block_refresh", REFRESHES)):
         if name in d:
             if d[name] not in allowed:
                 raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")

@@ -122,7 +122,7 @@ def test_mode_and_cache_names_come_from_the_one_table():
     from pathlib import Path
 
     from illada_mlx import server
-    from illada_mlx.cache import CACHES
+    from illada_mlx.cache import CACHES, REFRESHES
     from illada_mlx.cli import _modes
     from illada_mlx.config import IlladaError
 
@@ -130,6 +130,7 @@ def test_mode_and_cache_names_come_from_the_one_table():
         params = {p.name: p for p in main.commands[cmd].params}
         assert list(params["mode"].type.choices) == list(PRESETS)
         assert list(params["cache"].type.choices) == list(CACHES)
+        assert list(params["block_refresh"].type.choices) == list(REFRESHES)
     # bench --modes: every preset, nothing else
     assert _modes(",".join(PRESETS)) == list(PRESETS)
     with pytest.raises(IlladaError, match="warp"):
@@ -145,7 +146,9 @@ def test_mode_and_cache_names_come_from_the_one_table():
         assert server._settings(E, {"diffusion": {"mode": name}})["mode"] == name
     for name in CACHES:
         assert server._settings(E, {"diffusion": {"cache": name}})["cache"] == name
-    for bad in ({"mode": "warp"}, {"cache": "full"}):
+    for name in REFRESHES:
+        assert server._settings(E, {"diffusion": {"block_refresh": name}})["block_refresh"] == name
+    for bad in ({"mode": "warp"}, {"cache": "full"}, {"block_refresh": "never"}):
         with pytest.raises(server.ApiError):
             server._settings(E, {"diffusion": bad})
     # bench/quality.py's sampler rows are presets with overrides
