@@ -415,5 +415,55 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     click.echo(B.table(runs))
 
 
+# ------------------------------------------------------------------------------------------ eval
+@main.command("eval")
+@click.option("--model", "model_path", default=None, help="Model for --tasks (default: the demo model).")
+@click.option("--tasks", default=None, help="Comma list of lm-eval tasks (needs the `eval` extra).")
+@click.option("--include-path", default=None, help="A folder of local lm-eval task YAMLs.")
+@click.option("--limit", type=int, default=None, help="At most this many documents per task.")
+@click.option("--num-fewshot", type=int, default=None)
+@click.option("--apply-chat-template", is_flag=True, help="Put each task prompt through the chat template.")
+@click.option("--compare", nargs=2, default=None, metavar="A B", help="Two model dirs to compare on --data.")
+@click.option("--data", default=None, help="JSONL of {\"prompt\", \"answer\"} for --compare.")
+@click.option("--raw", is_flag=True, help="--compare: prompts as they are, no chat template.")
+@click.option("--mc-num", type=int, default=128, show_default=True, help="Monte-Carlo samples per answer.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per forward (and mask group).")
+@click.option("--cfg-scale", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mode", type=click.Choice(list(PRESETS)), default=None, help="Decoding mode for generation tasks.")
+@click.option("--json", "json_out", default=None, help="Write the results JSON here.")
+def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_template, compare, data, raw, mc_num,
+          batch_size, cfg_scale, seed, mode, json_out):
+    """Score a model: lm-eval tasks (--tasks), or two conversions against each other (--compare A B --data)."""
+    from . import evaluate as E
+
+    if bool(tasks) == bool(compare):
+        raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
+    if compare:
+        from tqdm import tqdm
+
+        if not data:
+            raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
+        (ma, ta), (mb, tb) = load_model(compare[0]), load_model(compare[1])
+        if ta.get_vocab() != tb.get_vocab():
+            raise IlladaError("the two models have different tokenizers; compare conversions of one model")
+        items = E.read_items(data, ta, raw=raw)
+        with tqdm(total=len(items), desc="comparing", unit="item", file=sys.stderr,
+                  disable=not sys.stderr.isatty()) as bar:
+            r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update)
+        r.update(a=compare[0], b=compare[1], data=data)
+        click.echo(E.summary_line(r))
+    else:
+        model, tok = load_model(model_path)
+        r = E.run_tasks(model, tok, [t for t in tasks.split(",") if t], include_path, limit, num_fewshot,
+                        apply_chat_template, mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
+                        mode=mode)
+        from lm_eval.utils import make_table
+
+        click.echo(make_table(r))
+    if json_out:
+        E.write_json(json_out, r)
+
+
 if __name__ == "__main__":
     main()

@@ -128,3 +128,45 @@ def official_generate(logits_fn, prompt, steps, gen_length, block_length, mask_i
                 x[j, sel] = x0[j, sel]
             step += 1
     return x
+
+
+def official_log_likelihood(logits_fn, prompt, answer, masks, mask_id, cfg_scale=0.0):
+    """get_log_likelihood with the given mask rows (mc_num, L): Σ over rows of the cross-entropy on the
+    masked answer positions / (masked / L), averaged over rows and negated; CFG masks the prompt."""
+    P, L = len(prompt), len(answer)
+    seq = np.array(list(prompt) + list(answer))
+    total = 0.0
+    for m in np.asarray(masks, bool):
+        x = seq.copy()
+        x[P:][m] = mask_id
+        logits = logits_fn(x[None], None)[0]
+        if cfg_scale > 0:
+            un = x.copy()
+            un[:P] = mask_id
+            u = logits_fn(un[None], None)[0]
+            logits = u + (cfg_scale + 1) * (logits - u)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        idx = np.nonzero(m)[0]
+        total += -logp[P + idx, seq[P + idx]].sum() / (len(idx) / L)
+    return -total / len(masks)
+
+
+def official_greedy(logits_fn, prefix, length, mask_id, cfg_scale=0.0):
+    """suffix_greedy_prediction's decoding: `length` masks after the prefix, one revealed per forward (the
+    most confident masked position takes its argmax)."""
+    P = len(prefix)
+    x = np.array(list(prefix) + [mask_id] * length)
+    for _ in range(length):
+        logits = logits_fn(x[None], None)[0]
+        if cfg_scale > 0:
+            un = x.copy()
+            un[:P] = mask_id
+            u = logits_fn(un[None], None)[0]
+            logits = u + (cfg_scale + 1) * (logits - u)
+        masked = np.nonzero(x == mask_id)[0]
+        p = softmax(logits[masked])
+        x0 = p.argmax(-1)
+        best = int(np.argmax(p[np.arange(len(masked)), x0]))
+        x[masked[best]] = x0[best]
+    return x[P:].tolist()

@@ -1,0 +1,121 @@
+"""`illada-mlx eval`: lm-eval tasks with our model, and the quick "what did converting cost" comparison.
+
+compare: two conversions of one model score the same (prompt, answer) items with the same Monte-Carlo
+masks; the per-token log-likelihood difference (A − B) is reported with a 95% confidence interval over
+items, with how often their greedy answers (the official suffix greedy decoding) agree and how often each
+reproduces the reference answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import IlladaError
+from .engine import build_prompt
+from .likelihood import greedy_answers, log_likelihoods
+
+
+def read_items(path: str, tokenizer, raw: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) from a JSONL file of {"prompt": text, "answer": text} (or "messages" for
+    the prompt); a text prompt goes through the chat template as a user turn unless raw."""
+    items = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise IlladaError(f"{path}: cannot be read ({e}); pass a JSONL file of prompt/answer objects")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            answer = obj["answer"]
+            msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise IlladaError(f"{path}:{n}: expected a JSON object with \"prompt\" (or \"messages\") and \"answer\"")
+        if not isinstance(answer, str) or not answer:
+            raise IlladaError(f"{path}:{n}: \"answer\" must be a non-empty string")
+        items.append((build_prompt(tokenizer, msgs, raw=raw), tokenizer.encode(answer, add_special_tokens=False)))
+    if not items:
+        raise IlladaError(f"{path}: no items")
+    return items
+
+
+def compare(model_a, model_b, items, mc_num: int = 32, batch_size: int = 32, cfg_scale: float = 0.0,
+            seed: int = 0, progress=None) -> dict:
+    """Score items on both models with the same masks; the summary and the per-item figures."""
+    ll_a, ll_b, g_a, g_b = [], [], [], []
+    chunk = max(1, 256 // max(mc_num // batch_size, 1))
+    for s in range(0, len(items), chunk):
+        part = items[s:s + chunk]
+        a = log_likelihoods(model_a, part, mc_num, batch_size, cfg_scale, seed)
+        b = log_likelihoods(model_b, part, mc_num, batch_size, cfg_scale, seed, masks=[x.masks for x in a])
+        ll_a += [x.log_likelihood for x in a]
+        ll_b += [x.log_likelihood for x in b]
+        lengths = [(p, len(q)) for p, q in part]
+        g_a += greedy_answers(model_a, lengths, cfg_scale)
+        g_b += greedy_answers(model_b, lengths, cfg_scale)
+        if progress is not None:
+            progress(len(part))
+    n_tok = np.array([len(q) for _, q in items], dtype=np.float64)
+    d = (np.array(ll_a) - np.array(ll_b)) / n_tok
+    mean = float(d.mean())
+    half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    answers = [q for _, q in items]
+    return {
+        "items": len(items), "mc_num": mc_num, "seed": seed,
+        "per_token_ll_diff": mean, "ci95": [mean - half, mean + half],
+        "greedy_agreement": float(np.mean([x == y for x, y in zip(g_a, g_b)])),
+        "greedy_exact_a": float(np.mean([x == q for x, q in zip(g_a, answers)])),
+        "greedy_exact_b": float(np.mean([x == q for x, q in zip(g_b, answers)])),
+        "per_item": [{"ll_a": x, "ll_b": y, "tokens": int(t)} for x, y, t in zip(ll_a, ll_b, n_tok)],
+    }
+
+
+def run_tasks(model, tokenizer, tasks: list[str], include_path: Optional[str] = None, limit: Optional[int] = None,
+              num_fewshot: Optional[int] = None, chat_template: bool = False, **model_args) -> dict:
+    """lm-eval's simple_evaluate on `tasks` with this model; a task that needs a download that cannot
+    happen, or an unknown task, is refused in one line."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise IlladaError("--tasks needs lm-eval: pip install 'illada-mlx[eval]'")
+    from .lm_eval_model import IlladaLM
+
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise IlladaError(f"unknown task {unknown[0]!r}; lm-eval knows {len(manager.all_tasks)} tasks "
+                          "(`lm_eval ls tasks`), and --include-path adds a folder of task YAMLs")
+    lm = IlladaLM(model=model, tokenizer=tokenizer, **model_args)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                       num_fewshot=num_fewshot, apply_chat_template=chat_template,
+                                       log_samples=False, verbosity="ERROR")
+    except IlladaError:
+        raise
+    except Exception as e:  # datasets / hub failures surface as many types
+        text = f"{type(e).__name__}: {e}".splitlines()[0]
+        if any(w in text.lower() for w in ("connect", "offline", "resolve", "internet", "network", "hub")):
+            raise IlladaError(f"a task needs to download its data and cannot ({text[:160]}); run it once with "
+                              "network, or point a local task YAML at local data files with --include-path")
+        raise IlladaError(f"lm-eval failed: {text[:200]}")
+
+
+def summary_line(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return (f"{r['items']} items: per-token log-likelihood A − B = {r['per_token_ll_diff']:+.4f} "
+            f"(95% CI {lo:+.4f} .. {hi:+.4f}); greedy answers agree on {100 * r['greedy_agreement']:.1f}%; "
+            f"exact A {100 * r['greedy_exact_a']:.1f}%, B {100 * r['greedy_exact_b']:.1f}%")
+
+
+def write_json(path: str, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, default=str))
+    print(f"wrote {path}", file=sys.stderr)

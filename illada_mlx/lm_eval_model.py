@@ -1,0 +1,134 @@
+"""An lm-evaluation-harness model (`illada-mlx`) over the likelihood API and the engine.
+
+    pip install 'illada-mlx[eval]'
+    illada-mlx eval --model DIR --tasks TASKS            # registers this model, then runs lm-eval
+    python -m illada_mlx.lm_eval_model --model illada-mlx --model_args path=DIR,mc_num=128 --tasks ...
+
+- loglikelihood: the official Monte-Carlo bound (likelihood.log_likelihoods) with the official greedy
+  check as `is_greedy`; context and continuation are encoded as the official eval_llada does (trailing
+  spaces of the context move to the continuation, the pair is encoded together and split).
+- loglikelihood_rolling: the same bound on the whole text with no prompt (texts longer than the context
+  are scored in context-sized windows, summed). A diffusion model has no left-to-right factorization, so
+  this is a bound on log p(text), not a sum of next-token log-probabilities.
+- generate_until: engine.generate_text with `until` as stop strings and `max_gen_toks` as the budget, in
+  the decoding mode given by the model args (mode, threshold, block_length, steps_per_block, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from .config import IlladaError
+from .engine import generate_text
+from .likelihood import greedy_answers, log_likelihoods
+
+_INT = {"mc_num", "batch_size", "max_tokens", "block_length", "steps_per_block", "seed"}
+_FLOAT = {"cfg_scale", "threshold", "temperature"}
+
+
+def _typed(key: str, value):
+    if not isinstance(value, str):
+        return value
+    try:
+        if key in _INT:
+            return int(value)
+        if key in _FLOAT:
+            return float(value)
+    except ValueError:
+        raise IlladaError(f"model arg {key}={value!r} is not a number")
+    if key == "greedy_check":
+        return value.lower() in ("1", "true", "yes")
+    return value
+
+
+@register_model("illada-mlx")
+class IlladaLM(LM):
+    def __init__(self, path: Optional[str] = None, model=None, tokenizer=None, mc_num: int = 128, batch_size=32,
+                 cfg_scale: float = 0.0, greedy_check: bool = True, seed: int = 0, **decode):
+        super().__init__()
+        if model is None:
+            from .load import load
+
+            model, tokenizer = load(path)
+        kw = {k: _typed(k, v) for k, v in dict(mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
+                                                greedy_check=greedy_check, seed=seed).items()}
+        self.model, self.tok = model, tokenizer
+        self.mc_num, self.batch, self.cfg = kw["mc_num"], kw["batch_size"], kw["cfg_scale"]
+        self.greedy, self.seed = kw["greedy_check"], kw["seed"]
+        self.decode = {k: _typed(k, v) for k, v in decode.items() if v is not None}
+        if self.mc_num % self.batch:
+            raise IlladaError(f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch})")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip())
+        for k, v in (additional_config or {}).items():
+            if v is not None and k in ("batch_size",) and str(v) != "auto":
+                args.setdefault(k, v)
+        return cls(**args)
+
+    # -------------------------------------------------------------------------------- chat templates
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tok, "name_or_path", "illada-mlx")
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                            tokenize=False)
+
+    # -------------------------------------------------------------------------------- scoring
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n = len(context) - len(context.rstrip())
+        if n:
+            continuation, context = context[-n:] + continuation, context[:-n]
+        whole, ctx = self._encode(context + continuation), self._encode(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        pairs = [self._encode_pair(*r.args) for r in requests]
+        out = []
+        step = max(1, 256 // max(self.mc_num // self.batch, 1))  # requests scored together
+        for s in tqdm(range(0, len(pairs), step), disable=disable_tqdm, desc="loglikelihood", file=sys.stderr):
+            chunk = pairs[s:s + step]
+            scored = log_likelihoods(self.model, chunk, self.mc_num, self.batch, self.cfg, self.seed)
+            greedy = (greedy_answers(self.model, [(p, len(a)) for p, a in chunk], self.cfg) if self.greedy
+                      else [None] * len(chunk))
+            out += [(sc.log_likelihood, g == a) for sc, g, (_, a) in zip(scored, greedy, chunk)]
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        limit = self.model.args.max_position_embeddings
+        out = []
+        for r in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling", file=sys.stderr):
+            ids = self._encode(r.args[0])
+            windows = [([], ids[i:i + limit]) for i in range(0, len(ids), limit)] or []
+            out.append(sum(sc.log_likelihood for sc in log_likelihoods(
+                self.model, windows, self.mc_num, self.batch, self.cfg, self.seed)) if windows else 0.0)
+        return out
+
+    # -------------------------------------------------------------------------------- generation
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for r in tqdm(requests, disable=disable_tqdm, desc="generate_until", file=sys.stderr):
+            context, gen = r.args[0], dict(r.args[1] or {})
+            until = gen.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            settings = dict(self.decode)
+            if gen.get("max_gen_toks"):
+                settings["max_tokens"] = int(gen["max_gen_toks"])
+            out.append(generate_text(self.model, self.tok, self._encode(context), stop=tuple(until), **settings))
+        return out
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with this model registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

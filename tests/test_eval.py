@@ -1,0 +1,58 @@
+"""`illada-mlx eval` and the lm-eval model on the bundled demo model, offline: a multiple-choice task built
+from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by bench/mc_task.py), and the
+comparison of two conversions."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from illada_mlx.cli import main
+
+DATA = Path(__file__).parent / "data" / "demo_mc.jsonl"
+TASK = """task: illada_demo_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "demo_mc.yaml").write_text(TASK.format(data=DATA))
+    return d
+
+
+def test_lm_eval_multiple_choice_on_the_demo_model(task_dir, tmp_path, monkeypatch):
+    # likelihood (the official Monte-Carlo bound) picks the correct answer among 4 of the same family
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", "--tasks", "illada_demo_mc", "--include-path", str(task_dir),
+                                  "--apply-chat-template", "--mc-num", "32", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    acc = json.loads(out.read_text())["results"]["illada_demo_mc"]["acc,none"]
+    n = sum(1 for _ in DATA.open())
+    assert acc >= 0.9, (acc, n)
+
+
+def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
+    for args, needle in ((["--tasks", "no_such_task", "--include-path", str(task_dir)], "unknown task"),
+                         (["--tasks", "illada_demo_mc", "--mc-num", "10", "--batch-size", "4",
+                           "--include-path", str(task_dir)], "multiple of batch_size"),
+                         ([], "either --tasks"), (["--compare", "a", "b"], "--data")):
+        r = CliRunner().invoke(main, ["eval", *args])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and needle in r.output, r.output
+        assert r.output.count("\n") == 1
