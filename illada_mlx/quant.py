@@ -43,6 +43,22 @@ def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> d
     return {"group_size": group_size, "bits": bits, "mode": mode}
 
 
+def check_record(record: dict) -> None:
+    """A quantization record from config.json: its defaults and every per-layer entry supported."""
+    def params(d, where):
+        if not isinstance(d, dict):
+            raise IlladaError(f"config.json: quantization{where} is not an object; re-convert the model")
+        try:
+            check_params(d.get("bits"), d.get("group_size"), d.get("mode", "affine"))
+        except (IlladaError, TypeError) as e:
+            raise IlladaError(f"config.json: quantization{where} is not supported ({e}); re-convert the model")
+
+    params(record, "")
+    for k, v in record.items():
+        if k not in ("group_size", "bits", "mode") and v is not False:
+            params(v, f"[{k!r}]")
+
+
 def _recipe_mixed(body_bits: int, high_bits: int, sensitive: bool) -> Callable:
     """Body at `body_bits`, embedding/head at `high_bits`; with `sensitive`, also v_proj and down_proj
     of the first and last eighth of the layers and every other layer's down_proj (llama.cpp's K_M idea)."""
