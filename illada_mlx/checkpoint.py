@@ -10,7 +10,6 @@ lazily by `mx.load`; PyTorch `.bin` shards only through `torch.load(weights_only
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path

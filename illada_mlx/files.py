@@ -87,3 +87,19 @@ def read_json_object(root: Path, name: str) -> dict:
     """root/name, checked and parsed as a JSON object."""
     path = check_name(root, name, "a file")
     return parse_json_object(read_bytes(root, path), path)
+
+
+def check_output_file(path: str, option: str) -> Path:
+    """A file a command is asked to write: a new path or an existing regular file (overwritten); never a
+    directory, a symlink, a FIFO or device, or an empty name."""
+    if not str(path).strip():
+        raise IlladaError(f"{option} is empty; name the file to write")
+    p = Path(path).expanduser()
+    if p.is_symlink():
+        raise IlladaError(f"{option} {p} is a symlink; name a regular file to write")
+    if p.exists() and not p.is_file():
+        kind = "a directory" if p.is_dir() else "not a regular file"
+        raise IlladaError(f"{option} {p} is {kind}; name a file to write")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise IlladaError(f"{option} {p}: {p.parent} is not a directory; name a file in a directory")
+    return p

@@ -9,7 +9,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .checkpoint import FLOAT_DTYPES, _weight_map, find_shards, inspect_checkpoint, iter_shards, safetensors_header
+from .checkpoint import FLOAT_DTYPES, find_shards, inspect_checkpoint, iter_shards, safetensors_header
 from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
                      resolve_special_ids)
 from .files import check_file

@@ -1,8 +1,9 @@
 """click pieces the commands share: option types that check their range (finite floats, comma lists of
 positive integers) and command classes whose every failure is one `error:` line.
 
-Usage errors (an unknown option, a value out of range) exit with 2, everything else with 1 (see
-`config.one_line_errors`); tracebacks only with `--debug` or ILLADA_MLX_DEBUG=1.
+A bad option value (out of range, not a number) exits with 1 like every other failure (see
+`config.one_line_errors`), other usage errors (an unknown or missing option) with 2, as click does;
+tracebacks only with `--debug` or ILLADA_MLX_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ SEED = click.IntRange(0, 2**32 - 1)
 
 
 class OneLineErrors:
-    """Mixin for click commands and groups: usage errors are one `error:` line (exit 2), and the command's
-    own failures go through `one_line_errors` (exit 1)."""
+    """Mixin for click commands and groups: usage errors are one `error:` line (exit 1 for a bad value, 2
+    for the rest), and the command's own failures go through `one_line_errors` (exit 1)."""
 
     def invoke(self, ctx):
         debug = bool(ctx.find_root().params.get("debug"))
@@ -68,7 +69,7 @@ class OneLineErrors:
         except click.UsageError as e:
             hint = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
             sys.stderr.write(f"error: {one_line(e.format_message())}{hint}\n")
-            sys.exit(2)
+            sys.exit(1 if isinstance(e, click.BadParameter) else 2)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
