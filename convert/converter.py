@@ -175,42 +175,47 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
 
     bar = tqdm(total=sum(ck.sizes.values()), unit="B", unit_scale=True, desc="converting",
                disable=not progress, file=sys.stderr)
-    for shard, tensors in iter_shards(ck):
-        for name in sorted(tensors):
-            w = tensors[name]
-            if name == "lm_head.weight(tied)":
-                head_fp = _fingerprint(w)
-                continue
-            if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
-                embed_fp = _fingerprint(w)
-            source, w = w, w.astype(target) if target is not None else w
-            if not allow_nonfinite:
-                _check_finite(name, w, source)
-            params = layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe) \
-                if default_q and name.endswith(".weight") else None
-            q = quantize_tensor(w, params) if params else None
-            if q is not None:
-                base = name[: -len(".weight")]
-                if params != default_q:
-                    record[base] = params
-                parts = {f"{base}.{k}": v for k, v in q.items()}
-            else:
-                parts = {name: w}
-            parameters += w.size
-            for k, v in parts.items():
-                mx.eval(v)
-                buf[k] = v
-                total += v.nbytes
-            if sum(v.nbytes for v in buf.values()) >= max_shard_bytes:
-                flush()
-        del tensors
-        bar.update(ck.sizes[shard])
-    flush()
+    try:
+        for shard, tensors in iter_shards(ck):
+            for name in sorted(tensors):
+                w = tensors[name]
+                if name == "lm_head.weight(tied)":
+                    head_fp = _fingerprint(w)
+                    continue
+                if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
+                    embed_fp = _fingerprint(w)
+                source, w = w, w.astype(target) if target is not None else w
+                if not allow_nonfinite:
+                    _check_finite(name, w, source)
+                params = layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe) \
+                    if default_q and name.endswith(".weight") else None
+                q = quantize_tensor(w, params) if params else None
+                if q is not None:
+                    base = name[: -len(".weight")]
+                    if params != default_q:
+                        record[base] = params
+                    parts = {f"{base}.{k}": v for k, v in q.items()}
+                else:
+                    parts = {name: w}
+                parameters += w.size
+                for k, v in parts.items():
+                    mx.eval(v)
+                    buf[k] = v
+                    total += v.nbytes
+                if sum(v.nbytes for v in buf.values()) >= max_shard_bytes:
+                    flush()
+            del tensors
+            bar.update(ck.sizes[shard])
+        flush()
+        if head_fp is not None and embed_fp is not None and not all(
+                abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
+            raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
+                              "set tie_word_embeddings to false")
+    except BaseException:
+        bar.leave = False  # the bar erases itself: the error is the line that stays
+        bar.close()
+        raise
     bar.close()
-    if head_fp is not None and embed_fp is not None and not all(
-            abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
-        raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
-                          "set tie_word_embeddings to false")
     n = len(shards)
     weight_map = {}
     for i, s in enumerate(shards):

@@ -52,19 +52,29 @@ def stop_hook(point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+_held: Optional[list] = None  # signals received while a `signals_deferred` block runs
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+
+
+def _handler(signum, frame):
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise _interrupt(signum)
+
+
 @contextmanager
 def signals_as_interrupts():
-    """SIGTERM and SIGHUP raise `Interrupted` (a KeyboardInterrupt) while the block runs, so the same
-    cleanup as Ctrl-C's runs; in the main thread only (elsewhere Python cannot set handlers)."""
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (SIGTERM and SIGHUP as `Interrupted`) while the
+    block runs, so the same cleanup as Ctrl-C's runs; in the main thread only (elsewhere Python cannot set
+    handlers, and the defaults stay)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    names = [s for s in SIGNALS if s != signal.SIGINT]
-    previous = {s: signal.signal(s, handler) for s in names}
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
         yield
     finally:
@@ -73,16 +83,19 @@ def signals_as_interrupts():
 
 
 @contextmanager
-def signals_blocked():
-    """Ctrl-C, SIGTERM and SIGHUP held back until the block is done (delivered then)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+def signals_deferred():
+    """Inside `signals_as_interrupts`: a signal arriving while the block runs is held back and raised when it
+    ends (Python runs signal handlers in the main thread, so this holds whichever thread the OS picked)."""
+    global _held
+    outer, _held = _held, []
     try:
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    except BaseException:
+        _held = outer
+        raise
+    held, _held = _held, outer
+    if held:
+        raise _interrupt(held[0])
 
 
 # ------------------------------------------------------------------------------------------ the destination
@@ -246,7 +259,7 @@ def stderr_notice(msg: str) -> None:
 def swap_in(tmp: WorkDir, dst: Path) -> None:
     """Rename the finished temp dir to `dst`; an existing `dst` is moved aside first and removed after.
     Signals are held back meanwhile; if the process dies in between, the next run's sweep moves it back."""
-    with signals_blocked():
+    with signals_deferred():
         if not os.path.lexists(dst):
             os.replace(tmp.path, dst)
             return

@@ -69,7 +69,7 @@ class OneLineErrors:
         except click.UsageError as e:
             hint = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
             sys.stderr.write(f"error: {one_line(e.format_message())}{hint}\n")
-            sys.exit(1 if isinstance(e, click.BadParameter) else 2)
+            sys.exit(1 if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) else 2)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
