@@ -39,7 +39,7 @@ class Checkpoint:
 def _entry_ok(t) -> bool:
     """A header entry: {"dtype": known, "shape": [whole numbers >= 0], "data_offsets": [a, b]} with
     b - a the shape's byte count."""
-    if not isinstance(t, dict) or t.get("dtype") not in _ST_DTYPES:
+    if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in _ST_DTYPES:
         return False
     shape, offsets = t.get("shape"), t.get("data_offsets")
     ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0

@@ -193,8 +193,10 @@ def check_args(a: "ModelArgs") -> None:
         v = getattr(a, name)
         if v is not None and not (_is_int(v) and v >= 0):
             raise _bad(name, v, "a token id (a whole number from 0)")
-    if a.quantization is not None and not isinstance(a.quantization, dict):
-        raise _bad("quantization", a.quantization, "an object (mlx-lm's quantization record)")
+    if a.quantization is not None:
+        from .quant import check_record
+
+        check_record(a.quantization)
     if a.source_layout not in (ILLADA, LLADA):
         raise _bad("source_layout", a.source_layout, f"{ILLADA!r} or {LLADA!r}")
 
@@ -226,7 +228,7 @@ def detect_layout(cfg: dict) -> str:
 
 
 def _req(cfg: dict, key: str):
-    if key not in cfg:
+    if cfg.get(key) is None:
         raise IlladaError(f"config.json: missing required key {key!r}; the checkpoint's config is incomplete")
     return cfg[key]
 
@@ -258,7 +260,9 @@ def args_from_config(cfg: dict) -> ModelArgs:
             pad_token_id=_first(cfg.get("pad_token_id")),
             source_layout=LLADA,
         )
-    keys = {f for f in ModelArgs.__dataclass_fields__ if f not in ("extra", "source_layout")}
+    # a quantization record is ours (mlx-lm's format) only in an illada-mlx directory
+    skip = ("extra", "source_layout") + (() if cfg.get("illada_mlx_format") else ("quantization",))
+    keys = {f for f in ModelArgs.__dataclass_fields__ if f not in skip}
     kwargs = {k: cfg[k] for k in keys if k in cfg and cfg[k] is not None}
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         _req(cfg, k)

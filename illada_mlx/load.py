@@ -14,7 +14,7 @@ from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids
                      resolve_special_ids)
 from .files import check_file
 from .model import Model
-from .quant import apply_quantization, check_record
+from .quant import apply_quantization
 
 NONFINITE_KEY = "illada_mlx_allow_nonfinite"  # config.json: written by `convert --allow-nonfinite`
 
@@ -140,8 +140,6 @@ def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
         if mask_id is not None:
             args.mask_token_id = mask_id
         check_special_ids(args)
-        if args.quantization:
-            check_record(args.quantization)
         return _build(args, load_mlx_weights(path), allow_nonfinite=cfg.get(NONFINITE_KEY) is True)
     args = resolve_special_ids(args_from_config(cfg), path, mask_id)
     weights = {}

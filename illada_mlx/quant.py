@@ -48,10 +48,12 @@ def check_record(record: dict) -> None:
     def params(d, where):
         if not isinstance(d, dict):
             raise IlladaError(f"config.json: quantization{where} is not an object; re-convert the model")
-        try:
-            check_params(d.get("bits"), d.get("group_size"), d.get("mode", "affine"))
-        except (IlladaError, TypeError) as e:
-            raise IlladaError(f"config.json: quantization{where} is not supported ({e}); re-convert the model")
+        bits, group, mode = d.get("bits"), d.get("group_size"), d.get("mode", "affine")
+        ok = mode in QUANT_MODES if isinstance(mode, str) else False
+        if not (ok and bits in QUANT_MODES[mode][0] and group in QUANT_MODES[mode][1]
+                and not isinstance(bits, bool) and not isinstance(group, bool)):
+            raise IlladaError(f"config.json: quantization{where} (bits {bits!r}, group size {group!r}, mode "
+                              f"{mode!r}) is not one this package writes; re-convert the model")
 
     params(record, "")
     for k, v in record.items():
