@@ -651,6 +651,12 @@ def test_bad_option_values_are_one_line(args, needle):
     one_error_line(CliRunner().invoke(main, args), needle)
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_every_cache_choice_runs(cache):
+    r = CliRunner().invoke(main, ["generate", "-p", "reverse ab", "--cache", cache, "--mode", "fast_fixed", "-m", "32"])
+    assert r.exit_code == 0, r.output
+
+
 def test_usage_errors_are_one_line_with_exit_2():
     one_error_line(CliRunner().invoke(main, ["generate", "--no-such-option"]), "--no-such-option", code=2)
     one_error_line(CliRunner().invoke(main, ["generate"]), "--prompt", code=2)
