@@ -8,7 +8,8 @@ inside it. Output is written into `.NAME.tmp-XXXXXXXX` beside the destination; a
 is first moved into `.NAME.old-XXXXXXXX`. Each such directory is flock()ed by the run that made it
 (the lock dies with the process, SIGKILL included), and made under a lock on the parent, so a later run
 tells a dead run's leftovers from a live run's work: it removes them, or moves a moved-aside destination
-back when the run died before putting the new one in its place.
+back when the run died before putting the new one in its place. During a conversion SIGTERM and SIGHUP
+are handled like Ctrl-C (the temp dir is removed), and all three wait while the destination is swapped.
 """
 
 from __future__ import annotations

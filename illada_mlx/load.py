@@ -164,7 +164,7 @@ def load_tokenizer(path: Path, args: ModelArgs):
     tj = path / "tokenizer.json"
     if not (tj.exists() or tj.is_symlink()):
         raise IlladaError(f"{path}: no tokenizer.json; copy the model's tokenizer files into this directory")
-    for name in TOKENIZER_FILES:  # what the tokenizer reads: regular files inside the directory only
+    for name in (*TOKENIZER_FILES, "added_tokens.json"):  # what the tokenizer may read: regular files inside only
         if (path / name).exists() or (path / name).is_symlink():
             check_file(path, path / name)
     hf_logging.set_verbosity_error()

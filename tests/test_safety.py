@@ -342,6 +342,18 @@ def test_a_fifo_in_the_source_is_refused_without_hanging(name, own, tmp_path):
     one_error_line(r, "not a regular file")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "added_tokens.json", "model.safetensors"])
+def test_a_fifo_in_an_mlx_directory_is_refused_at_load_without_hanging(name, converted, tmp_path):
+    d = tmp_path / "mlx"
+    shutil.copytree(converted, d)
+    if (d / name).exists():
+        (d / name).unlink()
+    os.mkfifo(d / name)
+    with deadline(60):
+        r = CliRunner().invoke(main, ["generate", "--model", str(d), "-p", "hi", "-m", "32", "--mode", "fast"])
+    one_error_line(r, "not a regular file")
+
+
 def test_a_directory_as_config_is_refused(own, tmp_path):
     (own / "config.json").unlink()
     (own / "config.json").mkdir()
