@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -135,7 +136,7 @@ ID_FIELDS = ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "e
 
 
 def _bad(name: str, value, want: str) -> IlladaError:
-    return IlladaError(f"config.json: {name} must be {want}, not {value!r}; fix config.json")
+    return IlladaError(f"config.json: {name} must be {want}, not {reprlib.repr(value)}; fix config.json")
 
 
 def _is_int(v) -> bool:
@@ -143,7 +144,11 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number (not a bool; an int too large for a float is not one)."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def check_rope_scaling(rs) -> None:
@@ -222,7 +227,8 @@ def detect_layout(cfg: dict) -> str:
     if "hidden_size" in cfg and mt in (ILLADA, "llama", "") or any("ILLaDA" in a for a in archs):
         return ILLADA
     raise IlladaError(
-        f"config.json: unknown architecture (model_type={mt!r}, architectures={archs}); "
+        f"config.json: unknown architecture (model_type={reprlib.repr(mt)}, "
+        f"architectures={reprlib.repr(archs)}); "
         "expected an iLLaDA (ILLaDAForCausalLM) or LLaDA (LLaDAModelLM) checkpoint"
     )
 

@@ -29,7 +29,7 @@ DELETE = object()
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-    st.sampled_from([0, 1, -1, 2, 3, 4, 7, 64, 10**7, 2**31, 2**63]),
+    st.sampled_from([0, 1, -1, 2, 3, 4, 7, 64, 10**7, 2**31, 2**63, 10**400, -(10**400)]),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)

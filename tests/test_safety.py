@@ -469,13 +469,18 @@ def rewrite_shard(own: Path, change):
     save_file(tensors, str(own / SHARD))
 
 
+def entry(dtype, shape, offsets) -> bytes:
+    return json.dumps({"model.norm.weight": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}).encode()
+
+
 HEADERS = {
     "a_list": (b"[1, 2, 3]", "corrupt"),
     "nested": (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "corrupt"),
     "entry_not_object": (b'{"model.norm.weight": 5}', "corrupt entry"),
-    "negative_shape": (b'{"model.norm.weight": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}', "corrupt entry"),
-    "bool_shape": (b'{"model.norm.weight": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', "corrupt entry"),
-    "unknown_dtype": (b'{"model.norm.weight": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}', "corrupt entry"),
+    "negative_shape": (entry("F32", [-1], [0, 0]), "corrupt entry"),
+    "bool_shape": (entry("F32", [True], [0, 4]), "corrupt entry"),
+    "unknown_dtype": (entry("F8_E4M3", [1], [0, 1]), "corrupt entry"),
+    "offsets_reversed": (entry("F32", [1], [4, 0]), "corrupt entry"),
     "not_utf8": (b'{"\xff": 1}', "corrupt"),
     "huge_length": (None, "truncated or corrupt"),
 }
