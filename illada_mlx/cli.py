@@ -351,6 +351,21 @@ def chat(system, visual, model_path, mask_id, **kw):
 
 
 # ------------------------------------------------------------------------------------------ serve
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address the server could not listen on (a name that does not
+    resolve, a port in use, an address not on this machine)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(addr)
+    except OSError as e:
+        raise IlladaError(f"cannot listen on {host}:{port} ({e.strerror or one_line(e)}); choose another --host "
+                          "or --port")
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the demo model).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (localhost by default).")
@@ -366,6 +381,7 @@ def serve(model_path, host, port, max_queue, mask_id):
 
     from .server import Engine, make_app
 
+    check_listen(host, port)
     model, tok = load_model(model_path, mask_id)
     name = Path(str(model_path)).name if model_path else "illada-demo"
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)

@@ -674,6 +674,17 @@ def test_every_cache_choice_runs(cache):
     assert r.exit_code == 0, r.output
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        one_error_line(CliRunner().invoke(main, ["serve", "--port", str(port)]), f"cannot listen on 127.0.0.1:{port}")
+    one_error_line(CliRunner().invoke(main, ["serve", "--host", "no-such-host.invalid"]), "--host")
+
+
 def test_usage_errors_are_one_line_with_exit_2():
     one_error_line(CliRunner().invoke(main, ["generate", "--no-such-option"]), "--no-such-option", code=2)
     one_error_line(CliRunner().invoke(main, ["generate"]), "--prompt", code=2)
