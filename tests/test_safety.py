@@ -162,6 +162,25 @@ def test_an_unwritable_destination_is_one_line_naming_the_file(src):
     one_error_line(run_convert("--hf-path", src, "--mlx-path", "/proc/illada-mlx-test"), "/proc/")
 
 
+@pytest.mark.parametrize("how", ["short_write", "save_raises"])
+def test_a_full_disk_mid_write_is_one_line_and_leaves_nothing(how, src, tmp_path, monkeypatch):
+    import illada_mlx_convert.converter as conv
+
+    real = conv.mx.save_safetensors
+
+    def full_disk(path, arrays, metadata=None):
+        if how == "save_raises":
+            raise RuntimeError("[save_safetensors] Failed to write: No space left on device")
+        real(path, arrays, metadata=metadata)
+        with open(path, "r+b") as f:  # what a full disk leaves: a short file
+            f.truncate(Path(path).stat().st_size // 2)
+
+    monkeypatch.setattr(conv.mx, "save_safetensors", full_disk)
+    out = tmp_path / "out"
+    line = one_error_line(run_convert("--hf-path", src, "--mlx-path", out), "could not write model-00001")
+    assert "free some space" in line and not out.exists() and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_bench_never_writes_over_a_directory_or_through_a_symlink(flag, tmp_path):
     d = tmp_path / "results"
