@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from illada_mlx.config import one_line_errors
+from illada_mlx.options import Command, FiniteFloat
 from illada_mlx.quant import QUANT_MODES, RECIPES, check_params
 
 from .card import format_size
@@ -19,13 +19,7 @@ def _mode_defaults(key: str) -> str:
     return ", ".join(f"{mode} {check_params(None, None, mode)[key]}" for mode in QUANT_MODES)
 
 
-class _OneLineErrors(click.Command):
-    def invoke(self, ctx):
-        with one_line_errors():
-            return super().invoke(ctx)
-
-
-@click.command("convert", cls=_OneLineErrors)
+@click.command("convert", cls=Command)
 @click.option("--hf-path", required=True, help="Source: a local HF checkpoint dir or a hub repo id.")
 @click.option("--mlx-path", required=True, help="Destination MLX model dir (written atomically).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
@@ -38,16 +32,19 @@ class _OneLineErrors(click.Command):
 @click.option("--q-mode", type=click.Choice(list(QUANT_MODES)), default="affine", show_default=True)
 @click.option("--q-recipe", "--quant-predicate", "q_recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Mixed precision: body bits_embedding/head bits (3/2-bit recipes also keep sensitive layers at 6).")
-@click.option("--mask-id", type=int, default=None, help="Override the mask token id (iLLaDA: 5).")
-@click.option("--max-shard-size", type=float, default=2.0, show_default=True, help="Output shard size in GB.")
-@click.option("--force", is_flag=True, help="Replace a non-empty destination.")
+@click.option("--mask-id", type=click.IntRange(min=0), default=None, help="Override the mask token id (iLLaDA: 5).")
+@click.option("--max-shard-size", type=FiniteFloat(0, 1024, min_open=True), default=2.0, show_default=True,
+              help="Output shard size in GB.")
+@click.option("--force", is_flag=True, help="Replace a destination that holds a converted model.")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert weights holding NaN / infinity (refused by default).")
 @click.option("--upload-repo", default=None, help="After converting, upload the directory to this hub repo.")
 def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, mask_id,
-                    max_shard_size, force, upload_repo):
+                    max_shard_size, force, allow_nonfinite, upload_repo):
     """Convert an HF checkpoint (iLLaDA or LLaDA layout) into an MLX model directory."""
     s = convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits) if q_bits else None,
                 q_group_size=int(q_group_size) if q_group_size else None, q_mode=q_mode, q_recipe=q_recipe,
-                mask_id=mask_id, force=force, max_shard_bytes=int(max_shard_size * 2**30), upload_repo=upload_repo)
+                mask_id=mask_id, force=force, max_shard_bytes=max(1, int(max_shard_size * 2**30)),
+                upload_repo=upload_repo, allow_nonfinite=allow_nonfinite)
     click.echo(f"wrote {s['path']} ({s['layout']} layout, {s['output_shards']} shard(s), "
                f"{format_size(s['output_bytes'])}, {s['bits_per_weight']:.3f} bits per weight) "
                f"from {format_size(s['source_bytes'])}; peak memory {format_size(s['peak_rss_bytes'])} RSS "

@@ -3,8 +3,9 @@
 Streams: one source shard is read, cast / quantized and appended to an output shard, which is written as
 soon as it reaches `max_shard_bytes`; peak memory stays near one source shard plus one output shard.
 Everything (weights in mlx-lm's file names, index, config, tokenizer and generation config, model card) is
-written into a temporary directory beside the destination, renamed into place at the end; an optional
-upload to the hub follows.
+written into a temporary directory beside the destination, renamed into place at the end (`output.py`: the
+destination's rules, the temp dirs, the sweep of a killed run's leftovers); an optional upload to the hub
+follows. Every weight is checked for NaN / infinity (after the cast) unless `allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-from illada_mlx.checkpoint import inspect_checkpoint, iter_shards
-from illada_mlx.config import IlladaError, args_from_config, load_config, resolve_special_ids
-from illada_mlx.load import SIDE_FILES, resolve_source
+from illada_mlx.checkpoint import inspect_checkpoint, iter_shards, safetensors_header
+from illada_mlx.config import IlladaError, args_from_config, load_config, one_line, resolve_special_ids
+from illada_mlx.files import check_file
+from illada_mlx.load import NONFINITE_KEY, SIDE_FILES, resolve_source
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
 
 from .card import describe_quantization, model_card
 from .hub import check_repo_id, upload_to_hub
+from .output import (WorkDir, check_apart_from_source, check_destination, check_replaceable, signals_as_interrupts,
+                     stderr_notice, stop_hook, swap_in, sweep)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -49,11 +52,6 @@ def _fingerprint(w: mx.array) -> tuple[float, float]:
     return float(w.sum()), float(mx.abs(w).sum())
 
 
-def _prepare_dest(dst: Path, force: bool) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise IlladaError(f"{dst} exists and is not empty; choose another --mlx-path or pass --force to replace it")
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -74,52 +72,58 @@ def convert(
     max_shard_bytes: int = 2 << 30,
     progress: bool = True,
     upload_repo: Optional[str] = None,
+    allow_nonfinite: bool = False,
+    notice: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Convert, then upload to `upload_repo` if given; returns a summary (paths, sizes, parameter count, bits per
-    weight, peak memory, the upload's URL)."""
+    weight, peak memory, the upload's URL). `notice` (default: stderr) gets one line when a killed run's
+    leftovers beside the destination are cleaned up."""
     rss_at_start = peak_rss_bytes()
-    dst = Path(mlx_path).expanduser().resolve()
-    _prepare_dest(dst, force)
+    dst = check_destination(mlx_path)
+    sweep(dst.parent, notice or stderr_notice)
+    check_replaceable(dst, force)
     if dtype is not None and dtype not in DTYPES:
         raise IlladaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not (isinstance(max_shard_bytes, int) and max_shard_bytes > 0):
+        raise IlladaError(f"the output shard size must be a positive number of bytes, not {max_shard_bytes!r}")
     default_q = check_params(q_bits, q_group_size, q_mode) if quantize or q_recipe else None
     if upload_repo is not None:
         check_repo_id(upload_repo)
     src = resolve_source(hf_path)
+    check_apart_from_source(dst, src)
     cfg = load_config(src)
     args = resolve_special_ids(args_from_config(cfg), src, mask_id)
     ck = inspect_checkpoint(src, args)  # validates every header before anything is written
+    side = [check_file(src, src / n) for n in SIDE_FILES if (src / n).exists() or (src / n).is_symlink()]
     target = DTYPES[dtype] if dtype else None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        summary = _write(ck, args, tmp, target, default_q, q_recipe, max_shard_bytes, progress)
-        for name in SIDE_FILES:
-            if (src / name).exists():
-                shutil.copy2(src / name, tmp / name)
-        config = args.to_config()
-        if default_q:
-            config["quantization"] = summary.pop("quantization")
-            config["quantization_config"] = config["quantization"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        hub_source = not Path(hf_path).expanduser().is_dir()  # resolve_source took it as a repo id
-        quantization = describe_quantization(config.get("quantization"), q_recipe)
-        (tmp / "README.md").write_text(model_card(
-            name=upload_repo or dst.name, ref=upload_repo or str(dst), source=hf_path if hub_source else src.name,
-            hub_source=hub_source, layout=args.source_layout, quantization=quantization,
-            bits_per_weight=summary["bits_per_weight"], size_bytes=summary["output_bytes"]))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the result is an ordinary directory
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with signals_as_interrupts():
+        tmp = WorkDir(dst, "tmp")
+        try:
+            out = tmp.path
+            summary = _write(ck, args, out, target, default_q, q_recipe, max_shard_bytes, progress, allow_nonfinite)
+            for f in side:
+                shutil.copyfile(f, out / f.name)
+            config = args.to_config()
+            if default_q:
+                config["quantization"] = summary.pop("quantization")
+                config["quantization_config"] = config["quantization"]
+            if allow_nonfinite:
+                config[NONFINITE_KEY] = True
+            (out / "config.json").write_text(json.dumps(config, indent=2))
+            hub_source = not Path(hf_path).expanduser().is_dir()  # resolve_source took it as a repo id
+            quantization = describe_quantization(config.get("quantization"), q_recipe)
+            (out / "README.md").write_text(model_card(
+                name=upload_repo or dst.name, ref=upload_repo or str(dst), source=hf_path if hub_source else src.name,
+                hub_source=hub_source, layout=args.source_layout, quantization=quantization,
+                bits_per_weight=summary["bits_per_weight"], size_bytes=summary["output_bytes"]))
+            os.chmod(out, 0o777 & ~_umask())  # mkdtemp made it 0700; the result is an ordinary directory
+            stop_hook("written")
+            swap_in(tmp, dst)
+        finally:
+            tmp.close()
+            shutil.rmtree(tmp.path, ignore_errors=True)  # gone already when it became dst
     summary.update(path=str(dst), source=str(src), layout=args.source_layout,
                    source_bytes=sum(ck.sizes.values()), largest_source_shard=max(ck.sizes.values()),
                    peak_rss_bytes=peak_rss_bytes(), rss_growth_bytes=peak_rss_bytes() - rss_at_start,
@@ -129,7 +133,28 @@ def convert(
     return summary
 
 
-def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, progress) -> dict:
+def _check_finite(name: str, w: mx.array, source: mx.array) -> None:
+    """NaN or infinity in a weight after the cast: the source's, or the cast's overflow."""
+    if bool(mx.all(mx.isfinite(w))):
+        return
+    if w is not source and bool(mx.all(mx.isfinite(source))):
+        raise IlladaError(f"{name}: values overflow {w.dtype} (infinite after the cast); choose another --dtype "
+                          "(bfloat16 or float32)")
+    raise IlladaError(f"{name}: NaN or infinite values in the checkpoint; re-download it, or pass "
+                      "--allow-nonfinite to convert them as they are")
+
+
+def _save(out: Path, name: str, arrays: dict) -> None:
+    """Write one shard and read its header back (a full disk shows as a short file)."""
+    try:
+        mx.save_safetensors(str(out / name), arrays, metadata={"format": "mlx"})
+        safetensors_header(out, out / name)
+    except (RuntimeError, ValueError, IlladaError) as e:
+        raise IlladaError(f"could not write {name} in {out.parent} ({one_line(e)}); free some space or choose "
+                          "another --mlx-path")
+
+
+def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, progress, allow_nonfinite) -> dict:
     from tqdm import tqdm
 
     record = dict(default_q) if default_q else None
@@ -143,46 +168,54 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
         nonlocal buf
         if buf:
             name = f"model-{len(shards) + 1:05d}.safetensors"
-            mx.save_safetensors(str(out / name), buf, metadata={"format": "mlx"})
+            _save(out, name, buf)
             shards.append({k: name for k in buf})
             buf = {}
+            stop_hook("shard")
 
     bar = tqdm(total=sum(ck.sizes.values()), unit="B", unit_scale=True, desc="converting",
                disable=not progress, file=sys.stderr)
-    for shard, tensors in iter_shards(ck):
-        for name in sorted(tensors):
-            w = tensors[name]
-            if name == "lm_head.weight(tied)":
-                head_fp = _fingerprint(w)
-                continue
-            if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
-                embed_fp = _fingerprint(w)
-            w = w.astype(target) if target is not None else w
-            params = layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe) \
-                if default_q and name.endswith(".weight") else None
-            q = quantize_tensor(w, params) if params else None
-            if q is not None:
-                base = name[: -len(".weight")]
-                if params != default_q:
-                    record[base] = params
-                parts = {f"{base}.{k}": v for k, v in q.items()}
-            else:
-                parts = {name: w}
-            parameters += w.size
-            for k, v in parts.items():
-                mx.eval(v)
-                buf[k] = v
-                total += v.nbytes
-            if sum(v.nbytes for v in buf.values()) >= max_shard_bytes:
-                flush()
-        del tensors
-        bar.update(ck.sizes[shard])
-    flush()
+    try:
+        for shard, tensors in iter_shards(ck):
+            for name in sorted(tensors):
+                w = tensors[name]
+                if name == "lm_head.weight(tied)":
+                    head_fp = _fingerprint(w)
+                    continue
+                if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
+                    embed_fp = _fingerprint(w)
+                source, w = w, w.astype(target) if target is not None else w
+                if not allow_nonfinite:
+                    _check_finite(name, w, source)
+                params = layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe) \
+                    if default_q and name.endswith(".weight") else None
+                q = quantize_tensor(w, params) if params else None
+                if q is not None:
+                    base = name[: -len(".weight")]
+                    if params != default_q:
+                        record[base] = params
+                    parts = {f"{base}.{k}": v for k, v in q.items()}
+                else:
+                    parts = {name: w}
+                parameters += w.size
+                for k, v in parts.items():
+                    mx.eval(v)
+                    buf[k] = v
+                    total += v.nbytes
+                if sum(v.nbytes for v in buf.values()) >= max_shard_bytes:
+                    flush()
+            del tensors
+            bar.update(ck.sizes[shard])
+        flush()
+        if head_fp is not None and embed_fp is not None and not all(
+                abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
+            raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
+                              "set tie_word_embeddings to false")
+    except BaseException:
+        bar.leave = False  # the bar erases itself: the error is the line that stays
+        bar.close()
+        raise
     bar.close()
-    if head_fp is not None and embed_fp is not None and not all(
-            abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
-        raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
-                          "set tie_word_embeddings to false")
     n = len(shards)
     weight_map = {}
     for i, s in enumerate(shards):

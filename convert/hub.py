@@ -8,7 +8,8 @@ from illada_mlx.config import IlladaError
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:160]
+    """The error's first line, whole (the rest of a hub error is a response dump)."""
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def check_repo_id(repo: str) -> None:

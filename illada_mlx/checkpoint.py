@@ -10,7 +10,6 @@ lazily by `mx.load`; PyTorch `.bin` shards only through `torch.load(weights_only
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,13 @@ from typing import Iterator
 import mlx.core as mx
 
 from .config import IlladaError, ModelArgs
+from .files import check_file, check_name, parse_json_object, read_bytes
 from .weights import expected_shapes, map_name
 
-_ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1}
+FLOAT_DTYPES = ("F16", "BF16", "F32")  # the weight dtypes a checkpoint may store (what MLX converts)
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 
 
 @dataclass
@@ -33,29 +36,43 @@ class Checkpoint:
     sizes: dict[Path, int] = field(default_factory=dict)
 
 
-def _safetensors_header(path: Path) -> dict:
+def _entry_ok(t) -> bool:
+    """A header entry: {"dtype": known, "shape": [whole numbers >= 0], "data_offsets": [a, b]} with
+    b - a the shape's byte count."""
+    if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in _ST_DTYPES:
+        return False
+    shape, offsets = t.get("shape"), t.get("data_offsets")
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in xs)  # noqa: E731
+    if not (ints(shape) and ints(offsets) and len(shape) <= 8 and len(offsets) == 2):
+        return False
+    numel = 1
+    for n in shape:
+        numel *= n
+    return offsets[1] - offsets[0] == numel * _ST_DTYPES[t["dtype"]]
+
+
+def safetensors_header(root: Path, path: Path) -> dict:
+    """The tensor entries of a safetensors file, every one checked (types, sizes, offsets within the file);
+    nothing beyond the header is read."""
+    check_file(root, path)
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise IlladaError(f"{path.name}: truncated or corrupt safetensors header; re-download this shard")
+        data = f.read(n)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError):
+        header = parse_json_object(data, path)
+    except IlladaError:
         raise IlladaError(f"{path.name}: truncated or corrupt safetensors header; re-download this shard")
     header.pop("__metadata__", None)
     end = 0
     for name, t in header.items():
-        try:
-            a, b = t["data_offsets"]
-            numel = 1
-            for s in t["shape"]:
-                numel *= s
-            if t["dtype"] not in _ST_DTYPES or b - a != numel * _ST_DTYPES[t["dtype"]]:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
+        if not _entry_ok(t):
             raise IlladaError(f"{path.name}: corrupt entry for tensor {name!r}; re-download this shard")
-        end = max(end, b)
+        end = max(end, t["data_offsets"][1])
     if 8 + n + end != size:
         raise IlladaError(
             f"{path.name}: truncated or corrupt shard (header promises {8 + n + end} bytes, file has {size}); "
@@ -64,24 +81,42 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
+def check_float_dtype(shard: Path, name: str, dtype: str) -> None:
+    """Only float16 / bfloat16 / float32 weights are converted."""
+    if dtype in FLOAT_DTYPES:
+        return
+    fix = "cast it to float32 first" if dtype == "F64" else "a checkpoint stores float weights, this is not one"
+    raise IlladaError(f"{shard.name}: tensor {name!r} has dtype {dtype}; only F16, BF16 and F32 weights can be "
+                      f"converted: {fix}")
+
+
 def find_shards(root: Path) -> tuple[list[Path], str]:
     """The weight files of a checkpoint dir and their kind ("safetensors" or "torch"), from the index when
     there is one, else by name."""
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch")):
         index = root / index_name
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [f for f in files if not (root / f).exists()]
+        if index.exists() or index.is_symlink():
+            files = sorted(set(_weight_map(root, index).values()))
+            paths = [check_name(root, f, index_name) for f in files]
+            missing = [f for f, p in zip(files, paths) if not p.exists() and not p.is_symlink()]
             if missing:
                 raise IlladaError(f"{root}: shard {missing[0]} named in {index_name} is missing; download all shards")
-            return [root / f for f in files], kind
+            return [check_file(root, p) for p in paths], kind
     st = sorted(root.glob("*.safetensors"))
     if st:
-        return st, "safetensors"
+        return [check_file(root, p) for p in st], "safetensors"
     pt = sorted(root.glob("pytorch_model*.bin"))
     if pt:
-        return pt, "torch"
+        return [check_file(root, p) for p in pt], "torch"
     raise IlladaError(f"{root}: no weights found (*.safetensors or pytorch_model*.bin); is this the model directory?")
+
+
+def _weight_map(root: Path, index: Path) -> dict:
+    """An index's weight_map: tensor name -> shard file name, both strings."""
+    wm = parse_json_object(read_bytes(root, index), index).get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise IlladaError(f"{index}: no weight_map of tensor names to shard files; re-download the index")
+    return wm
 
 
 def _torch():
@@ -100,7 +135,12 @@ def _torch_names(path: Path) -> dict:
     except Exception as e:  # pickle errors, truncation, unsafe objects refused by weights_only
         raise IlladaError(f"{path.name}: cannot be read safely as a weights-only PyTorch file ({type(e).__name__}); "
                           "re-download it or use safetensors")
-    return {k: {"shape": list(v.shape)} for k, v in sd.items()}
+    if not isinstance(sd, dict):
+        raise IlladaError(f"{path.name}: not a state dict of tensors; re-download it or use safetensors")
+    if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in sd.values()):
+        raise IlladaError(f"{path.name}: holds values that are not tensors; re-download it or use safetensors")
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    return {k: {"shape": list(v.shape), "dtype": names.get(v.dtype, str(v.dtype))} for k, v in sd.items()}
 
 
 def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
@@ -111,7 +151,7 @@ def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
     want = expected_shapes(args)
     seen: dict[str, tuple] = {}
     for shard in shards:
-        header = _safetensors_header(shard) if kind == "safetensors" else _torch_names(shard)
+        header = safetensors_header(root, shard) if kind == "safetensors" else _torch_names(shard)
         for name, t in header.items():
             try:
                 ours = map_name(name, args.source_layout)
@@ -120,6 +160,7 @@ def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
                                   "wrong architecture in config.json?")
             if ours is None:
                 continue
+            check_float_dtype(shard, name, t["dtype"])
             shape = tuple(t["shape"])
             if ours == "lm_head.weight" and args.tie_word_embeddings:
                 ours = "lm_head.weight(tied)"

@@ -13,20 +13,18 @@ import time
 import click
 
 from .cache import CACHES, REFRESHES
-from .config import IlladaError, one_line_errors
+from .config import IlladaError, one_line
+from .options import SEED, FiniteFloat, Group, IntList
 from .spec import PRESETS
 
 
-class _Group(click.Group):
-    def invoke(self, ctx):
-        with one_line_errors():
-            return super().invoke(ctx)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="illada-mlx")
-def main():
-    """Run iLLaDA / LLaDA masked-diffusion language models with MLX."""
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (also ILLADA_MLX_DEBUG=1).")
+def main(debug):
+    """Run iLLaDA / LLaDA masked-diffusion language models with MLX.
+
+    A failure is one `error:` line on stderr: exit code 1, or 2 for a bad option."""
 
 
 def _add_convert():
@@ -63,22 +61,25 @@ def sampler_options(f):
         click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the bundled demo model)."),
         click.option("--mode", type=click.Choice(list(PRESETS)), default=None,
                      help=f"Default: iLLaDA variable, LLaDA exact. {MODE_HELP}."),
-        click.option("-m", "--max-tokens", type=int, default=None,
+        click.option("-m", "--max-tokens", type=click.IntRange(min=1), default=None,
                      help="Budget. Default: a fixed canvas 128 tokens (the official one); the growing canvas 1024 "
                           "(base) / 2048 (chat model), cut to the context. A given budget that does not fit is refused."),
-        click.option("--block-length", type=int, default=None, help="Block size (default 32)."),
-        click.option("--steps-per-block", type=int, default=None, help="Denoising steps per block (default 32)."),
-        click.option("--temperature", "--temp", "temperature", type=float, default=None, help="0 = greedy (default)."),
-        click.option("--threshold", type=float, default=None, help="Threshold modes: commit tokens with confidence ≥ τ (0.9)."),
+        click.option("--block-length", type=click.IntRange(min=1), default=None, help="Block size (default 32)."),
+        click.option("--steps-per-block", type=click.IntRange(min=1), default=None,
+                     help="Denoising steps per block (default 32)."),
+        click.option("--temperature", "--temp", "temperature", type=FiniteFloat(min=0), default=None,
+                     help="0 = greedy (default)."),
+        click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
+                     help="Threshold modes: commit tokens with confidence ≥ τ (0.9), in (0, 1]."),
         click.option("--cache", type=click.Choice(list(CACHES)), default=None,
                      help="Block KV cache (default: the mode's: fast prefix, fast_fixed dual, else none)."),
         click.option("--block-refresh", type=click.Choice(list(REFRESHES)), default=None,
                      help="What a cached mode recomputes at a block start: window = the finished block and the new "
                           "one (default), full = the whole canvas."),
-        click.option("--seed", type=int, default=None),
+        click.option("--seed", type=SEED, default=None, help="0 to 2**32-1."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--think-boost/--no-think-boost", default=None, help="iLLaDA-Instruct end-of-thinking boost."),
-        click.option("--mask-id", type=int, default=None, help="Override the mask token id."),
+        click.option("--mask-id", type=click.IntRange(min=0), default=None, help="Override the mask token id."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -161,7 +162,9 @@ class Progress:
 def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_step=None, show_text=True):
     """Stream one reply to stdout (show_text) with a progress status; returns (last Response, text, tokens)."""
     from .engine import stream_generate
+    from .spec import make_spec
 
+    spec = make_spec(model, tok, len(ids), **settings)  # resolved here: `cache` is both a setting and a BlockCache
     t0 = time.perf_counter()
     n, total = [0], [0]
 
@@ -174,7 +177,7 @@ def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_s
 
     r, parts, tokens = None, [], []
     try:
-        for r in stream_generate(model, tok, ids, cache=cache, on_step=step, **settings):
+        for r in stream_generate(model, tok, ids, spec=spec, cache=cache, on_step=step):
             total[0], n[0] = r.blocks, r.generation_tokens
             parts.append(r.text)
             tokens.extend(r.tokens)
@@ -185,8 +188,40 @@ def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_s
     return r, "".join(parts), tokens
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` when it is valid Unicode; refused when it came from bytes that are not UTF-8 (Python keeps
+    such argv bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise IlladaError(f"{what} is not valid UTF-8 (a bad byte at character {e.start}); fix its encoding")
+    return text
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """Bytes from stdin as text; refused when not UTF-8 (nothing is guessed or replaced)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IlladaError(f"{what} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                          "fix its encoding")
+
+
+def prompt_ids(tok, msgs, raw=False) -> list[int]:
+    """build_prompt, with a chat template that fails reported as one line."""
+    from jinja2 import TemplateError
+
+    from .engine import build_prompt
+
+    try:
+        return build_prompt(tok, msgs, raw=raw)
+    except TemplateError as e:
+        raise IlladaError(f"the model's chat template failed ({one_line(e)}); pass --raw to skip it, or fix "
+                          "chat_template in the model's tokenizer_config.json")
+
+
 @main.command()
-@click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin).")
+@click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin); UTF-8 text.")
 @click.option("--system", "--system-prompt", "system", default=None, help="System text (merged into the first user turn).")
 @click.option("--raw", "--ignore-chat-template", "raw", is_flag=True, help="No chat template (base models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
@@ -195,13 +230,11 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     """Generate a reply to one prompt, streamed block by block; stats on stderr."""
     import json
 
-    from .engine import build_prompt
-
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
+    system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = build_prompt(tok, msgs, raw=raw)
+    ids = prompt_ids(tok, msgs, raw=raw)
     r, text, tokens = stream_reply(model, tok, ids, _settings(kw), Progress(), show_text=not as_json)
     if as_json:
         click.echo(json.dumps({"text": text, "tokens": tokens, "finish_reason": r.finish_reason,
@@ -237,19 +270,29 @@ class CanvasView:
         self.out.flush()
 
 
+def read_line():
+    """One chat line from stdin (with a prompt on a terminal), None at the end; a line that is not UTF-8
+    is refused (IlladaError)."""
+    if sys.stdin.isatty():
+        return utf8_text(input(">>> "), "this line")
+    data = sys.stdin.buffer.readline()
+    return decode_utf8(data, "this line") if data else None
+
+
 @main.command()
 @click.option("--system", "--system-prompt", "system", default=None, help="System text for the conversation.")
 @click.option("--visual/--no-visual", default=False, help="Show the canvas being denoised (TTY only).")
 @sampler_options
 def chat(system, visual, model_path, mask_id, **kw):
     """Multi-turn chat. /reset clears the history, /settings shows the decoding settings, /quit ends.
-    Ctrl-C interrupts a reply, not the session."""
+    Ctrl-C interrupts a reply, not the session. A line that is not UTF-8, or that the chat template
+    refuses, gets one `error:` line and is skipped."""
     import os
 
     from .cache import BlockCache
-    from .engine import build_prompt
     from .spec import make_spec
 
+    system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id)
     settings = _settings(kw)
     make_spec(model, tok, None, **settings)  # refuse bad options before the first question
@@ -260,10 +303,13 @@ def chat(system, visual, model_path, mask_id, **kw):
     click.echo("illada-mlx chat: /reset, /settings, /quit. Ctrl-C stops a reply.", err=True)
     while True:
         try:
-            line = input(">>> ") if sys.stdin.isatty() else sys.stdin.readline()
+            line = read_line()
         except (EOFError, KeyboardInterrupt):
             break
-        if not line:
+        except IlladaError as e:
+            click.echo(f"error: {e}; line skipped", err=True)
+            continue
+        if line is None:
             break
         line = line.rstrip("\n")
         if not line.strip():
@@ -276,12 +322,17 @@ def chat(system, visual, model_path, mask_id, **kw):
             click.echo("(history cleared)", err=True)
             continue
         if line.strip() == "/settings":
-            spec = last_spec or make_spec(model, tok, len(build_prompt(tok, history + [{"role": "user", "content": ""}])),
+            spec = last_spec or make_spec(model, tok, len(prompt_ids(tok, history + [{"role": "user", "content": ""}])),
                                           **settings)
             click.echo(" ".join(f"{k}={v}" for k, v in spec.as_dict().items()), err=True)
             continue
         history.append({"role": "user", "content": line})
-        ids = build_prompt(tok, history)
+        try:
+            ids = prompt_ids(tok, history)
+        except IlladaError as e:
+            click.echo(f"error: {e}", err=True)
+            history.pop()
+            continue
         view = CanvasView(tok, model.args.mask_token_id, len(ids)) if visual else None
         try:
             r, reply, _ = stream_reply(model, tok, ids, settings, Progress(False if visual else None),
@@ -300,12 +351,28 @@ def chat(system, visual, model_path, mask_id, **kw):
 
 
 # ------------------------------------------------------------------------------------------ serve
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address the server could not listen on (a name that does not
+    resolve, a port in use, an address not on this machine)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(addr)
+    except OSError as e:
+        raise IlladaError(f"cannot listen on {host}:{port} ({e.strerror or one_line(e)}); choose another --host "
+                          "or --port")
+
+
 @main.command()
 @click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the demo model).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (localhost by default).")
-@click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond this get 429.")
-@click.option("--mask-id", type=int, default=None)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests waiting beyond this (at least 1) get 429.")
+@click.option("--mask-id", type=click.IntRange(min=0), default=None)
 def serve(model_path, host, port, max_queue, mask_id):
     """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions."""
     from pathlib import Path
@@ -314,6 +381,7 @@ def serve(model_path, host, port, max_queue, mask_id):
 
     from .server import Engine, make_app
 
+    check_listen(host, port)
     model, tok = load_model(model_path, mask_id)
     name = Path(str(model_path)).name if model_path else "illada-demo"
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
@@ -321,16 +389,6 @@ def serve(model_path, host, port, max_queue, mask_id):
 
 
 # ------------------------------------------------------------------------------------------ bench
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        out = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise IlladaError(f"{option} takes a comma list of positive whole numbers, not {value!r}")
-    return out
-
-
 def _modes(value: str) -> list[str]:
     names = [m for m in value.split(",") if m]
     bad = [m for m in names if m not in PRESETS]
@@ -345,12 +403,12 @@ def _modes(value: str) -> list[str]:
               help="A random-weight model of this shape instead of a checkpoint (8b = iLLaDA-8B dims).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--modes", default="exact,fast", show_default=True, help=f"Comma list of {','.join(PRESETS)}.")
-@click.option("--gen-length", "gen_lengths", default="256", show_default=True,
+@click.option("--gen-length", "gen_lengths", type=IntList(), default="256", show_default=True,
               help="Comma list of budgets (with --shape every run writes the whole budget).")
-@click.option("--block-length", type=int, default=32, show_default=True)
-@click.option("--prompt-lengths", default="auto", show_default=True,
+@click.option("--block-length", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--prompt-lengths", type=IntList(allow_auto=True), default="auto", show_default=True,
               help="Comma list of prompt lengths (random tokens), or auto: demo prompts / 16,128.")
-@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--refresh", "refreshes", default="window", show_default=True,
               help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).")
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
@@ -362,15 +420,17 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     The table goes to stdout, progress to stderr."""
     import json
     import time as _time
-    from pathlib import Path
 
     import mlx.core as mx
 
     from . import bench as B
-    from .engine import build_prompt
+
+    from .files import check_output_file
 
     mode_list = _modes(modes)
-    gens = _ints(gen_lengths, "--gen-length")
+    gens = gen_lengths
+    json_path = check_output_file(json_out, "--json") if json_out is not None else None
+    plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
     policies = [p for p in refreshes.split(",") if p]
     bad = [p for p in policies if p not in REFRESHES] or ([] if policies else [refreshes])
     if bad:
@@ -386,9 +446,9 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         name = model_path or "illada-demo"
     if prompt_lengths == "auto" and tok is not None:
         texts = ["reverse qwerty", "sort 9 3 7 1 4 2"]  # the demo model's longest in-distribution answers
-        prompts = {len(p): p for p in (build_prompt(tok, [{"role": "user", "content": t}]) for t in texts)}
+        prompts = {len(p): p for p in (prompt_ids(tok, [{"role": "user", "content": t}]) for t in texts)}
     else:
-        lens = [16, 128] if prompt_lengths == "auto" else _ints(prompt_lengths, "--prompt-lengths")
+        lens = [16, 128] if prompt_lengths == "auto" else prompt_lengths
         import numpy as np
 
         rng = np.random.default_rng(0)
@@ -407,11 +467,11 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
             runs += [r] if r else []
     result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
               "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs}
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2))
-    if plot_out:
-        B.plot(result, plot_out)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+    if plot_path:
+        B.plot(result, str(plot_path))
     click.echo(B.table(runs))
 
 

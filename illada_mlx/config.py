@@ -6,30 +6,65 @@ read into one `ModelArgs`; our MLX directories store the iLLaDA-style keys plus 
 
 from __future__ import annotations
 
-import json
+import math
+import os
+import reprlib
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .errors import IlladaError
+from .files import read_bytes, read_json_object
 
-class IlladaError(Exception):
-    """A user-facing problem: the message is one line that names the problem and the fix."""
+
+def debug_enabled(flag: bool = False) -> bool:
+    """Tracebacks wanted: `--debug` or ILLADA_MLX_DEBUG=1."""
+    return flag or os.environ.get("ILLADA_MLX_DEBUG", "") not in ("", "0")
+
+
+def one_line(text: str) -> str:
+    """A message as one line: its lines joined with '; '."""
+    return "; ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
+
+
+def describe_os_error(e: OSError) -> str:
+    """'FILE: strerror' (both files for a rename), or the error's text when it names no file."""
+    if e.strerror and e.filename is not None:
+        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{names}: {e.strerror}; check the path, its permissions and the free space"
+    return f"{one_line(e) or type(e).__name__}; check the paths, their permissions and the free space"
 
 
 @contextmanager
-def one_line_errors():
-    """For commands: a user-facing failure is one line on stderr and exit code 1 (Ctrl-C: 130), never a
-    traceback."""
+def one_line_errors(debug: bool = False):
+    """For commands: a failure is one `error:` line on stderr and exit code 1 (Ctrl-C: 130; a signal the
+    converter turned into an interrupt: 128 + its number), never a traceback unless `debug` or
+    ILLADA_MLX_DEBUG=1. Our errors and OSError are expected; anything else is reported as a bug. click's
+    own exceptions (usage errors, --help's exit) pass through to click."""
     try:
         yield
-    except IlladaError as e:
-        sys.stderr.write(f"error: {e}\n")
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        sys.stderr.write(f"interrupted{f' (signal {signum})' if signum else ''}\n")
+        sys.exit(128 + signum if signum else 130)
+    except Exception as e:
+        import click
+
+        if debug_enabled(debug) or isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
+            raise
+        if isinstance(e, IlladaError):
+            msg = one_line(e)
+        elif isinstance(e, OSError):
+            msg = describe_os_error(e)
+        elif isinstance(e, MemoryError):
+            msg = "out of memory; use a smaller model, budget or batch"
+        else:
+            msg = (f"unexpected {type(e).__name__}: {one_line(e)}; this is a bug: rerun with --debug "
+                   "(or ILLADA_MLX_DEBUG=1) and report the traceback")
+        sys.stderr.write(f"error: {msg}\n")
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
 
 
 class ContextError(IlladaError):
@@ -73,22 +108,9 @@ class ModelArgs:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        check_args(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise IlladaError(
-                f"config: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}; fix config.json"
-            )
-        if self.hidden_act not in ("silu", "swiglu"):
-            raise IlladaError(f"config: hidden_act={self.hidden_act!r} is not supported (only silu/SwiGLU)")
-        if self.rope_scaling:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("linear", "default", None):
-                raise IlladaError(
-                    f"config: rope_scaling type {kind!r} is not supported (only linear); "
-                    "remove rope_scaling or open an issue"
-                )
 
     @property
     def rope_scale(self) -> float:
@@ -105,21 +127,114 @@ class ModelArgs:
                 "illada_mlx_format": 1}
 
 
+# bounds of the integer fields: far beyond any real model, small enough that nothing is allocated for nonsense
+INT_BOUNDS = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+              "num_key_value_heads": 1024, "intermediate_size": 1 << 20, "vocab_size": 1 << 24,
+              "max_position_embeddings": 1 << 24, "head_dim": 4096}
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+ID_FIELDS = ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "eot_token_id")
+
+
+def _bad(name: str, value, want: str) -> IlladaError:
+    return IlladaError(f"config.json: {name} must be {want}, not {reprlib.repr(value)}; fix config.json")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A finite number (not a bool; an int too large for a float is not one)."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def check_rope_scaling(rs) -> None:
+    """None, or {"type"|"rope_type": "linear", "factor": > 0} ("default" or no type: no scaling)."""
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise _bad("rope_scaling", rs, "null or an object like {\"type\": \"linear\", \"factor\": 2.0}")
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind not in ("linear", "default", None):
+        raise IlladaError(f"config: rope_scaling type {kind!r} is not supported (only linear); "
+                          "remove rope_scaling or open an issue")
+    if kind == "linear" and not (_is_real(rs.get("factor")) and 0 < rs["factor"] <= 1e6):
+        raise _bad("rope_scaling.factor", rs.get("factor"), "a number above 0 (linear scaling)")
+
+
+def check_args(a: "ModelArgs") -> None:
+    """Every field the model uses has its type and sane bounds; refused with the field's name otherwise."""
+    for name, top in INT_BOUNDS.items():
+        v = getattr(a, name)
+        if name == "head_dim" and v is None:
+            continue
+        if not _is_int(v) or not 1 <= v <= top:
+            raise _bad(name, v, f"a whole number from 1 to {top}")
+    if a.num_key_value_heads > a.num_attention_heads or a.num_attention_heads % a.num_key_value_heads:
+        raise IlladaError(f"config: num_attention_heads={a.num_attention_heads} is not a multiple of "
+                          f"num_key_value_heads={a.num_key_value_heads}; fix config.json")
+    if a.head_dim is None and a.hidden_size % a.num_attention_heads:
+        raise IlladaError(f"config: hidden_size={a.hidden_size} is not a multiple of num_attention_heads="
+                          f"{a.num_attention_heads} and no head_dim is given; fix config.json")
+    if (a.head_dim or a.hidden_size // a.num_attention_heads) % 2:
+        raise IlladaError(f"config: the head dimension {a.head_dim or a.hidden_size // a.num_attention_heads} "
+                          "is odd; rotary embeddings need an even one, fix config.json")
+    for name in ("rms_norm_eps", "layer_norm_eps"):
+        v = getattr(a, name)
+        if (v is not None or name == "rms_norm_eps") and not (_is_real(v) and 0 < v < 1):
+            raise _bad(name, v, "a number between 0 and 1 (exclusive)")
+    if not (_is_real(a.rope_theta) and a.rope_theta > 0):
+        raise _bad("rope_theta", a.rope_theta, "a number above 0")
+    check_rope_scaling(a.rope_scaling)
+    if a.hidden_act not in ("silu", "swiglu"):
+        raise IlladaError(f"config: hidden_act={a.hidden_act!r} is not supported (only silu/SwiGLU)")
+    for name in FLAGS:
+        if not isinstance(getattr(a, name), bool):
+            raise _bad(name, getattr(a, name), "true or false")
+    for name in ID_FIELDS:
+        v = getattr(a, name)
+        if v is not None and not (_is_int(v) and v >= 0):
+            raise _bad(name, v, "a token id (a whole number from 0)")
+    if a.quantization is not None:
+        from .quant import check_record
+
+        check_record(a.quantization)
+    if a.source_layout not in (ILLADA, LLADA):
+        raise _bad("source_layout", a.source_layout, f"{ILLADA!r} or {LLADA!r}")
+
+
+def check_special_ids(args: "ModelArgs") -> None:
+    """Every special id set lies inside the vocabulary."""
+    for attr in ID_FIELDS:
+        v = getattr(args, attr)
+        if v is not None and not 0 <= v < args.vocab_size:
+            raise IlladaError(
+                f"{attr}={v} is outside the vocabulary (size {args.vocab_size}); the tokenizer does not "
+                "match this model, or pass the right --mask-id"
+            )
+
+
 def detect_layout(cfg: dict) -> str:
-    archs = cfg.get("architectures") or []
+    archs = cfg.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     mt = cfg.get("model_type", "")
+    mt = mt if isinstance(mt, str) else ""
     if "d_model" in cfg or mt == LLADA or any("LLaDA" in a and "ILLaDA" not in a for a in archs):
         return LLADA
     if "hidden_size" in cfg and mt in (ILLADA, "llama", "") or any("ILLaDA" in a for a in archs):
         return ILLADA
     raise IlladaError(
-        f"config.json: unknown architecture (model_type={mt!r}, architectures={archs}); "
+        f"config.json: unknown architecture (model_type={reprlib.repr(mt)}, "
+        f"architectures={reprlib.repr(archs)}); "
         "expected an iLLaDA (ILLaDAForCausalLM) or LLaDA (LLaDAModelLM) checkpoint"
     )
 
 
 def _req(cfg: dict, key: str):
-    if key not in cfg:
+    if cfg.get(key) is None:
         raise IlladaError(f"config.json: missing required key {key!r}; the checkpoint's config is incomplete")
     return cfg[key]
 
@@ -142,16 +257,18 @@ def args_from_config(cfg: dict) -> ModelArgs:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             hidden_act=cfg.get("activation_type", "silu"),
-            tie_word_embeddings=bool(cfg.get("weight_tying", False)),
-            attention_bias=bool(cfg.get("include_bias", False) or cfg.get("include_qkv_bias", False)),
-            mlp_bias=bool(cfg.get("include_bias", False)),
+            tie_word_embeddings=_flag(cfg, "weight_tying"),
+            attention_bias=_flag(cfg, "include_bias") or _flag(cfg, "include_qkv_bias"),
+            mlp_bias=_flag(cfg, "include_bias"),
             mask_token_id=cfg.get("mask_token_id"),
             eos_token_id=_first(cfg.get("eos_token_id")),
             bos_token_id=_first(cfg.get("bos_token_id")),
             pad_token_id=_first(cfg.get("pad_token_id")),
             source_layout=LLADA,
         )
-    keys = {f for f in ModelArgs.__dataclass_fields__ if f not in ("extra", "source_layout")}
+    # a quantization record is ours (mlx-lm's format) only in an illada-mlx directory
+    skip = ("extra", "source_layout") + (() if cfg.get("illada_mlx_format") else ("quantization",))
+    keys = {f for f in ModelArgs.__dataclass_fields__ if f not in skip}
     kwargs = {k: cfg[k] for k in keys if k in cfg and cfg[k] is not None}
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         _req(cfg, k)
@@ -162,18 +279,25 @@ def args_from_config(cfg: dict) -> ModelArgs:
     return ModelArgs(**kwargs, source_layout=layout or ILLADA)
 
 
+def _flag(cfg: dict, key: str) -> bool:
+    v = cfg.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(key, v, "true or false")
+    return v
+
+
 def _first(v):
     return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
 def load_config(path: Path) -> dict:
+    """config.json of a model directory, as a JSON object (read through `files`' checks)."""
     f = Path(path) / "config.json"
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         raise IlladaError(f"{path}: no config.json; point at a model directory (HF checkpoint or illada-mlx output)")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise IlladaError(f"{f}: not valid JSON ({e.msg} at line {e.lineno}); re-download the file")
+    return read_json_object(Path(path), "config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,14 +306,23 @@ def _tokenizer_vocab(path: Path) -> dict[str, int]:
     """token -> id from tokenizer.json (vocab + added tokens) and tokenizer_config's added tokens."""
     vocab: dict[str, int] = {}
     tj = path / "tokenizer.json"
-    if tj.exists():
+    if tj.exists() or tj.is_symlink():
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(tj))
+        data = read_bytes(path, tj)
+        try:
+            tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the tokenizers library's errors: Exception with a message
+            raise IlladaError(f"{tj}: not a tokenizer file ({one_line(e) or type(e).__name__}); re-download it")
         vocab.update(tok.get_vocab(with_added_tokens=True))
     tc = path / "tokenizer_config.json"
-    if tc.exists():
-        for i, t in (json.loads(tc.read_text()).get("added_tokens_decoder") or {}).items():
+    if tc.exists() or tc.is_symlink():
+        added = read_json_object(path, tc.name).get("added_tokens_decoder") or {}
+        if not isinstance(added, dict):
+            raise IlladaError(f"{tc}: added_tokens_decoder is not an object; re-download the file")
+        for i, t in added.items():
+            if not (isinstance(t, dict) and isinstance(t.get("content"), str) and i.isdigit()):
+                raise IlladaError(f"{tc}: added token {i!r} is malformed; re-download the file")
             vocab.setdefault(t["content"], int(i))
     return vocab
 
@@ -197,11 +330,11 @@ def _tokenizer_vocab(path: Path) -> dict[str, int]:
 def _tokenizer_special(path: Path, name: str) -> Optional[str]:
     for fname in ("tokenizer_config.json", "special_tokens_map.json"):
         f = path / fname
-        if f.exists():
-            v = json.loads(f.read_text()).get(name)
+        if f.exists() or f.is_symlink():
+            v = read_json_object(path, fname).get(name)
             if isinstance(v, dict):
                 v = v.get("content")
-            if v:
+            if v and isinstance(v, str):
                 return v
     return None
 
@@ -222,6 +355,8 @@ def resolve_special_ids(args: ModelArgs, tokenizer_dir: Path, mask_id: Optional[
             "no mask token id: the tokenizer has no <[MASK]> or <|mdm_mask|> token and config.json has no "
             "mask_token_id; pass --mask-id (iLLaDA uses 5)"
         )
+    if not (isinstance(mask_id, int) and not isinstance(mask_id, bool)):
+        raise IlladaError(f"mask token id {mask_id!r} is not a whole number; pass --mask-id (iLLaDA uses 5)")
     args.mask_token_id = int(mask_id)
     for attr, special in (("eos_token_id", "eos_token"), ("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
         tok = _tokenizer_special(Path(tokenizer_dir), special)
@@ -229,11 +364,5 @@ def resolve_special_ids(args: ModelArgs, tokenizer_dir: Path, mask_id: Optional[
             setattr(args, attr, vocab[tok])
     if args.eot_token_id is None:
         args.eot_token_id = next((vocab[n] for n in EOT_TOKEN_NAMES if n in vocab), None)
-    for attr in ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "eot_token_id"):
-        v = getattr(args, attr)
-        if v is not None and not 0 <= v < args.vocab_size:
-            raise IlladaError(
-                f"{attr}={v} is outside the vocabulary (size {args.vocab_size}); the tokenizer does not "
-                "match this model, or pass the right --mask-id"
-            )
+    check_special_ids(args)
     return args

@@ -3,16 +3,20 @@ turns a local dir or a hub repo id into a directory (the converter uses it too).
 
 from __future__ import annotations
 
-import glob
+import re
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 
-from .checkpoint import inspect_checkpoint, iter_shards
-from .config import IlladaError, ModelArgs, args_from_config, load_config, resolve_special_ids
+from .checkpoint import FLOAT_DTYPES, find_shards, inspect_checkpoint, iter_shards, safetensors_header
+from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
+                     resolve_special_ids)
+from .files import check_file
 from .model import Model
 from .quant import apply_quantization
+
+NONFINITE_KEY = "illada_mlx_allow_nonfinite"  # config.json: written by `convert --allow-nonfinite`
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -39,38 +43,104 @@ def resolve_source(src: str) -> Path:
                           "your network, or download it yourself and pass the directory")
 
 
-def _build(args: ModelArgs, weights: dict[str, mx.array]) -> Model:
+def _names(text: str) -> list[str]:
+    return [n for n in re.split(r"[\s,]+", text.strip().rstrip(".")) if n]
+
+
+def describe_mismatch(e: ValueError) -> str:
+    """MLX's load_weights error in one line naming at most three parameters."""
+    text = str(e)
+    for pattern, what in ((r"Received (\d+) parameters not in model:(.*)", "not in the model"),
+                          (r"Missing (\d+) parameters:(.*)", "missing from the weights")):
+        m = re.match(pattern, text, re.S)
+        if m:
+            names = _names(m.group(2))
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            return f"{m.group(1)} parameters {what}: {', '.join(names[:3])}{more}"
+    return one_line(text)
+
+
+def check_finite(weights: dict[str, mx.array]) -> None:
+    """Refuse NaN or infinity in any float weight (reads every weight once)."""
+    floats = [(k, v) for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
+    if not floats:
+        return
+    ok = mx.stack([mx.all(mx.isfinite(v)) for _, v in floats]).tolist()
+    bad = [k for (k, _), good in zip(floats, ok) if not good]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise IlladaError(f"NaN or infinite values in {', '.join(bad[:3])}{more}: the weights are corrupt; "
+                          "re-download or re-convert the model")
+
+
+def _build(args: ModelArgs, weights: dict[str, mx.array], allow_nonfinite: bool = False) -> Model:
+    if not allow_nonfinite:
+        check_finite(weights)
     model = Model(args)
     if args.quantization:
         apply_quantization(model, args.quantization, weights.keys())
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise IlladaError(f"weights do not match config.json ({str(e).splitlines()[0]}); re-convert the model")
+        raise IlladaError(f"weights do not match config.json ({describe_mismatch(e)}); re-convert the model")
     mx.eval(model.parameters())
     model.eval()
     return model
 
 
+def check_mlx_dtypes(headers: dict[str, dict]) -> None:
+    """An MLX directory's dtypes: float weights, uint32 packed weights of quantized layers (those with
+    `.scales`) and uint8 scales (the mx/nv float formats)."""
+    for name, t in headers.items():
+        dtype = t["dtype"]
+        base = name.rsplit(".", 1)[0]
+        if dtype in FLOAT_DTYPES or (dtype == "U32" and name.endswith(".weight") and f"{base}.scales" in headers) \
+                or (dtype == "U8" and name.endswith(".scales")):
+            continue
+        raise IlladaError(f"tensor {name!r} has dtype {dtype}, which no converted model stores; re-convert the model")
+
+
+def mlx_weight_files(path: Path) -> list[Path]:
+    """The weight files of an MLX directory: the index's, else every *.safetensors, each checked."""
+    index = path / "model.safetensors.index.json"
+    if index.exists() or index.is_symlink():
+        shards, _ = find_shards(path)
+        return shards
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise IlladaError(f"{path}: no *.safetensors; the conversion is incomplete, run convert again")
+    return [check_file(path, f) for f in files]
+
+
+def load_mlx_weights(path: Path) -> dict[str, mx.array]:
+    """The (memory-mapped) weights of an MLX directory, every header checked first."""
+    files = mlx_weight_files(path)
+    headers = {}
+    for f in files:
+        headers.update(safetensors_header(path, f))
+    check_mlx_dtypes(headers)
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))  # memory-mapped, read lazily
+        except Exception as e:  # MLX reports a bad file as RuntimeError / ValueError
+            raise IlladaError(f"{f.name}: cannot be read ({one_line(e)}); the file is corrupt, convert again")
+    return weights
+
+
 def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
     """The model in an MLX dir (memory-mapped) or an HF dir (read whole into memory through the checkpoint
-    reader: fine for small models, `illada-mlx convert` for big ones)."""
+    reader: fine for small models, `illada-mlx convert` for big ones). Config, headers and dtypes are
+    checked before anything is read; NaN or infinite weights are refused (unless the MLX dir's config.json
+    says `convert --allow-nonfinite` made it)."""
     path = Path(path)
     cfg = load_config(path)
     if cfg.get("illada_mlx_format"):
         args = args_from_config(cfg)
         if mask_id is not None:
             args.mask_token_id = mask_id
-        files = sorted(glob.glob(str(path / "*.safetensors")))
-        if not files:
-            raise IlladaError(f"{path}: no *.safetensors; the conversion is incomplete, run convert again")
-        weights = {}
-        for f in files:
-            try:
-                weights.update(mx.load(f))  # memory-mapped, read lazily
-            except Exception as e:
-                raise IlladaError(f"{Path(f).name}: cannot be read ({e}); the file is corrupt, convert again")
-        return _build(args, weights)
+        check_special_ids(args)
+        return _build(args, load_mlx_weights(path), allow_nonfinite=cfg.get(NONFINITE_KEY) is True)
     args = resolve_special_ids(args_from_config(cfg), path, mask_id)
     weights = {}
     for _, tensors in iter_shards(inspect_checkpoint(path, args)):
@@ -91,14 +161,20 @@ def load_tokenizer(path: Path, args: ModelArgs):
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
-    if not (path / "tokenizer.json").exists():
+    tj = path / "tokenizer.json"
+    if not (tj.exists() or tj.is_symlink()):
         raise IlladaError(f"{path}: no tokenizer.json; copy the model's tokenizer files into this directory")
+    for name in (*TOKENIZER_FILES, "added_tokens.json"):  # what the tokenizer may read: regular files inside only
+        if (path / name).exists() or (path / name).is_symlink():
+            check_file(path, path / name)
     hf_logging.set_verbosity_error()
     try:
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-        decoder = json.loads((path / "tokenizer.json").read_text()).get("decoder") or {}
-    except Exception as e:
-        raise IlladaError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        decoder = json.loads(tj.read_bytes().decode("utf-8")).get("decoder") or {}
+        decoder = decoder if isinstance(decoder, dict) else {}
+    except Exception as e:  # the tokenizer's files can fail in many ways: one line naming the cause
+        raise IlladaError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)}); "
+                          "re-download the tokenizer files")
     detok = BPEStreamingDetokenizer if decoder.get("type") == "ByteLevel" else NaiveStreamingDetokenizer
     eos = [i for i in (args.eos_token_id, args.eot_token_id) if i is not None]
     return TokenizerWrapper(tok, detok, eos_token_ids=eos or None)

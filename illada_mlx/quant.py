@@ -43,6 +43,24 @@ def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> d
     return {"group_size": group_size, "bits": bits, "mode": mode}
 
 
+def check_record(record: dict) -> None:
+    """A quantization record from config.json: its defaults and every per-layer entry supported."""
+    def params(d, where):
+        if not isinstance(d, dict):
+            raise IlladaError(f"config.json: quantization{where} is not an object; re-convert the model")
+        bits, group, mode = d.get("bits"), d.get("group_size"), d.get("mode", "affine")
+        ok = mode in QUANT_MODES if isinstance(mode, str) else False
+        if not (ok and bits in QUANT_MODES[mode][0] and group in QUANT_MODES[mode][1]
+                and not isinstance(bits, bool) and not isinstance(group, bool)):
+            raise IlladaError(f"config.json: quantization{where} (bits {bits!r}, group size {group!r}, mode "
+                              f"{mode!r}) is not one this package writes; re-convert the model")
+
+    params(record, "")
+    for k, v in record.items():
+        if k not in ("group_size", "bits", "mode") and v is not False:
+            params(v, f"[{k!r}]")
+
+
 def _recipe_mixed(body_bits: int, high_bits: int, sensitive: bool) -> Callable:
     """Body at `body_bits`, embedding/head at `high_bits`; with `sensitive`, also v_proj and down_proj
     of the first and last eighth of the layers and every other layer's down_proj (llama.cpp's K_M idea)."""

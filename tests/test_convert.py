@@ -223,16 +223,21 @@ def test_wrong_mask_id_flag_is_refused_and_right_one_used(tmp_path):
     assert json.loads((out / "config.json").read_text())["mask_token_id"] == 5
 
 
-def test_non_empty_destination_needs_force(ckpt_factory, tmp_path):
+def test_non_empty_destination_needs_force_and_force_replaces_only_a_conversion(ckpt_factory, tmp_path):
     src, _ = ckpt_factory(ILLADA)
     out = tmp_path / "mlx"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for extra in ([], ["--force"]):  # not a converted model: refused with or without --force
+        r = run_convert("--hf-path", src, "--mlx-path", out, *extra)
+        assert r.exit_code == 1 and r.output.startswith("error: ") and "--force" in r.output
+        assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_convert("--hf-path", src, "--mlx-path", out).exit_code == 0  # an empty directory is filled
     r = run_convert("--hf-path", src, "--mlx-path", out)
-    assert r.exit_code == 1 and r.output.startswith("error: ") and "--force" in r.output
-    assert (out / "keep.txt").exists()
-    assert run_convert("--hf-path", src, "--mlx-path", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert r.exit_code == 1 and "pass --force" in r.output
+    assert run_convert("--hf-path", src, "--mlx-path", out, "--force", "--dtype", "bfloat16").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["illada_mlx_format"] == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".mlx")) == []
 
 

@@ -1,0 +1,87 @@
+"""click pieces the commands share: option types that check their range (finite floats, comma lists of
+positive integers) and command classes whose every failure is one `error:` line.
+
+A bad option value (out of range, not a number) exits with 1 like every other failure (see
+`config.one_line_errors`), other usage errors (an unknown or missing option) with 2, as click does;
+tracebacks only with `--debug` or ILLADA_MLX_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+
+from .config import one_line, one_line_errors
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range, NaN and infinities refused."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
+class IntList(click.ParamType):
+    """A comma list of whole numbers from 1 (`auto`, where allowed, passes through)."""
+
+    name = "comma list of positive whole numbers"
+
+    def __init__(self, allow_auto: bool = False):
+        self.allow_auto = allow_auto
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list) or (self.allow_auto and value == "auto"):
+            return value
+        try:
+            out = [int(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or min(out) < 1:
+            self.fail(f"{value!r} is not a comma list of positive whole numbers"
+                      + (" (or auto)" if self.allow_auto else "") + ".", param, ctx)
+        return out
+
+
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+class OneLineErrors:
+    """Mixin for click commands and groups: usage errors are one `error:` line (exit 1 for a bad value, 2
+    for the rest), and the command's own failures go through `one_line_errors` (exit 1)."""
+
+    def invoke(self, ctx):
+        debug = bool(ctx.find_root().params.get("debug"))
+        with one_line_errors(debug):
+            return super().invoke(ctx)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
+            sys.stderr.write(f"error: {one_line(e.format_message())}{hint}\n")
+            sys.exit(1 if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) else 2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            sys.stderr.write("aborted\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Command(OneLineErrors, click.Command):
+    pass
+
+
+class Group(OneLineErrors, click.Group):
+    pass
