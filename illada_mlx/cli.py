@@ -162,9 +162,7 @@ class Progress:
 def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_step=None, show_text=True):
     """Stream one reply to stdout (show_text) with a progress status; returns (last Response, text, tokens)."""
     from .engine import stream_generate
-    from .spec import make_spec
 
-    spec = make_spec(model, tok, len(ids), **settings)  # resolved here: `cache` is both a setting and a BlockCache
     t0 = time.perf_counter()
     n, total = [0], [0]
 
@@ -177,7 +175,7 @@ def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_s
 
     r, parts, tokens = None, [], []
     try:
-        for r in stream_generate(model, tok, ids, spec=spec, cache=cache, on_step=step):
+        for r in stream_generate(model, tok, ids, prompt_cache=cache, on_step=step, **settings):
             total[0], n[0] = r.blocks, r.generation_tokens
             parts.append(r.text)
             tokens.extend(r.tokens)

@@ -76,18 +76,19 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
 
 
 def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSpec] = None,
-                    cache: Optional[BlockCache] = None, on_step: Optional[Callable[[Step], None]] = None,
+                    prompt_cache: Optional[BlockCache] = None, on_step: Optional[Callable[[Step], None]] = None,
                     **settings) -> Iterator[Response]:
     """Yield one Response per committed block, the last with finish_reason, stats and the spec that ran.
 
     settings: mode, max_tokens, block_length, steps_per_block, temperature, threshold, cache, stop, seed,
-    think_boost, ... (spec.make_spec); or pass a resolved `spec`. cache: a BlockCache kept across calls
-    (chat turns) so a shared prompt prefix is not recomputed. on_step: called with every denoising Step.
+    think_boost, ... (spec.make_spec; `cache` is the cache policy); or pass a resolved `spec`. prompt_cache:
+    a BlockCache kept across calls (chat turns, mlx-lm's name) so what the previous call computed for a
+    shared prefix is not recomputed. on_step: called with every denoising Step.
     Stopping the iteration early stops the decode.
     """
-    if cache is not None and not isinstance(cache, BlockCache):
-        raise IlladaError("cache= takes a BlockCache (kept across chat turns); choose the cache policy with "
-                          "the `cache` setting of the spec")
+    if prompt_cache is not None and not isinstance(prompt_cache, BlockCache):
+        raise IlladaError("prompt_cache= takes a BlockCache (kept across chat turns); the cache policy is the "
+                          "`cache` setting")
     ids = prompt_ids(tokenizer, prompt)
     if spec is None:
         spec = make_spec(model, tokenizer, len(ids), **settings)
@@ -103,7 +104,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSp
         return Response(text, tokens, len(ids), st.prompt_tps, produced, produced / max(wall, 1e-9),
                         _peak_gb(), st.nfe, produced / max(st.nfe, 1), blocks_done, spec.n_blocks, **end)
 
-    events = decode(model, [ids], spec, stop_fn=stop_fn, cache=cache)
+    events = decode(model, [ids], spec, stop_fn=stop_fn, cache=prompt_cache)
     try:
         for ev in events:
             if isinstance(ev, Step):

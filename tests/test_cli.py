@@ -87,10 +87,10 @@ def test_chat_two_turns_reset_and_settings(demo):
     r = CliRunner().invoke(main, ["chat", *FAST], input=script)
     assert r.exit_code == 0, r.output
     s, cache = dict(mode="fast", max_tokens=32), BlockCache()  # chat keeps one cache across turns
-    first = generate_text(model, tok, user("reverse abc"), cache=cache, **s)
+    first = generate_text(model, tok, user("reverse abc"), prompt_cache=cache, **s)
     history = user("reverse abc") + [{"role": "assistant", "content": first}] + user("a=1 b=2 ; a?")
-    second = generate_text(model, tok, history, cache=cache, **s)
-    third = generate_text(model, tok, user("reverse pq"), cache=BlockCache(), **s)  # after /reset
+    second = generate_text(model, tok, history, prompt_cache=cache, **s)
+    third = generate_text(model, tok, user("reverse pq"), prompt_cache=BlockCache(), **s)  # after /reset
     assert r.stdout.split("\n")[:3] == [first, second, third]
     # /settings reports what ran: the mode's cache and rule, the asked-for budget
     assert "history cleared" in r.stderr and "mode=fast" in r.stderr and "cache=prefix" in r.stderr

@@ -117,3 +117,14 @@ def test_readme_python_snippets_run(i, capsys):
     exec(compile(python_snippets()[i], f"README.md python snippet {i}", "exec"), {})
     out = capsys.readouterr().out
     assert "olleh" in out
+
+
+def test_the_cache_policy_and_a_kept_prompt_cache_go_together(demo):
+    # `cache` is the policy setting; the BlockCache kept across chat turns is `prompt_cache` (mlx-lm's name)
+    from illada_mlx.cache import BlockCache
+
+    model, tok = demo
+    msgs = [{"role": "user", "content": "reverse abc"}]
+    kept = BlockCache()
+    rs = list(stream_generate(model, tok, msgs, mode="variable", cache="prefix", max_tokens=32, prompt_cache=kept))
+    assert "".join(r.text for r in rs) == "cba" and rs[-1].spec.cache == "prefix" and kept.keys
