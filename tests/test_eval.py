@@ -56,3 +56,25 @@ def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
         r = CliRunner().invoke(main, ["eval", *args])
         assert r.exit_code == 1 and r.output.startswith("error: ") and needle in r.output, r.output
         assert r.output.count("\n") == 1
+
+
+def test_compare_reports_what_a_conversion_cost(tmp_path):
+    # float against a 2-bit conversion of the demo model, the same masks on both: the 2-bit model's answers
+    # are worse, and the per-token log-likelihood difference's interval excludes 0
+    from illada_mlx.demo import BUNDLED
+    from illada_mlx_convert import convert
+
+    convert(str(BUNDLED), str(tmp_path / "f32"), progress=False)
+    convert(str(BUNDLED), str(tmp_path / "q2"), quantize=True, q_bits=2, q_group_size=32, progress=False)
+    data = tmp_path / "d.jsonl"
+    items = [json.loads(x) for x in DATA.read_text().splitlines()]
+    data.write_text("".join(json.dumps({"prompt": it["prompt"], "answer": it["choices"][it["gold"]]}) + "\n"
+                            for it in items))
+    out = tmp_path / "c.json"
+    r = CliRunner().invoke(main, ["eval", "--compare", str(tmp_path / "f32"), str(tmp_path / "q2"), "--data",
+                                  str(data), "--mc-num", "16", "--batch-size", "16", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    lo, hi = res["ci95"]
+    assert res["items"] == len(items) and res["greedy_exact_a"] > res["greedy_exact_b"]
+    assert lo > 0 and res["greedy_agreement"] < 1 and "greedy answers agree" in r.stdout
