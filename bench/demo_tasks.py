@@ -20,11 +20,11 @@ and then carries it over to all 26 letters. Mixed into the diffusion loss it did
 model in 30 CPU minutes (bench/README.md, phase 7); trained alone as classification of the answer from
 the prompt (train_demo.py --t-min 1 --pad-weight 0), it gave the bundled model recall (phase 9).
 
-LONG tasks have answers of 64-255 tokens (the demo tokenizer makes every digit and space one token), so
-the answer and its EOS span 2-8 blocks of 32 and the EOS lands in a different block from row to row:
-"count" counts from a to b ("count 37 to 102" -> "37 38 ... 102": each number is its left-hand neighbour
-plus one, the end comes from the prompt), "succ" writes each digit of a 33-128 digit list from the prompt
-plus one mod 10 ("succ 3 9 0" -> "4 0 1", in 2-8 blocks). They are EXTRA tasks too.
+LONG tasks have answers of 64-255 tokens (the demo tokenizer makes every digit and space one token): they
+fill 3-8 blocks of 32 (2 for a count of exactly 64 characters), so the EOS lands in a different block from
+row to row. "count" counts from a to b ("count 37 to 102" -> "37 38 ... 102": each number is its left-hand
+neighbour plus one, the end comes from the prompt); "succ" writes each digit of a 33-128 digit list from
+the prompt plus one mod 10 ("succ 3 9 0" -> "4 0 1", shown short). They are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
 exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to
