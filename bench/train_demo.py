@@ -184,10 +184,29 @@ class Batches(torch.utils.data.IterableDataset):
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> dict:
+def variable_generate(model, prompt, block: int = 32, max_blocks: int = 8):
+    """iLLaDA's growing canvas at temperature 0 (the samplers' variable mode): append `block` masks, commit
+    one token per step, the most confident masked one (low-confidence remasking), until every row has an
+    EOS after its prompt or `max_blocks` blocks are written. Nothing past the current block is on the
+    canvas, unlike official_generate's fixed one."""
+    x, rows = prompt, torch.arange(prompt.shape[0], device=prompt.device)
+    for _ in range(max_blocks):
+        x = torch.cat([x, torch.full((x.shape[0], block), MASK, dtype=x.dtype, device=x.device)], 1)
+        for _ in range(block):
+            conf, x0 = torch.softmax(model(x).float(), -1).max(-1)
+            pos = torch.where(x == MASK, conf, -1.0).argmax(-1)
+            x[rows, pos] = x0[rows, pos]
+        if (x[:, prompt.shape[1]:] == EOS).any(-1).all():
+            break
+    return x
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0, variable: bool = False) -> dict:
     """Exact mode in torch (one token per step over a `canvas`-token canvas, `block` by default, in
     semi-AR blocks of `block` like the samplers; low-confidence remasking; answer = text before the first
-    EOS), per task, on held-out items (task, prompt or messages, answer); rows bucketed by prompt length."""
+    EOS), or with `variable` the growing canvas of at most `canvas` tokens (variable_generate), per task,
+    on held-out items (task, prompt or messages, answer); rows bucketed by prompt length."""
     canvas = canvas or block
     model.eval()
     dev = next(model.parameters()).device
@@ -198,7 +217,11 @@ def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> di
     score = {}
     for n, rows in buckets.items():
         prompt = torch.tensor([r[1] for r in rows], device=dev)
-        x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block, mask_id=MASK)
+        if variable:
+            x = variable_generate(model, prompt, block, canvas // block)
+        else:
+            x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block,
+                                     mask_id=MASK)
         for (task, _, a), out in zip(rows, x[:, n:].tolist()):
             out = out[:out.index(EOS)] if EOS in out else out
             ok = tok.decode(out).strip() == a
@@ -304,7 +327,8 @@ def main():
     if set(tasks) - set(TASKS + EXTRA):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
     if set(tasks) & set(LONG) and a.max_area < 256:
-        ap.error(f"long tasks ({','.join(sorted(set(tasks) & set(LONG)))}) need --max-area 256: answers run to 256 tokens")
+        ap.error(f"long tasks ({','.join(sorted(set(tasks) & set(LONG)))}) need --max-area 256: "
+                 "answers run to 256 tokens")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
@@ -341,20 +365,22 @@ def main():
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
     rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
-    # probes: not the bench's held-out items (other seeds); long answers on a max-area canvas, few of them
+    # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
     short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
     probe = held_out_set(25, seed=999, tasks=short) + (held_out_conversations(10, seed=999) if a.multi_turn else [])
     long_probe = held_out_set(a.long_probe, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in LONG))
     ordered_probe = [it for it in probe if it[0] in ORDERED]
 
     def probe_all(n_long=None):
+        """The probe: short tasks and conversations on a --block canvas, long tasks (the first n_long of
+        each) in variable mode up to --max-area, the mode their target is set in."""
         acc = held_out_accuracy(model, tok, probe, a.block)
         if long_probe:
             by_task = {}
             for it in long_probe:
                 by_task.setdefault(it[0], []).append(it)
             acc.update(held_out_accuracy(model, tok, [x for v in by_task.values() for x in v[:n_long]], a.block,
-                                         a.max_area))
+                                         a.max_area, variable=True))
         return acc
 
     t0, log, ema = time.time(), [], None

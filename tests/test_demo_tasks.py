@@ -259,3 +259,28 @@ def test_trainer_refuses_long_tasks_without_room(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
                         "--tasks", "add,count"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "need --max-area 256" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
+    # the trainer's torch growing canvas (variable_generate) against the MLX decode loop's variable mode
+    # (schedule rule, 32 steps per block) on the bundled weights: the same tokens up to the first EOS
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    from train_demo import EOS, TorchIllada, variable_generate
+
+    from illada_mlx.decode import Options, decode, run
+    from illada_mlx.runner import build_prompt
+
+    model, tok = demo
+    cfg = json.loads((DEMO / "config.json").read_text())
+    tm = TorchIllada(cfg)
+    tm.load_state_dict(load_file(str(DEMO / "model.safetensors")))
+    tm.eval()
+    a = model.args
+    opts = Options(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
+                   rule="schedule", steps=32, block_length=32)
+    for prompt in ("sort 9 3 7 1 4 2", "reverse qwerty", "count 37 to 102"):
+        ids = build_prompt(tok, [{"role": "user", "content": prompt}])
+        want = run(decode(model, [ids], opts, 64, variable=True)).tokens[0]
+        x = variable_generate(tm, torch.tensor([ids]), 32, 2)[0, len(ids):].tolist()
+        assert (x[:x.index(EOS)] if EOS in x else x) == want, prompt
