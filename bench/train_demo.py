@@ -288,7 +288,8 @@ def save_checkpoint(model: TorchIllada, out: Path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="illada_mlx/demo_model")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=5000,
+                    help="0: no training, only the probe (of --init's weights, with the --tasks / --multi-turn mix)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
     ap.add_argument("--max-area", type=int, default=0,
@@ -362,7 +363,7 @@ def main():
     total = a.steps  # cut to what fits in --minutes once the step rate is known (the schedule reads it late)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / max(total, 1)))))
     rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
@@ -420,7 +421,7 @@ def main():
             model, tok, [it for it in probe if it[0] in TASKS], a.block, a.max_area)
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
-            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final, **longest,
+            "seconds": round(time.time() - t0, 1), "final_loss_ema": None if ema is None else round(ema, 4), "held_out_probe": final, **longest,
             **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))

@@ -93,6 +93,22 @@ def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     assert model.args.mask_token_id == 5 and model.args.eos_token_id == 2
 
 
+def test_trainer_with_no_steps_only_probes(tmp_path):
+    # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
+    pytest.importorskip("torch")
+    out = tmp_path / "p"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--steps", "0", "--batch", "2",
+         "--d", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0",
+         "--workers", "0", "--tasks", "reverse,count", "--max-area", "256", "--multi-turn", "0.5",
+         "--long-probe", "1", "--tokenizer", str(DEMO / "tokenizer.json")],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 0 and log["final_loss_ema"] is None
+    assert set(log["held_out_probe"]) == {"reverse", "count", "turn2", "turn3", "turn4"}
+
+
 def test_trainer_refuses_an_unknown_task(tmp_path):
     pytest.importorskip("torch")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
