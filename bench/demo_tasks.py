@@ -20,8 +20,18 @@ and then carries it over to all 26 letters. Mixed into the diffusion loss it did
 model in 30 CPU minutes (bench/README.md, phase 7); trained alone as classification of the answer from
 the prompt (train_demo.py --t-min 1 --pad-weight 0), it gave the bundled model recall (phase 9).
 
-A prompt belongs to the held-out split iff a stable hash of it is 0 mod 10; training never draws such a
-prompt.
+LONG tasks have answers of 64-255 tokens (the demo tokenizer makes every digit and space one token): they
+fill 3-8 blocks of 32 (2 for a count of exactly 64 characters), so the EOS lands in a different block from
+row to row. "count" counts from a to b ("count 37 to 102" -> "37 38 ... 102": each number is its left-hand
+neighbour plus one, the end comes from the prompt); "succ" writes each digit of a 33-128 digit list from
+the prompt plus one mod 10 ("succ 3 9 0" -> "4 0 1", shown short). They are EXTRA tasks too.
+
+Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
+exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to
+the held-out split iff a stable hash of it is 0 mod 10; training never draws such a prompt, in any turn.
+A conversation's split is its last user turn's: the earlier turns always come from the training split,
+so a held-out conversation is scored on a prompt training never saw and no held-out answer appears in
+training as an earlier turn.
 """
 
 from __future__ import annotations
@@ -30,9 +40,20 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-EXTRA = ("sums", "recall_abcd")
+LONG = ("count", "succ")
+EXTRA = ("sums", "recall_abcd") + LONG
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    """count a to b, a in 0..199, the answer 64-255 characters long (drawn again until it is)."""
+    while True:
+        a = rng.randint(0, 199)
+        b = a + rng.randint(15, 85)
+        answer = " ".join(map(str, range(a, b + 1)))
+        if 64 <= len(answer) <= 255:
+            return f"count {a} to {b}", answer
 
 
 def _make(task: str, rng: random.Random) -> tuple[str, str]:
@@ -49,6 +70,11 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         xs = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
         totals = [sum(xs[:i + 1]) % 10 for i in range(len(xs))]
         return "sums " + " ".join(map(str, xs)), " ".join(map(str, totals[::-1]))
+    if task == "count":
+        return _count(rng)
+    if task == "succ":
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(33, 128))]
+        return "succ " + " ".join(map(str, xs)), " ".join(str((x + 1) % 10) for x in xs)
     if task == "parity":
         xs = [rng.randint(0, 1) for _ in range(12)]
         return "parity " + "".join(map(str, xs)), "".join(str(sum(xs[i:]) % 2) for i in range(len(xs)))
@@ -82,4 +108,46 @@ def held_out_set(n_per_task: int = 50, seed: int = 12345, tasks=TASKS) -> list[t
             if p not in seen:
                 seen.add(p)
                 out.append((t, p, a))
+    return out
+
+
+def _draw(task: str, rng: random.Random, split: str) -> tuple[str, str]:
+    """One (prompt, answer) of `task` from `split`."""
+    while True:
+        prompt, answer = _make(task, rng)
+        if held_out(prompt) == (split == "test"):
+            return prompt, answer
+
+
+def conversation(rng: random.Random, task: str, earlier: int, split: str = "train"):
+    """(messages, answer): `earlier` user / assistant exchanges drawn from the training split of TASKS
+    (answers correct), then a user turn of `task` from `split`, the one `answer` answers."""
+    messages = []
+    for _ in range(earlier):
+        p, a = _draw(rng.choice(TASKS), rng, "train")
+        messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+    p, a = _draw(task, rng, split)
+    return messages + [{"role": "user", "content": p}], a
+
+
+def conversations(seed: int, split: str = "train", tasks=TASKS, earlier=(1, 2, 3, 4)):
+    """Endless (task, messages, answer): the last turn's task from `tasks`, 1-4 earlier exchanges."""
+    rng = random.Random(seed)
+    while True:
+        task = rng.choice(tasks)
+        messages, answer = conversation(rng, task, rng.choice(earlier), split)
+        yield task, messages, answer
+
+
+def held_out_conversations(n_per_turn: int = 50, seed: int = 54321, turns=(2, 3, 4)):
+    """The multi-turn yardstick: for each turn k in `turns`, n conversations whose k-th user turn (a
+    held-out prompt from TASKS, the tasks in turn) is the one to answer; items ("turn<k>", messages, answer)."""
+    out = []
+    for k in turns:
+        rng, seen = random.Random(seed + k), set()
+        while len(seen) < n_per_turn:
+            messages, answer = conversation(rng, TASKS[len(seen) % len(TASKS)], k - 1, "test")
+            if messages[-1]["content"] not in seen:
+                seen.add(messages[-1]["content"])
+                out.append((f"turn{k}", messages, answer))
     return out

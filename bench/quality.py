@@ -9,6 +9,10 @@ Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults'
 fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
 of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion, --q-mode
 MODE one for a 4-bit float format (nvfp4, mxfp4) and one per recipe with that format as its body.
+Multi-turn and long-answer rows (issue 17; --tasks turn2,turn3,turn4,count,succ): "turn<k>" scores the
+answer to the k-th user turn of a conversation whose earlier k-1 exchanges are correct (the held-out split
+is the last turn's, demo_tasks); the long tasks (64-255 token answers, 3-8 blocks) are scored on a
+256-token canvas (`score_long`): whole-answer exact match and the position of the first wrong token.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import EXTRA, TASKS, held_out_set  # noqa: E402
+from demo_tasks import EXTRA, LONG, TASKS, held_out_conversations, held_out_set  # noqa: E402
 
 from illada_mlx.decode import decode, run  # noqa: E402
 from illada_mlx.engine import build_prompt  # noqa: E402
@@ -53,10 +57,56 @@ ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_see
                 "variable_b8", "fast_b8_full", "fast_b8_window")
 
 
-def sampler_spec(model, tok, sampler: str):
-    """The DecodeSpec a sampler row runs."""
+def sampler_spec(model, tok, sampler: str, **more):
+    """The DecodeSpec a sampler row runs (`more`: further overrides, e.g. a longer budget)."""
     mode, over = SAMPLERS[sampler]
-    return make_spec(model, tok, mode=mode, **{"block_length": 32, "steps_per_block": 32, **over})
+    return make_spec(model, tok, mode=mode, **{"block_length": 32, "steps_per_block": 32, **over, **more})
+
+
+TURNS = ("turn2", "turn3", "turn4")  # multi-turn rows: the answer to the 2nd, 3rd, 4th user turn
+LONG_GEN = 256  # canvas / budget for the long answers (answer + EOS fit 8 blocks of 32)
+
+
+def as_messages(prompt) -> list[dict]:
+    """An item's prompt as chat messages: a conversation as it is, a string as one user turn."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def first_wrong(got: list[int], want: list[int]):
+    """Index of the first token where `got` (the answer, cut at EOS) leaves `want`; None if they are equal.
+    An output that stops early is wrong where it stopped, one that runs on is wrong at len(want)."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            return i
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
+def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG_GEN) -> dict:
+    """A sampler of SAMPLERS on long-answer items with a `gen`-token canvas (exact) or budget (variable):
+    per task, whole-answer exact match token for token and, per item, the first wrong token's position
+    (None: right); `blocks_right`: per task, the share of the answers' blocks of 32 that end before their
+    first wrong token (all of a right answer's)."""
+    spec = sampler_spec(model, tok, sampler, max_tokens=gen)
+    per_task: dict[str, list] = {}
+    nfe, t0 = 0, time.perf_counter()
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec))
+        nfe += g.stats.nfe
+        for (task, _, answer), toks in zip(chunk, g.tokens):
+            want = tok.encode(answer, add_special_tokens=False)  # toks: cut before the first EOS
+            per_task.setdefault(task, []).append((first_wrong(list(toks), want), len(want)))
+    n = sum(len(v) for v in per_task.values())
+    return {
+        "sampler": sampler, "gen": gen, "n": n,
+        "accuracy": sum(w is None for v in per_task.values() for w, _ in v) / n,
+        "per_task": {t: sum(w is None for w, _ in v) / len(v) for t, v in per_task.items()},
+        "blocks_right": {t: sum(-(-L // 32) if w is None else w // 32 for w, L in v) / sum(-(-L // 32) for _, L in v)
+                         for t, v in per_task.items()},
+        "first_wrong": {t: [w for w, _ in v] for t, v in per_task.items()},
+        "answer_tokens": {t: [L for _, L in v] for t, v in per_task.items()},
+        "forwards": nfe, "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
@@ -67,7 +117,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        prompts = [build_prompt(tok, [{"role": "user", "content": p}]) for _, p, _ in chunk]
+        prompts = [build_prompt(tok, as_messages(p)) for _, p, _ in chunk]
         g = run(decode(model, prompts, spec))
         nfe += g.stats.nfe
         processed += g.stats.processed
@@ -95,7 +145,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"held-out tasks (extra: {','.join(EXTRA)})")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)})")
     ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
                     help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
     ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
@@ -109,8 +160,9 @@ def main():
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
     tasks = a.tasks.split(",")
-    if set(tasks) - set(TASKS + EXTRA):
-        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
+    if set(tasks) - set(TASKS + EXTRA + TURNS):
+        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA + TURNS))}: use "
+                 f"{','.join(TASKS + EXTRA + TURNS)}")
     samplers = a.samplers.split(",")
     if set(samplers) - set(SAMPLERS):
         ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
@@ -119,7 +171,10 @@ def main():
     fp4 = [m for m in QUANT_MODES if m != "affine" and 4 in QUANT_MODES[m][0]]
     if set(a.q_mode) - set(fp4):
         ap.error(f"unknown 4-bit mode(s) {sorted(set(a.q_mode) - set(fp4))}: use {','.join(fp4)}")
-    items = held_out_set(a.n, tasks=tasks)
+    items = held_out_set(a.n, tasks=[t for t in tasks if t not in LONG + TURNS])
+    turns = [int(t[4:]) for t in tasks if t in TURNS]
+    items += held_out_conversations(a.n, turns=turns) if turns else []
+    long_items = held_out_set(a.n, tasks=[t for t in tasks if t in LONG])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         quantized = "exact" in samplers and not a.float_only
@@ -135,14 +190,15 @@ def main():
             convert(src, str(dst), progress=False, **options)
             model, tok = load(str(dst))
             for sampler in (samplers if name == "float32" else ["exact"]):
-                r = evaluate(model, tok, items, sampler)
-                r["weights"] = name
-                rows.append(r)
-                print(f"{name:8s} {sampler:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards {r['forwards']}",
-                      flush=True)
+                for r in ([evaluate(model, tok, items, sampler)] if items else []) + (
+                        [score_long(model, tok, long_items, sampler)] if long_items else []):
+                    r["weights"] = name
+                    rows.append(r)
+                    print(f"{name:8s} {sampler:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards {r['forwards']}",
+                          flush=True)
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-           "model": src, "items": len(items), "rows": rows}
+           "model": src, "items": len(items) + len(long_items), "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
 

@@ -31,6 +31,7 @@ template) plus train_log.json (command, seed, time, losses, held-out probe accur
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import EXTRA, ORDERED, TASKS, examples, held_out_set  # noqa: E402
+from demo_tasks import (EXTRA, LONG, ORDERED, TASKS, conversations, examples, held_out_conversations,  # noqa: E402
+                        held_out_set)
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
@@ -56,15 +58,28 @@ TorchIllada, init_weights, official_generate = (torch_ref.TorchIllada, torch_ref
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
 MASK, EOS = 5, 2
-TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns = namespace() %}{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
+# and every checkpoint this script writes carries it (runner.build_prompt renders the same string)
+TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "illada_mlx" / "demo_model" /
+                       "tokenizer_config.json").read_text())["chat_template"]
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def render(messages: list[dict], template: str = TEMPLATE) -> str:
+    """The chat template rendered with a generation prompt, as transformers' apply_chat_template renders it
+    (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks; compiled once per template)."""
+    return _compiled(template).render(messages=messages, add_generation_prompt=True)
 
 
 def chat_prompt(question: str) -> str:
-    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    """One user turn through the chat template."""
+    return render([{"role": "user", "content": question}])
 
 
 def build_tokenizer(out: Path, seed: int, vocab_size: int):
@@ -99,31 +114,51 @@ def write_tokenizer_config(out: Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
-def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0):
-    """(ids, answer, valid) rows laid out like inference: the chat prompt, then an answer area of `block`
-    positions holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as answer,
-    so the model learns to fill a canvas's tail with EOS). With `max_area` > `block` each batch draws its
-    area's length log-uniformly from [block / 2, max_area], so a fixed canvas of any of those lengths
-    (exact mode's 128, say) is in distribution. Rows are right-padded to the batch's longest with
+def draw_items(seed: int, tasks, multi_turn: float = 0.0):
+    """Endless (task, messages, answer): single user turns from `tasks` and, a `multi_turn` share of them,
+    conversations whose last user turn is from `tasks` after 1-4 earlier exchanges (demo_tasks)."""
+    single, multi = examples(seed, tasks=tasks), conversations(seed + 7, tasks=tasks)
+    coin = np.random.default_rng(seed + 11)
+    while True:
+        if multi_turn and coin.random() < multi_turn:
+            yield next(multi)
+        else:
+            task, p, a = next(single)
+            yield task, [{"role": "user", "content": p}], a
+
+
+def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0):
+    """(ids, answer, valid) rows laid out like inference: the chat-templated messages, then an answer area of
+    `block` positions holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as
+    answer, so the model learns to fill a canvas's tail with EOS). With `max_area` > `block` each batch draws
+    its area's length log-uniformly from [block / 2, max_area], so a fixed canvas of any of those lengths
+    (exact mode's 128, say) is in distribution. An answer longer than the area is cut at the area's end (a
+    growing canvas shows the model blocks that end before the answer does); when the batch holds such an
+    answer, half the batches stretch the area (up to `max_area`) to hold the batch's longest, so the end of
+    a long answer is seen as often as its cut middle. Rows are right-padded to the batch's longest with
     `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask.
     Tokenizes 64 batches at a time with the Rust batch encoder (the per-example loop starved a GPU)."""
-    gen = examples(seed, tasks=tasks or TASKS)
+    gen = draw_items(seed, tasks or TASKS, multi_turn)
     lo, hi = (block // 2, max_area) if max_area > block else (block, block)
     rng = np.random.default_rng(seed)
     while True:
         items = [next(gen) for _ in range(batch * 64)]
-        qs = tok.encode_batch([chat_prompt(p) for _, p, _ in items])
-        fs = tok.encode_batch([chat_prompt(p) + a for _, p, a in items])
+        prompts = [render(m) for _, m, _ in items]
+        qs = tok.encode_batch(prompts)
+        fs = tok.encode_batch([p + a for p, (_, _, a) in zip(prompts, items)])
         pairs = [(q.ids, f.ids[len(q.ids):] + [EOS]) for q, f in zip(qs, fs)]
-        pairs = [(q, r) for q, r in pairs if len(r) <= lo]
         for i in range(0, len(pairs) - batch + 1, batch):
             chunk = pairs[i:i + batch]
             area = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))  # log-uniform on [lo, hi]
+            longest = max(len(r) for _, r in chunk)
+            if longest > area and rng.random() < 0.5:
+                area = min(hi, longest)
             width = max(len(q) for q, _ in chunk) + area
             ids = np.full((batch, width), EOS, dtype=np.int64)
             answer = np.zeros((batch, width), dtype=bool)
             valid = np.zeros((batch, width), dtype=bool)
             for j, (q, r) in enumerate(chunk):
+                r = r[:area]
                 ids[j, :len(q) + len(r)] = q + r
                 answer[j, len(q):len(q) + area] = True
                 valid[j, :len(q) + area] = True
@@ -134,35 +169,59 @@ class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
 
-    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks, max_area: int = 0):
+    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks, max_area: int = 0,
+                 multi_turn: float = 0.0):
         super().__init__()
-        self.args = tok_file, seed, batch, block, tasks, max_area
+        self.args = tok_file, seed, batch, block, tasks, max_area, multi_turn
 
     def __iter__(self):
         from tokenizers import Tokenizer
 
-        tok_file, seed, batch, block, tasks, max_area = self.args
+        tok_file, seed, batch, block, tasks, max_area, multi_turn = self.args
         info = torch.utils.data.get_worker_info()
         return batches(Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks,
-                       max_area)
+                       max_area, multi_turn)
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0) -> dict:
+def variable_generate(model, prompt, block: int = 32, max_blocks: int = 8):
+    """iLLaDA's growing canvas at temperature 0 (the samplers' variable mode): append `block` masks, commit
+    one token per step, the most confident masked one (low-confidence remasking), until every row has an
+    EOS after its prompt or `max_blocks` blocks are written. Nothing past the current block is on the
+    canvas, unlike official_generate's fixed one."""
+    x, rows = prompt, torch.arange(prompt.shape[0], device=prompt.device)
+    for _ in range(max_blocks):
+        x = torch.cat([x, torch.full((x.shape[0], block), MASK, dtype=x.dtype, device=x.device)], 1)
+        for _ in range(block):
+            conf, x0 = torch.softmax(model(x).float(), -1).max(-1)
+            pos = torch.where(x == MASK, conf, -1.0).argmax(-1)
+            x[rows, pos] = x0[rows, pos]
+        if (x[:, prompt.shape[1]:] == EOS).any(-1).all():
+            break
+    return x
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0, variable: bool = False) -> dict:
     """Exact mode in torch (one token per step over a `canvas`-token canvas, `block` by default, in
     semi-AR blocks of `block` like the samplers; low-confidence remasking; answer = text before the first
-    EOS), per task, on held-out prompts; rows bucketed by prompt length."""
+    EOS), or with `variable` the growing canvas of at most `canvas` tokens (variable_generate), per task,
+    on held-out items (task, prompt or messages, answer); rows bucketed by prompt length."""
     canvas = canvas or block
     model.eval()
     dev = next(model.parameters()).device
     buckets: dict[int, list] = {}
     for task, p, a in items:
-        ids = tok.encode(chat_prompt(p)).ids
+        ids = tok.encode(render(p if isinstance(p, list) else [{"role": "user", "content": p}])).ids
         buckets.setdefault(len(ids), []).append((task, ids, a))
     score = {}
     for n, rows in buckets.items():
         prompt = torch.tensor([r[1] for r in rows], device=dev)
-        x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block, mask_id=MASK)
+        if variable:
+            x = variable_generate(model, prompt, block, canvas // block)
+        else:
+            x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block,
+                                     mask_id=MASK)
         for (task, _, a), out in zip(rows, x[:, n:].tolist()):
             out = out[:out.index(EOS)] if EOS in out else out
             ok = tok.decode(out).strip() == a
@@ -229,7 +288,8 @@ def save_checkpoint(model: TorchIllada, out: Path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="illada_mlx/demo_model")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=5000,
+                    help="0: no training, only the probe (of --init's weights, with the --tasks / --multi-turn mix)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
     ap.add_argument("--max-area", type=int, default=0,
@@ -250,6 +310,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=320)
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task")
+    ap.add_argument("--multi-turn", type=float, default=0.0,
+                    help="share of rows that are conversations: 1-4 earlier exchanges, the last turn from --tasks")
+    ap.add_argument("--long-probe", type=int, default=10,
+                    help="held-out items per long task (count, succ) in the probe: 256 steps each, so few")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                     help="data worker processes")
@@ -263,6 +327,9 @@ def main():
     tasks = tuple(a.tasks.split(","))
     if set(tasks) - set(TASKS + EXTRA):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
+    if set(tasks) & set(LONG) and a.max_area < 256:
+        ap.error(f"long tasks ({','.join(sorted(set(tasks) & set(LONG)))}) need --max-area 256: "
+                 "answers run to 256 tokens")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
@@ -296,11 +363,27 @@ def main():
     total = a.steps  # cut to what fits in --minutes once the step rate is known (the schedule reads it late)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))))
-    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area)
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / max(total, 1)))))
+    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
-    probe = held_out_set(25, seed=999, tasks=tuple(dict.fromkeys(tasks)))  # not the bench's held-out items
+    # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
+    short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
+    probe = held_out_set(25, seed=999, tasks=short) + (held_out_conversations(10, seed=999) if a.multi_turn else [])
+    long_probe = held_out_set(a.long_probe, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in LONG))
     ordered_probe = [it for it in probe if it[0] in ORDERED]
+
+    def probe_all(n_long=None):
+        """The probe: short tasks and conversations on a --block canvas, long tasks (the first n_long of
+        each) in variable mode up to --max-area, the mode their target is set in."""
+        acc = held_out_accuracy(model, tok, probe, a.block)
+        if long_probe:
+            by_task = {}
+            for it in long_probe:
+                by_task.setdefault(it[0], []).append(it)
+            acc.update(held_out_accuracy(model, tok, [x for v in by_task.values() for x in v[:n_long]], a.block,
+                                         a.max_area, variable=True))
+        return acc
+
     t0, log, ema = time.time(), [], None
     i = 0
     while i < total:
@@ -322,7 +405,7 @@ def main():
             el = time.time() - t0
             row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}
             if a.eval_every and i % a.eval_every == 0 and i:
-                row["held_out"] = held_out_accuracy(model, tok, probe, a.block)
+                row["held_out"] = probe_all(n_long=4)
                 if ordered_probe:
                     row["order_probe"] = order_probe(model, tok, ordered_probe, a.block)
             log.append(row)
@@ -331,13 +414,14 @@ def main():
             save_checkpoint(model, out)
         i += 1
     save_checkpoint(model, out)
-    final = held_out_accuracy(model, tok, probe, a.block)
+    final = probe_all()
     longest = {}  # and on the longest fixed canvas trained for, in blocks of --block as the samplers decode it
     if a.max_area > a.block:
-        longest[f"held_out_probe_canvas_{a.max_area}"] = held_out_accuracy(model, tok, probe, a.block, a.max_area)
+        longest[f"held_out_probe_canvas_{a.max_area}"] = held_out_accuracy(
+            model, tok, [it for it in probe if it[0] in TASKS], a.block, a.max_area)
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
-            "seconds": round(time.time() - t0, 1), "final_loss_ema": round(ema, 4), "held_out_probe": final, **longest,
+            "seconds": round(time.time() - t0, 1), "final_loss_ema": None if ema is None else round(ema, 4), "held_out_probe": final, **longest,
             **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))

@@ -12,7 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_tasks import EXTRA, TASKS, examples, held_out, held_out_set  # noqa: E402
+from demo_tasks import (EXTRA, LONG, TASKS, conversations, examples, held_out, held_out_conversations,  # noqa: E402
+                        held_out_set)
+
+DEMO = ROOT / "illada_mlx" / "demo_model"
 
 
 def digits(s):
@@ -42,6 +45,12 @@ def test_every_task_answers_by_its_rule(split):
             assert len(d) == n and d[-1] == xs[-1] and d[0] == sum(xs) % 2
             # order-sensitive: each bit is its right-hand neighbour XOR the list bit in its own place
             assert all(d[j] == d[j + 1] ^ xs[j] for j in range(n - 1))
+        elif task == "count":  # every integer from a to b, in order, one space apart
+            a, b = map(int, prompt[len("count "):].split(" to "))
+            assert [int(n) for n in answer.split(" ")] == list(range(a, b + 1))
+        elif task == "succ":  # each listed digit plus one, mod 10
+            xs, d = digits(prompt[len("succ "):]), digits(answer)
+            assert d == [(x + 1) % 10 for x in xs] and answer == " ".join(map(str, d))
         else:  # sums: running totals mod 10, last first
             xs, d = digits(prompt[len("sums "):]), digits(answer)
             n = len(xs)
@@ -82,6 +91,22 @@ def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     convert(str(out), str(tmp_path / "mlx"), progress=False)
     model, tok = load(str(tmp_path / "mlx"))
     assert model.args.mask_token_id == 5 and model.args.eos_token_id == 2
+
+
+def test_trainer_with_no_steps_only_probes(tmp_path):
+    # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
+    pytest.importorskip("torch")
+    out = tmp_path / "p"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--steps", "0", "--batch", "2",
+         "--d", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0",
+         "--workers", "0", "--tasks", "reverse,count", "--max-area", "256", "--multi-turn", "0.5",
+         "--long-probe", "1", "--tokenizer", str(DEMO / "tokenizer.json")],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 0 and log["final_loss_ema"] is None
+    assert set(log["held_out_probe"]) == {"reverse", "count", "turn2", "turn3", "turn4"}
 
 
 def test_trainer_refuses_an_unknown_task(tmp_path):
@@ -148,3 +173,129 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight)
             w.append(pad_weight if j > own_eos else 1.0)
     want = np.dot(ce, w) / np.sum(w)
     assert abs(float(loss) - want) < 1e-9
+
+
+def rule_answer(prompt):
+    """The answer to one of the five tasks' prompts, recomputed from the prompt's text."""
+    if prompt.endswith("="):
+        a, b = prompt.rstrip("=").split("+")
+        return str(int(a) + int(b))
+    if prompt.startswith("sort "):
+        return " ".join(sorted(prompt[5:].split()))
+    if prompt.startswith("reverse "):
+        return prompt[8:][::-1]
+    if prompt.startswith("parity "):
+        xs = prompt[7:]
+        return "".join(str(xs[i:].count("1") % 2) for i in range(len(xs)))
+    pairs, key = prompt.rstrip("?").split(" ; ")
+    return dict(p.split("=") for p in pairs.split())[key]
+
+
+def test_long_answers_span_two_to_eight_blocks_and_vary():
+    # 64-255 tokens with the demo tokenizer: 2-8 blocks of 32, so the EOS lands in a different block from row to row
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    for task in LONG:
+        lengths = [len(tok.encode(a).ids) for _, _, a in itertools.islice(examples(1, "train", (task,)), 400)]
+        assert 64 <= min(lengths) and max(lengths) <= 255
+        # blocks the answer fills (its EOS in the next block when it fills its last one)
+        blocks = {(n + 31) // 32 for n in lengths}
+        assert set(range(3, 9)) <= blocks <= set(range(2, 9)), task
+
+
+def test_conversations_carry_correct_earlier_exchanges_and_keep_the_split():
+    for split in ("train", "test"):
+        turns = set()
+        for task, messages, answer in itertools.islice(conversations(5, split, TASKS + LONG), 400):
+            roles = [m["role"] for m in messages]
+            k = len(messages) // 2  # earlier exchanges
+            assert roles == ["user", "assistant"] * k + ["user"] and 1 <= k <= 4
+            turns.add(k)
+            for q, a in zip(messages[:-1:2], messages[1::2]):
+                assert a["content"] == rule_answer(q["content"]) and not held_out(q["content"])
+            last = messages[-1]["content"]
+            assert held_out(last) == (split == "test")
+            if task in TASKS:
+                assert answer == rule_answer(last)
+        assert turns == {1, 2, 3, 4}
+    items = held_out_conversations(10)
+    assert [t for t, _, _ in items] == [f"turn{k}" for k in (2, 3, 4) for _ in range(10)]
+    for t, messages, answer in items:
+        assert len(messages) == 2 * int(t[4:]) - 1 and held_out(messages[-1]["content"])
+        assert answer == rule_answer(messages[-1]["content"])
+    assert held_out_conversations(10) == items  # fixed
+
+
+def test_training_rows_are_the_runtime_prompt_plus_the_answer():
+    # one template: the trainer renders the chat_template of the bundled tokenizer_config.json; a row's
+    # prompt must be exactly what runner.build_prompt gives the runtime's tokenizer for the same messages
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from train_demo import EOS, TEMPLATE, batches, draw_items
+
+    from illada_mlx.runner import build_prompt
+
+    assert TEMPLATE == json.loads((DEMO / "tokenizer_config.json").read_text())["chat_template"]
+    runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    tasks = TASKS + LONG
+    items = list(itertools.islice(draw_items(2, tasks, multi_turn=0.5), 12))
+    assert any(len(m) > 1 for _, m, _ in items) and any(len(m) == 1 for _, m, _ in items)
+    ids, answer, valid = next(batches(tok, 2, 12, 32, tasks, max_area=256, multi_turn=0.5))
+    for (task, messages, a), row, ans in zip(items, ids.tolist(), answer.tolist()):
+        start, area = ans.index(True), sum(ans)
+        assert row[:start] == build_prompt(runtime, messages)
+        want = runtime.encode(a, add_special_tokens=False) + [EOS]
+        assert row[start:start + min(area, len(want))] == want[:area]  # cut at the area's end when longer
+
+
+def test_long_answers_are_cut_at_the_area_end_or_end_in_eos():
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer
+    from train_demo import EOS, batches
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    cut = ended = 0
+    for ids, answer, _ in itertools.islice(batches(tok, 0, 4, 32, LONG, max_area=256), 30):
+        for row, ans in zip(ids.tolist(), answer.tolist()):
+            start, n = ans.index(True), sum(ans)
+            area = row[start:start + n]
+            if EOS in area:
+                ended += 1
+                assert set(area[area.index(EOS):]) == {EOS} and area.index(EOS) >= 64
+            else:
+                cut += 1
+    assert cut > 10 and ended > 10
+
+
+def test_trainer_refuses_long_tasks_without_room(tmp_path):
+    pytest.importorskip("torch")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
+                        "--tasks", "add,count"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "need --max-area 256" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
+    # the trainer's torch growing canvas (variable_generate) against the MLX decode loop's variable mode
+    # (schedule rule, 32 steps per block) on the bundled weights: the same tokens up to the first EOS
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    from train_demo import EOS, TorchIllada, variable_generate
+
+    from illada_mlx.decode import decode, run
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.spec import make_spec
+
+    model, tok = demo
+    cfg = json.loads((DEMO / "config.json").read_text())
+    tm = TorchIllada(cfg)
+    tm.load_state_dict(load_file(str(DEMO / "model.safetensors")))
+    tm.eval()
+    spec = make_spec(model, tok, mode="variable", max_tokens=64, block_length=32, steps_per_block=32)
+    for prompt in ("sort 9 3 7 1 4 2", "reverse qwerty", "count 37 to 102"):
+        ids = build_prompt(tok, [{"role": "user", "content": prompt}])
+        want = run(decode(model, [ids], spec)).tokens[0]
+        x = variable_generate(tm, torch.tensor([ids]), 32, 2)[0, len(ids):].tolist()
+        assert (x[:x.index(EOS)] if EOS in x else x) == want, prompt

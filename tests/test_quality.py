@@ -126,3 +126,37 @@ def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, lis
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and said in r.stderr and listed in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_first_wrong_is_the_length_of_the_common_prefix():
+    # oracle: os.path.commonprefix on the token lists; equal lists have no wrong token
+    import os.path
+    import random
+
+    from quality import first_wrong
+
+    rng = random.Random(0)
+    for _ in range(500):
+        want = [rng.randrange(3) for _ in range(rng.randrange(6))]
+        got = [rng.randrange(3) for _ in range(rng.randrange(6))]
+        for g in (got, want, want[:-1], want + [1]):
+            assert first_wrong(g, want) == (None if g == want else len(os.path.commonprefix([g, want])))
+
+
+def test_multi_turn_and_long_rows_score_their_items(demo):
+    # the yardstick's issue-17 rows: a conversation item is decoded from its whole chat (the prompt is
+    # longer than the last turn alone), and a long item on a 256-token budget reports where it goes wrong
+    from demo_tasks import held_out_conversations
+    from quality import score_long
+
+    model, tok = demo
+    conv = held_out_conversations(2, turns=(3,))
+    r = evaluate(model, tok, conv, "fast_t0.9_prefix", batch=2)
+    assert r["n"] == 2 and set(r["per_task"]) == {"turn3"}
+    assert len(build_prompt(tok, conv[0][1])) > len(build_prompt(tok, conv[0][1][-1:])) + 10
+    long = held_out_set(2, tasks=("count",))
+    r = score_long(model, tok, long, "fast_t0.9_prefix", batch=2)
+    assert r["n"] == 2 and r["gen"] == 256 and len(r["first_wrong"]["count"]) == 2
+    assert r["answer_tokens"]["count"] == [len(a) for _, _, a in long]  # one token per digit and space
+    assert all(w is None or 0 <= w <= n for w, n in zip(r["first_wrong"]["count"], r["answer_tokens"]["count"]))
+    assert 0.0 <= r["blocks_right"]["count"] <= 1.0
