@@ -59,7 +59,7 @@ TorchIllada, init_weights, official_generate = (torch_ref.TorchIllada, torch_ref
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
-# and every checkpoint this script writes carries it (runner.build_prompt renders the same string)
+# and every checkpoint this script writes carries it (engine.build_prompt renders the same string)
 TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "illada_mlx" / "demo_model" /
                        "tokenizer_config.json").read_text())["chat_template"]
 

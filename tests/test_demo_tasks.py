@@ -229,13 +229,13 @@ def test_conversations_carry_correct_earlier_exchanges_and_keep_the_split():
 
 def test_training_rows_are_the_runtime_prompt_plus_the_answer():
     # one template: the trainer renders the chat_template of the bundled tokenizer_config.json; a row's
-    # prompt must be exactly what runner.build_prompt gives the runtime's tokenizer for the same messages
+    # prompt must be exactly what engine.build_prompt gives the runtime's tokenizer for the same messages
     pytest.importorskip("torch")
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     from train_demo import EOS, TEMPLATE, batches, draw_items
 
-    from illada_mlx.runner import build_prompt
+    from illada_mlx.engine import build_prompt
 
     assert TEMPLATE == json.loads((DEMO / "tokenizer_config.json").read_text())["chat_template"]
     runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
