@@ -54,7 +54,9 @@ def main():
     a = ap.parse_args()
     rng = random.Random(a.seed)
     lines = []
-    for task, prompt, answer in held_out_set(a.n, seed=777, tasks=TASKS):
+    items = held_out_set(a.n, seed=777, tasks=TASKS)
+    items = [items[t * a.n + i] for i in range(a.n) for t in range(len(TASKS))]  # round robin: --limit stays mixed
+    for task, prompt, answer in items:
         choices = distractors(task, prompt, answer, rng) + [answer]
         rng.shuffle(choices)
         lines.append(json.dumps({"task": task, "prompt": prompt, "choices": choices, "gold": choices.index(answer)}))

@@ -15,6 +15,7 @@ Both run many (prompt, answer) requests at once: rows of different requests shar
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -79,15 +80,16 @@ def log_likelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                     batch_size: int = 32, cfg_scale: float = 0.0, seed: Optional[int] = None,
                     masks: Optional[list[np.ndarray]] = None) -> list[Scored]:
     """The official estimate for each (prompt ids, answer ids) pair; deterministic for a seed (each request
-    draws from its own stream, so a request scores the same alone or batched). masks: use these
-    (mc_num, len(answer)) draws instead."""
+    draws from a stream seeded by the seed and its own tokens, so it scores the same alone, batched or in
+    another order). masks: use these (mc_num, len(answer)) draws instead."""
     a = model.args
     pairs = [(list(map(int, p)), list(map(int, q))) for p, q in pairs]
     _check(model, pairs, mc_num, batch_size)
     if masks is None:
         masks = []
-        for j, (_, answer) in enumerate(pairs):
-            rng = np.random.default_rng(None if seed is None else [seed, j])
+        for prompt, answer in pairs:
+            tag = zlib.crc32(np.array(prompt + [-1] + answer, dtype=np.int64).tobytes())
+            rng = np.random.default_rng(None if seed is None else [seed, tag])
             masks.append(np.concatenate([draw_masks(rng, batch_size, len(answer))
                                          for _ in range(mc_num // batch_size)]))
     pad = a.pad_token_id if a.pad_token_id is not None else (a.eos_token_id or 0)

@@ -57,9 +57,10 @@ def test_estimate_is_deterministic_for_a_seed_and_the_same_alone_or_batched(tiny
     model, _ = tiny
     pairs = [pair(4, 5, 4), pair(5, 7, 6)]
     both = log_likelihoods(model, pairs, mc_num=8, batch_size=4, seed=3)
-    alone = log_likelihoods(model, pairs[1:], mc_num=8, batch_size=4, seed=3, masks=[both[1].masks])
+    alone = log_likelihoods(model, pairs[1:], mc_num=8, batch_size=4, seed=3)
     again = log_likelihoods(model, pairs, mc_num=8, batch_size=4, seed=3)
     assert [s.log_likelihood for s in both] == [s.log_likelihood for s in again]
+    np.testing.assert_array_equal(alone[0].masks, both[1].masks)  # the same draws alone as batched
     assert abs(alone[0].log_likelihood - both[1].log_likelihood) <= 1e-5 * abs(both[1].log_likelihood)
     assert log_likelihood(model, *pairs[0], mc_num=8, batch_size=4, seed=3) == both[0].log_likelihood
 
