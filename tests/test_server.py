@@ -8,12 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 
 from illada_mlx.load import load
 from fixtures import reply
 from illada_mlx.engine import generate_text
-from illada_mlx.server import Engine, make_app
+from illada_mlx.server import Engine, Options, make_app, make_server
 
 FAST = {"mode": "fast"}
 
@@ -25,11 +24,10 @@ def _free_port():
 
 
 class Server:
-    def __init__(self, model, tok, name, max_queue=32):
-        self.engine = Engine(model, tok, name, max_queue)
+    def __init__(self, model, tok, name, max_queue=32, opts=None, max_batch=8, max_request_seconds=600.0, **kw):
+        self.engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(make_app(self.engine), host="127.0.0.1", port=self.port,
-                                                    log_level="error"))
+        self.server = make_server(make_app(self.engine, opts), "127.0.0.1", self.port, "error", **kw)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(100):
@@ -86,7 +84,8 @@ def test_chat_completion_streamed_block_by_block(client, demo):
                           block_length=8, steps_per_block=8)
     assert text == want
     assert chunks[-1].choices[0].finish_reason == last.finish_reason
-    assert len(chunks) - 1 <= last.stats.blocks  # at most one text chunk per committed block
+    assert chunks[0].choices[0].delta.role == "assistant" and not any(c.choices[0].delta.role for c in chunks[1:])
+    assert len(chunks) - 2 <= last.stats.blocks  # the role, at most one text chunk per committed block, the end
 
 
 def test_completions_endpoint_with_stop(client, demo):
@@ -181,7 +180,7 @@ def test_disconnecting_stream_frees_the_worker(ckpt_factory):
             t0 = time.time()
             while srv.engine.served < 1 and time.time() - t0 < 20:
                 time.sleep(0.1)
-            assert srv.engine.served == 1
+            assert srv.engine.served == 1, (srv.engine.batch_sizes, srv.engine.waiting, srv.engine.jobs.qsize())
             small = dict(body, stream=False, max_tokens=8)
             assert h.post("/chat/completions", json=small).status_code == 200
     finally:
