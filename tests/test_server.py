@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from illada_mlx.load import load
@@ -185,3 +186,216 @@ def test_disconnecting_stream_frees_the_worker(ckpt_factory):
             assert h.post("/chat/completions", json=small).status_code == 200
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------------ the OpenAI surface
+USER = [{"role": "user", "content": "reverse abc"}]
+
+
+def ask(client, messages=USER, **kw):
+    kw.setdefault("max_tokens", 32)
+    extra = kw.pop("extra_body", {"diffusion": FAST})
+    return client.chat.completions.create(model="illada-demo", messages=messages, extra_body=extra, **kw)
+
+
+def test_neutral_values_of_meaningless_fields_are_accepted(client, demo):
+    r = ask(client, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[], tool_choice="none",
+            response_format={"type": "text"}, user="u1", top_p=1, n=1, logprobs=False, seed=3, store=False,
+            metadata={"a": "b"}, parallel_tool_calls=False, stream_options=None, temperature=0)
+    assert r.choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+REFUSED = [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 10}),
+           ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+           ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("n", 99),
+           ("top_logprobs", 3), ("stream", "false"), ("top_k", -1), ("min_p", 2), ("top_p", 0),
+           ("max_tokens", True), ("stop", [1]), ("diffusion", {"think_boost": "no"}), ("diffusion", {"mode": 1}),
+           ("messages", [{"role": "tool", "content": "x"}]),
+           ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+           ("messages", [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]),
+           ("stream_options", {"include_usage": "yes"}), ("model", 5), ("warp", 9)]
+
+
+@pytest.mark.parametrize("name,value", REFUSED)
+def test_unsupported_values_are_refused_naming_the_field(demo_server, name, value):
+    body = {"model": "illada-demo", "messages": USER, "max_tokens": 8, name: value}
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"].startswith(name) and name in err["message"], err
+    assert "\n" not in err["message"]
+
+
+def test_content_parts_and_developer_role(client, demo):
+    model, tok = demo
+    parts = [{"type": "text", "text": "reverse"}, {"type": "text", "text": "abc"}]
+    r = ask(client, messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}])
+    want = direct_msgs(demo, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse\nabc"}])
+    assert r.choices[0].message.content == want
+
+
+def direct_msgs(demo, msgs, **kw):
+    model, tok = demo
+    return generate_text(model, tok, msgs, **{"mode": "fast", "max_tokens": 32, **kw})
+
+
+def test_a_system_only_conversation_is_answered(client, demo):
+    msgs = [{"role": "system", "content": "reverse abc"}]
+    assert ask(client, messages=msgs).choices[0].message.content == direct_msgs(demo, msgs)
+
+
+def test_stream_include_usage_sends_a_usage_chunk(client, demo):
+    text, tokens, _ = direct(demo, "reverse abc")
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text
+
+
+def test_n_choices_are_rows_of_one_batch(client, demo, demo_server):
+    before = len(demo_server.engine.batch_sizes)
+    r = ask(client, n=3)
+    want = direct(demo, "reverse abc")[0]
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content == want for c in r.choices)
+    assert 3 in demo_server.engine.batch_sizes[before:]
+    chunks = list(ask(client, n=2, stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == want
+
+
+@pytest.mark.parametrize("sampler", [{"top_k": 1}, {"top_p": 0.01}, {"min_p": 1.0}])
+def test_top_k_top_p_min_p_keep_only_the_argmax_at_their_extremes(client, demo, sampler):
+    # each cuts the candidates to the most likely one, so sampling at T = 1 gives the greedy answer
+    r = ask(client, temperature=1.0, seed=5, extra_body={"diffusion": FAST, **sampler})
+    assert r.choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+def test_sampling_without_a_cut_differs_from_greedy(client, demo):
+    greedy = direct(demo, "reverse abc")[0]
+    outs = {ask(client, temperature=2.0, seed=s).choices[0].message.content for s in range(4)}
+    assert outs != {greedy}
+
+
+def test_logprobs_are_the_committed_tokens_at_their_step(client, demo):
+    """The demo writes the answer in one forward: each token's log-probability is the log-softmax of that
+    forward, which the model run directly on prompt + masks gives."""
+    import mlx.core as mx
+
+    from illada_mlx.engine import build_prompt
+
+    model, tok = demo
+    r = ask(client, logprobs=True, top_logprobs=2)
+    assert r.diffusion_stats["nfe"] == 1
+    content = r.choices[0].logprobs.content
+    ids = build_prompt(tok, USER)
+    x = mx.array([ids + [model.args.mask_token_id] * 32])
+    lp = np.array(mx.log(mx.softmax(model(x).astype(mx.float32)[0, len(ids):], axis=-1)))
+    tokens = direct(demo, "reverse abc")[1]
+    assert len(content) == len(tokens) == r.usage.completion_tokens
+    for j, (e, t) in enumerate(zip(content, tokens)):
+        assert abs(e.logprob - lp[j, t]) < 1e-3 and e.token == tok.decode([t])
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+
+
+def test_completions_logprobs(client):
+    r = client.completions.create(model="illada-demo", prompt="<|im_start|>user\nreverse abc<|im_end|>\n"
+                                  "<|im_start|>assistant\n", max_tokens=32, logprobs=1, extra_body={"diffusion": FAST})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens and all(v <= 0 for v in lp.token_logprobs)
+
+
+def test_health_model_card_and_created(demo_server, client):
+    with httpx.Client(base_url=demo_server.url.removesuffix("/v1"), timeout=10) as h:
+        assert h.get("/health").json()["status"] == "ok"
+    m = client.models.retrieve("illada-demo")
+    assert m.id == "illada-demo" and abs(m.created - time.time()) < 3600
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_request_log_line(client, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="illada_mlx.server")
+    r = ask(client)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+    assert any(m.startswith("POST /v1/chat/completions 200 prompt=") and f"output={r.usage.completion_tokens} "
+               in m and m.endswith(" ms") for m in lines), lines
+
+
+def test_bind_refuses_a_busy_port_in_one_line():
+    from illada_mlx.config import IlladaError
+    from illada_mlx.server import bind
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(IlladaError) as e:
+            bind("127.0.0.1", s.getsockname()[1])
+    assert "cannot listen on 127.0.0.1" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ hostile input
+def raw_post(url, body: bytes, headers=None):
+    with httpx.Client(base_url=url, timeout=30) as h:
+        return h.post("/chat/completions", content=body, headers={"content-type": "application/json",
+                                                                   **(headers or {})})
+
+
+CRASHES = [
+    b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"7" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"1" * 5000 + b".5}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "user": "\xff\xfe"}',
+    b'{"messages": [{"\\udfff": "user", "content": "hi"}]}',
+    b'{"a": ' * 50 + b"1" + b"}" * 50,
+]
+
+
+@pytest.mark.parametrize("body", CRASHES, ids=range(len(CRASHES)))
+def test_crash_inputs_get_a_400(demo_server, body):
+    r = raw_post(demo_server.url, body)
+    assert r.status_code == 400, r.text
+    assert "\n" not in r.json()["error"]["message"]
+
+
+def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo):
+    rng = np.random.default_rng(0)
+    base = {"model": "illada-demo", "messages": USER, "max_tokens": 8, "diffusion": {"mode": "fast"}}
+    names = sorted(set(base) | {"temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "stream", "logprobs",
+                                "top_logprobs", "presence_penalty", "logit_bias", "tools", "response_format",
+                                "stream_options", "prompt", "x"})
+
+    def value(depth=0):
+        kind = rng.integers(0, 10 if depth < 3 else 6)
+        return [lambda: None, lambda: True, lambda: int(rng.integers(-10, 10 ** 6)),
+                lambda: float(rng.normal() * 10.0 ** rng.integers(0, 30)),
+                lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))), lambda: "",
+                lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
+                lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
+                lambda: [{"role": str(rng.choice(["user", "system", "developer", "assistant", "x"])),
+                          "content": value(depth + 1)}],
+                lambda: {"mode": str(rng.choice(["fast", "exact", "zz"])), "block_length": int(rng.integers(-2, 40))},
+                ][kind]()
+
+    statuses, t0 = {}, time.time()
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        for i in range(300):
+            if time.time() - t0 > 90:
+                break
+            body = dict(base)
+            for _ in range(rng.integers(1, 4)):
+                body[str(rng.choice(names))] = value()
+            if rng.random() < 0.1:
+                body = value()
+            path = "/chat/completions" if rng.random() < 0.8 else "/completions"
+            r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body, r.text)
+    assert sum(statuses.values()) >= 100 and statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0, statuses
+    assert ask(client).choices[0].message.content == direct(demo, "reverse abc")[0]
