@@ -104,8 +104,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self):
+        """The OpenAI-shaped error; a body refused unread (413, 408) closes the connection."""
+        close = {"connection": "close"} if self.status in (408, 413) else None
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=close)
 
 
 @dataclass
@@ -795,8 +797,9 @@ class Protocol(H11Protocol):
         self.opened = self.loop.time()
         self._waiting_for = None
         self._arm()
-        if len(self.connections) > self.max_connections:
-            idle = [c for c in self.connections if getattr(c, "opened", None) is not None
+        open_ = [c for c in self.connections if not c.transport.is_closing()]
+        if len(open_) > self.max_connections:
+            idle = [c for c in open_ if getattr(c, "opened", None) is not None
                     and (c.cycle is None or c.cycle.response_complete)]
             oldest = min(idle, key=lambda c: c.opened, default=self)
             oldest.transport.close()
@@ -833,7 +836,7 @@ def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "w
     """A uvicorn server with the connection cap, keep-alive and header timeouts set."""
     proto = type("Protocol", (Protocol,), {"header_seconds": idle_seconds, "max_connections": max_connections})
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=proto, log_level=log_level, access_log=False,
-                                         limit_concurrency=max_connections + 1, timeout_keep_alive=int(idle_seconds) or 1,
+                                         limit_concurrency=2 * max_connections, timeout_keep_alive=int(idle_seconds) or 1,
                                          timeout_graceful_shutdown=5))
 
 
@@ -850,20 +853,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = "info",
-          max_connections: int = 256, idle_seconds: float = 10.0, echo=print) -> None:
-    """Bind, say where, serve until interrupted."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
-    log.setLevel(log_level.upper())
-    sock = bind(host, port)
+def exposure(host: str, opts: Options) -> list[str]:
+    """Fill in the Host names accepted for a bound host (loopback: the localhost names; a named address:
+    itself; all interfaces: any, unless --allowed-hosts) and return the warnings to print."""
     loopback = host in LOOPBACK
     if opts.allowed_hosts is None and loopback:
         opts.allowed_hosts = tuple(sorted(set(LOOPBACK)))
     elif opts.allowed_hosts is None and host not in ("0.0.0.0", "::", ""):
         opts.allowed_hosts = (host.lower(),)
     if not loopback and not opts.api_key:
-        echo(f"warning: listening on {host}, beyond this machine, without an API key: anyone who can reach it "
-             "can use it (set --api-key or ILLADA_MLX_API_KEY)")
+        return [f"warning: listening on {host}, beyond this machine, without an API key: anyone who can reach "
+                "it can use it (set --api-key or ILLADA_MLX_API_KEY)"]
+    return []
+
+
+def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = "info",
+          max_connections: int = 256, idle_seconds: float = 10.0, echo=print) -> None:
+    """Bind, say where, serve until interrupted."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(log_level.upper())
+    sock = bind(host, port)
+    for line in exposure(host, opts):
+        echo(line)
     shown = f"[{host}]" if ":" in host else host
     echo(f"serving {engine.name} on http://{shown}:{sock.getsockname()[1]}/v1")
     server = make_server(make_app(engine, opts), host, port, log_level if log_level != "info" else "warning",

@@ -399,3 +399,175 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
             assert r.status_code < 500, (body, r.text)
     assert sum(statuses.values()) >= 100 and statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0, statuses
     assert ask(client).choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+# ------------------------------------------------------------------------------------------ bounded resources
+@pytest.fixture(scope="module")
+def tiny_model(ckpt_factory):
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    return load(str(d))
+
+
+@pytest.fixture(scope="module")
+def short_server(tiny_model):
+    s = Server(*tiny_model, "tiny", idle_seconds=1.0, max_request_seconds=1.0)
+    yield s
+    s.stop()
+
+
+def _rss_mb():
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def _status(sock) -> bytes:
+    sock.settimeout(10)
+    return sock.recv(4096).split(b"\r\n")[0]
+
+
+def test_a_body_over_the_limit_is_refused_without_being_read(demo_server):
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:  # Content-Length first
+        s.sendall(HEAD + b"Content-Length: 1000000000\r\n\r\n")
+        assert b" 413 " in _status(s)
+    rss = _rss_mb()
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:  # then the stream as it comes in
+        s.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 16) + b" " * (1 << 16) + b"\r\n"
+        s.settimeout(3)
+        sent = 0
+        while sent < 256 << 20:  # 256 MB at most; the server stops reading after 1 MB
+            try:
+                s.sendall(chunk)
+            except OSError:  # the server closed it, or stopped reading and the buffers are full
+                break
+            sent += len(chunk)
+        assert sent < 32 << 20
+        assert b" 413 " in _status(s)
+    assert _rss_mb() - rss < 32
+
+
+def _closed_within(sock, seconds) -> bool:
+    import select
+
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if select.select([sock], [], [], 0.1)[0]:
+            try:
+                return sock.recv(4096) == b"" or True
+            except OSError:
+                return True
+    return False
+
+
+def test_idle_and_slow_connections_are_closed(short_server):
+    with socket.create_connection(("127.0.0.1", short_server.port)) as idle:
+        assert _closed_within(idle, 5)
+    with socket.create_connection(("127.0.0.1", short_server.port)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        t0 = time.time()
+        closed = False
+        while not closed and time.time() - t0 < 5:  # one header byte every 0.2 s never finishes the headers
+            try:
+                slow.sendall(b"x")
+            except OSError:
+                closed = True
+            closed = closed or _closed_within(slow, 0.2)
+        assert closed and time.time() - t0 < 4
+
+
+def test_many_idle_sockets_do_not_stop_health(tiny_model):
+    srv = Server(*tiny_model, "tiny", idle_seconds=30.0, max_connections=40)
+    socks = []
+    try:
+        for _ in range(150):  # bounded, loopback only
+            socks.append(socket.create_connection(("127.0.0.1", srv.port)))
+        time.sleep(0.2)
+        t0 = time.time()
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=5) as h:
+            assert h.get("/health").status_code == 200
+        assert time.time() - t0 < 3  # the oldest idle ones made room, not the 30 s timeout
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_over_max_request_seconds_ends_with_time_limit(short_server, stream):
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": stream,
+            "diffusion": {"block_length": 8, "steps_per_block": 8, "mode": "variable"}}
+    t0 = time.time()
+    with httpx.Client(base_url=short_server.url, timeout=60) as h:
+        r = h.post("/chat/completions", json=body)
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        reason = events[-1]["choices"][0]["finish_reason"]
+    else:
+        reason = r.json()["choices"][0]["finish_reason"]
+    assert reason == "time_limit" and time.time() - t0 < 15
+
+
+# ------------------------------------------------------------------------------------------ exposure
+@pytest.fixture(scope="module")
+def locked(demo):
+    s = Server(*demo, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1", "localhost"),
+                                                  allowed_origins=("http://ok.example",)))
+    yield s
+    s.stop()
+
+
+def test_api_key_is_required(locked, demo):
+    import openai
+
+    bad = openai.OpenAI(base_url=locked.url, api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        ask(bad)
+    good = openai.OpenAI(base_url=locked.url, api_key="sekrit", max_retries=0, timeout=60)
+    assert ask(good).choices[0].message.content == direct(demo, "reverse abc")[0]
+    with httpx.Client(base_url=f"http://127.0.0.1:{locked.port}", timeout=10) as h:
+        assert h.get("/v1/models").status_code == 401 and h.get("/health").status_code == 200
+
+
+def test_text_plain_post_gets_415_and_a_foreign_host_400(locked):
+    auth = {"authorization": "Bearer sekrit"}
+    body = json.dumps({"messages": USER, "max_tokens": 8})
+    with httpx.Client(base_url=locked.url, timeout=30) as h:
+        r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "application/json",
+                                                               "host": "evil.example:8080"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+        assert h.get("/models", headers={**auth, "host": "localhost:1234"}).status_code == 200
+
+
+def test_cors_is_off_unless_origins_are_allowed(locked, demo_server):
+    pre = {"origin": "http://ok.example", "access-control-request-method": "POST",
+           "access-control-request-headers": "content-type"}
+    with httpx.Client(timeout=10) as h:
+        r = h.options(f"{locked.url}/chat/completions", headers=pre)
+        assert r.headers.get("access-control-allow-origin") == "http://ok.example"
+        r = h.options(f"{locked.url}/chat/completions", headers={**pre, "origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = h.options(f"{demo_server.url}/chat/completions", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_binding_beyond_loopback_without_a_key_warns():
+    from illada_mlx.server import exposure
+
+    assert exposure("0.0.0.0", Options()) and not exposure("0.0.0.0", Options(api_key="k"))
+    opts = Options()
+    assert exposure("127.0.0.1", opts) == [] and "localhost" in opts.allowed_hosts
+
+
+def test_compatible_concurrent_requests_share_a_batch(demo_server, client, demo):
+    before = len(demo_server.engine.batch_sizes)
+    test_concurrent_requests_all_complete_correctly(client, demo)
+    assert max(demo_server.engine.batch_sizes[before:]) > 1
