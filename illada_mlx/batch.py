@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .cache import BlockCache, refresh_kind
+from .cache import BlockCache
 from .decode import DecodeState, Stats, Step, _denoise_block, _first_stop, _forward
 from .spec import DecodeSpec
 

@@ -325,7 +325,12 @@ def test_request_log_line(client, caplog):
 
     caplog.set_level(logging.INFO, logger="illada_mlx.server")
     r = ask(client)
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+    t0 = time.time()  # the line is written once the response has gone out
+    while time.time() - t0 < 5:
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+        if any(m.startswith("POST /v1/chat/completions 200") for m in lines):
+            break
+        time.sleep(0.05)
     assert any(m.startswith("POST /v1/chat/completions 200 prompt=") and f"output={r.usage.completion_tokens} "
                in m and m.endswith(" ms") for m in lines), lines
 
@@ -367,6 +372,13 @@ def test_crash_inputs_get_a_400(demo_server, body):
     r = raw_post(demo_server.url, body)
     assert r.status_code == 400, r.text
     assert "\n" not in r.json()["error"]["message"]
+
+
+def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(demo_server):
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json={"messages": [{"role": "user", "content": "x" * 500_000}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "characters" in err["message"]
 
 
 def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo):
@@ -417,7 +429,7 @@ def tiny_model(ckpt_factory):
 
 @pytest.fixture(scope="module")
 def short_server(tiny_model):
-    s = Server(*tiny_model, "tiny", idle_seconds=1.0, max_request_seconds=1.0)
+    s = Server(*tiny_model, "tiny", idle_seconds=1.0, max_request_seconds=1.0, opts=Options(body_seconds=1.0))
     yield s
     s.stop()
 
@@ -485,6 +497,13 @@ def test_idle_and_slow_connections_are_closed(short_server):
                 closed = True
             closed = closed or _closed_within(slow, 0.2)
         assert closed and time.time() - t0 < 4
+
+
+def test_a_slow_body_gets_408(short_server):
+    with socket.create_connection(("127.0.0.1", short_server.port)) as s:
+        s.sendall(HEAD + b"Content-Length: 100\r\n\r\n{")
+        t0 = time.time()
+        assert b" 408 " in _status(s) and time.time() - t0 < 5
 
 
 def test_many_idle_sockets_do_not_stop_health(tiny_model):
@@ -576,3 +595,38 @@ def test_compatible_concurrent_requests_share_a_batch(demo_server, client, demo)
     before = len(demo_server.engine.batch_sizes)
     test_concurrent_requests_all_complete_correctly(client, demo)
     assert max(demo_server.engine.batch_sizes[before:]) > 1
+
+
+def test_the_default_budget_of_a_fixed_canvas_is_the_official_128(demo_server):
+    from illada_mlx.api import settings
+
+    e = demo_server.engine
+    s = settings(e.model.args, {"diffusion": {"mode": "exact"}})
+    from illada_mlx.spec import make_spec
+
+    spec = make_spec(e.model, e.tok, 30, **s)
+    assert spec.max_tokens == 128 and spec.n_blocks * spec.steps_per_block == 128  # forwards, not 512
+
+
+def test_a_full_queue_answers_429(tiny_model):
+    srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
+    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
+            "diffusion": {"block_length": 8, "steps_per_block": 8}}
+    short = dict(long, stream=False, max_tokens=8)
+    ex = ThreadPoolExecutor(1)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as h, httpx.Client(base_url=srv.url, timeout=60) as h2:
+            with h.stream("POST", "/chat/completions", json=long) as r:
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+                next(lines)  # running: the batch is full (max_batch 1)
+                queued = ex.submit(h2.post, "/chat/completions", json=short)
+                t0 = time.time()
+                while srv.engine.jobs.qsize() + len(srv.engine.waiting) < 1 and time.time() - t0 < 20:
+                    time.sleep(0.05)
+                with httpx.Client(base_url=srv.url, timeout=60) as h3:
+                    busy = h3.post("/chat/completions", json=short)
+                assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+            assert queued.result().status_code == 200  # the stream closed: its rows left, the queued one ran
+    finally:
+        ex.shutdown()
+        srv.stop()
