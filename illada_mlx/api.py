@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Optional
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from .cache import CACHES, REFRESHES
@@ -151,6 +151,8 @@ async def read_body(request: Request, max_body: int, seconds: float) -> bytes:
 
     try:
         return await asyncio.wait_for(collect(), seconds)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before its body arrived", code="client_disconnected")
     except asyncio.TimeoutError:
         raise ApiError(408, f"the body took longer than {seconds:g} s to arrive", code="timeout")
 

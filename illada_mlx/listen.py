@@ -87,7 +87,7 @@ class Guard:
                 await refused.response()(scope, receive, sending)
             else:
                 await self.app(scope, receive, sending)
-        except (ClientDisconnect, OSError) as e:
+        except (ClientDisconnect, ConnectionError) as e:
             log.info("%s %s: client disconnected (%s)", scope["method"], scope["path"], type(e).__name__)
         tokens = scope.get("state", {}).get("tokens")
         log.info("%s %s %s%s %.0f ms", scope["method"], scope["path"], status[0] or "-",

@@ -302,6 +302,14 @@ def test_logprobs_are_the_committed_tokens_at_their_step(client, demo):
         assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
 
 
+def test_logprobs_of_a_request_decoded_alone(client):
+    # a fixed canvas shares no batch: the same log-probabilities come from the engine's own loop
+    r = ask(client, logprobs=True, top_logprobs=1, extra_body={"diffusion": {"mode": "fast_fixed"}})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    assert all(e.logprob <= 0 and e.top_logprobs[0].token == e.token for e in content)  # T = 0: the argmax
+
+
 def test_completions_logprobs(client):
     r = client.completions.create(model="illada-demo", prompt="<|im_start|>user\nreverse abc<|im_end|>\n"
                                   "<|im_start|>assistant\n", max_tokens=32, logprobs=1, extra_body={"diffusion": FAST})
@@ -630,3 +638,15 @@ def test_a_full_queue_answers_429(tiny_model):
     finally:
         ex.shutdown()
         srv.stop()
+
+
+def test_a_client_gone_mid_body_is_one_line(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:
+        s.sendall(HEAD + b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+    time.sleep(1.0)
+    with httpx.Client(base_url=demo_server.url, timeout=10) as h:
+        assert h.get("/models").status_code == 200
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
