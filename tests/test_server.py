@@ -231,6 +231,18 @@ def test_unsupported_values_are_refused_naming_the_field(demo_server, name, valu
     assert "\n" not in err["message"]
 
 
+@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", 1.0),
+                                        ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
+                                        ("tools", REFUSED[3][1]), ("tool_choice", "required"),
+                                        ("top_logprobs", 2)])
+def test_the_openai_client_sees_the_refused_field(client, name, value):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, **{name: value})
+    assert e.value.param == name and name in e.value.message
+
+
 def test_content_parts_and_developer_role(client, demo):
     model, tok = demo
     parts = [{"type": "text", "text": "reverse"}, {"type": "text", "text": "abc"}]
