@@ -370,20 +370,33 @@ def check_listen(host: str, port: int) -> None:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1),
               help="Requests waiting beyond this (at least 1) get 429.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Rows decoded together (compatible requests join the running batch at block boundaries).")
+@click.option("--max-request-seconds", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="A request running longer ends with finish_reason time_limit.")
+@click.option("--api-key", envvar="ILLADA_MLX_API_KEY", default=None, help="Require Authorization: Bearer KEY "
+              "(also from ILLADA_MLX_API_KEY).")
+@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted (default: the "
+              "bound host; localhost names on loopback).")
+@click.option("--allowed-origins", default="", help="Comma list of origins allowed by CORS (default: none).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="info: one line per request.")
 @click.option("--mask-id", type=click.IntRange(min=0), default=None)
-def serve(model_path, host, port, max_queue, mask_id):
-    """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions."""
+def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api_key, allowed_hosts, allowed_origins,
+          log_level, mask_id):
+    """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions, /health."""
     from pathlib import Path
 
-    import uvicorn
-
-    from .server import Engine, make_app
+    from .server import Engine, Options, serve as run
 
     check_listen(host, port)
+    names = lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()) if v else None  # noqa: E731
     model, tok = load_model(model_path, mask_id)
     name = Path(str(model_path)).name if model_path else "illada-demo"
-    click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(make_app(Engine(model, tok, name, max_queue)), host=host, port=port, log_level="warning")
+    engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
+    opts = Options(api_key=api_key or None, allowed_hosts=names(allowed_hosts),
+                   allowed_origins=names(allowed_origins) or ())
+    run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
 
 
 # ------------------------------------------------------------------------------------------ bench

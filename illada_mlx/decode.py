@@ -25,7 +25,7 @@ import numpy as np
 
 from .cache import BlockCache, refresh_kind, step_window
 from .config import IlladaError
-from .kernels import candidates
+from .kernels import candidates, filter_logits
 from .rules import commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
 from .spec import DecodeSpec, think_token_id
 from .text import ReplyText
@@ -73,13 +73,15 @@ class Stats:
 
 @dataclass
 class Step:
-    """One denoising step: the canvas after it and which positions (`positions`, B×K) it committed."""
+    """One denoising step: the canvas after it, which positions (`positions`, B×K) it committed, and the
+    candidate logits there (B×K×V, after the bans and top_k / top_p / min_p)."""
     block: int
     step: int
     canvas: mx.array
     positions: mx.array
     committed: mx.array
     rows: list[int]
+    logits: Optional[mx.array] = None
 
 
 @dataclass
@@ -183,8 +185,11 @@ def _commit(conf, ent, k, spec: DecodeSpec):
     return commit_entropy(conf, ent, spec.entropy_gamma)
 
 
-def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float):
-    """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events."""
+def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float,
+                   forward=None):
+    """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events. forward: what computes the logits,
+    with `_forward`'s arguments (default `_forward`)."""
+    forward = forward or _forward
     size = hi - lo
     steps = min(spec.steps_per_block, size)
     counts = transfer_counts(size, steps) if spec.rule == "schedule" else None
@@ -203,7 +208,7 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         else:
             pos = mx.broadcast_to(block_pos, (B, size))
         kind = refresh_kind(spec.cache, spec.block_refresh, index, t, spec.refresh_every, spec.full_refresh_every)
-        logits = _forward(model, st, spec, pos, lo, hi, kind)
+        logits = forward(model, st, spec, pos, lo, hi, kind)
         cur = mx.take_along_axis(x, pos, axis=1)
         is_mask = cur == spec.mask_id
         logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
@@ -211,6 +216,8 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
             thought = mx.any(x[:, st.prompt_len:] == spec.think_token, axis=1)
             first = mx.argmax(mx.where(is_mask, -pos, -(2 ** 30)), axis=1)
             logits = logits.at[mx.arange(B), first, spec.think_token].add(mx.where(thought, 0.0, boost))
+        if spec.temperature > 0:
+            logits = filter_logits(logits, spec.top_p, spec.top_k, spec.min_p)
         x0, p, ent = candidates(logits, spec.temperature, k_gumbel, spec.rule == "entropy")
         if spec.remasking == "random":
             u = mx.random.uniform(shape=(B, size), key=k_remask)
@@ -232,7 +239,7 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         if st.stats.nfe == 1:  # the first forward read the prompt: its time is the prompt's
             mx.eval(st.x)
             st.stats.prompt_s = time.perf_counter() - st.t0
-        yield Step(index, t, st.x, pos, transfer, st.rows)
+        yield Step(index, t, st.x, pos, transfer, st.rows, logits)
         t += 1
     st.stats.committed += size * st.x.shape[0]  # a block always ends fully committed
 

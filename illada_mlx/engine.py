@@ -44,8 +44,9 @@ class Response:
 
 
 def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
-    """Chat-template the messages (system text merged into the first user turn, as iLLaDA's template
-    rejects a system role); raw, or a tokenizer without a template: the last message's text as is."""
+    """Chat-template the messages (system text merged into the first user turn after it, as iLLaDA's
+    template rejects a system role; with no user turn after it, it is the user turn); raw, or a tokenizer
+    without a template: the last message's text as is."""
     if raw or not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
     msgs, system = [], None
@@ -53,10 +54,12 @@ def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int
         if m["role"] == "system":
             system = m["content"]
             continue
-        if system and m["role"] == "user":
-            m = {"role": "user", "content": f"{system}\n\n{m['content']}"}
+        if system is not None and m["role"] == "user":
+            m = {"role": "user", "content": f"{system}\n\n{m['content']}"} if system else m
             system = None
         msgs.append(m)
+    if system:
+        msgs.append({"role": "user", "content": system})
     text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 

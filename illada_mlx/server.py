@@ -1,252 +1,403 @@
 """`illada-mlx serve`: an OpenAI-compatible HTTP API (Starlette + uvicorn).
 
-One worker thread owns the model and serves queued requests one model call at a time. Streaming
-responses are server-sent events, one chunk per committed block. A client that disconnects cancels
-its generation at the next block. Bad requests get OpenAI-shaped 4xx errors; the server keeps going.
-Diffusion options go in a `diffusion` object (the openai client's `extra_body={"diffusion": {...}}`):
-mode, block_length, steps_per_block, threshold, cache.
+Routes: POST /v1/chat/completions, POST /v1/completions (`stream: true`: server-sent events, one chunk
+per committed block), GET /v1/models, /v1/models/{id}, /health.
+
+One worker thread owns the model. Requests whose decode settings are compatible (batch.batch_key: the
+same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
+joins the running batch at the next block boundary and its rows leave when they are done (`max_batch`
+rows at most); any other request is decoded alone when the batch is empty. `n` choices are rows of one
+batch. A client that disconnects cancels its rows at the next block; a request that runs past
+`max_request_seconds` ends with finish_reason "time_limit".
+
+A request is read and checked by api.py (limits, then field by field: a bad one gets one 400 naming the
+field, never a 500) and resolved here into a Job (its DecodeSpec, made once by spec.make_spec). Diffusion
+options go in a `diffusion` object (the openai client's `extra_body={"diffusion": {...}}`). listen.py
+puts the guard (Host, API key, content type, the log line) in front and runs uvicorn with limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .cache import CACHES, REFRESHES
+from .api import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, choices, messages, parse_json,
+                  prompt_text, read_body, settings, streaming)
+from .batch import Batch, LogprobTracker, Row, batch_key
 from .config import ContextError, IlladaError
 from .engine import build_prompt, stream_generate
-from .spec import PRESETS, DecodeSpec, make_spec
+from .listen import Guard, Options, bind, exposure, make_server
+from .spec import DecodeSpec, make_spec
+from .text import ReplyText
 
-MAX_BODY_BYTES = 1 << 20
-COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "n", "user",
-          "stream_options", "top_p", "diffusion"}
-CHAT_FIELDS = COMMON | {"messages"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
-DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "block_refresh",
-                    "think_boost"}
+log = logging.getLogger("illada_mlx.server")
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self):
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
+# ------------------------------------------------------------------------------------------ the worker
 @dataclass
 class Job:
     prompt_ids: list
     spec: DecodeSpec  # resolved and validated when the request came in
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: asyncio.Queue  # (kind, choice index, payload)
+    n: int = 1
+    top_logprobs: int = -1  # -1: no log-probabilities
     cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
+
+    def emit(self, kind, index, payload=None):
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+
+
+@dataclass(eq=False)
+class Choice:
+    """One row of a job: its text so far."""
+    job: Job
+    index: int
+    reply: ReplyText
+    tokens: int = 0
 
 
 class Engine:
-    """The model, its tokenizer and the worker thread that serves the queue."""
+    """The model, its tokenizer, the worker thread that serves the queue and a small pool that tokenizes."""
 
-    def __init__(self, model, tokenizer, name: str, max_queue: int = 16):
+    def __init__(self, model, tokenizer, name: str, max_queue: int = 16, max_batch: int = 8,
+                 max_request_seconds: float = 600.0):
         self.model, self.tok, self.name = model, tokenizer, name
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_batch, self.max_request_seconds = max_batch, max_request_seconds
+        self.max_queue = max_queue
+        self.jobs: queue.Queue = queue.Queue()  # submitted; the worker moves them to `waiting`
+        self.waiting: deque = deque()
         self.served = 0
-        threading.Thread(target=self._work, daemon=True).start()
+        self.batch_sizes: list[int] = []  # rows in each batched block (reports and tests)
+        self.created = int(time.time())
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="illada-tokenize")
+        threading.Thread(target=self._work, daemon=True, name="illada-worker").start()
 
     def submit(self, job: Job):
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
+        """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted)."""
+        job.deadline = time.monotonic() + self.max_request_seconds
+        if self.jobs.qsize() + len(self.waiting) >= self.max_queue:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
                            kind="rate_limit_error")
+        self.jobs.put_nowait(job)
+
+    def encode(self, chat: bool, prompt) -> list[int]:
+        if chat:
+            return build_prompt(self.tok, prompt)
+        return self.tok.encode(prompt, add_special_tokens=False)
 
     def _work(self):
+        """Requests in arrival order: the head of the queue joins the running batch at the next block when
+        it is compatible and fits (rows, positions), else it waits for the batch to finish; a request that
+        shares no batch is decoded alone when no batch runs."""
+        batch: Optional[Batch] = None
         while True:
-            job = self.jobs.get()
-            if job.cancel.is_set():
-                continue
-            emit = lambda kind, payload: job.loop.call_soon_threadsafe(job.out.put_nowait, (kind, payload))  # noqa
+            self._collect(wait=batch is None and not self.waiting)
+            if batch is None:
+                job = self.waiting.popleft() if self.waiting else None
+                if job is None or job.cancel.is_set():
+                    continue
+                if batch_key(job.spec) is None:
+                    self._alone(job)
+                    continue
+                batch = Batch(self.model, job.spec)
+                self._admit(batch, job)
+            key = batch_key(batch.spec)
+            while self.waiting and (self.waiting[0].cancel.is_set() or (
+                    batch_key(self.waiting[0].spec) == key and batch.size + self.waiting[0].n <= self.max_batch
+                    and batch.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens))):
+                job = self.waiting.popleft()
+                if not job.cancel.is_set():
+                    self._admit(batch, job)
             try:
-                for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=job.spec):
-                    if r.text:
-                        emit("text", r.text)
-                    if job.cancel.is_set():
-                        break
-                    if r.finish_reason is not None:
-                        emit("done", r)
-            except Exception as e:  # never let one request kill the worker
-                emit("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._drop(batch)
+                if batch.size:
+                    self._block(batch)
+            except Exception as e:  # our bug: the batch's requests get an error, the worker goes on
+                log.exception("decode failed")
+                for row in batch.rows + batch.joining:
+                    row.handle.job.emit("error", row.handle.index, _one_line(e))
+                batch = None
+                continue
+            if not batch.size:
+                batch = None
+
+    def _collect(self, wait: bool):
+        if wait:
+            self.waiting.append(self.jobs.get())
+        while True:
+            try:
+                self.waiting.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit(self, batch: Batch, job: Job):
+        for i in range(job.n):
+            batch.add(Row(Choice(job, i, ReplyText(self.tok, job.spec.stop)), job.prompt_ids, job.spec.max_tokens,
+                          job.top_logprobs))
+
+    def _drop(self, batch: Batch):
+        """Rows of cancelled jobs leave; rows out of time end with "time_limit"."""
+        now = time.monotonic()
+        gone = {r.handle for r in batch.rows + batch.joining if r.handle.job.cancel.is_set() or now > r.handle.job.deadline}
+        for row in batch.remove(gone):
+            c = row.handle
+            if not c.job.cancel.is_set():
+                c.reply.finish()
+                c.job.emit("text", c.index, (c.reply.take(), None))
+                c.job.emit("done", c.index, self._info("time_limit", c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+            self._done(c)
+
+    def _block(self, batch: Batch):
+        ks = [r.top_logprobs for r in batch.rows + batch.joining]
+        tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
+        self.batch_sizes.append(batch.size)
+        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker):
+            c = row.handle
+            c.tokens += len(toks)
+            if reason is not None:
+                c.reply.finish()
+            text = c.reply.take()
+            if text or toks:
+                c.job.emit("text", c.index, (text, self._logprobs(toks, lp, row.top_logprobs)))
+            if reason is not None:
+                c.job.emit("done", c.index, self._info(reason, c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+                self._done(c)
+
+    def _done(self, c: Choice):
+        """Count a request served (finished or cancelled) with its last choice."""
+        if c.index == c.job.n - 1:
             self.served += 1
 
+    def _alone(self, job: Job):
+        """A request that shares no batch: its choices one after another through the engine."""
+        try:
+            for i in range(job.n):
+                spec = job.spec if job.spec.seed is None else replace(job.spec, seed=job.spec.seed + i)
+                if not self._alone_choice(job, i, spec):
+                    break
+        except Exception as e:  # our bug: this request gets an error, the worker goes on
+            log.exception("decode failed")
+            job.emit("error", 0, _one_line(e))
+        self.served += 1
 
-# ------------------------------------------------------------------------------------------ requests
-async def _body(request: Request, allowed: set) -> dict:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    def _alone_choice(self, job: Job, i: int, spec: DecodeSpec) -> bool:
+        P, bl, end = len(job.prompt_ids), spec.block_length, len(job.prompt_ids) + spec.max_tokens
+        tracker = LogprobTracker(job.top_logprobs) if job.top_logprobs >= 0 else None
+
+        def on_step(ev):
+            if tracker is not None:
+                if ev.step == 0:
+                    lo = P + ev.block * bl
+                    tracker.start(1, lo, min(bl, end - lo))
+                tracker.step(ev)
+
+        tokens, r = 0, None
+        for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=spec, on_step=on_step):
+            tokens += len(r.tokens)
+            lp = tracker.result() if tracker is not None and r.tokens else None
+            if r.text or r.tokens:
+                job.emit("text", i, (r.text, self._logprobs(r.tokens, _first_row(lp, len(r.tokens)),
+                                                             job.top_logprobs)))
+            if job.cancel.is_set():
+                return False
+            if r.finish_reason is None and time.monotonic() > job.deadline:
+                job.emit("done", i, self._info("time_limit", tokens, None, spec))
+                return False
+        job.emit("done", i, self._info(r.finish_reason, tokens, r.stats, spec))
+        return True
+
+    @staticmethod
+    def _info(reason, tokens, stats, spec) -> dict:
+        return {"finish_reason": reason, "completion_tokens": tokens,
+                "stats": stats.as_dict() if stats is not None else None, "spec": spec.as_dict()}
+
+    def _logprobs(self, toks, lp, k) -> Optional[list]:
+        """OpenAI's logprobs content entries for a block's tokens."""
+        if lp is None or k < 0:
+            return None
+
+        def entry(t, v):
+            s = self.tok.decode([t])
+            return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8", "replace"))}
+
+        out = []
+        for j, t in enumerate(toks):
+            e = entry(t, lp.token[j])
+            e["top_logprobs"] = [entry(a, v) for a, v in zip(lp.top_ids[j], lp.top[j])][:k] if k else []
+            out.append(e)
+        return out
+
+
+def _first_row(lp, n):
+    from .batch import _row
+
+    return _row(lp, 0, n)
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------ reading a request
+async def _request(request: Request, chat: bool):
+    """(job, body, stream, include_usage) for a request, or ApiError."""
+    engine: Engine = request.app.state.engine
+    opts: Options = request.app.state.opts
+    body = parse_json(await read_body(request, opts.max_body, opts.body_seconds))
+    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ApiError(400, "model must be a string", param="model")
+    s = settings(engine.model.args, body)
+    n, top = choices(body, chat, engine.max_batch)
+    stream, include_usage = streaming(body)
+    prompt = messages(body) if chat else prompt_text(body)
+    chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+    limit = opts.max_prompt_chars or 16 * engine.model.args.max_position_embeddings
+    if chars > limit:
+        raise ApiError(400, f"the prompt has {chars} characters, more than this server takes ({limit})",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    ids = await asyncio.get_running_loop().run_in_executor(engine.pool, engine.encode, chat, prompt)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json")
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0], code="unknown_field")
-    return body
+        spec = make_spec(engine.model, engine.tok, len(ids), **s)
+    except ContextError as e:
+        raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded")
+    except IlladaError as e:
+        raise ApiError(400, str(e))
+    bl = spec.block_length
+    if s["max_tokens"] is None and spec.growing and spec.max_tokens > bl:  # whole blocks: it can batch
+        spec = replace(spec, max_tokens=spec.max_tokens - spec.max_tokens % bl)
+    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top)
+    return job, stream, include_usage
 
 
-def _num(body, name, kind, lo, hi, default=None):
-    v = body.get(name, default)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not lo <= v <= hi:
-        raise ApiError(400, f"{name} must be a{'n integer' if kind is int else ' number'} in [{lo}, {hi}]", param=name)
-    return kind(v)
-
-
-def _settings(engine: Engine, body: dict) -> dict:
-    """The request's decode settings (make_spec keywords); unset ones keep the model's defaults."""
-    limit = engine.model.args.max_position_embeddings
-    mt = _num(body, "max_tokens", int, 1, limit) or _num(body, "max_completion_tokens", int, 1, limit)
-    s = dict(max_tokens=mt, default_cap=512,  # none asked for: up to 512, cut to fit
-             temperature=_num(body, "temperature", float, 0.0, 2.0), seed=_num(body, "seed", int, 0, 2**31 - 1))
-    _num(body, "n", int, 1, 1)  # one choice per request
-    stop = body.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) for x in stop):
-            raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-        s["stop"] = tuple(stop)
-    d = body.get("diffusion") or {}
-    if not isinstance(d, dict):
-        raise ApiError(400, "diffusion must be an object", param="diffusion")
-    bad = sorted(set(d) - DIFFUSION_FIELDS)
-    if bad:
-        raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
-    for name, allowed in (("mode", PRESETS), ("cache", CACHES), ("block_refresh", REFRESHES)):
-        if name in d:
-            if d[name] not in allowed:
-                raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")
-            s[name] = d[name]
-    s["block_length"] = _num(d, "block_length", int, 1, 1024)
-    s["steps_per_block"] = _num(d, "steps_per_block", int, 1, 1024)
-    s["threshold"] = _num(d, "threshold", float, 1e-6, 1.0)
-    s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024)
-    s["think_boost"] = bool(d.get("think_boost", False))
-    return s
-
-
-def _prompt(engine: Engine, body: dict, chat: bool) -> list:
-    if chat:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise ApiError(400, "messages must be a non-empty list of {role, content} with string content",
-                           param="messages")
-        ids = build_prompt(engine.tok, msgs)
-    else:
-        p = body.get("prompt")
-        if not isinstance(p, str) or not p:
-            raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        ids = engine.tok.encode(p, add_special_tokens=False)
-    return ids
-
-
+# ------------------------------------------------------------------------------------------ answering
 async def _serve(request: Request, chat: bool):
     engine: Engine = request.app.state.engine
     try:
-        body = await _body(request, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        settings = _settings(engine, body)
-        ids = _prompt(engine, body, chat)
-        spec = make_spec(engine.model, engine.tok, len(ids), **settings)
-    except ApiError as e:
-        return e.response()
-    except ContextError as e:
-        return ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded").response()
-    except IlladaError as e:
-        return ApiError(400, str(e)).response()
-    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue())
-    try:
+        job, stream, include_usage = await _request(request, chat)
         engine.submit(job)
     except ApiError as e:
         return e.response()
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created, model_name = int(time.time()), engine.name
-    obj = "chat.completion" if chat else "text_completion"
+    answer = Answer(chat, engine.name, len(job.prompt_ids), include_usage)
+    if stream:
+        return StreamingResponse(answer.events(job, request), media_type="text/event-stream")
+    return await answer.reply(job, request)
 
-    def chunk(text, finish=None):
-        if chat:
-            choice = {"index": 0, "delta": ({"role": "assistant", "content": text} if text is not None else {}),
-                      "finish_reason": finish}
+
+class Answer:
+    """A request's response in OpenAI's shapes: one JSON object, or server-sent chunks."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, include_usage: bool):
+        self.chat, self.model, self.P, self.include_usage = chat, model, prompt_tokens, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def usage(self, tokens: int) -> dict:
+        return {"prompt_tokens": self.P, "completion_tokens": tokens, "total_tokens": self.P + tokens}
+
+    def logprobs(self, entries: Optional[list]) -> Optional[dict]:
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": entries}
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": []}
+
+    def chunk(self, i: int, text=None, lp=None, finish=None, first=False) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish}
-        return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model_name,
-                "choices": [choice]}
+            choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp), "finish_reason": finish}
+        c = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [choice]}
+        if self.include_usage:
+            c["usage"] = None
+        return f"data: {json.dumps(c)}\n\n"
 
-    if body.get("stream"):
-        async def events():
-            try:
-                while True:
-                    kind, payload = await job.out.get()
-                    if kind == "text":
-                        yield f"data: {json.dumps(chunk(payload))}\n\n"
-                    elif kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps(chunk(None, _finish(payload)))}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel.set()  # a disconnect lands here too: the worker stops at the next block
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    parts = []
-    while True:
+    async def events(self, job: Job, request: Request):
+        """The stream: the role (chat), text chunks as blocks commit, each choice's finish, the usage if
+        asked for, [DONE]. Leaving early (a disconnect) cancels the job."""
+        tokens, done = 0, 0
         try:
-            kind, payload = await asyncio.wait_for(job.out.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
+            if self.chat:
+                for i in range(job.n):
+                    yield self.chunk(i, first=True)
+            while done < job.n:
+                kind, i, payload = await job.out.get()
+                if kind == "text":
+                    yield self.chunk(i, payload[0], payload[1])
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
+                    break
+                else:
+                    tokens += payload["completion_tokens"]
+                    done += 1
+                    yield self.chunk(i, finish=payload["finish_reason"])
+            if self.include_usage:
+                last = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [],
+                        "usage": self.usage(tokens)}
+                yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+            request.state.tokens = (self.P, tokens)
+        finally:
+            if done < job.n:
+                job.cancel.set()  # the worker drops its rows at the next block
+
+    async def reply(self, job: Job, request: Request) -> Response:
+        """The whole response once every choice is done; a client gone meanwhile cancels the job."""
+        texts, lps, infos = [[] for _ in range(job.n)], [None] * job.n, [None] * job.n
+        while sum(x is not None for x in infos) < job.n:
+            try:
+                kind, i, payload = await asyncio.wait_for(job.out.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    log.info("client disconnected: %s cancelled", self.id)
+                    return Response(status_code=499)
+                continue
+            if kind == "text":
+                texts[i].append(payload[0])
+                if payload[1] is not None:
+                    lps[i] = (lps[i] or []) + payload[1]
+            elif kind == "done":
+                infos[i] = payload
+            else:
                 job.cancel.set()
-                return JSONResponse({}, status_code=499)
-            continue
-        if kind == "text":
-            parts.append(payload)
-        if kind == "done":
-            break
-        if kind == "error":
-            return ApiError(500, payload, kind="server_error").response()
-    r = payload
-    text = "".join(parts)
-    usage = {"prompt_tokens": len(ids), "completion_tokens": r.generation_tokens,
-             "total_tokens": len(ids) + r.generation_tokens}
-    choice = {"index": 0, "finish_reason": _finish(r)}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                         "usage": usage, "diffusion_stats": r.stats.as_dict(), "diffusion_settings": r.spec.as_dict()})
-
-
-def _finish(r) -> str:
-    return "stop" if r.finish_reason == "stop" else "length"
+                return ApiError(500, payload, kind="server_error").response()
+        out = []
+        for i in range(job.n):
+            c = {"index": i, "finish_reason": infos[i]["finish_reason"],
+                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None)}
+            if self.chat:
+                c["message"] = {"role": "assistant", "content": "".join(texts[i])}
+            else:
+                c["text"] = "".join(texts[i])
+            out.append(c)
+        tokens = sum(x["completion_tokens"] for x in infos)
+        request.state.tokens = (self.P, tokens)
+        return JSONResponse({**self.head(self.object), "choices": out, "usage": self.usage(tokens),
+                             "diffusion_stats": infos[0]["stats"], "diffusion_settings": infos[0]["spec"]})
 
 
 async def chat_completions(request):
@@ -257,10 +408,25 @@ async def completions(request):
     return await _serve(request, chat=False)
 
 
+def _model_card(e: Engine) -> dict:
+    return {"id": e.name, "object": "model", "created": e.created, "owned_by": "illada-mlx"}
+
+
 async def models(request):
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.engine)]})
+
+
+async def model(request):
     e: Engine = request.app.state.engine
-    return JSONResponse({"object": "list", "data": [{"id": e.name, "object": "model", "created": 0,
-                                                      "owned_by": "illada-mlx"}]})
+    if request.path_params["name"] != e.name:
+        return ApiError(404, f"no model {request.path_params['name']!r}; this server has {e.name!r}",
+                        param="model", code="model_not_found").response()
+    return JSONResponse(_model_card(e))
+
+
+async def health(request):
+    e: Engine = request.app.state.engine
+    return JSONResponse({"status": "ok", "model": e.name, "queued": e.jobs.qsize() + len(e.waiting)})
 
 
 async def not_found(request, exc):
@@ -272,14 +438,37 @@ async def method_not_allowed(request, exc):
 
 
 async def server_error(request, exc):
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return ApiError(500, "internal error", kind="server_error").response()
 
 
-def make_app(engine: Engine) -> Starlette:
+def make_app(engine: Engine, opts: Optional[Options] = None):
+    opts = opts or Options()
     app = Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ], exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
-    app.state.engine = engine
-    return app
+    app.state.engine, app.state.opts = engine, opts
+    guarded = Guard(app, opts)
+    if opts.allowed_origins:
+        return CORSMiddleware(guarded, allow_origins=list(opts.allowed_origins), allow_methods=["GET", "POST"],
+                              allow_headers=["authorization", "content-type"])
+    return guarded
+
+
+def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = "info",
+          max_connections: int = 256, idle_seconds: float = 10.0, echo=print) -> None:
+    """Bind, say where, serve until interrupted."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(log_level.upper())
+    sock = bind(host, port)
+    for line in exposure(host, opts):
+        echo(line)
+    shown = f"[{host}]" if ":" in host else host
+    echo(f"serving {engine.name} on http://{shown}:{sock.getsockname()[1]}/v1")
+    server = make_server(make_app(engine, opts), host, port, log_level if log_level != "info" else "warning",
+                         max_connections, idle_seconds)
+    server.run(sockets=[sock])

@@ -59,6 +59,9 @@ class DecodeSpec:
     full_refresh_every: int = 0  # under "window": the whole canvas every this many blocks (0: never)
     logits_at: str = "masked"
     temperature: float = 0.0
+    top_p: float = 1.0  # at temperature > 0: sample from the smallest set of candidates with this much mass
+    top_k: int = 0  # at temperature > 0: from the k most likely candidates (0: all)
+    min_p: float = 0.0  # at temperature > 0: from the candidates at least this fraction of the most likely
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
     logits_eos_inf: bool = False
@@ -108,6 +111,8 @@ class DecodeSpec:
                                "positions; shorten the prompt or max tokens")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise IlladaError("temperature and cfg_scale must be ≥ 0")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:
+            raise IlladaError("top_p must be in (0, 1], top_k ≥ 0 and min_p in [0, 1]")
         if not 0 < self.threshold <= 1:
             raise IlladaError(f"threshold {self.threshold} must be in (0, 1]")
         if self.remasking == "random" and self.rule != "schedule":

@@ -121,7 +121,7 @@ def test_mode_and_cache_names_come_from_the_one_table():
     import sys
     from pathlib import Path
 
-    from illada_mlx import server
+    from illada_mlx import api
     from illada_mlx.cache import CACHES, REFRESHES
     from illada_mlx.cli import _modes
     from illada_mlx.config import IlladaError
@@ -137,20 +137,18 @@ def test_mode_and_cache_names_come_from_the_one_table():
         _modes("exact,warp")
     # the server: every preset and cache accepted, anything else refused
 
-    class E:  # what _settings reads of the engine
-        class model:
-            class args:
-                max_position_embeddings = 1024
+    class args:  # what api.settings reads of the model's ModelArgs
+        max_position_embeddings = vocab_size = 1024
 
     for name in PRESETS:
-        assert server._settings(E, {"diffusion": {"mode": name}})["mode"] == name
+        assert api.settings(args, {"diffusion": {"mode": name}})["mode"] == name
     for name in CACHES:
-        assert server._settings(E, {"diffusion": {"cache": name}})["cache"] == name
+        assert api.settings(args, {"diffusion": {"cache": name}})["cache"] == name
     for name in REFRESHES:
-        assert server._settings(E, {"diffusion": {"block_refresh": name}})["block_refresh"] == name
+        assert api.settings(args, {"diffusion": {"block_refresh": name}})["block_refresh"] == name
     for bad in ({"mode": "warp"}, {"cache": "full"}, {"block_refresh": "never"}):
-        with pytest.raises(server.ApiError):
-            server._settings(E, {"diffusion": bad})
+        with pytest.raises(api.ApiError):
+            api.settings(args, {"diffusion": bad})
     # bench/quality.py's sampler rows are presets with overrides
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import quality

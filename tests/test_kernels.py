@@ -1,5 +1,5 @@
 """Each GPU kernel against the pure-MLX reference (skipped where its backend is absent: Metal on a Mac,
-CUDA on MLX's CUDA backend). The reference itself is tested in test_rules.py."""
+CUDA on MLX's CUDA backend). The reference itself is tested in test_rules.py; filter_logits against numpy."""
 
 import mlx.core as mx
 import numpy as np
@@ -36,3 +36,24 @@ def test_dispatch_falls_back_to_reference_without_gpu_or_opt_in(monkeypatch):
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(np.array(a), np.array(b))
     assert kernels_gpu.fused_candidates(logits, 0.7, False) is None  # Gumbel always takes the reference
+
+
+def test_filter_logits_against_numpy():
+    import numpy as np
+
+    from illada_mlx.kernels import filter_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 50)).astype(np.float32) * 3
+    for top_k, top_p, min_p in [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (7, 0.9, 0.05), (1, 1.0, 0.0)]:
+        got = np.isfinite(np.array(filter_logits(mx.array(logits), top_p, top_k, min_p)))
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        want = np.ones_like(got)
+        order = np.argsort(-p, axis=-1)
+        ranked = np.take_along_axis(p, order, -1)
+        before = np.cumsum(ranked, -1) - ranked
+        keep_sorted = (before < top_p) & ((np.arange(50) < top_k) if top_k else True)
+        np.put_along_axis(want, order, keep_sorted, -1)
+        want &= p >= min_p * p.max(-1, keepdims=True)
+        assert (got == want).all(), (top_k, top_p, min_p)

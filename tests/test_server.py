@@ -7,13 +7,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
-import uvicorn
 
 from illada_mlx.load import load
 from fixtures import reply
 from illada_mlx.engine import generate_text
-from illada_mlx.server import Engine, make_app
+from illada_mlx.server import Engine, Options, make_app, make_server
 
 FAST = {"mode": "fast"}
 
@@ -25,11 +25,10 @@ def _free_port():
 
 
 class Server:
-    def __init__(self, model, tok, name, max_queue=32):
-        self.engine = Engine(model, tok, name, max_queue)
+    def __init__(self, model, tok, name, max_queue=32, opts=None, max_batch=8, max_request_seconds=600.0, **kw):
+        self.engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(make_app(self.engine), host="127.0.0.1", port=self.port,
-                                                    log_level="error"))
+        self.server = make_server(make_app(self.engine, opts), "127.0.0.1", self.port, "error", **kw)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(100):
@@ -86,7 +85,8 @@ def test_chat_completion_streamed_block_by_block(client, demo):
                           block_length=8, steps_per_block=8)
     assert text == want
     assert chunks[-1].choices[0].finish_reason == last.finish_reason
-    assert len(chunks) - 1 <= last.stats.blocks  # at most one text chunk per committed block
+    assert chunks[0].choices[0].delta.role == "assistant" and not any(c.choices[0].delta.role for c in chunks[1:])
+    assert len(chunks) - 2 <= last.stats.blocks  # the role, at most one text chunk per committed block, the end
 
 
 def test_completions_endpoint_with_stop(client, demo):
@@ -163,10 +163,14 @@ def test_bad_requests_get_openai_errors_and_server_survives(demo_server, method,
         assert h.get("/models").status_code == 200
 
 
-def test_disconnecting_stream_frees_the_worker(ckpt_factory):
-    """A random-weight model never says EOS: a long stream is cut off and the worker must move on."""
+def test_disconnecting_stream_frees_the_worker(ckpt_factory, caplog):
+    """A random-weight model never says EOS: a long stream is cut off and the worker must move on; the
+    disconnect logs no traceback."""
+    import logging
+
     from fixtures import Spec
 
+    caplog.set_level(logging.INFO)
     d, _ = ckpt_factory(Spec(seed=31))
     model, tok = load(str(d))
     srv = Server(model, tok, "tiny")
@@ -181,8 +185,480 @@ def test_disconnecting_stream_frees_the_worker(ckpt_factory):
             t0 = time.time()
             while srv.engine.served < 1 and time.time() - t0 < 20:
                 time.sleep(0.1)
-            assert srv.engine.served == 1
+            assert srv.engine.served == 1, (srv.engine.batch_sizes, srv.engine.waiting, srv.engine.jobs.qsize())
             small = dict(body, stream=False, max_tokens=8)
             assert h.post("/chat/completions", json=small).status_code == 200
+        assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------------ the OpenAI surface
+USER = [{"role": "user", "content": "reverse abc"}]
+
+
+def ask(client, messages=USER, **kw):
+    kw.setdefault("max_tokens", 32)
+    extra = kw.pop("extra_body", {"diffusion": FAST})
+    return client.chat.completions.create(model="illada-demo", messages=messages, extra_body=extra, **kw)
+
+
+def test_neutral_values_of_meaningless_fields_are_accepted(client, demo):
+    r = ask(client, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[], tool_choice="none",
+            response_format={"type": "text"}, user="u1", top_p=1, n=1, logprobs=False, seed=3, store=False,
+            metadata={"a": "b"}, parallel_tool_calls=False, stream_options=None, temperature=0)
+    assert r.choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+REFUSED = [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 10}),
+           ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+           ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("n", 99),
+           ("top_logprobs", 3), ("stream", "false"), ("top_k", -1), ("min_p", 2), ("top_p", 0),
+           ("max_tokens", True), ("stop", [1]), ("diffusion", {"think_boost": "no"}), ("diffusion", {"mode": 1}),
+           ("messages", [{"role": "tool", "content": "x"}]),
+           ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+           ("messages", [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]),
+           ("stream_options", {"include_usage": "yes"}), ("model", 5), ("warp", 9)]
+
+
+@pytest.mark.parametrize("name,value", REFUSED)
+def test_unsupported_values_are_refused_naming_the_field(demo_server, name, value):
+    body = {"model": "illada-demo", "messages": USER, "max_tokens": 8, name: value}
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"].startswith(name) and name in err["message"], err
+    assert "\n" not in err["message"]
+
+
+@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", 1.0),
+                                        ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
+                                        ("tools", REFUSED[3][1]), ("tool_choice", "required"),
+                                        ("top_logprobs", 2)])
+def test_the_openai_client_sees_the_refused_field(client, name, value):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, **{name: value})
+    assert e.value.param == name and name in e.value.message
+
+
+def test_content_parts_and_developer_role(client, demo):
+    model, tok = demo
+    parts = [{"type": "text", "text": "reverse"}, {"type": "text", "text": "abc"}]
+    r = ask(client, messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}])
+    want = direct_msgs(demo, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse\nabc"}])
+    assert r.choices[0].message.content == want
+
+
+def direct_msgs(demo, msgs, **kw):
+    model, tok = demo
+    return generate_text(model, tok, msgs, **{"mode": "fast", "max_tokens": 32, **kw})
+
+
+def test_a_system_only_conversation_is_answered(client, demo):
+    msgs = [{"role": "system", "content": "reverse abc"}]
+    assert ask(client, messages=msgs).choices[0].message.content == direct_msgs(demo, msgs)
+
+
+def test_stream_include_usage_sends_a_usage_chunk(client, demo):
+    text, tokens, _ = direct(demo, "reverse abc")
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text
+
+
+def test_n_choices_are_rows_of_one_batch(client, demo, demo_server):
+    before = len(demo_server.engine.batch_sizes)
+    r = ask(client, n=3)
+    want = direct(demo, "reverse abc")[0]
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content == want for c in r.choices)
+    assert 3 in demo_server.engine.batch_sizes[before:]
+    chunks = list(ask(client, n=2, stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == want
+
+
+@pytest.mark.parametrize("sampler", [{"top_k": 1}, {"top_p": 0.01}, {"min_p": 1.0}])
+def test_top_k_top_p_min_p_keep_only_the_argmax_at_their_extremes(client, demo, sampler):
+    # each cuts the candidates to the most likely one, so sampling at T = 1 gives the greedy answer
+    r = ask(client, temperature=1.0, seed=5, extra_body={"diffusion": FAST, **sampler})
+    assert r.choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+def test_sampling_without_a_cut_differs_from_greedy(client, demo):
+    greedy = direct(demo, "reverse abc")[0]
+    outs = {ask(client, temperature=2.0, seed=s).choices[0].message.content for s in range(4)}
+    assert outs != {greedy}
+
+
+def test_logprobs_are_the_committed_tokens_at_their_step(client, demo):
+    """The demo writes the answer in one forward: each token's log-probability is the log-softmax of that
+    forward, which the model run directly on prompt + masks gives."""
+    import mlx.core as mx
+
+    from illada_mlx.engine import build_prompt
+
+    model, tok = demo
+    r = ask(client, logprobs=True, top_logprobs=2)
+    assert r.diffusion_stats["nfe"] == 1
+    content = r.choices[0].logprobs.content
+    ids = build_prompt(tok, USER)
+    x = mx.array([ids + [model.args.mask_token_id] * 32])
+    lp = np.array(mx.log(mx.softmax(model(x).astype(mx.float32)[0, len(ids):], axis=-1)))
+    tokens = direct(demo, "reverse abc")[1]
+    assert len(content) == len(tokens) == r.usage.completion_tokens
+    for j, (e, t) in enumerate(zip(content, tokens)):
+        assert abs(e.logprob - lp[j, t]) < 1e-3 and e.token == tok.decode([t])
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+
+
+def test_logprobs_of_a_request_decoded_alone(client):
+    # a fixed canvas shares no batch: the same log-probabilities come from the engine's own loop
+    r = ask(client, logprobs=True, top_logprobs=1, extra_body={"diffusion": {"mode": "fast_fixed"}})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    assert all(e.logprob <= 0 and e.top_logprobs[0].token == e.token for e in content)  # T = 0: the argmax
+
+
+def test_completions_logprobs(client):
+    r = client.completions.create(model="illada-demo", prompt="<|im_start|>user\nreverse abc<|im_end|>\n"
+                                  "<|im_start|>assistant\n", max_tokens=32, logprobs=1, extra_body={"diffusion": FAST})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens and all(v <= 0 for v in lp.token_logprobs)
+
+
+def test_health_model_card_and_created(demo_server, client):
+    with httpx.Client(base_url=demo_server.url.removesuffix("/v1"), timeout=10) as h:
+        assert h.get("/health").json()["status"] == "ok"
+    m = client.models.retrieve("illada-demo")
+    assert m.id == "illada-demo" and abs(m.created - time.time()) < 3600
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_request_log_line(client, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="illada_mlx.server")
+    r = ask(client)
+    t0 = time.time()  # the line is written once the response has gone out
+    while time.time() - t0 < 5:
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+        if any(m.startswith("POST /v1/chat/completions 200") for m in lines):
+            break
+        time.sleep(0.05)
+    assert any(m.startswith("POST /v1/chat/completions 200 prompt=") and f"output={r.usage.completion_tokens} "
+               in m and m.endswith(" ms") for m in lines), lines
+
+
+def test_bind_refuses_a_busy_port_in_one_line():
+    from illada_mlx.config import IlladaError
+    from illada_mlx.server import bind
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(IlladaError) as e:
+            bind("127.0.0.1", s.getsockname()[1])
+    assert "cannot listen on 127.0.0.1" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ hostile input
+def raw_post(url, body: bytes, headers=None):
+    with httpx.Client(base_url=url, timeout=30) as h:
+        return h.post("/chat/completions", content=body, headers={"content-type": "application/json",
+                                                                   **(headers or {})})
+
+
+CRASHES = [
+    b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"7" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"1" * 5000 + b".5}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "user": "\xff\xfe"}',
+    b'{"messages": [{"\\udfff": "user", "content": "hi"}]}',
+    b'{"a": ' * 50 + b"1" + b"}" * 50,
+]
+
+
+@pytest.mark.parametrize("body", CRASHES, ids=range(len(CRASHES)))
+def test_crash_inputs_get_a_400(demo_server, body):
+    r = raw_post(demo_server.url, body)
+    assert r.status_code == 400, r.text
+    assert "\n" not in r.json()["error"]["message"]
+
+
+def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(demo_server):
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json={"messages": [{"role": "user", "content": "x" * 500_000}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "characters" in err["message"]
+
+
+def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo):
+    rng = np.random.default_rng(0)
+    base = {"model": "illada-demo", "messages": USER, "max_tokens": 8, "diffusion": {"mode": "fast"}}
+    names = sorted(set(base) | {"temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "stream", "logprobs",
+                                "top_logprobs", "presence_penalty", "logit_bias", "tools", "response_format",
+                                "stream_options", "prompt", "x"})
+
+    def value(depth=0):
+        kind = rng.integers(0, 10 if depth < 3 else 6)
+        return [lambda: None, lambda: True, lambda: int(rng.integers(-10, 10 ** 6)),
+                lambda: float(rng.normal() * 10.0 ** rng.integers(0, 30)),
+                lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))), lambda: "",
+                lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
+                lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
+                lambda: [{"role": str(rng.choice(["user", "system", "developer", "assistant", "x"])),
+                          "content": value(depth + 1)}],
+                lambda: {"mode": str(rng.choice(["fast", "exact", "zz"])), "block_length": int(rng.integers(-2, 40))},
+                ][kind]()
+
+    statuses, t0 = {}, time.time()
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        for i in range(300):
+            if time.time() - t0 > 90:
+                break
+            body = dict(base)
+            for _ in range(rng.integers(1, 4)):
+                body[str(rng.choice(names))] = value()
+            if rng.random() < 0.1:
+                body = value()
+            path = "/chat/completions" if rng.random() < 0.8 else "/completions"
+            r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body, r.text)
+    assert sum(statuses.values()) >= 100 and statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0, statuses
+    assert ask(client).choices[0].message.content == direct(demo, "reverse abc")[0]
+
+
+# ------------------------------------------------------------------------------------------ bounded resources
+@pytest.fixture(scope="module")
+def tiny_model(ckpt_factory):
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    return load(str(d))
+
+
+@pytest.fixture(scope="module")
+def short_server(tiny_model):
+    s = Server(*tiny_model, "tiny", idle_seconds=1.0, max_request_seconds=1.0, opts=Options(body_seconds=1.0))
+    yield s
+    s.stop()
+
+
+def _rss_mb():
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def _status(sock) -> bytes:
+    sock.settimeout(10)
+    return sock.recv(4096).split(b"\r\n")[0]
+
+
+def test_a_body_over_the_limit_is_refused_without_being_read(demo_server):
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:  # Content-Length first
+        s.sendall(HEAD + b"Content-Length: 1000000000\r\n\r\n")
+        assert b" 413 " in _status(s)
+    rss = _rss_mb()
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:  # then the stream as it comes in
+        s.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 16) + b" " * (1 << 16) + b"\r\n"
+        s.settimeout(3)
+        sent = 0
+        while sent < 256 << 20:  # 256 MB at most; the server stops reading after 1 MB
+            try:
+                s.sendall(chunk)
+            except OSError:  # the server closed it, or stopped reading and the buffers are full
+                break
+            sent += len(chunk)
+        assert sent < 32 << 20
+        assert b" 413 " in _status(s)
+    assert _rss_mb() - rss < 32
+
+
+def _closed_within(sock, seconds) -> bool:
+    import select
+
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if select.select([sock], [], [], 0.1)[0]:
+            try:
+                return sock.recv(4096) == b"" or True
+            except OSError:
+                return True
+    return False
+
+
+def test_idle_and_slow_connections_are_closed(short_server):
+    with socket.create_connection(("127.0.0.1", short_server.port)) as idle:
+        assert _closed_within(idle, 5)
+    with socket.create_connection(("127.0.0.1", short_server.port)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        t0 = time.time()
+        closed = False
+        while not closed and time.time() - t0 < 5:  # one header byte every 0.2 s never finishes the headers
+            try:
+                slow.sendall(b"x")
+            except OSError:
+                closed = True
+            closed = closed or _closed_within(slow, 0.2)
+        assert closed and time.time() - t0 < 4
+
+
+def test_a_slow_body_gets_408(short_server):
+    with socket.create_connection(("127.0.0.1", short_server.port)) as s:
+        s.sendall(HEAD + b"Content-Length: 100\r\n\r\n{")
+        t0 = time.time()
+        assert b" 408 " in _status(s) and time.time() - t0 < 5
+
+
+def test_many_idle_sockets_do_not_stop_health(tiny_model):
+    srv = Server(*tiny_model, "tiny", idle_seconds=30.0, max_connections=40)
+    socks = []
+    try:
+        for _ in range(150):  # bounded, loopback only
+            socks.append(socket.create_connection(("127.0.0.1", srv.port)))
+        time.sleep(0.2)
+        t0 = time.time()
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=5) as h:
+            assert h.get("/health").status_code == 200
+        assert time.time() - t0 < 3  # the oldest idle ones made room, not the 30 s timeout
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_over_max_request_seconds_ends_with_time_limit(short_server, stream):
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": stream,
+            "diffusion": {"block_length": 8, "steps_per_block": 8, "mode": "variable"}}
+    t0 = time.time()
+    with httpx.Client(base_url=short_server.url, timeout=60) as h:
+        r = h.post("/chat/completions", json=body)
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        reason = events[-1]["choices"][0]["finish_reason"]
+    else:
+        reason = r.json()["choices"][0]["finish_reason"]
+    assert reason == "time_limit" and time.time() - t0 < 15
+
+
+# ------------------------------------------------------------------------------------------ exposure
+@pytest.fixture(scope="module")
+def locked(demo):
+    s = Server(*demo, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1", "localhost"),
+                                                  allowed_origins=("http://ok.example",)))
+    yield s
+    s.stop()
+
+
+def test_api_key_is_required(locked, demo):
+    import openai
+
+    bad = openai.OpenAI(base_url=locked.url, api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        ask(bad)
+    good = openai.OpenAI(base_url=locked.url, api_key="sekrit", max_retries=0, timeout=60)
+    assert ask(good).choices[0].message.content == direct(demo, "reverse abc")[0]
+    with httpx.Client(base_url=f"http://127.0.0.1:{locked.port}", timeout=10) as h:
+        assert h.get("/v1/models").status_code == 401 and h.get("/health").status_code == 200
+
+
+def test_text_plain_post_gets_415_and_a_foreign_host_400(locked):
+    auth = {"authorization": "Bearer sekrit"}
+    body = json.dumps({"messages": USER, "max_tokens": 8})
+    with httpx.Client(base_url=locked.url, timeout=30) as h:
+        r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "application/json",
+                                                               "host": "evil.example:8080"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+        assert h.get("/models", headers={**auth, "host": "localhost:1234"}).status_code == 200
+
+
+def test_cors_is_off_unless_origins_are_allowed(locked, demo_server):
+    pre = {"origin": "http://ok.example", "access-control-request-method": "POST",
+           "access-control-request-headers": "content-type"}
+    with httpx.Client(timeout=10) as h:
+        r = h.options(f"{locked.url}/chat/completions", headers=pre)
+        assert r.headers.get("access-control-allow-origin") == "http://ok.example"
+        r = h.options(f"{locked.url}/chat/completions", headers={**pre, "origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = h.options(f"{demo_server.url}/chat/completions", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_binding_beyond_loopback_without_a_key_warns():
+    from illada_mlx.server import exposure
+
+    assert exposure("0.0.0.0", Options()) and not exposure("0.0.0.0", Options(api_key="k"))
+    opts = Options()
+    assert exposure("127.0.0.1", opts) == [] and "localhost" in opts.allowed_hosts
+
+
+def test_compatible_concurrent_requests_share_a_batch(demo_server, client, demo):
+    before = len(demo_server.engine.batch_sizes)
+    test_concurrent_requests_all_complete_correctly(client, demo)
+    assert max(demo_server.engine.batch_sizes[before:]) > 1
+
+
+def test_the_default_budget_of_a_fixed_canvas_is_the_official_128(demo_server):
+    from illada_mlx.api import settings
+
+    e = demo_server.engine
+    s = settings(e.model.args, {"diffusion": {"mode": "exact"}})
+    from illada_mlx.spec import make_spec
+
+    spec = make_spec(e.model, e.tok, 30, **s)
+    assert spec.max_tokens == 128 and spec.n_blocks * spec.steps_per_block == 128  # forwards, not 512
+
+
+def test_a_full_queue_answers_429(tiny_model):
+    srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
+    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
+            "diffusion": {"block_length": 8, "steps_per_block": 8}}
+    short = dict(long, stream=False, max_tokens=8)
+    ex = ThreadPoolExecutor(1)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as h, httpx.Client(base_url=srv.url, timeout=60) as h2:
+            with h.stream("POST", "/chat/completions", json=long) as r:
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+                next(lines)  # running: the batch is full (max_batch 1)
+                queued = ex.submit(h2.post, "/chat/completions", json=short)
+                t0 = time.time()
+                while srv.engine.jobs.qsize() + len(srv.engine.waiting) < 1 and time.time() - t0 < 20:
+                    time.sleep(0.05)
+                with httpx.Client(base_url=srv.url, timeout=60) as h3:
+                    busy = h3.post("/chat/completions", json=short)
+                assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+            assert queued.result().status_code == 200  # the stream closed: its rows left, the queued one ran
+    finally:
+        ex.shutdown()
+        srv.stop()
+
+
+def test_a_client_gone_mid_body_is_one_line(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as s:
+        s.sendall(HEAD + b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+    time.sleep(1.0)
+    with httpx.Client(base_url=demo_server.url, timeout=10) as h:
+        assert h.get("/models").status_code == 200
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

@@ -1,0 +1,289 @@
+"""The OpenAI request, read and checked: the body with limits (size while it streams in, JSON depth,
+number length, valid strings), then field by field. Every refusal is an `ApiError`: one line, the field it
+names, an OpenAI-shaped 4xx.
+
+Fields with a meaning here are read into make_spec keywords (`settings`), choices, streaming and the
+prompt; fields with no meaning for this model (`NEUTRAL`) are accepted at their neutral value and refused
+otherwise; any other field is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from .cache import CACHES, REFRESHES
+from .spec import PRESETS
+
+MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 32  # JSON nesting
+MAX_NUMBER_CHARS = 40  # digits of one JSON number
+MAX_TOP_LOGPROBS = 20
+
+# fields with a meaning here; the request's own are added per endpoint
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "stream",
+          "stream_options", "n", "logprobs", "diffusion"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt"}
+
+
+def _number_is(x):
+    return lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and v == x
+
+
+# fields with no meaning for this model: accepted at their neutral value (or null), refused otherwise
+NEUTRAL = {
+    "presence_penalty": (_number_is(0), "0"),
+    "frequency_penalty": (_number_is(0), "0"),
+    "repetition_penalty": (_number_is(1), "1"),
+    "logit_bias": (lambda v: v == {}, "{}"),
+    "tools": (lambda v: v == [], "[]"),
+    "functions": (lambda v: v == [], "[]"),
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "a boolean"),
+    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}'),
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "user": (lambda v: isinstance(v, str), "a string"),
+    "metadata": (lambda v: isinstance(v, dict), "an object"),
+    "store": (lambda v: v is False, "false"),
+    "service_tier": (lambda v: isinstance(v, str), "a string"),
+    "echo": (lambda v: v is False, "false"),
+    "best_of": (_number_is(1), "1"),
+    "suffix": (lambda v: v == "", '""'),
+}
+DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "block_refresh",
+                    "think_boost"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self):
+        """The OpenAI-shaped error; a body refused unread (413, 408) closes the connection."""
+        close = {"connection": "close"} if self.status in (408, 413) else None
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=close)
+
+
+
+def _int(s: str):
+    if len(s) > MAX_NUMBER_CHARS:
+        raise ApiError(400, f"a number in the body has more than {MAX_NUMBER_CHARS} digits", code="invalid_json")
+    return int(s)
+
+
+def _float(s: str):
+    if len(s) > MAX_NUMBER_CHARS:
+        raise ApiError(400, f"a number in the body has more than {MAX_NUMBER_CHARS} characters", code="invalid_json")
+    v = float(s)
+    if v in (float("inf"), float("-inf")):
+        raise ApiError(400, "a number in the body is out of range", code="invalid_json")
+    return v
+
+
+def _constant(s: str):
+    raise ApiError(400, f"{s} is not valid JSON", code="invalid_json")
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, read with limits: UTF-8, depth, number length, valid strings."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not valid UTF-8", code="invalid_json")
+    try:
+        body = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    _check_values(body)
+    return body
+
+
+def _check_values(body: dict) -> None:
+    """Depth at most MAX_DEPTH; every string (keys too) encodable as UTF-8 (no lone surrogates)."""
+    stack = [(body, 1, "")]
+    while stack:
+        v, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{where or 'a key'} holds an invalid character (a lone surrogate)",
+                               param=where or None, code="invalid_string")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, depth, where))
+                stack.append((x, depth + 1, f"{where}.{k}" if where else k))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1, f"{where}[{i}]") for i, x in enumerate(v))
+
+
+async def read_body(request: Request, max_body: int, seconds: float) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit (Content-Length first, then as it streams
+    in) and with 408 when it takes longer than seconds."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > max_body:
+        raise ApiError(413, f"request body over {max_body} bytes", code="request_too_large")
+
+    async def collect() -> bytes:
+        parts, got = [], 0
+        async for chunk in request.stream():
+            got += len(chunk)
+            if got > max_body:
+                raise ApiError(413, f"request body over {max_body} bytes", code="request_too_large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    try:
+        return await asyncio.wait_for(collect(), seconds)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before its body arrived", code="client_disconnected")
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the body took longer than {seconds:g} s to arrive", code="timeout")
+
+
+def check_fields(body: dict, allowed: set) -> None:
+    for name in sorted(body):
+        if name in allowed:
+            continue
+        if name not in NEUTRAL:
+            raise ApiError(400, f"unknown field {name!r}", param=name, code="unknown_field")
+        ok, neutral = NEUTRAL[name]
+        if body[name] is not None and not ok(body[name]):
+            raise ApiError(400, f"{name} is not supported by this model's server; send {neutral} or leave it out",
+                           param=name, code="unsupported_parameter")
+
+
+def _num(body, name, kind, lo, hi, default=None, where=""):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not lo <= v <= hi:
+        raise ApiError(400, f"{where}{name} must be a{'n integer' if kind is int else ' number'} in [{lo}, {hi}]",
+                       param=where + name)
+    return kind(v)
+
+
+def _bool(body, name, where=""):
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ApiError(400, f"{where}{name} must be true or false", param=where + name)
+    return bool(v)
+
+
+def settings(a, body: dict) -> dict:
+    """The request's decode settings (make_spec keywords) for a model of ModelArgs `a`; unset ones keep the
+    model's defaults."""
+    limit = a.max_position_embeddings
+    mt = _num(body, "max_tokens", int, 1, limit)
+    mt = mt if mt is not None else _num(body, "max_completion_tokens", int, 1, limit)
+    s = dict(max_tokens=mt, default_cap=512,  # none asked for: up to 512, cut to fit
+             temperature=_num(body, "temperature", float, 0.0, 2.0), seed=_num(body, "seed", int, 0, 2**31 - 1),
+             top_p=_num(body, "top_p", float, 0.0, 1.0), top_k=_num(body, "top_k", int, 0, a.vocab_size),
+             min_p=_num(body, "min_p", float, 0.0, 1.0))
+    if s["top_p"] == 0.0:
+        raise ApiError(400, "top_p must be a number in (0, 1]", param="top_p")
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) for x in stop):
+            raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+        s["stop"] = tuple(stop)
+    d = body.get("diffusion")
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ApiError(400, "diffusion must be an object", param="diffusion")
+    bad = sorted(set(d) - DIFFUSION_FIELDS)
+    if bad:
+        raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
+    for name, allowed in (("mode", PRESETS), ("cache", CACHES), ("block_refresh", REFRESHES)):
+        if d.get(name) is not None:
+            if not isinstance(d[name], str) or d[name] not in allowed:
+                raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")
+            s[name] = d[name]
+    s["block_length"] = _num(d, "block_length", int, 1, 1024, where="diffusion.")
+    s["steps_per_block"] = _num(d, "steps_per_block", int, 1, 1024, where="diffusion.")
+    s["threshold"] = _num(d, "threshold", float, 1e-6, 1.0, where="diffusion.")
+    s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024, where="diffusion.")
+    s["think_boost"] = _bool(d, "think_boost", where="diffusion.")
+    return s
+
+
+def choices(body: dict, chat: bool, max_batch: int) -> tuple[int, int]:
+    """(n, top log-probabilities: -1 for none)."""
+    n = _num(body, "n", int, 1, max_batch, default=1)
+    if chat:
+        want = _bool(body, "logprobs")
+        top = _num(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS, default=0)
+        if top and not want:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return n, (top if want else -1)
+    top = _num(body, "logprobs", int, 0, 5)
+    return n, (-1 if top is None else top)
+
+
+def streaming(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    so = body.get("stream_options")
+    so = {} if so is None else so
+    if not isinstance(so, dict) or set(so) - {"include_usage", "include_obfuscation"}:
+        raise ApiError(400, "stream_options must be an object with include_usage", param="stream_options")
+    return stream, _bool(so, "include_usage", where="stream_options.")
+
+
+def messages(body: dict) -> list[dict]:
+    """The conversation as {role, content} with text content: developer turns are system turns, content
+    parts are joined."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", param=where)
+        extra = sorted(k for k in set(m) - {"role", "content", "name"} if m[k] not in (None, []))
+        if extra:
+            raise ApiError(400, f"{where}.{extra[0]} is not supported", param=f"{where}.{extra[0]}")
+        if m.get("role") not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
+        out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"{where}.content")})
+    return out
+
+
+def _content(c, where: str) -> str:
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        texts = []
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}}",
+                               param=f"{where}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ApiError(400, f"{where} must be a string or a list of text parts", param=where)
+
+
+def prompt_text(body: dict) -> str:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1:
+        p = p[0]
+    if not isinstance(p, str) or not p:
+        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+    return p

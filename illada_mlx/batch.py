@@ -1,0 +1,283 @@
+"""Continuous batching on the growing canvas: rows of one DecodeSpec decoded together, new rows joining at
+block boundaries and finished rows leaving (the server's worker drives it).
+
+    batch = Batch(model, spec)
+    batch.add(Row(handle, prompt_ids, budget))     # joins at the next block
+    while batch.rows or batch.joining:
+        for row, tokens, reason in batch.run_block(stop_fn): ...   # reason: None, "stop" or "length"
+
+All rows share one canvas width. The first rows are left-padded to the longest prompt, as in decode.py; a
+row joining later is left-padded so that its prompt ends where the running rows' next block starts, so it
+fits only when its prompt is no longer than the canvas so far and its budget within the positions left
+(`fits`). Every row's block then spans the same positions, and decode.py's `_denoise_block` runs it.
+
+With a block cache the join block's first forward is two forwards: the running rows recompute what a
+block start recomputes (cache.refresh_kind), the joining rows their whole canvas, as they would alone;
+their cache rows are then one cache. So each row's tokens at temperature 0 are those it gets decoded
+alone, up to the float rounding of a different batch shape. `batch_key` says which specs can share a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .cache import BlockCache
+from .decode import DecodeState, Stats, Step, _denoise_block, _first_stop, _forward
+from .spec import DecodeSpec
+
+
+def batch_key(spec: DecodeSpec) -> Optional[DecodeSpec]:
+    """What requests must share to decode in one batch: the spec apart from seed, stop strings and budget.
+    None for a spec that is decoded alone: a fixed canvas, CFG, the think boost, periodic full refreshes,
+    a budget that is not whole blocks, or random draws with a seed (they depend on the batch)."""
+    if (not spec.growing or spec.cfg_scale > 0 or spec.think_boost or spec.full_refresh_every
+            or spec.max_tokens % spec.block_length
+            or ((spec.temperature > 0 or spec.remasking == "random") and spec.seed is not None)):
+        return None
+    return replace(spec, seed=None, stop=(), max_tokens=spec.block_length)
+
+
+@dataclass
+class Row:
+    handle: object  # the caller's
+    ids: list[int]
+    budget: int  # tokens, whole blocks
+    top_logprobs: int = -1  # -1: no log-probabilities; k ≥ 0: the committed token's and k alternatives
+    produced: int = 0
+    blocks: int = 0
+    nfe_at_join: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BlockLogprobs:
+    """Per row, per position of the block: the log-probability of its token at the step that committed it
+    (the model's log-softmax over the candidate logits), and the k most likely tokens there."""
+    token: list  # (rows, block) floats
+    top_ids: Optional[list] = None  # (rows, block, k)
+    top: Optional[list] = None
+
+
+class LogprobTracker:
+    """Collects BlockLogprobs from a block's Step events (positions lo..lo+size of the canvas)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def start(self, rows: int, lo: int, size: int) -> None:
+        self.lo = lo
+        self.lp = mx.zeros((rows, size))
+        self.ids = mx.zeros((rows, size, self.k), dtype=mx.int32) if self.k else None
+        self.top = mx.zeros((rows, size, self.k)) if self.k else None
+
+    def step(self, ev: Step) -> None:
+        rel = ev.positions - self.lo
+        lp = ev.logits.astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        tok = mx.take_along_axis(ev.canvas, ev.positions, axis=1)
+        tok_lp = mx.take_along_axis(lp, tok[..., None], axis=-1)[..., 0]
+        put = lambda a, v: _put(a, rel, ev.committed, v)  # noqa: E731
+        self.lp = put(self.lp, tok_lp)
+        if self.k:
+            ids = mx.argpartition(-lp, kth=self.k - 1, axis=-1)[..., : self.k]
+            vals = mx.take_along_axis(lp, ids, axis=-1)
+            order = mx.argsort(-vals, axis=-1)
+            self.ids = put(self.ids, mx.take_along_axis(ids, order, axis=-1).astype(mx.int32))
+            self.top = put(self.top, mx.take_along_axis(vals, order, axis=-1))
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep these rows' figures (the others left the batch)."""
+        i = mx.array(idx)
+        self.lp = self.lp[i]
+        if self.k:
+            self.ids, self.top = self.ids[i], self.top[i]
+
+    def result(self) -> BlockLogprobs:
+        return BlockLogprobs(self.lp.tolist(), self.ids.tolist() if self.k else None,
+                             self.top.tolist() if self.k else None)
+
+
+StopFn = Callable[[Row, list[int]], bool]
+
+
+class Batch:
+    def __init__(self, model, spec: DecodeSpec):
+        self.model, self.spec = model, spec
+        self.positions = model.args.max_position_embeddings
+        self.rows: list[Row] = []  # running, in the order of the state's rows
+        self.joining: list[Row] = []
+        self.st: Optional[DecodeState] = None
+        self.stats = Stats()
+        self.blocks = 0
+        self._split: Optional[int] = None  # rows before this index ran before the join block
+        self._fresh = False  # every row starts at the next block
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def fits(self, prompt_len: int, budget: int) -> bool:
+        """Whether a row with this prompt and budget can join at the next block."""
+        if self.st is None:
+            width = max([len(r.ids) for r in self.joining] + [prompt_len])
+            return all(width + r.budget <= self.positions for r in self.joining + [Row(None, [0] * prompt_len,
+                                                                                      budget)])
+        width = self.st.x.shape[1]
+        return prompt_len <= width and width + budget <= self.positions
+
+    def add(self, row: Row) -> None:
+        self.joining.append(row)
+
+    def remove(self, handles: set) -> list[Row]:
+        """Take these rows out now (cancelled, out of time); return them."""
+        gone = [r for r in self.rows + self.joining if r.handle in handles]
+        self.joining = [r for r in self.joining if r.handle not in handles]
+        keep = [j for j, r in enumerate(self.rows) if r.handle not in handles]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+        return gone
+
+    def _keep(self, idx: list[int]) -> None:
+        if not idx:
+            self.rows, self.st = [], None
+            return
+        self.st.keep(idx, False)
+        self.rows = [self.rows[j] for j in idx]
+
+    def _join(self) -> None:
+        """Append the joining rows to the state, left-padded to its width."""
+        new, self.joining = self.joining, []
+        if not new:
+            self._split = None
+            return
+        spec, pad = self.spec, _pad_id(self.spec)
+        width = self.st.x.shape[1] if self.st is not None else max(len(r.ids) for r in new)
+        x = mx.array([[pad] * (width - len(r.ids)) + r.ids for r in new], dtype=mx.int32)
+        valid = mx.array([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], dtype=mx.int32)
+        for r in new:
+            r.nfe_at_join = self.stats.nfe
+        if self.st is None:
+            cache = None if spec.cache == "none" else BlockCache()
+            seed = spec.seed if spec.seed is not None else time.time_ns() % 2**31
+            self.st = DecodeState(x, valid, x != spec.mask_id, width, [], cache, mx.random.key(seed), self.stats,
+                                  time.perf_counter())
+            self._split, self._fresh = None, True
+        else:
+            st = self.st
+            self._split = len(self.rows) if st.cache is not None else None
+            st.x = mx.concatenate([st.x, x])
+            st.key_valid = mx.concatenate([st.key_valid, valid])
+            st.prompt_mask = mx.concatenate([st.prompt_mask, x != spec.mask_id])
+        self.rows += new
+        self.st.rows = list(range(len(self.rows)))
+        if self.st.cache is not None:
+            self.st.cache.reserve(width + max(r.budget - r.produced for r in self.rows))
+
+    def _forward(self, model, st, spec, pos, lo, hi, kind):
+        """decode._forward, except at a join block's first forward with a cache: the running rows recompute
+        what their block start does, the joining rows their whole canvas (a cache of their own, merged)."""
+        n, self._split = self._split, None
+        if n is None or n == 0:
+            return _forward(model, st, spec, pos, lo, hi, kind)
+        old = DecodeState(st.x[:n], st.key_valid[:n], st.prompt_mask[:n], st.prompt_len, st.rows[:n], st.cache,
+                          st.key, st.stats, st.t0)
+        fresh = BlockCache()
+        fresh.reserve(st.cache.capacity)
+        fresh.reuse = min(lo - len(r.ids) for r in self.rows[n:])  # the joining rows' padding: not run
+        new = DecodeState(st.x[n:], st.key_valid[n:], st.prompt_mask[n:], st.prompt_len, st.rows[n:], fresh,
+                          st.key, st.stats, st.t0)
+        a = _forward(model, old, spec, pos[:n], lo, hi, kind)
+        b = _forward(model, new, spec, pos[n:], lo, hi, "full")
+        st.cache = _merge(st.cache, fresh)
+        return mx.concatenate([a, b])
+
+    def run_block(self, stop_fn: Optional[StopFn] = None, logprobs: Optional[LogprobTracker] = None):
+        """Join the waiting rows, denoise one block for every row, and drop the finished ones. Returns
+        (row, its new tokens cut at a stop, finish reason or None, BlockLogprobs row or None) per row."""
+        self._join()
+        st, spec = self.st, self.spec
+        lo = st.x.shape[1]
+        hi = lo + spec.block_length
+        B = len(self.rows)
+        st.x = mx.concatenate([st.x, mx.full((B, hi - lo), spec.mask_id, dtype=mx.int32)], axis=1)
+        st.key_valid = mx.concatenate([st.key_valid, mx.ones((B, hi - lo), dtype=mx.int32)], axis=1)
+        st.prompt_mask = mx.concatenate([st.prompt_mask, mx.zeros((B, hi - lo), dtype=mx.bool_)], axis=1)
+        index, self._fresh = (0 if self._fresh else 1), False  # 0: every row starts here (a full forward)
+        if logprobs is not None:
+            logprobs.start(B, lo, hi - lo)
+        for ev in _denoise_block(self.model, st, spec, index, lo, hi, 0.0, forward=self._forward):
+            if logprobs is not None:
+                logprobs.step(ev)
+        self.blocks += 1
+        self.stats.blocks += 1
+        new = st.x[:, lo:hi].tolist()
+        lp = logprobs.result() if logprobs is not None else None
+        stop_ids = {t for t in (spec.eos_id, spec.eot_id) if t is not None}
+        out, keep = [], []
+        for j, r in enumerate(self.rows):
+            cut = _first_stop(new[j], stop_ids)
+            toks = new[j] if cut is None else new[j][:cut]
+            r.produced += hi - lo
+            r.blocks += 1
+            said = stop_fn is not None and stop_fn(r, toks)
+            reason = "stop" if cut is not None or said else ("length" if r.produced >= r.budget else None)
+            out.append((r, toks, reason, _row(lp, j, len(toks))))
+            if reason is None:
+                keep.append(j)
+        if len(keep) < B:
+            self._keep(keep)
+            if logprobs is not None and keep:
+                logprobs.keep(keep)
+        return out
+
+    def row_stats(self, r: Row, output_tokens: int) -> Stats:
+        """A row's figures: the forwards the batch ran while it was in it, its tokens and time."""
+        return Stats(nfe=self.stats.nfe - r.nfe_at_join, output_tokens=output_tokens, prompt_tokens=len(r.ids),
+                     blocks=r.blocks, wall_s=time.perf_counter() - r.t0, committed=r.produced)
+
+
+def _put(a: mx.array, rel: mx.array, committed: mx.array, v: mx.array) -> mx.array:
+    """a (B, size[, k]) with v (B, K[, k]) written at the block positions rel (B, K) that were committed."""
+    if a.ndim == 3:
+        rel = mx.broadcast_to(rel[..., None], v.shape)
+        committed = committed[..., None]
+    return mx.put_along_axis(a, rel, mx.where(committed, v, mx.take_along_axis(a, rel, axis=1)), axis=1)
+
+
+def _row(lp: Optional[BlockLogprobs], j: int, n: int) -> Optional[BlockLogprobs]:
+    if lp is None:
+        return None
+    return BlockLogprobs(lp.token[j][:n], lp.top_ids[j][:n] if lp.top_ids else None,
+                         lp.top[j][:n] if lp.top else None)
+
+
+def _pad_id(spec: DecodeSpec) -> int:
+    return spec.pad_id if spec.pad_id is not None else (spec.eos_id if spec.eos_id is not None else 0)
+
+
+def _merge(a: BlockCache, b: BlockCache) -> BlockCache:
+    """One cache of a's rows then b's (the buffers padded to the larger capacity)."""
+    def cat(x, y, fill=0):
+        n = max(x.shape[2 if x.ndim == 4 else 1], y.shape[2 if y.ndim == 4 else 1])
+        return mx.concatenate([_grow(x, n, fill), _grow(y, n, fill)])
+
+    out = BlockCache()
+    out.keys = [cat(k1, k2) for k1, k2 in zip(a.keys, b.keys)]
+    out.values = [cat(v1, v2) for v1, v2 in zip(a.values, b.values)]
+    out.ids = cat(a.ids, b.ids, -1) if a.ids is not None and b.ids is not None else None
+    out.length = max(a.length, b.length)
+    out.capacity = out.keys[0].shape[2] if out.keys else max(a.capacity, b.capacity)
+    return out
+
+
+def _grow(x: mx.array, n: int, fill) -> mx.array:
+    axis = 2 if x.ndim == 4 else 1
+    if x.shape[axis] == n:
+        return x
+    shape = list(x.shape)
+    shape[axis] = n - x.shape[axis]
+    return mx.concatenate([x, mx.full(shape, fill, dtype=x.dtype)], axis=axis)

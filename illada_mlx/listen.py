@@ -1,0 +1,176 @@
+"""How the server listens: the guard in front of the routes, uvicorn with a connection cap and
+timeouts, binding before saying where, and what binding beyond loopback means.
+
+`Guard` (ASGI middleware) checks the Host header (DNS rebinding), the API key and the content type before
+a route runs and writes one log line per request. `Protocol` is uvicorn's h11 protocol with a deadline for
+each request's headers and a cap on open connections.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import uvicorn
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .api import MAX_BODY_BYTES, ApiError
+from .config import IlladaError
+
+log = logging.getLogger("illada_mlx.server")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class Options:
+    """The server's limits and exposure settings (cli `serve` options)."""
+    max_body: int = MAX_BODY_BYTES
+    max_prompt_chars: Optional[int] = None  # None: 16 characters per position of the model
+    body_seconds: float = 30.0  # to read a request's body
+    api_key: Optional[str] = None
+    allowed_hosts: Optional[tuple] = None  # None: any Host header
+    allowed_origins: tuple = ()  # CORS; empty: off
+
+
+def _host_name(host: str) -> str:
+    """The Host header without its port."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    """Before any route: the Host header (DNS rebinding), the API key (Bearer), application/json on POST.
+    After: one log line per request (method, path, status, prompt/output tokens, ms); a client that went
+    away is one line too."""
+
+    def __init__(self, app, opts: Options):
+        self.app, self.opts = app, opts
+
+    def _refuse(self, scope) -> Optional[ApiError]:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = _host_name(headers.get("host", "")).lower()
+        if self.opts.allowed_hosts is not None and host not in self.opts.allowed_hosts:
+            return ApiError(400, f"Host {host!r} is not served here; start the server with --allowed-hosts to "
+                                 "allow it", code="invalid_host")
+        key = self.opts.api_key
+        if key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                code="invalid_api_key", kind="authentication_error")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return ApiError(415, "the body must be sent as Content-Type: application/json",
+                                code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        refused = self._refuse(scope)
+        try:
+            if refused is not None:
+                await refused.response()(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        except (ClientDisconnect, ConnectionError) as e:
+            log.info("%s %s: client disconnected (%s)", scope["method"], scope["path"], type(e).__name__)
+        tokens = scope.get("state", {}).get("tokens")
+        log.info("%s %s %s%s %.0f ms", scope["method"], scope["path"], status[0] or "-",
+                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0))
+
+
+class Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers (an idle or slow connection is
+    closed) and a cap on open connections (over it, the oldest connection without a request in flight is
+    closed to make room)."""
+    header_seconds = 10.0
+    max_connections = 256
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.opened = self.loop.time()
+        self._waiting_for = None
+        self._arm()
+        open_ = [c for c in self.connections if not c.transport.is_closing()]
+        if len(open_) > self.max_connections:
+            idle = [c for c in open_ if getattr(c, "opened", None) is not None
+                    and (c.cycle is None or c.cycle.response_complete)]
+            oldest = min(idle, key=lambda c: c.opened, default=self)
+            oldest.transport.close()
+
+    def _arm(self):
+        self._deadline = self.loop.call_later(self.header_seconds, self._too_slow)
+        self._waiting_for = self.cycle
+
+    def _too_slow(self):
+        if self.cycle is self._waiting_for and not self.transport.is_closing():
+            self.transport.close()  # no request headers in time
+
+    def handle_events(self):
+        super().handle_events()
+        if self.cycle is not self._waiting_for and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._arm()
+
+    def connection_lost(self, exc):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                max_connections: int = 256, idle_seconds: float = 10.0) -> uvicorn.Server:
+    """A uvicorn server with the connection cap, keep-alive and header timeouts set."""
+    proto = type("Protocol", (Protocol,), {"header_seconds": idle_seconds, "max_connections": max_connections})
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=proto, log_level=log_level, access_log=False,
+                                         limit_concurrency=2 * max_connections, timeout_keep_alive=int(idle_seconds) or 1,
+                                         timeout_graceful_shutdown=5))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one line saying why not."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(128)
+    except OSError as e:
+        raise IlladaError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host")
+    return sock
+
+
+def exposure(host: str, opts: Options) -> list[str]:
+    """Fill in the Host names accepted for a bound host (loopback: the localhost names; a named address:
+    itself; all interfaces: any, unless --allowed-hosts) and return the warnings to print."""
+    loopback = host in LOOPBACK
+    if opts.allowed_hosts is None and loopback:
+        opts.allowed_hosts = tuple(sorted(set(LOOPBACK)))
+    elif opts.allowed_hosts is None and host not in ("0.0.0.0", "::", ""):
+        opts.allowed_hosts = (host.lower(),)
+    if not loopback and not opts.api_key:
+        return [f"warning: listening on {host}, beyond this machine, without an API key: anyone who can reach "
+                "it can use it (set --api-key or ILLADA_MLX_API_KEY)"]
+    return []
