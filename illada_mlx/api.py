@@ -263,6 +263,9 @@ def messages(body: dict) -> list[dict]:
         if m.get("role") not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
         out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"{where}.content")})
+    if not any(m["role"] == "user" for m in out):
+        raise ApiError(400, "messages has no user turn: a conversation needs at least one user message",
+                       param="messages")
     return out
 
 

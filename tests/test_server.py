@@ -256,9 +256,14 @@ def direct_msgs(demo, msgs, **kw):
     return generate_text(model, tok, msgs, **{"mode": "fast", "max_tokens": 32, **kw})
 
 
-def test_a_system_only_conversation_is_answered(client, demo):
-    msgs = [{"role": "system", "content": "reverse abc"}]
-    assert ask(client, messages=msgs).choices[0].message.content == direct_msgs(demo, msgs)
+def test_a_conversation_without_a_user_turn_is_a_400(client):
+    import openai
+
+    for msgs in ([{"role": "system", "content": "reverse abc"}],
+                 [{"role": "developer", "content": "be brief"}, {"role": "assistant", "content": "ok"}]):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, messages=msgs)
+        assert e.value.status_code == 400 and "no user turn" in str(e.value)
 
 
 def test_stream_include_usage_sends_a_usage_chunk(client, demo):
