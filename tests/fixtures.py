@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,3 +222,18 @@ def reply(model, tok, prompt, **settings):
         text += r.text
         tokens += r.tokens
     return text, tokens, r
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (SIGALRM; the main thread only)."""
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

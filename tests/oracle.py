@@ -130,6 +130,17 @@ def official_generate(logits_fn, prompt, steps, gen_length, block_length, mask_i
     return x
 
 
+def _guided(logits_fn, x, P, mask_id, cfg_scale):
+    """Logits (L, V) of one canvas; with CFG, un + (cfg + 1)(cond − un), the prompt masked in `un`."""
+    logits = logits_fn(x[None], None)[0]
+    if cfg_scale > 0:
+        un = x.copy()
+        un[:P] = mask_id
+        u = logits_fn(un[None], None)[0]
+        logits = u + (cfg_scale + 1) * (logits - u)
+    return logits
+
+
 def official_log_likelihood(logits_fn, prompt, answer, masks, mask_id, cfg_scale=0.0):
     """get_log_likelihood with the given mask rows (mc_num, L): Σ over rows of the cross-entropy on the
     masked answer positions / (masked / L), averaged over rows and negated; CFG masks the prompt."""
@@ -139,12 +150,7 @@ def official_log_likelihood(logits_fn, prompt, answer, masks, mask_id, cfg_scale
     for m in np.asarray(masks, bool):
         x = seq.copy()
         x[P:][m] = mask_id
-        logits = logits_fn(x[None], None)[0]
-        if cfg_scale > 0:
-            un = x.copy()
-            un[:P] = mask_id
-            u = logits_fn(un[None], None)[0]
-            logits = u + (cfg_scale + 1) * (logits - u)
+        logits = _guided(logits_fn, x, P, mask_id, cfg_scale)
         logp = logits - logits.max(-1, keepdims=True)
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         idx = np.nonzero(m)[0]
@@ -158,12 +164,7 @@ def official_greedy(logits_fn, prefix, length, mask_id, cfg_scale=0.0):
     P = len(prefix)
     x = np.array(list(prefix) + [mask_id] * length)
     for _ in range(length):
-        logits = logits_fn(x[None], None)[0]
-        if cfg_scale > 0:
-            un = x.copy()
-            un[:P] = mask_id
-            u = logits_fn(un[None], None)[0]
-            logits = u + (cfg_scale + 1) * (logits - u)
+        logits = _guided(logits_fn, x, P, mask_id, cfg_scale)
         masked = np.nonzero(x == mask_id)[0]
         p = softmax(logits[masked])
         x0 = p.argmax(-1)

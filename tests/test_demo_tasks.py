@@ -70,18 +70,22 @@ def test_held_out_prompts_never_reach_training():
     assert held_out_set(20) == items[:20 * len(TASKS)]
 
 
+def train_tiny(out, *args):
+    """bench/train_demo.py on a 1-layer, d-32 model with the bundled tokenizer."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--d", "32", "--layers", "1",
+         "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0", "--workers", "0",
+         "--tokenizer", str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"), *args],
+        capture_output=True, text=True, timeout=300)
+
+
 def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     pytest.importorskip("torch")
     from illada_mlx.load import load
     from illada_mlx_convert import convert
 
     out = tmp_path / "ckpt"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--steps", "3", "--batch", "4",
-         "--d", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0",
-         "--eval-every", "0", "--workers", "0", "--tasks", "reverse,sums",
-         "--tokenizer", str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json")],
-        capture_output=True, text=True, timeout=300)
+    r = train_tiny(out, "--steps", "3", "--batch", "4", "--eval-every", "0", "--tasks", "reverse,sums")
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 3 and set(log["held_out_probe"]) == {"reverse", "sums"}
@@ -97,12 +101,8 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
     # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
     pytest.importorskip("torch")
     out = tmp_path / "p"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--steps", "0", "--batch", "2",
-         "--d", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0",
-         "--workers", "0", "--tasks", "reverse,count", "--max-area", "256", "--multi-turn", "0.5",
-         "--long-probe", "1", "--tokenizer", str(DEMO / "tokenizer.json")],
-        capture_output=True, text=True, timeout=300)
+    r = train_tiny(out, "--steps", "0", "--batch", "2", "--tasks", "reverse,count", "--max-area", "256",
+                   "--multi-turn", "0.5", "--long-probe", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 0 and log["final_loss_ema"] is None

@@ -6,10 +6,8 @@ examples and time); each example works on a fresh copy and must finish within a 
 
 import json
 import shutil
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fixtures import Spec, write_checkpoint
+from fixtures import Spec, deadline, write_checkpoint
 from illada_mlx.config import IlladaError
 from illada_mlx.load import load
 from illada_mlx_convert import convert
@@ -51,19 +49,6 @@ header_changes = st.one_of(
                                          max_size=4)),
 )
 
-
-@contextmanager
-def alarm(seconds: int):
-    def fail(*_):
-        raise TimeoutError(f"no answer after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +98,7 @@ def apply_header(shard: Path, change):
 
 def succeeds_or_refuses(fn):
     """fn() returns or raises IlladaError; anything else (or a hang) fails the property."""
-    with alarm(PER_EXAMPLE_S):
+    with deadline(PER_EXAMPLE_S):
         try:
             fn()
         except IlladaError as e:

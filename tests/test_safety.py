@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +18,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from fixtures import Spec, write_checkpoint
+from fixtures import Spec, deadline, write_checkpoint
 from illada_mlx.cli import main
 from illada_mlx.config import IlladaError
 from illada_mlx.load import load
@@ -335,20 +334,6 @@ def test_index_entries_must_name_files_in_the_source(entry, own, tmp_path):
     (own / "model.safetensors.index.json").write_text(json.dumps(index))
     one_error_line(run_convert("--hf-path", own, "--mlx-path", tmp_path / "out"), "fix the index")
 
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
-    def fail(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
