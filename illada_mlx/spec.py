@@ -188,7 +188,7 @@ def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: 
     default = min(default, default_cap) if default_cap else default
     if spec.block_length < 1:
         raise IlladaError("block_length must be at least 1")
-    spec = replace(spec, max_tokens=fit_budget(max_tokens, default, prompt_len, a.max_position_embeddings,
+    spec = replace(spec, max_tokens=fit_budget(max_tokens, default, prompt_len or 0, a.max_position_embeddings,
                                                spec.block_length, not spec.growing))
     spec.check(a.vocab_size, a.max_position_embeddings, prompt_len or 0)
     if spec.stop and tokenizer is None:

@@ -233,3 +233,10 @@ def test_progress_status_never_garbles_the_streamed_text(monkeypatch):
     assert err.lines == [""]
     # not a terminal: nothing at all
     assert Progress(enabled=False).on is False
+
+
+def test_chat_with_the_defaults_answers(direct):
+    # no options: the chat model's default budget (2048) is cut to the demo's 1024 positions, per turn
+    r = CliRunner().invoke(main, ["chat"], input="reverse hello\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split("\n")[0] == "olleh"
