@@ -2,17 +2,9 @@
 
     pip install -e ".[train]"; python bench/train_demo.py --out /tmp/demo --minutes 6     (CUDA if present)
 
-The bundled model is run lr1e-3 of bench/gpu_train.sh (6 minutes on the lent H200, six runs side by
-side), then 20 minutes on the 2-core CPU from that checkpoint with answer areas of 16-256 positions
-(--init ... --lr 3e-4 --max-area 256) so that fixed canvases longer than 32 decode, then 30 CPU minutes
-adding the order-sensitive "parity" task (--lr 5e-4 --max-area 256 --tasks
-add,sort,reverse,recall,parity,parity,parity), then recall's lookup: 12 + 8 CPU minutes of recall alone as
-answer-from-prompt classification (--block 2 --t-min 1 --pad-weight 0 --answer-only 1 --tasks recall_abcd,
-then recall_abcd,recall_abcd,recall), which breaks the plateau the diffusion loss never left, and 25 minutes
-of the whole mix to bring the other tasks back (--lr 5e-4 --max-area 256 --tasks
-add,sort,reverse,recall,recall,parity,parity). Every phase's command, seed, time, loss and probe accuracies
-are in illada_mlx/demo_model/train_log.json, the story in bench/README.md. On this 2-core CPU the script
-runs ~30x slower than on the GPU.
+The bundled model was trained in several runs of this script (the commands, seeds, times, losses and probe
+accuracies are in illada_mlx/demo_model/train_log.json and bench/results/demo_train_sweep.json; how and why
+in bench/README.md). `--init DIR` continues from a checkpoint.
 PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
 with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
 the converter.
@@ -20,9 +12,8 @@ the converter.
 Objective (spec §4): t ~ U(ε, 1), mask every token with probability t, cross-entropy on the masked
 positions (weighted 1/t with --inv-t; see loss_fn for why the default is the plain mean). iLLaDA SFT
 style: prompt and answer are both maskable (a share of rows mask the answer only, --answer-only); one
-example per row, ending with EOS and EOS-padded (LLaDA's SFT). A first run packed several examples per
-row: with bidirectional attention a masked answer must then also learn which prompt is its own, and
-after 1500 steps it had not (4%).
+example per row, ending with EOS and EOS-padded (LLaDA's SFT), so that a masked answer never has to find
+which of several prompts in its row is its own (bench/README.md).
 Writes an HF-format iLLaDA checkpoint (config.json with iLLaDA's keys, fp32 safetensors with iLLaDA's
 tensor names, a BPE tokenizer.json with <[MASK]> = 5 and EOS = 2, tokenizer_config.json with a chat
 template) plus train_log.json (command, seed, time, losses, held-out probe accuracy per task).
