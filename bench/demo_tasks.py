@@ -11,14 +11,10 @@ the prompt in one forward (bench/README.md). The list has a fixed length so that
 needs sits at a fixed distance from it; with 5-10 bits the CPU runs did not learn past the last two bits.
 
 EXTRA tasks are drawn only when asked for (train_demo.py --tasks, quality.py --tasks) and are not on the
-yardstick. "sums", not learned by the bundled model, was the first order-sensitive candidate: running
-sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals 3 4 8 9 14 mod 10 from the
-last back); 3000 CPU steps learned only the two digits nearest the right end. "recall_abcd" is recall with keys from a, b, c, d only:
-a training curriculum, not a task of its own. Recall with 26 possible keys sat at chance for every CPU run
-(the key match has a long plateau); with 4 possible keys a 2-layer model learns the lookup in ~1000 steps
-and then carries it over to all 26 letters. Mixed into the diffusion loss it did not help the bundled
-model in 30 CPU minutes (bench/README.md, phase 7); trained alone as classification of the answer from
-the prompt (train_demo.py --t-min 1 --pad-weight 0), it gave the bundled model recall (phase 9).
+yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals
+3 4 8 9 14 mod 10 from the last back), an order-sensitive task the bundled model has not learned.
+"recall_abcd" is recall with keys from a, b, c, d only: a training curriculum for recall's key match,
+not a task of its own (bench/README.md says what it did for the bundled model).
 
 LONG tasks have answers of 64-255 tokens (the demo tokenizer makes every digit and space one token): they
 fill 3-8 blocks of 32 (2 for a count of exactly 64 characters), so the EOS lands in a different block from
