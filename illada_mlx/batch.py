@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from .cache import BlockCache
-from .decode import DecodeState, Stats, Step, _denoise_block, _first_stop, _forward
+from .decode import DecodeState, Stats, Step, _denoise_block, _forward
 from .spec import DecodeSpec
 
 
@@ -154,7 +154,7 @@ class Batch:
         if not new:
             self._split = None
             return
-        spec, pad = self.spec, _pad_id(self.spec)
+        spec, pad = self.spec, self.spec.pad
         width = self.st.x.shape[1] if self.st is not None else max(len(r.ids) for r in new)
         x = mx.array([[pad] * (width - len(r.ids)) + r.ids for r in new], dtype=mx.int32)
         valid = mx.array([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], dtype=mx.int32)
@@ -216,15 +216,13 @@ class Batch:
         self.stats.blocks += 1
         new = st.x[:, lo:hi].tolist()
         lp = logprobs.result() if logprobs is not None else None
-        stop_ids = {t for t in (spec.eos_id, spec.eot_id) if t is not None}
         out, keep = [], []
         for j, r in enumerate(self.rows):
-            cut = _first_stop(new[j], stop_ids)
-            toks = new[j] if cut is None else new[j][:cut]
+            toks, hit = spec.cut_at_stop(new[j])
             r.produced += hi - lo
             r.blocks += 1
             said = stop_fn is not None and stop_fn(r, toks)
-            reason = "stop" if cut is not None or said else ("length" if r.produced >= r.budget else None)
+            reason = "stop" if hit or said else ("length" if r.produced >= r.budget else None)
             out.append((r, toks, reason, _row(lp, j, len(toks))))
             if reason is None:
                 keep.append(j)
@@ -253,10 +251,6 @@ def _row(lp: Optional[BlockLogprobs], j: int, n: int) -> Optional[BlockLogprobs]
         return None
     return BlockLogprobs(lp.token[j][:n], lp.top_ids[j][:n] if lp.top_ids else None,
                          lp.top[j][:n] if lp.top else None)
-
-
-def _pad_id(spec: DecodeSpec) -> int:
-    return spec.pad_id if spec.pad_id is not None else (spec.eos_id if spec.eos_id is not None else 0)
 
 
 def _merge(a: BlockCache, b: BlockCache) -> BlockCache:

@@ -244,10 +244,6 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
     st.stats.committed += size * st.x.shape[0]  # a block always ends fully committed
 
 
-def _first_stop(tokens: list[int], stop_ids: set) -> Optional[int]:
-    return next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-
-
 # ------------------------------------------------------------------------------------------ the loop
 StopFn = Callable[[int, list[int]], bool]
 
@@ -265,8 +261,7 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     stats = Stats()
-    pad = spec.pad_id if spec.pad_id is not None else (spec.eos_id if spec.eos_id is not None else 0)
-    x, key_valid = left_pad(prompts, pad)
+    x, key_valid = left_pad(prompts, spec.pad)
     n_rows, P = x.shape
     spec.check(model.args.vocab_size, model.args.max_position_embeddings, P)
     gen_length = spec.max_tokens
@@ -285,7 +280,6 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
         cache.reserve(canvas_len)
     key = mx.random.key(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
     st = DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), cache, key, stats, t0)
-    stop_ids = {t for t in (spec.eos_id, spec.eot_id) if t is not None}
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     for b in range(spec.n_blocks):
@@ -304,11 +298,10 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
         for j, r in enumerate(st.rows):
             toks = []
             if not done[r]:
-                cut = _first_stop(new[j], stop_ids)
-                toks = new[j] if cut is None else new[j][:cut]
+                toks, hit = spec.cut_at_stop(new[j])
                 out[r].extend(toks)
                 said = stop_fn is not None and stop_fn(r, toks)
-                done[r] = cut is not None or said
+                done[r] = hit or said
             finished.append(done[r])
             block_tokens.append(toks)
         stats.blocks += 1

@@ -44,6 +44,10 @@ def draw_masks(rng: np.random.Generator, rows: int, length: int) -> np.ndarray:
     return masks
 
 
+def _pad(args) -> int:
+    return args.pad_token_id if args.pad_token_id is not None else (args.eos_token_id or 0)
+
+
 def _check(model, pairs, mc_num: int, batch_size: int) -> None:
     if mc_num < 1 or batch_size < 1 or mc_num % batch_size:
         raise IlladaError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size}), as in the "
@@ -92,7 +96,7 @@ def log_likelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
             rng = np.random.default_rng(None if seed is None else [seed, tag])
             masks.append(np.concatenate([draw_masks(rng, batch_size, len(answer))
                                          for _ in range(mc_num // batch_size)]))
-    pad = a.pad_token_id if a.pad_token_id is not None else (a.eos_token_id or 0)
+    pad = _pad(a)
     rows = [(j, i) for j in range(len(pairs)) for i in range(mc_num)]
     total = np.zeros(len(pairs))
     for s in range(0, len(rows), batch_size):
@@ -127,7 +131,7 @@ def greedy_answers(model, pairs: Sequence[tuple[Sequence[int], int]], cfg_scale:
     """The official suffix greedy decoding of `length` masked positions after each prompt: one position per
     forward, the most confident masked one taking its argmax."""
     a = model.args
-    pad = a.pad_token_id if a.pad_token_id is not None else (a.eos_token_id or 0)
+    pad = _pad(a)
     prompts = [list(map(int, p)) for p, _ in pairs]
     lengths = [int(n) for _, n in pairs]
     _check(model, [(p, [0] * n) for p, n in zip(prompts, lengths)], 1, 1)

@@ -80,6 +80,18 @@ class DecodeSpec:
         return self.canvas == "growing"
 
     @property
+    def pad(self) -> int:
+        """The left-padding token: pad, else EOS, else 0 (padded keys are hidden from attention anyway)."""
+        return self.pad_id if self.pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def cut_at_stop(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """A block's tokens up to the first EOS/EoT, and whether one was there."""
+        for i, t in enumerate(tokens):
+            if t in (self.eos_id, self.eot_id):
+                return tokens[:i], True
+        return tokens, False
+
+    @property
     def n_blocks(self) -> int:
         return math.ceil(self.max_tokens / self.block_length)
 
