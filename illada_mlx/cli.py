@@ -36,10 +36,6 @@ def _add_convert():
 _add_convert()
 
 
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
-
-
 # ------------------------------------------------------------------------------------------ shared options
 def load_model(model_path, mask_id=None):
     """(model, tokenizer); no path: the bundled demo model, converted into the cache on first use."""
@@ -400,12 +396,17 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
 
 
 # ------------------------------------------------------------------------------------------ bench
-def _modes(value: str) -> list[str]:
+def _names(value: str, table, what: str) -> list[str]:
+    """A comma list of names from `table` (PRESETS, REFRESHES, ...), or one line naming the first bad one."""
     names = [m for m in value.split(",") if m]
-    bad = [m for m in names if m not in PRESETS]
+    bad = [m for m in names if m not in table]
     if bad or not names:
-        raise IlladaError(f"unknown mode {bad[0] if bad else value!r}; choose from {', '.join(PRESETS)}")
+        raise IlladaError(f"unknown {what} {bad[0] if bad else value!r}; choose from {', '.join(table)}")
     return names
+
+
+def _modes(value: str) -> list[str]:
+    return _names(value, PRESETS, "mode")
 
 
 @main.command()
@@ -442,10 +443,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     gens = gen_lengths
     json_path = check_output_file(json_out, "--json") if json_out is not None else None
     plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
-    policies = [p for p in refreshes.split(",") if p]
-    bad = [p for p in policies if p not in REFRESHES] or ([] if policies else [refreshes])
-    if bad:
-        raise IlladaError(f"unknown refresh policy {bad[0]!r}; choose from {', '.join(REFRESHES)}")
+    policies = _names(refreshes, REFRESHES, "refresh policy")
     if plot_out:
         B.require_matplotlib()
     tok = None

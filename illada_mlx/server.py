@@ -38,8 +38,8 @@ from starlette.routing import Route
 
 from .api import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, choices, messages, parse_json,
                   prompt_text, read_body, settings, streaming)
-from .batch import Batch, LogprobTracker, Row, batch_key
-from .config import ContextError, IlladaError
+from .batch import Batch, LogprobTracker, Row, _row, batch_key
+from .config import ContextError, IlladaError, one_line
 from .engine import build_prompt, stream_generate
 from .listen import Guard, Options, bind, exposure, make_server
 from .spec import DecodeSpec, make_spec
@@ -212,7 +212,7 @@ class Engine:
             tokens += len(r.tokens)
             lp = tracker.result() if tracker is not None and r.tokens else None
             if r.text or r.tokens:
-                job.emit("text", i, (r.text, self._logprobs(r.tokens, _first_row(lp, len(r.tokens)),
+                job.emit("text", i, (r.text, self._logprobs(r.tokens, _row(lp, 0, len(r.tokens)),
                                                              job.top_logprobs)))
             if job.cancel.is_set():
                 return False
@@ -244,14 +244,8 @@ class Engine:
         return out
 
 
-def _first_row(lp, n):
-    from .batch import _row
-
-    return _row(lp, 0, n)
-
-
 def _one_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return one_line(e) or type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------ reading a request
