@@ -247,6 +247,7 @@ class CanvasView:
 
     def __init__(self, tok, mask_id, prompt_len, out=None):
         self.tok, self.mask_id, self.P, self.out = tok, mask_id, prompt_len, out or sys.stdout
+        self.pieces = {mask_id: self.MASK_GLYPH}  # token id -> its text, decoded once per id
         self.out.write("\0337")  # save the cursor: every frame redraws from here
 
     def frame(self, ev):
@@ -255,7 +256,9 @@ class CanvasView:
         if 0 not in ev.rows:
             return
         row = np.array(ev.canvas[ev.rows.index(0), self.P:]).tolist()
-        parts = [self.MASK_GLYPH if t == self.mask_id else self.tok.decode([t]) for t in row]
+        for t in set(row) - self.pieces.keys():
+            self.pieces[t] = self.tok.decode([t])
+        parts = [self.pieces[t] for t in row]
         self.out.write("\0338\033[J" + "".join(parts))
         self.out.flush()
 
