@@ -177,12 +177,12 @@ class Batch:
         if self.st.cache is not None:
             self.st.cache.reserve(width + max(r.budget - r.produced for r in self.rows))
 
-    def _forward(self, model, st, spec, pos, lo, hi, kind):
+    def _forward(self, model, st, spec, pos, lo, hi, kind, query=None):
         """decode._forward, except at a join block's first forward with a cache: the running rows recompute
         what their block start does, the joining rows their whole canvas (a cache of their own, merged)."""
         n, self._split = self._split, None
         if n is None or n == 0:
-            return _forward(model, st, spec, pos, lo, hi, kind)
+            return _forward(model, st, spec, pos, lo, hi, kind, query)
         old = DecodeState(st.x[:n], st.key_valid[:n], st.prompt_mask[:n], st.prompt_len, st.rows[:n], st.cache,
                           st.key, st.stats, st.t0)
         fresh = BlockCache()

@@ -9,7 +9,9 @@ canvas). Which window a forward runs:
   - a block start under the "window" policy: the block just finished (its keys/values computed once more
     with its final tokens, one block after it was committed) and the new block, to the step window's end;
   - a step: "prefix" = [block start, canvas end), "dual" = [block start, block end) (the masked suffix
-    stays as cached).
+    stays as cached); "token" = the positions the previous step ran, i.e. the block's masks and the tokens
+    the previous step committed (dKV-Cache's delay at the token level: a committed token's keys/values are
+    computed once more with it in place, one step after its commit, then kept for the rest of the block).
 The cache is approximate (cached states saw older versions of the canvas): quality is measured in
 bench/, and refreshing every step reproduces the uncached forward exactly.
 
@@ -23,7 +25,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "token")
 REFRESHES = ("full", "window")  # what a block start recomputes: the whole canvas, or the last two blocks
 CHUNK = 256  # buffers grow in steps of this many positions
 
@@ -69,6 +71,20 @@ class BlockCache:
         n = self.length
         K, V = self.keys[layer], self.values[layer]
         return (K, V) if n == K.shape[2] else (K[..., :n, :], V[..., :n, :])
+
+    def update_at(self, layer: int, k: mx.array, v: mx.array, positions: mx.array):
+        """Write keys/values (B, H, L, D) at canvas positions (B, L) already in the buffers; return the
+        canvas's keys/values."""
+        at = positions[:, None, :, None]
+        self.keys[layer] = mx.put_along_axis(self.keys[layer], mx.broadcast_to(at, k.shape), k, axis=2)
+        self.values[layer] = mx.put_along_axis(self.values[layer], mx.broadcast_to(at, v.shape), v, axis=2)
+        n = self.length
+        K, V = self.keys[layer], self.values[layer]
+        return (K, V) if n == K.shape[2] else (K[..., :n, :], V[..., :n, :])
+
+    def record_at(self, tokens: mx.array, positions: mx.array) -> None:
+        """The tokens (B, L) whose keys/values a forward just wrote at positions (B, L)."""
+        self.ids = mx.put_along_axis(self.ids, positions, tokens, axis=1)
 
     def record(self, tokens: mx.array, offset: int) -> None:
         """The tokens (B, L) whose keys/values a forward just wrote at [offset, offset + L)."""

@@ -142,9 +142,12 @@ def left_pad(prompts, pad_id: int):
 
 
 # ------------------------------------------------------------------------------------------ one step
-def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str]):
+def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str],
+             query=None):
     """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache. kind: what the
-    forward recomputes (cache.refresh_kind): "full", "window" or None (a step)."""
+    forward recomputes (cache.refresh_kind): "full", "window" or None (a step). query: the token cache's
+    step, the positions (B, Q) to run; its first K are `pos` wherever `pos` is a mask (the logits at the
+    other entries are a repeat's)."""
     x, cache = st.x, st.cache
     B, L = x.shape
     kv = None if st.key_valid is None else st.key_valid[:, :L]
@@ -153,6 +156,13 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
         xin = mx.concatenate([x, mx.where(st.prompt_mask[:, :L], spec.mask_id, x)])
         kv = None if kv is None else mx.concatenate([kv, kv])
         at = mx.concatenate([pos, pos])
+        query = None if query is None else mx.concatenate([query, query])
+    if query is not None:
+        cache.length = L
+        ids = mx.take_along_axis(xin, query, axis=1)
+        logits = model(ids, kv, logits_at=mx.arange(pos.shape[1]), cache=cache, offset=query)
+        cache.record_at(ids, query)
+        return _tally(st, spec, logits, B, xin.shape[0] * query.shape[1])
     end = step_window(spec.cache, lo, hi, L)[1]
     if cache is None:
         wlo, end = 0, L
@@ -167,12 +177,30 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
     logits = model(xin[:, wlo:end], kv, logits_at=at - wlo, cache=cache, offset=wlo)
     if cache is not None:
         cache.record(xin[:, wlo:end], wlo)
-    st.stats.processed += xin.shape[0] * (end - wlo)
+    return _tally(st, spec, logits, B, xin.shape[0] * (end - wlo))
+
+
+def _tally(st: DecodeState, spec: DecodeSpec, logits, B: int, processed: int):
+    """Count the forward; with CFG, combine the conditional and unconditional logits."""
+    st.stats.processed += processed
     st.stats.nfe += 1
     if spec.cfg_scale > 0:
         cond, un = logits[:B], logits[B:]
         logits = un + (spec.cfg_scale + 1) * (cond - un)
     return logits
+
+
+def _token_query(x, prev, prev_mask, mask_id: int):
+    """The token cache's step: (the positions to run, the previous step's positions reordered). Each row
+    runs what it had masked at the previous step: its masks now, in canvas order, then the tokens that step
+    committed; a row with fewer repeats its first position (a repeat writes the same keys/values), so each
+    row runs what it would run alone. The reordered positions are distinct: the logits' positions."""
+    n = prev.shape[1]
+    rank = mx.arange(n)
+    masked = mx.take_along_axis(x, prev, axis=1) == mask_id
+    order = mx.argsort(mx.where(masked, rank, mx.where(prev_mask, rank + n, rank + 2 * n)), axis=-1)
+    ordered = mx.take_along_axis(prev, order, axis=1)
+    return mx.where(mx.take_along_axis(prev_mask, order, axis=1), ordered, ordered[:, :1]), ordered
 
 
 def _commit(conf, ent, k, spec: DecodeSpec):
@@ -194,6 +222,7 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
     steps = min(spec.steps_per_block, size)
     counts = transfer_counts(size, steps) if spec.rule == "schedule" else None
     remaining, t = size, 0  # a block starts all masks; `remaining` is the most any row has left
+    prev = prev_mask = None  # the positions the previous step computed logits at, and which were masks
     block_pos = mx.arange(lo, hi, dtype=mx.int32)
     banned = mx.array([spec.mask_id] + ([spec.eos_id] if spec.logits_eos_inf and spec.eos_id is not None else []))
     while remaining > 0 and t < (steps if counts else size):
@@ -201,16 +230,21 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         k_remask, k_gumbel = mx.random.split(sub)
         x = st.x
         B = x.shape[0]
-        if spec.logits_at == "masked":  # masked positions first, in canvas order; K = what is left
+        kind = refresh_kind(spec.cache, spec.block_refresh, index, t, spec.refresh_every, spec.full_refresh_every)
+        query = None
+        if spec.cache == "token" and kind is None:
+            query, ordered = _token_query(x, prev, prev_mask, spec.mask_id)
+            pos = ordered[:, :remaining]
+        elif spec.logits_at == "masked":  # masked positions first, in canvas order; K = what is left
             blk = x[:, lo:hi]
             order = mx.argsort(mx.where(blk == spec.mask_id, block_pos, block_pos + size), axis=-1)
             pos = (order[:, :remaining] + lo).astype(mx.int32)
         else:
             pos = mx.broadcast_to(block_pos, (B, size))
-        kind = refresh_kind(spec.cache, spec.block_refresh, index, t, spec.refresh_every, spec.full_refresh_every)
-        logits = forward(model, st, spec, pos, lo, hi, kind)
+        logits = forward(model, st, spec, pos, lo, hi, kind, query)
         cur = mx.take_along_axis(x, pos, axis=1)
         is_mask = cur == spec.mask_id
+        prev, prev_mask = pos, is_mask
         logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
         if boost and spec.think_token is not None:  # end-of-thinking boost at the leftmost masked position
             thought = mx.any(x[:, st.prompt_len:] == spec.think_token, axis=1)

@@ -35,12 +35,26 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, offset)
+        if isinstance(offset, mx.array):  # scattered positions (B, L): the cache holds every other one
+            q, k = rope_at(self.rope, q, offset), rope_at(self.rope, k, offset)
+            k, v = cache.update_at(layer, k, v, offset)
+        else:
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+            if cache is not None:
+                k, v = cache.update(layer, k, v, offset)
         # GQA: K/V keep n_kv_heads, the kernel broadcasts them (no repeat in memory)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def rope_at(rope: nn.RoPE, x: mx.array, positions: mx.array) -> mx.array:
+    """RoPE of x (B, H, L, D) at per-token positions (B, L): each token is its own row of mx.fast.rope,
+    whose offset takes one position per row."""
+    B, H, L, D = x.shape
+    y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+    y = mx.fast.rope(y, rope.dims, traditional=rope.traditional, base=rope.base, scale=rope.scale,
+                     offset=positions.reshape(-1))
+    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
@@ -78,8 +92,9 @@ class Backbone(nn.Module):
         self.norm = make_norm(args)
 
 
-def attention_mask_for(key_valid: Optional[mx.array], offset: int, length: int) -> Optional[mx.array]:
-    """Boolean (B, 1, Lq, Lk) mask from a (B, Lk) key-validity mask (1 = real token, 0 = padding).
+def attention_mask_for(key_valid: Optional[mx.array], offset, length: int) -> Optional[mx.array]:
+    """Boolean (B, 1, Lq, Lk) mask from a (B, Lk) key-validity mask (1 = real token, 0 = padding); the
+    queries are the window [offset, offset + length) or the positions `offset` (B, Lq).
 
     Padded keys are hidden; a padded *query* row sees every key instead, so it stays finite and never
     feeds NaN into later layers (its output is ignored anyway).
@@ -87,7 +102,10 @@ def attention_mask_for(key_valid: Optional[mx.array], offset: int, length: int) 
     if key_valid is None:
         return None
     kv = key_valid.astype(mx.bool_)
-    qv = kv[:, offset:offset + length]
+    if isinstance(offset, mx.array):
+        qv = mx.take_along_axis(kv, offset, axis=1)
+    else:
+        qv = kv[:, offset:offset + length]
     return kv[:, None, None, :] | ~qv[:, None, :, None]
 
 
@@ -105,14 +123,15 @@ class Model(nn.Module):
         attention_mask: Optional[mx.array] = None,
         logits_at: Optional[mx.array] = None,
         cache: Optional[BlockCache] = None,
-        offset: int = 0,
+        offset=0,
     ) -> mx.array:
         """Logits (B, L, V) for `ids` (B, L), or (B, K, V) at the window positions `logits_at`.
 
         attention_mask: (B, L_total) 1/0 over the whole canvas (the cache's keys included).
         logits_at: (K,) or (B, K) positions inside `ids`: the LM head runs only on those.
         cache/offset: `ids` is the window [offset, offset + L) of a canvas whose other keys/values the
-        cache holds (see cache.py).
+        cache holds (see cache.py); or offset is (B, L), the canvas position of each of `ids` (any order,
+        repeats allowed), whose keys/values are written over the cache's.
         """
         h = self.model.embed_tokens(ids)
         mask = attention_mask_for(attention_mask, offset, ids.shape[1])

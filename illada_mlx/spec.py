@@ -129,6 +129,8 @@ class DecodeSpec:
             raise IlladaError(f"threshold {self.threshold} must be in (0, 1]")
         if self.remasking == "random" and self.rule != "schedule":
             raise IlladaError("random remasking has no confidence to threshold: use rule='schedule'")
+        if self.cache == "token" and self.logits_at != "masked":
+            raise IlladaError("the token cache runs only the block's masked positions: use logits_at='masked'")
         if self.refresh_every < 0 or self.full_refresh_every < 0:
             raise IlladaError("refresh_every and full_refresh_every must be ≥ 0 (0: never)")
 

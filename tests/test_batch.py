@@ -44,6 +44,7 @@ def serve(model, spec, arrivals):
 
 @pytest.mark.parametrize("kw", [dict(cache="none", rule="schedule"), dict(cache="prefix", rule="threshold"),
                                 dict(cache="dual", rule="threshold", steps_per_block=4),
+                                dict(cache="token", rule="threshold", steps_per_block=6),
                                 dict(cache="prefix", rule="threshold", block_refresh="full")])
 def test_rows_joining_later_decode_as_alone(tiny, kw):
     spec = spec_for(tiny, eot_id=None, **kw)  # no row stops early: every join meets running rows

@@ -125,7 +125,7 @@ def test_entropy_rule_with_a_loose_bound_fills_each_block_in_one_forward(tiny):
     np.testing.assert_array_equal(np.array(out), ref)
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cache", ["prefix", "dual", "token"])
 def test_cache_refreshed_every_step_is_identical_to_no_cache(tiny, cache):
     model, _, _, mask = tiny
     p = mx.array(prompts(2, 6, 6))
@@ -134,7 +134,7 @@ def test_cache_refreshed_every_step_is_identical_to_no_cache(tiny, cache):
     np.testing.assert_array_equal(np.array(out), np.array(ref))
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cache", ["prefix", "dual", "token"])
 def test_cache_processes_fewer_tokens(tiny, cache):
     model, _, _, mask = tiny
     p = mx.array(prompts(1, 6, 7))
@@ -357,11 +357,12 @@ def test_make_spec_defaults_per_model_kind(tiny):
 def _growing(mask, **kw):
     from illada_mlx.spec import DecodeSpec
 
-    return DecodeSpec(mask_id=mask, canvas="growing", **{"block_length": 8, "steps_per_block": 4, **kw})
+    return DecodeSpec(mask_id=mask, **{"canvas": "growing", "block_length": 8, "steps_per_block": 4, **kw})
 
 
 @pytest.mark.parametrize("cache,refresh,full_every", [("prefix", "window", 0), ("prefix", "full", 0),
-                                                       ("dual", "window", 2), ("prefix", "window", 3)])
+                                                       ("dual", "window", 2), ("prefix", "window", 3),
+                                                       ("token", "window", 0)])
 def test_processed_tokens_follow_the_refresh_policy(tiny, cache, refresh, full_every):
     # the growing canvas, P = 6, blocks of 8, 4 steps each, 5 blocks: block 0 starts with the whole canvas;
     # a later block start runs the finished block again and the new one (window) or the whole canvas (full,
@@ -374,8 +375,34 @@ def test_processed_tokens_follow_the_refresh_policy(tiny, cache, refresh, full_e
                     logits_eos_inf=True)
     g = run(decode(model, [prompts(1, P, 11)[0].tolist()], spec))
     full = [b == 0 or refresh == "full" or (full_every and b % full_every == 0) for b in range(n)]
-    want = sum((P + (b + 1) * B if full[b] else 2 * B) + (S - 1) * B for b in range(n))
+    # a step runs the block; the token cache's step runs the positions the step before it ran: the whole
+    # block after the block start, then the 6 and 4 masks the schedule (2 a step) left at the two before
+    steps = (B + 6 + 4) if cache == "token" else (S - 1) * B
+    want = sum((P + (b + 1) * B if full[b] else 2 * B) + steps for b in range(n))
     assert g.stats.processed == want and g.stats.nfe == n * S
+
+
+@pytest.mark.parametrize("canvas,cfg", [("fixed", 0.0), ("growing", 0.0), ("growing", 1.5)])
+def test_token_cache_equals_dual_cache_at_two_steps_a_block(tiny, canvas, cfg):
+    """At two steps a block the token cache's one step reruns the whole block (the positions the block
+    start ran) against the same cache as the dual cache's step: the same tokens, padded rows and CFG too."""
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    rows = [prompts(1, n, 30 + n)[0].tolist() for n in (5, 9, 7)]
+    out = {}
+    for cache in ("dual", "token"):
+        spec = _growing(mask, canvas=canvas, max_tokens=24, steps_per_block=2, cache=cache, cfg_scale=cfg)
+        g = run(decode(model, rows, spec))
+        out[cache] = g.tokens if canvas == "growing" else np.array(g.canvas).tolist()
+    assert out["token"] == out["dual"]
+
+
+def test_token_cache_needs_masked_logits(tiny):
+    model, _, _, mask = tiny
+    with pytest.raises(IlladaError, match="logits_at='masked'"):
+        generate(model, mx.array(prompts(1, 5, 1)), steps=8, gen_length=8, block_length=8, mask_id=mask,
+                 cache="token", logits_at="block")
 
 
 def test_in_place_cache_matches_the_float64_cached_forward(ckpt_factory):
@@ -434,3 +461,37 @@ def test_full_refresh_every_block_is_the_full_policy(tiny):
     full = run(decode(model, p, _growing(mask, max_tokens=32, cache="prefix", block_refresh="full")))
     every = run(decode(model, p, _growing(mask, max_tokens=32, cache="prefix", full_refresh_every=1)))
     assert full.tokens == every.tokens and full.stats.processed == every.stats.processed
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.5])
+def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
+    """Rows committing at different rates: each row's step reruns only what it had masked (a row with
+    fewer repeats a position), so a batched row's logits at its masks are the ones it gets alone."""
+    from illada_mlx.decode import decode
+
+    model, _, _, mask = tiny
+    rows = prompts(3, 7, 40).tolist()
+    spec = _growing(mask, max_tokens=24, steps_per_block=8, rule="threshold", threshold=threshold,
+                    cache="token", logits_eos_inf=True)
+
+    def steps(ids):  # (block, step) -> (logits at the masks before the step, per row), tokens
+        out, before, tokens = {}, None, None
+        for ev in decode(model, ids, spec):
+            if isinstance(ev, Step):
+                lo = 7 + ev.block * 8
+                m = (8 if ev.step == 0 else (before[:, lo:lo + 8] == mask).sum(axis=1)).tolist() \
+                    if ev.step else [8] * len(ids)
+                lg = np.array(ev.logits)
+                out[ev.block, ev.step] = [lg[r, :m[r]] for r in range(len(ids))]
+                before = np.array(ev.canvas)
+            elif not isinstance(ev, BlockDone):
+                tokens = ev.tokens
+        return out, tokens
+
+    together, toks = steps(rows)
+    assert any(len({a.shape[0] for a in v}) > 1 for v in together.values())  # different rates
+    for r, row in enumerate(rows):
+        alone, toks_r = steps([row])
+        assert toks_r[0] == toks[r]
+        for at, lg in alone.items():
+            np.testing.assert_allclose(together[at][r], lg[0], rtol=1e-4, atol=1e-5)
