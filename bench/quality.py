@@ -47,14 +47,17 @@ SAMPLERS = {
     "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9)),
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
     "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none")),
+    # the token cache: a step reruns only the masks and the tokens the step before it committed
+    "fast_t0.9_token": ("fast", dict(max_tokens=64, threshold=0.9, cache="token")),
     # blocks of 8, so most answers span several blocks: what each block refresh policy costs (on their own)
     "variable_b8": ("variable", dict(max_tokens=64, block_length=8, steps_per_block=8)),
     "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, block_refresh="full")),
     "fast_b8_window": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, block_refresh="window")),
+    "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token")),
 }
 assert all(mode in PRESETS for mode, _ in SAMPLERS.values())
 ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_seed1", "exact_random_remask_seed2",
-                "variable_b8", "fast_b8_full", "fast_b8_window")
+                "variable_b8", "fast_b8_full", "fast_b8_window", "fast_t0.9_token", "fast_b8_token")
 
 
 def sampler_spec(model, tok, sampler: str, **more):

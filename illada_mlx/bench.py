@@ -76,18 +76,22 @@ def _median(runs: list[dict]) -> dict:
 
 
 def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeats: int, tokenizer=None,
-                block_length: int = 32, log=print, refreshes=("window",), ban_eos: bool = False) -> list[dict]:
-    """Every (gen length, mode, block refresh policy, prompt) with the mode's preset at `block_length`, one
-    step per token in a block. The refresh policy matters only to modes with a cache; ban_eos (random
-    weights): every run writes its whole budget, so the rows compare equal outputs."""
+                block_length: int = 32, log=print, refreshes=("window",), ban_eos: bool = False,
+                caches=(None,)) -> list[dict]:
+    """Every (gen length, mode, cache, block refresh policy, prompt) with the mode's preset at
+    `block_length`, one step per token in a block. The caches (None: the preset's) and refresh policies
+    matter only to modes with a cache; the full refresh, the baseline, runs with the first cache only.
+    ban_eos (random weights): every run writes its whole budget, so the rows compare equal outputs."""
     rows = []
     for gen in gen_lengths:
         for name in modes:
-            policies = refreshes if PRESETS[name].settings["cache"] != "none" else refreshes[:1]
-            for refresh in policies:
+            cached = PRESETS[name].settings["cache"] != "none"
+            combos = [(c, r) for i, c in enumerate(caches if cached else caches[:1])
+                      for r in (refreshes if cached else refreshes[:1]) if not (i and r == "full")]
+            for cache, refresh in combos:
                 for plen, prompt in prompts.items():
                     kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
-                              block_refresh=refresh, logits_eos_inf=ban_eos)
+                              block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache if cached else None)
                     spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
                     _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
                     r = _median([_one(model, prompt, spec) for _ in range(repeats)])
@@ -95,7 +99,7 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
                              cache=spec.cache, block_refresh=spec.block_refresh if spec.cache != "none" else None,
                              rule=spec.rule, canvas=spec.canvas)
                     rows.append(r)
-                    log(f"gen {gen:5d} {name:10s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
+                    log(f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
                         f"{r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  {r['tokens_per_forward']:.2f} tok/fwd  "
                         f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
                         f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
@@ -104,15 +108,16 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
 
 
 def table(runs: list[dict]) -> str:
-    """The result rows as a text table, then each mode against exact (or, without an exact row, each
-    window-refresh row against its full-refresh row) on the same prompt and length."""
-    head = ("gen", "mode", "refresh", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out", "vs ideal",
-            "ms/fwd", "1st blk s", "peak MB")
+    """The result rows as a text table, then each mode against exact (or, without an exact row, each cached
+    row against the mode's first full-refresh row) on the same prompt and length."""
+    head = ("gen", "mode", "cache", "refresh", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out",
+            "vs ideal", "ms/fwd", "1st blk s", "peak MB")
     lines = ["".join(f"{h:>10s}" for h in head)]
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in runs:
         peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None
-        cells = (r["gen_length"], r["mode"], r.get("block_refresh") or "-", r["prompt_tokens"], r["output_tokens"],
+        cells = (r["gen_length"], r["mode"], r.get("cache") or "-", r.get("block_refresh") or "-", r["prompt_tokens"],
+                 r["output_tokens"],
                  num(r["tokens_per_s"], ".2f"), r["nfe"], num(r["tokens_per_forward"], ".2f"),
                  num(r["processed_per_output_token"], ".1f"), num(r.get("processed_vs_ideal"), ".2f"),
                  num(r["ms_per_forward"], ".1f"), num(r.get("time_to_first_block_s"), ".2f"), num(peak, ".0f"))
@@ -120,12 +125,12 @@ def table(runs: list[dict]) -> str:
     same = lambda a, b: a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]  # noqa
     for r in runs:
         base = next((x for x in runs if x["mode"] == "exact" and same(x, r)), None)
-        if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh") == "window":
+        if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh"):
             base = next((x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)),
                         None)
         if base is not None and base is not r and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar"):
-            what = "exact" if base["mode"] == "exact" else f"{base['mode']} full refresh"
-            lines.append(f"gen {r['gen_length']} {r['mode']} {r.get('block_refresh') or ''} vs {what} (prompt "
+            what = "exact" if base["mode"] == "exact" else f"{base['mode']} {base['cache']} full refresh"
+            lines.append(f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
                          f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
                          f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
                          "processed tokens per output token")

@@ -426,11 +426,13 @@ def _modes(value: str) -> list[str]:
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--refresh", "refreshes", default="window", show_default=True,
               help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).")
+@click.option("--caches", default="", help=f"Comma list of caches for the cached modes ({','.join(CACHES[1:])}; "
+              "default: each mode's own).")
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib: the `plot` extra).")
-def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_lengths, repeats, refreshes, baselines,
-          json_out, plot_out):
+def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_lengths, repeats, refreshes, caches,
+          baselines, json_out, plot_out):
     """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines.
     The table goes to stdout, progress to stderr."""
     import json
@@ -447,6 +449,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     json_path = check_output_file(json_out, "--json") if json_out is not None else None
     plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
     policies = _names(refreshes, REFRESHES, "refresh policy")
+    cache_list = _names(caches, CACHES[1:], "cache") if caches else (None,)
     if plot_out:
         B.require_matplotlib()
     tok = None
@@ -467,7 +470,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     runs = B.bench_modes(model, prompts, mode_list, gens, repeats, tok, block_length, log, policies,
-                         ban_eos=shape is not None)
+                         ban_eos=shape is not None, caches=cache_list)
     base = [b for b in baselines.split(",") if b]
     first_prompt = next(iter(prompts.values()))
     for gen in gens:

@@ -57,19 +57,24 @@ def test_bench_rows_per_length_and_refresh_policy(tmp_path):
     out = tmp_path / "b.json"
     r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "32,64", "--block-length", "16",
                                   "--modes", "fast,variable", "--refresh", "full,window", "--prompt-lengths", "8",
-                                  "--json", str(out)])
+                                  "--caches", "prefix,token", "--json", str(out)])
     assert r.exit_code == 0, r.output
     runs = json.loads(out.read_text())["runs"]
-    got = [(x["gen_length"], x["mode"], x["block_refresh"]) for x in runs]
-    assert got == [(32, "fast", "full"), (32, "fast", "window"), (32, "variable", None),
-                   (64, "fast", "full"), (64, "fast", "window"), (64, "variable", None)]
+    got = [(x["gen_length"], x["mode"], x["cache"], x["block_refresh"]) for x in runs]
+    # the full refresh (the baseline) runs with the first cache only
+    assert got == [(g, *row) for g in (32, 64) for row in (("fast", "prefix", "full"), ("fast", "prefix", "window"),
+                                                           ("fast", "token", "window"), ("variable", "none", None))]
     assert all(x["output_tokens"] == x["gen_length"] for x in runs)
-    full, window = runs[3], runs[4]
-    assert window["processed_per_output_token"] < full["processed_per_output_token"]
-    assert "gen 64 fast window vs fast full refresh" in r.stdout
+    full, window, token = runs[4:7]
+    # the token cache's steps run the masks and the tokens committed the step before: a step commits one
+    # token here, so the 15 steps after a block's start run 16 + 15 + ... + 2 positions, not 15 × 16
+    assert token["processed_per_output_token"] < window["processed_per_output_token"] < full["processed_per_output_token"]
+    assert "gen 64 fast prefix window vs fast prefix full refresh" in r.stdout
+    assert "gen 64 fast token window vs fast prefix full refresh" in r.stdout
 
 
 def test_bench_refuses_bad_lists():
-    for args in (["--gen-length", "abc"], ["--prompt-lengths", "8,x"], ["--refresh", "sometimes"]):
+    for args in (["--gen-length", "abc"], ["--prompt-lengths", "8,x"], ["--refresh", "sometimes"],
+                 ["--caches", "none"]):
         r = CliRunner().invoke(main, ["bench", "--shape", "tiny", *args])
         assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
