@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures import Spec, deadline, write_checkpoint
+from illada_mlx.cache import CACHES
 from illada_mlx.cli import main
 from illada_mlx.config import IlladaError
 from illada_mlx.load import load
@@ -672,7 +673,7 @@ def test_bad_option_values_are_one_line(args, needle):
     one_error_line(CliRunner().invoke(main, args), needle)
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("cache", CACHES)
 def test_every_cache_choice_runs(cache):
     r = CliRunner().invoke(main, ["generate", "-p", "reverse ab", "--cache", cache, "--mode", "fast_fixed", "-m", "32"])
     assert r.exit_code == 0, r.output
