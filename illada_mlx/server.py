@@ -471,14 +471,17 @@ async def model(request):
 async def defaults(request):
     """What a request without diffusion options gets, per mode (the web page's settings panel): the
     default mode and each mode's block length, steps per block, commit rule, threshold, budget
-    (max_tokens, before it is cut to the room a prompt leaves), temperature and cache."""
+    (max_tokens, before it is cut to the room a prompt leaves), temperature and cache; and the ids that end
+    a reply (EOS, EoT), which the page draws apart on the canvas."""
     e: Engine = request.app.state.engine
     shown = ("block_length", "steps_per_block", "rule", "threshold", "max_tokens", "temperature", "cache")
     modes = {}
     for name in PRESETS:
         spec = make_spec(e.model, e.tok, 0, mode=name, default_cap=512)
         modes[name] = {k: getattr(spec, k) for k in shown}
-    return JSONResponse({"model": e.name, "mode": make_spec(e.model, e.tok, 0).mode, "modes": modes})
+    spec = make_spec(e.model, e.tok, 0)
+    ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
+    return JSONResponse({"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends})
 
 
 async def health(request):

@@ -87,6 +87,7 @@ def test_defaults_are_the_model_defaults_per_mode(web_server, demo):
     exact, fast = d["modes"]["exact"], d["modes"]["fast"]
     assert exact["max_tokens"] == 128 and exact["rule"] == "schedule" and fast["rule"] == "threshold"
     assert fast["block_length"] == make_spec(model, tok, 0, mode="fast").block_length
+    assert d["end_tokens"] == [model.args.eos_token_id, model.args.eot_token_id]
 
 
 # ------------------------------------------------------------------------------------------ the step events
@@ -178,3 +179,122 @@ def test_ordinary_streams_carry_nothing_new(web_server):
         chunks = [json.loads(x[6:]) for x in lines[:-1]]
         assert lines[-1] == "data: [DONE]" and len(chunks) <= 2 + 2  # the role, a chunk per block, the end
         assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
+
+
+# ------------------------------------------------------------------------------------------ the page in a browser
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class Counting:
+    """The model, counting its forwards (the stop button's check)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.forwards = model, model.args, 0
+
+    def __call__(self, *a, **kw):
+        self.forwards += 1
+        return self.model(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: the browser test needs Debian's chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def wait_until(ok, seconds):
+    """Poll ok() (the page's CSP refuses Playwright's string predicates, rightly)."""
+    t0 = time.time()
+    while not ok():
+        assert time.time() - t0 < seconds, "timed out"
+        time.sleep(0.05)
+
+
+def ask_page(page, text):
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def last_reply(page, timeout=60_000):
+    """The text of the newest reply once it is written."""
+    page.wait_for_selector("#send:not([disabled])", timeout=timeout)
+    return page.locator(".msg.assistant .text").last.inner_text()
+
+
+def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
+    """Against a server with an API key: the page asks for the key once, shows masks on the canvas, answers
+    `reverse hello` with `olleh`, answers a second question with the whole conversation sent, a second tab
+    answers meanwhile, and Stop ends a long exact-mode reply within one block."""
+    from illada_mlx.engine import generate_text
+
+    model, tok = demo
+    counting = Counting(model)
+    srv = Server(counting, tok, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1",)))
+    context = browser.new_context(viewport={"width": 1000, "height": 640})
+    try:
+        page = context.new_page()
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        page.wait_for_selector("#key:not([hidden])", timeout=10_000)  # the API answered 401: the key form
+        page.fill("#key-input", "sekrit")
+        page.click("#key button")
+        page.wait_for_selector("#mode option", state="attached", timeout=10_000)
+        assert page.input_value("#mode") == make_spec(model, tok, 0).mode
+
+        ask_page(page, "reverse hello")
+        page.wait_for_selector(".msg.assistant .canvas .cell.mask", timeout=30_000)  # masks, step by step
+        assert last_reply(page) == "olleh"
+        assert "forwards" in page.locator(".msg.assistant .stats").last.inner_text()
+
+        other = context.new_page()  # a second tab: the key is kept, it is not asked again
+        other.goto(f"http://127.0.0.1:{srv.port}/")
+        other.wait_for_selector("#mode option", state="attached", timeout=10_000)
+        assert other.is_hidden("#key")
+        ask_page(page, "a=4 b=8 ; b?")
+        ask_page(other, "reverse abc")
+        history = [{"role": "user", "content": "reverse hello"}, {"role": "assistant", "content": "olleh"},
+                   {"role": "user", "content": "a=4 b=8 ; b?"}]
+        assert last_reply(page) == generate_text(model, tok, history) != ""
+        assert last_reply(other) == generate_text(model, tok, [{"role": "user", "content": "reverse abc"}])
+        assert [m["content"] for m in sent[1]["messages"]] == [m["content"] for m in history]
+        other.close()
+
+        # a long exact-mode reply (8 blocks of 8 steps) in a new conversation, stopped during its first block
+        page.click("#new-chat")
+        page.select_option("#mode", "exact")
+        page.fill("#max_tokens", "256")
+        page.fill("#steps_per_block", "8")
+        steps = page.evaluate("window.illadaSteps")
+        served = srv.engine.served
+        ask_page(page, "reverse hello world")
+        wait_until(lambda: page.evaluate("window.illadaSteps") >= steps + 4, 30)  # half of block 0
+        OUT.mkdir(exist_ok=True)
+        shot = OUT / "webchat-canvas.png"
+        page.screenshot(path=str(shot))
+        print(f"\nthe canvas mid-reply: {shot}")
+        at_stop, t0 = counting.forwards, time.time()
+        page.click("#stop")
+        assert last_reply(page, timeout=10_000) is not None
+        wait_until(lambda: srv.engine.served > served, 30)  # the stopped request has ended
+        assert counting.forwards - at_stop <= 8, "more than one block ran after Stop"
+        assert page.locator(".msg.assistant .stats").last.inner_text() == "stopped"
+        drawn = page.evaluate("window.illadaSteps")
+        time.sleep(0.5)
+        assert page.evaluate("window.illadaSteps") == drawn  # nothing is drawn after Stop
+
+        page.click("#new-chat")
+        page.select_option("#mode", "fast")  # the server answers the next request at once
+        t0 = time.time()
+        ask_page(page, "reverse hello")
+        assert last_reply(page, timeout=20_000) == "olleh" and time.time() - t0 < 20
+        assert page.locator(".msg").count() == 2 and len(sent[-1]["messages"]) == 1
+    finally:
+        context.close()
+        srv.stop()

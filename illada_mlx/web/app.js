@@ -8,8 +8,8 @@ const $ = (id) => document.getElementById(id);
 const KEY = "illada-mlx-api-key";  // localStorage: the API key, asked for once on a 401
 const NUMBERS = ["threshold", "block_length", "steps_per_block", "max_tokens", "temperature"];
 
-let defaults = null;  // GET /v1/illada/defaults: {model, mode, modes: {name: {block_length, ...}}}
-let history = [];  // the conversation, sent whole with every request: [{role, content}]
+let defaults = null;  // GET /v1/illada/defaults: {model, mode, modes: {name: {block_length, ...}}, end_tokens}
+let conversation = [];  // the conversation, sent whole with every request: [{role, content}]
 let running = null;  // the AbortController of the reply being written
 window.illadaSteps = 0;  // step chunks drawn so far (the browser test reads it)
 
@@ -96,7 +96,7 @@ function requestBody() {
   // the conversation and the settings that differ from the mode's defaults
   const d = defaults.modes[$("mode").value];
   const diffusion = { steps: true, mode: $("mode").value };
-  const body = { messages: history, stream: true, diffusion };
+  const body = { messages: conversation, stream: true, diffusion };
   for (const f of NUMBERS) {
     const raw = $(f).value.trim();
     if (raw === "" || Number(raw) === d[f] || $(f).disabled) continue;
@@ -136,10 +136,12 @@ class Canvas {
       }
     }
     for (const cell of this.el.querySelectorAll(".new")) cell.classList.remove("new");
-    for (const [pos, , piece] of ev.commits) {
+    for (const [pos, id, piece] of ev.commits) {
       const cell = this.cells[pos - ev.start];
-      cell.className = "cell new";
-      cell.textContent = visible(piece);
+      const end = defaults.end_tokens.includes(id);  // EOS / EoT: the reply ends at the first one
+      cell.className = end ? "cell end new" : "cell new";
+      cell.textContent = end ? "EOS" : visible(piece);
+      cell.title = piece;
     }
     this.el.hidden = false;
     window.illadaSteps += 1;
@@ -172,7 +174,7 @@ function statsLine(stats, settings, finish) {
 }
 
 async function send(text) {
-  history.push({ role: "user", content: text });
+  conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const msg = addMessage("assistant", "");
   msg.classList.add("writing");
@@ -214,8 +216,8 @@ async function send(text) {
   info.textContent = failed || statsLine(stats, settings, finish);
   if (failed) msg.classList.add("failed");
   // a reply that produced text stays in the conversation (stopped too); one without text drops its question
-  if (reply) history.push({ role: "assistant", content: reply });
-  else history.pop();
+  if (reply) conversation.push({ role: "assistant", content: reply });
+  else conversation.pop();
   running = null;
   busy(false);
 }
@@ -245,7 +247,7 @@ $("prompt").addEventListener("keydown", (e) => {
 });
 $("stop").addEventListener("click", () => running && running.abort());
 $("new-chat").addEventListener("click", () => {
-  history = [];
+  conversation = [];
   $("log").replaceChildren();
 });
 $("mode").addEventListener("change", fillDefaults);
