@@ -66,7 +66,10 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
 
     def emit(self, kind, index, payload=None):
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+        except RuntimeError:  # the server's event loop has closed (it stopped): nobody reads on
+            self.cancel.set()
 
 
 @dataclass(eq=False)
