@@ -47,8 +47,8 @@ def _host_name(host: str) -> str:
 def public(scope) -> bool:
     """Paths served without the API key: /health and the web chat page's files (the page asks for the key
     and sends it with its API calls)."""
-    path = scope["path"]
-    return path == "/health" or (scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")))
+    path, reading = scope["path"], scope["method"] in ("GET", "HEAD")
+    return path == "/health" or (reading and (path == "/" or path.startswith("/static/")))
 
 
 class Guard:
