@@ -57,7 +57,7 @@ NEUTRAL = {
     "suffix": (lambda v: v == "", '""'),
 }
 DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "block_refresh",
-                    "think_boost"}
+                    "think_boost", "steps"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -222,6 +222,16 @@ def settings(a, body: dict) -> dict:
     s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024, where="diffusion.")
     s["think_boost"] = _bool(d, "think_boost", where="diffusion.")
     return s
+
+
+def step_events(body: dict, stream: bool) -> bool:
+    """diffusion.steps: whether a stream carries the denoising steps (server.py's step chunks); it needs
+    stream: true. Read after settings(), which checked that diffusion is an object."""
+    steps = _bool(body.get("diffusion") or {}, "steps", where="diffusion.")
+    if steps and not stream:
+        raise ApiError(400, "diffusion.steps needs stream: true (the steps are sent as stream chunks)",
+                       param="diffusion.steps")
+    return steps
 
 
 def choices(body: dict, chat: bool, max_batch: int) -> tuple[int, int]:

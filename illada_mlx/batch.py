@@ -115,6 +115,7 @@ class Batch:
         self.blocks = 0
         self._split: Optional[int] = None  # rows before this index ran before the join block
         self._fresh = False  # every row starts at the next block
+        self.lo = 0  # the canvas position where the running block starts
 
     @property
     def size(self) -> int:
@@ -195,14 +196,18 @@ class Batch:
         st.cache = _merge(st.cache, fresh)
         return mx.concatenate([a, b])
 
-    def run_block(self, stop_fn: Optional[StopFn] = None, logprobs: Optional[LogprobTracker] = None):
+    def run_block(self, stop_fn: Optional[StopFn] = None, logprobs: Optional[LogprobTracker] = None,
+                  on_step: Optional[Callable[[Step], None]] = None):
         """Join the waiting rows, denoise one block for every row, and drop the finished ones. Returns
-        (row, its new tokens cut at a stop, finish reason or None, BlockLogprobs row or None) per row."""
+        (row, its new tokens cut at a stop, finish reason or None, BlockLogprobs row or None) per row.
+        on_step: called with every denoising Step (row j of the Step is self.rows[j], the block starts at
+        canvas position self.lo)."""
         self._join()
         st, spec = self.st, self.spec
         lo = st.x.shape[1]
         hi = lo + spec.block_length
         B = len(self.rows)
+        self.lo = lo
         st.x = mx.concatenate([st.x, mx.full((B, hi - lo), spec.mask_id, dtype=mx.int32)], axis=1)
         st.key_valid = mx.concatenate([st.key_valid, mx.ones((B, hi - lo), dtype=mx.int32)], axis=1)
         st.prompt_mask = mx.concatenate([st.prompt_mask, mx.zeros((B, hi - lo), dtype=mx.bool_)], axis=1)
@@ -212,6 +217,8 @@ class Batch:
         for ev in _denoise_block(self.model, st, spec, index, lo, hi, 0.0, forward=self._forward):
             if logprobs is not None:
                 logprobs.step(ev)
+            if on_step is not None:
+                on_step(ev)
         self.blocks += 1
         self.stats.blocks += 1
         new = st.x[:, lo:hi].tolist()

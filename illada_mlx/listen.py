@@ -44,8 +44,16 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def public(scope) -> bool:
+    """Paths served without the API key: /health and the web chat page's files (the page asks for the key
+    and sends it with its API calls)."""
+    path, reading = scope["path"], scope["method"] in ("GET", "HEAD")
+    return path == "/health" or (reading and (path == "/" or path.startswith("/static/")))
+
+
 class Guard:
-    """Before any route: the Host header (DNS rebinding), the API key (Bearer), application/json on POST.
+    """Before any route: the Host header (DNS rebinding), the API key (Bearer; not for `public` paths),
+    application/json on POST.
     After: one log line per request (method, path, status, prompt/output tokens, ms); a client that went
     away is one line too."""
 
@@ -59,7 +67,7 @@ class Guard:
             return ApiError(400, f"Host {host!r} is not served here; start the server with --allowed-hosts to "
                                  "allow it", code="invalid_host")
         key = self.opts.api_key
-        if key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if key and not public(scope) and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",

@@ -1,7 +1,9 @@
 """`illada-mlx serve`: an OpenAI-compatible HTTP API (Starlette + uvicorn).
 
 Routes: POST /v1/chat/completions, POST /v1/completions (`stream: true`: server-sent events, one chunk
-per committed block), GET /v1/models, /v1/models/{id}, /health.
+per committed block; with `diffusion.steps` a chunk per denoising step too), GET /v1/models,
+/v1/models/{id}, /v1/illada/defaults (the decode settings per mode), /health, and the web chat page: GET /
+and its two static files (web/).
 
 One worker thread owns the model. Requests whose decode settings are compatible (batch.batch_key: the
 same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
@@ -28,8 +30,10 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -37,12 +41,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .api import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, choices, messages, parse_json,
-                  prompt_text, read_body, settings, streaming)
+                  prompt_text, read_body, settings, step_events, streaming)
 from .batch import Batch, LogprobTracker, Row, _row, batch_key
 from .config import ContextError, IlladaError, one_line
+from .decode import Step
 from .engine import build_prompt, stream_generate
 from .listen import Guard, Options, bind, exposure, make_server
-from .spec import DecodeSpec, make_spec
+from .spec import PRESETS, DecodeSpec, make_spec
 from .text import ReplyText
 
 log = logging.getLogger("illada_mlx.server")
@@ -56,11 +61,15 @@ class Job:
     out: asyncio.Queue  # (kind, choice index, payload)
     n: int = 1
     top_logprobs: int = -1  # -1: no log-probabilities
+    steps: bool = False  # send a "step" event per denoising step (diffusion.steps)
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
 
     def emit(self, kind, index, payload=None):
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+        except RuntimeError:  # the server's event loop has closed (it stopped): nobody reads on
+            self.cancel.set()
 
 
 @dataclass(eq=False)
@@ -85,6 +94,7 @@ class Engine:
         self.served = 0
         self.batch_sizes: list[int] = []  # rows in each batched block (reports and tests)
         self.created = int(time.time())
+        self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="illada-tokenize")
         threading.Thread(target=self._work, daemon=True, name="illada-worker").start()
 
@@ -166,8 +176,18 @@ class Engine:
     def _block(self, batch: Batch):
         ks = [r.top_logprobs for r in batch.rows + batch.joining]
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
+        bl = batch.spec.block_length
+
+        def on_step(ev):
+            want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
+            got = self._step_tokens(ev) if want else None
+            for j, r in want:
+                self._emit_step(r.handle.job, r.handle.index, ev, got, j, r.blocks, r.blocks * bl, bl, batch.lo)
+
+        steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker):
+        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker,
+                                                     on_step if steps else None):
             c = row.handle
             c.tokens += len(toks)
             if reason is not None:
@@ -206,6 +226,10 @@ class Engine:
                     lo = P + ev.block * bl
                     tracker.start(1, lo, min(bl, end - lo))
                 tracker.step(ev)
+            if job.steps:
+                start = ev.block * bl
+                self._emit_step(job, i, ev, self._step_tokens(ev), 0, ev.block, start, min(bl, end - P - start),
+                                P + start)
 
         tokens, r = 0, None
         for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=spec, on_step=on_step):
@@ -221,6 +245,27 @@ class Engine:
                 return False
         job.emit("done", i, self._info(r.finish_reason, tokens, r.stats, spec))
         return True
+
+    @staticmethod
+    def _step_tokens(ev: Step) -> tuple[list, list, list]:
+        """A Step's positions, committed flags and the tokens there, as lists (rows, K): one host sync."""
+        tokens = mx.take_along_axis(ev.canvas, ev.positions, axis=1)
+        return ev.positions.tolist(), ev.committed.tolist(), tokens.tolist()
+
+    def _emit_step(self, job: Job, index: int, ev: Step, got: tuple, j: int, block: int, start: int, length: int,
+                   lo: int):
+        """Row j's commits at a step as a "step" event: the reply's block (its index, its first position and
+        length) and [position, token id, its text alone] per token committed, positions counted from the
+        reply's start (canvas position lo is reply position start)."""
+        pos, committed, tokens = got
+        commits = [[p - lo + start, t, self._piece(t)] for p, c, t in zip(pos[j], committed[j], tokens[j]) if c]
+        job.emit("step", index, {"block": block, "step": ev.step, "start": start, "length": length,
+                                 "commits": commits})
+
+    def _piece(self, t: int) -> str:
+        if t not in self.pieces:
+            self.pieces[t] = self.tok.decode([t])
+        return self.pieces[t]
 
     @staticmethod
     def _info(reason, tokens, stats, spec) -> dict:
@@ -260,6 +305,7 @@ async def _request(request: Request, chat: bool):
     s = settings(engine.model.args, body)
     n, top = choices(body, chat, engine.max_batch)
     stream, include_usage = streaming(body)
+    steps = step_events(body, stream)
     prompt = messages(body) if chat else prompt_text(body)
     chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
     limit = opts.max_prompt_chars or 16 * engine.model.args.max_position_embeddings
@@ -276,7 +322,7 @@ async def _request(request: Request, chat: bool):
     bl = spec.block_length
     if s["max_tokens"] is None and spec.growing and spec.max_tokens > bl:  # whole blocks: it can batch
         spec = replace(spec, max_tokens=spec.max_tokens - spec.max_tokens % bl)
-    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top)
+    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps)
     return job, stream, include_usage
 
 
@@ -318,7 +364,7 @@ class Answer:
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
                 "text_offset": []}
 
-    def chunk(self, i: int, text=None, lp=None, finish=None, first=False) -> str:
+    def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
             choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp), "finish_reason": finish}
@@ -327,11 +373,15 @@ class Answer:
         c = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [choice]}
         if self.include_usage:
             c["usage"] = None
+        if extra:
+            c.update(extra)
         return f"data: {json.dumps(c)}\n\n"
 
     async def events(self, job: Job, request: Request):
         """The stream: the role (chat), text chunks as blocks commit, each choice's finish, the usage if
-        asked for, [DONE]. Leaving early (a disconnect) cancels the job."""
+        asked for, [DONE]. With diffusion.steps, a chunk per denoising step before its block's text (an
+        empty delta and a `diffusion` field) and the finish chunk carries diffusion_stats and
+        diffusion_settings. Leaving early (a disconnect) cancels the job."""
         tokens, done = 0, 0
         try:
             if self.chat:
@@ -341,13 +391,16 @@ class Answer:
                 kind, i, payload = await job.out.get()
                 if kind == "text":
                     yield self.chunk(i, payload[0], payload[1])
+                elif kind == "step":
+                    yield self.chunk(i, extra={"diffusion": payload})
                 elif kind == "error":
                     yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
                     break
                 else:
                     tokens += payload["completion_tokens"]
                     done += 1
-                    yield self.chunk(i, finish=payload["finish_reason"])
+                    extra = {"diffusion_stats": payload["stats"], "diffusion_settings": payload["spec"]}
+                    yield self.chunk(i, finish=payload["finish_reason"], extra=extra if job.steps else None)
             if self.include_usage:
                 last = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [],
                         "usage": self.usage(tokens)}
@@ -418,9 +471,44 @@ async def model(request):
     return JSONResponse(_model_card(e))
 
 
+async def defaults(request):
+    """What a request without diffusion options gets, per mode (the web page's settings panel): the
+    default mode and each mode's block length, steps per block, commit rule, threshold, budget
+    (max_tokens, before it is cut to the room a prompt leaves), temperature and cache; and the ids that end
+    a reply (EOS, EoT), which the page draws apart on the canvas."""
+    e: Engine = request.app.state.engine
+    shown = ("block_length", "steps_per_block", "rule", "threshold", "max_tokens", "temperature", "cache")
+    modes = {}
+    for name in PRESETS:
+        spec = make_spec(e.model, e.tok, 0, mode=name, default_cap=512)
+        modes[name] = {k: getattr(spec, k) for k in shown}
+    spec = make_spec(e.model, e.tok, 0)
+    ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
+    return JSONResponse({"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends})
+
+
 async def health(request):
     e: Engine = request.app.state.engine
     return JSONResponse({"status": "ok", "model": e.name, "queued": e.jobs.qsize() + len(e.waiting)})
+
+
+# ------------------------------------------------------------------------------------------ the web chat page
+WEB = Path(__file__).parent / "web"
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}  # all it serves
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'",
+                "x-content-type-options": "nosniff", "cache-control": "no-cache"}
+
+
+async def page(request):
+    return Response((WEB / "index.html").read_bytes(), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
+async def static(request):
+    """One of the page's files, by name from the fixed list (no path is ever built from anything else)."""
+    name = request.path_params["name"]
+    if name not in STATIC:
+        return ApiError(404, f"no route {request.url.path}", code="not_found").response()
+    return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=PAGE_HEADERS)
 
 
 async def not_found(request, exc):
@@ -439,7 +527,10 @@ async def server_error(request, exc):
 def make_app(engine: Engine, opts: Optional[Options] = None):
     opts = opts or Options()
     app = Starlette(routes=[
+        Route("/", page, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/v1/illada/defaults", defaults, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -462,7 +553,8 @@ def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = 
     for line in exposure(host, opts):
         echo(line)
     shown = f"[{host}]" if ":" in host else host
-    echo(f"serving {engine.name} on http://{shown}:{sock.getsockname()[1]}/v1")
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    echo(f"serving {engine.name} on {url}/v1; web chat on {url}/")
     server = make_server(make_app(engine, opts), host, port, log_level if log_level != "info" else "warning",
                          max_connections, idle_seconds)
     server.run(sockets=[sock])

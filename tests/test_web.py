@@ -1,0 +1,300 @@
+"""The web chat page (GET /) and the step-event stream it draws (`diffusion.steps`): the served files, the
+stream replayed into the final text with the official `openai` client, and the page itself in headless
+Chromium (Debian's `chromium`, driven by Playwright) against a server on the bundled demo model."""
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from illada_mlx.server import Options
+from illada_mlx.spec import make_spec
+from test_server import Server
+
+CHROMIUM = Path("/usr/bin/chromium")
+OUT = Path(__file__).parent / "out"  # the browser test's screenshot (gitignored)
+
+
+@pytest.fixture(scope="module")
+def web_server(demo):
+    s = Server(*demo, "illada-demo")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(web_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=web_server.url, api_key="none", max_retries=0, timeout=120)
+
+
+def raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """(status, body) of a GET sent byte for byte (no client normalizes the path)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+# ------------------------------------------------------------------------------------------ the files
+def test_the_page_and_its_files_are_served_with_their_types(web_server):
+    with httpx.Client(base_url=f"http://127.0.0.1:{web_server.port}", timeout=10) as h:
+        page = h.get("/")
+        assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        assert '<script src="/static/app.js">' in page.text and "/static/style.css" in page.text
+        assert "http" not in page.text.replace("http-equiv", "")  # nothing from elsewhere: it works offline
+        for name, ctype in (("app.js", "text/javascript; charset=utf-8"), ("style.css", "text/css; charset=utf-8")):
+            r = h.get(f"/static/{name}")
+            assert r.status_code == 200 and r.headers["content-type"] == ctype and r.text
+            assert r.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+
+
+@pytest.mark.parametrize("path", ["/static/../server.py", "/static/..%2Fserver.py", "/static/%2e%2e/server.py",
+                                  "/static/index.html", "/static/", "/static/APP.JS",
+                                  "/static/web/app.js", "/web/app.js", "/index.html", "/static/..%5Cserver.py"])
+def test_only_the_listed_files_are_served(web_server, path):
+    status, body = raw_get(web_server.port, path)
+    assert status in (400, 404) and b"import" not in body, (path, status, body[:200])
+
+
+def test_the_page_is_public_but_the_api_keeps_its_key(demo):
+    s = Server(*demo, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1",)))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{s.port}", timeout=10) as h:
+            assert h.get("/").status_code == 200 and h.get("/static/app.js").status_code == 200
+            assert h.get("/static/nope.js").status_code == 404
+            assert h.get("/v1/illada/defaults").status_code == 401
+            assert h.post("/", json={}).status_code == 401  # only GET is public
+            assert h.get("/v1/illada/defaults", headers={"authorization": "Bearer sekrit"}).status_code == 200
+            assert h.get("/", headers={"host": "evil.example"}).status_code == 400  # the Host check still holds
+    finally:
+        s.stop()
+
+
+def test_defaults_are_the_model_defaults_per_mode(web_server, demo):
+    model, tok = demo
+    with httpx.Client(base_url=web_server.url, timeout=10) as h:
+        d = h.get("/illada/defaults").json()
+    assert d["model"] == "illada-demo" and d["mode"] == make_spec(model, tok, 0).mode
+    exact, fast = d["modes"]["exact"], d["modes"]["fast"]
+    assert exact["max_tokens"] == 128 and exact["rule"] == "schedule" and fast["rule"] == "threshold"
+    assert fast["block_length"] == make_spec(model, tok, 0, mode="fast").block_length
+    assert d["end_tokens"] == [model.args.eos_token_id, model.args.eot_token_id]
+
+
+# ------------------------------------------------------------------------------------------ the step events
+@pytest.mark.parametrize("diffusion,stream,message", [
+    ({"steps": "yes"}, True, "diffusion.steps must be true or false"),
+    ({"steps": 1}, True, "diffusion.steps must be true or false"),
+    ({"steps": True}, False, "diffusion.steps needs stream: true"),
+])
+def test_steps_option_is_checked(web_server, diffusion, stream, message):
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": stream, "diffusion": diffusion}
+    with httpx.Client(base_url=web_server.url, timeout=30) as h:
+        for path, b in (("/chat/completions", body), ("/completions", {**body, "prompt": "hi", "messages": None})):
+            r = h.post(path, json={k: v for k, v in b.items() if v is not None})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "diffusion.steps" and err["message"].startswith(message)
+
+
+def replay(chunks, tok, spec, chat=True):
+    """Per choice: (the text its content chunks say, the text its step events replay to). The replay puts
+    each commit on a canvas (checking it lands once, inside its block, with its token's text), then
+    detokenizes the canvas cut at EOS/EoT as the server does."""
+    canvases, texts = {}, {}
+    for c in chunks:
+        extra = c.model_extra or {}
+        for ch in c.choices:
+            texts.setdefault(ch.index, "")
+            texts[ch.index] += (ch.delta.content or "") if chat else (ch.text or "")
+        if "diffusion" in extra:
+            assert len(c.choices) == 1 and not (c.choices[0].delta.content if chat else c.choices[0].text)
+            ev, canvas = extra["diffusion"], canvases.setdefault(c.choices[0].index, {})
+            for pos, t, piece in ev["commits"]:
+                assert ev["start"] <= pos < ev["start"] + ev["length"] and pos not in canvas
+                assert piece == tok.decode([t])
+                canvas[pos] = t
+    out = {}
+    for i, canvas in canvases.items():
+        assert sorted(canvas) == list(range(len(canvas)))  # every position of every block run, committed
+        ids, _ = spec.cut_at_stop([canvas[p] for p in range(len(canvas))])
+        out[i] = (texts[i], tok.decode(ids))
+    return out
+
+
+@pytest.mark.parametrize("diffusion,n", [
+    ({"mode": "variable", "block_length": 8, "steps_per_block": 4}, 1),  # batched, several blocks
+    ({"mode": "fast", "block_length": 8}, 2),  # batched rows of one request, threshold commits
+    ({"mode": "exact", "block_length": 8, "steps_per_block": 4}, 1),  # decoded alone, a fixed canvas past EOS
+])
+def test_step_events_replay_into_exactly_the_final_text(client, demo, diffusion, n):
+    model, tok = demo
+    prompts = ["reverse hello", "sort 3 1 2"]
+    spec = make_spec(model, tok, 0)
+
+    def ask(p):
+        stream = client.chat.completions.create(model="illada-demo", messages=[{"role": "user", "content": p}],
+                                                max_tokens=32, n=n, stream=True,
+                                                extra_body={"diffusion": {**diffusion, "steps": True}})
+        return list(stream)
+
+    with ThreadPoolExecutor(2) as ex:  # side by side: the batched path serves both
+        results = list(ex.map(ask, prompts))
+    for chunks in results:
+        got = replay(chunks, tok, spec)
+        assert sorted(got) == list(range(n))
+        for said, replayed in got.values():
+            assert said and replayed == said
+        last = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(last) == n and last[0].model_extra["diffusion_stats"]["nfe"] >= 1
+        assert last[0].model_extra["diffusion_settings"]["mode"] == diffusion["mode"]
+
+
+def test_step_events_on_completions(client, demo):
+    model, tok = demo
+    prompt = "<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n"
+    chunks = list(client.completions.create(model="illada-demo", prompt=prompt, max_tokens=16, stream=True,
+                                            extra_body={"diffusion": {"mode": "variable", "block_length": 8,
+                                                                      "steps_per_block": 8, "steps": True}}))
+    (said, replayed), = replay(chunks, tok, make_spec(model, tok, 0), chat=False).values()
+    assert said and replayed == said
+
+
+def test_ordinary_streams_carry_nothing_new(web_server):
+    body = {"messages": [{"role": "user", "content": "reverse hello"}], "stream": True, "max_tokens": 16,
+            "diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8}}
+    for steps in (None, False):
+        if steps is not None:
+            body["diffusion"]["steps"] = steps
+        with httpx.Client(base_url=web_server.url, timeout=60) as h:
+            lines = [x for x in h.post("/chat/completions", json=body).text.split("\n\n") if x]
+        chunks = [json.loads(x[6:]) for x in lines[:-1]]
+        assert lines[-1] == "data: [DONE]" and len(chunks) <= 2 + 2  # the role, a chunk per block, the end
+        assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
+
+
+# ------------------------------------------------------------------------------------------ the page in a browser
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class Counting:
+    """The model, counting its forwards (the stop button's check)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.forwards = model, model.args, 0
+
+    def __call__(self, *a, **kw):
+        self.forwards += 1
+        return self.model(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: the browser test needs Debian's chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def wait_until(ok, seconds):
+    """Poll ok() (the page's CSP refuses Playwright's string predicates, rightly)."""
+    t0 = time.time()
+    while not ok():
+        assert time.time() - t0 < seconds, "timed out"
+        time.sleep(0.05)
+
+
+def ask_page(page, text):
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def last_reply(page, timeout=60_000):
+    """The text of the newest reply once it is written."""
+    page.wait_for_selector("#send:not([disabled])", timeout=timeout)
+    return page.locator(".msg.assistant .text").last.inner_text()
+
+
+def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
+    """Against a server with an API key: the page asks for the key once, shows masks on the canvas, answers
+    `reverse hello` with `olleh`, answers a second question with the whole conversation sent, a second tab
+    answers meanwhile, and Stop ends a long exact-mode reply within one block."""
+    from illada_mlx.engine import generate_text
+
+    model, tok = demo
+    counting = Counting(model)
+    srv = Server(counting, tok, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1",)))
+    context = browser.new_context(viewport={"width": 1000, "height": 640})
+    try:
+        page = context.new_page()
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        page.wait_for_selector("#key:not([hidden])", timeout=10_000)  # the API answered 401: the key form
+        page.fill("#key-input", "sekrit")
+        page.click("#key button")
+        page.wait_for_selector("#mode option", state="attached", timeout=10_000)
+        assert page.input_value("#mode") == make_spec(model, tok, 0).mode
+
+        ask_page(page, "reverse hello")
+        page.wait_for_selector(".msg.assistant .canvas .cell.mask", timeout=30_000)  # masks, step by step
+        assert last_reply(page) == "olleh"
+        assert "forwards" in page.locator(".msg.assistant .stats").last.inner_text()
+
+        other = context.new_page()  # a second tab: the key is kept, it is not asked again
+        other.goto(f"http://127.0.0.1:{srv.port}/")
+        other.wait_for_selector("#mode option", state="attached", timeout=10_000)
+        assert other.is_hidden("#key")
+        ask_page(page, "a=4 b=8 ; b?")
+        ask_page(other, "reverse abc")
+        history = [{"role": "user", "content": "reverse hello"}, {"role": "assistant", "content": "olleh"},
+                   {"role": "user", "content": "a=4 b=8 ; b?"}]
+        assert last_reply(page) == generate_text(model, tok, history) != ""
+        assert last_reply(other) == generate_text(model, tok, [{"role": "user", "content": "reverse abc"}])
+        assert [m["content"] for m in sent[1]["messages"]] == [m["content"] for m in history]
+        other.close()
+
+        # a long exact-mode reply (8 blocks of 8 steps) in a new conversation, stopped during its first block
+        page.click("#new-chat")
+        page.select_option("#mode", "exact")
+        page.fill("#max_tokens", "256")
+        page.fill("#steps_per_block", "8")
+        steps = page.evaluate("window.illadaSteps")
+        served = srv.engine.served
+        ask_page(page, "reverse hello world")
+        wait_until(lambda: page.evaluate("window.illadaSteps") >= steps + 4, 30)  # half of block 0
+        OUT.mkdir(exist_ok=True)
+        shot = OUT / "webchat-canvas.png"
+        page.screenshot(path=str(shot))
+        print(f"\nthe canvas mid-reply: {shot}")
+        at_stop, t0 = counting.forwards, time.time()
+        page.click("#stop")
+        assert last_reply(page, timeout=10_000) is not None
+        wait_until(lambda: srv.engine.served > served, 30)  # the stopped request has ended
+        assert counting.forwards - at_stop <= 8, "more than one block ran after Stop"
+        assert page.locator(".msg.assistant .stats").last.inner_text() == "stopped"
+        drawn = page.evaluate("window.illadaSteps")
+        time.sleep(0.5)
+        assert page.evaluate("window.illadaSteps") == drawn  # nothing is drawn after Stop
+
+        page.click("#new-chat")
+        page.select_option("#mode", "fast")  # the server answers the next request at once
+        t0 = time.time()
+        ask_page(page, "reverse hello")
+        assert last_reply(page, timeout=20_000) == "olleh" and time.time() - t0 < 20
+        assert page.locator(".msg").count() == 2 and len(sent[-1]["messages"]) == 1
+    finally:
+        context.close()
+        srv.stop()
