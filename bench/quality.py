@@ -44,15 +44,17 @@ SAMPLERS = {
     # past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
     "exact_canvas128": ("exact", dict(max_tokens=128)),
     "variable": ("variable", dict(max_tokens=64)),
-    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9)),
+    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9, cache="prefix")),
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
     "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none")),
     # the token cache: a step reruns only the masks and the tokens the step before it committed
     "fast_t0.9_token": ("fast", dict(max_tokens=64, threshold=0.9, cache="token")),
     # blocks of 8, so most answers span several blocks: what each block refresh policy costs (on their own)
     "variable_b8": ("variable", dict(max_tokens=64, block_length=8, steps_per_block=8)),
-    "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, block_refresh="full")),
-    "fast_b8_window": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, block_refresh="window")),
+    "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
+                                  block_refresh="full")),
+    "fast_b8_window": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
+                                    block_refresh="window")),
     "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token")),
 }
 assert all(mode in PRESETS for mode, _ in SAMPLERS.values())

@@ -68,7 +68,7 @@ def sampler_options(f):
         click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
                      help="Threshold modes: commit tokens with confidence ≥ τ (0.9), in (0, 1]."),
         click.option("--cache", type=click.Choice(list(CACHES)), default=None,
-                     help="Block KV cache (default: the mode's: fast prefix, fast_fixed dual, else none)."),
+                     help="Block KV cache (default: the mode's: fast token, fast_fixed dual, else none)."),
         click.option("--block-refresh", type=click.Choice(list(REFRESHES)), default=None,
                      help="What a cached mode recomputes at a block start: window = the finished block and the new "
                           "one (default), full = the whole canvas."),

@@ -33,8 +33,9 @@ PRESETS = {
                     dict(canvas="fixed", rule="schedule", cache="none")),
     "variable": Preset("iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
                        dict(canvas="growing", rule="schedule", cache="none")),
-    "fast": Preset("the growing canvas, every token with confidence >= threshold per step, block prefix cache",
-                   dict(canvas="growing", rule="threshold", cache="prefix")),
+    "fast": Preset("the growing canvas, every token with confidence >= threshold per step, token cache (a step "
+                   "runs the masks and the tokens just committed)",
+                   dict(canvas="growing", rule="threshold", cache="token")),
     "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
                          dict(canvas="fixed", rule="threshold", cache="dual")),
 }

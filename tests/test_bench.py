@@ -25,7 +25,7 @@ def test_bench_json_has_every_field(tmp_path):
     exact, fast = res["runs"][0], res["runs"][2]
     assert exact["nfe"] == 32 and exact["processed_per_output_token"] == 8 + 32  # whole canvas every step
     assert fast["processed_per_output_token"] < exact["processed_per_output_token"]
-    assert "fast window vs exact" in r.stdout
+    assert "fast token window vs exact" in r.stdout
 
 
 def test_bench_rejects_unknown_mode():
@@ -37,7 +37,7 @@ def test_bench_table_on_stdout_progress_on_stderr():
     r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16",
                                   "--modes", "fast", "--prompt-lengths", "8"])
     assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines()[0].split()[:4] == ["gen", "mode", "refresh", "prompt"] and "fast" in r.stdout
+    assert r.stdout.splitlines()[0].split()[:5] == ["gen", "mode", "cache", "refresh", "prompt"] and "fast" in r.stdout
     assert "ms/fwd" in r.stderr and "ms/fwd" not in r.stdout.splitlines()[1]
 
 

@@ -60,7 +60,7 @@ def test_generate_json_is_one_object(direct):
         assert k in obj["stats"]
     # what ran, after defaults: fast mode's rule and cache, the asked-for budget
     s = obj["settings"]
-    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "threshold", "prefix", 32, "growing")
+    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "threshold", "token", 32, "growing")
 
 
 def test_generate_exact_mode_and_help_shows_defaults(direct):
@@ -93,7 +93,7 @@ def test_chat_two_turns_reset_and_settings(demo):
     third = generate_text(model, tok, user("reverse pq"), prompt_cache=BlockCache(), **s)  # after /reset
     assert r.stdout.split("\n")[:3] == [first, second, third]
     # /settings reports what ran: the mode's cache and rule, the asked-for budget
-    assert "history cleared" in r.stderr and "mode=fast" in r.stderr and "cache=prefix" in r.stderr
+    assert "history cleared" in r.stderr and "mode=fast" in r.stderr and "cache=token" in r.stderr
     assert "max_tokens=32" in r.stderr and r.stderr.count("tokens-per-sec") == 6
 
 
