@@ -179,10 +179,12 @@ def split(items: Sequence, rank: int, size: int) -> list:
 
 
 def gather(g: mx.distributed.Group, part: list) -> list:
-    """The ranks' `split` shares' results (JSON-able), concatenated back in the original order, on every rank."""
+    """The ranks' `split` shares' results (JSON-able), concatenated back in the original order, on every rank.
+    The watchdog waits meanwhile: a rank whose share was quicker may wait long for the others."""
     if g.size() == 1:
         return list(part)
-    return [x for rank_part in all_objects(g, part) for x in rank_part]
+    with idle():
+        return [x for rank_part in all_objects(g, part) for x in rank_part]
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -180,8 +180,7 @@ class Model(nn.Module):
         cache/offset: `ids` is the window [offset, offset + L) of a canvas whose other keys/values the
         cache holds (see cache.py).
         """
-        if self.group is not None:
-            beat()  # the watchdog: the previous forward's collectives finished
+        beat()  # the watchdog (several ranks): this rank is making progress
         h = self.model.embed_tokens(ids)
         mask = attention_mask_for(attention_mask, offset, ids.shape[1])
         for i, layer in enumerate(self.model.layers):
