@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .config import IlladaError
 
@@ -59,10 +60,6 @@ def timeout() -> float:
 
 def is_main(g: Optional[mx.distributed.Group] = None) -> bool:
     return (g or group()).rank() == 0
-
-
-def describe(g: mx.distributed.Group) -> str:
-    return f"rank {g.rank()} of {g.size()}"
 
 
 # ------------------------------------------------------------------------------------------ watchdog
@@ -115,15 +112,13 @@ def idle():
 # ------------------------------------------------------------------------------------------ objects
 def _all_bytes(g: mx.distributed.Group, data: bytes) -> list[bytes]:
     """Every rank's bytes, in rank order, on every rank."""
-    n = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=g)
-    sizes = n.tolist()
-    buf = mx.zeros((max(sizes),), dtype=mx.uint8)
-    if data:
-        buf[: len(data)] = mx.array(list(data), dtype=mx.uint8)
-    everything = mx.distributed.all_gather(buf, group=g).reshape(g.size(), -1)
+    sizes = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=g).tolist()
+    width = max(max(sizes), 1)
+    buf = np.zeros(width, dtype=np.uint8)
+    buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.array(mx.distributed.all_gather(mx.array(buf), group=g)).reshape(g.size(), width)
     beat()
-    rows = [bytes(r) for r in everything.tolist()] if max(sizes) else [b""] * g.size()
-    return [r[:s] for r, s in zip(rows, sizes)]
+    return [row[:n].tobytes() for row, n in zip(rows, sizes)]
 
 
 def all_objects(g: mx.distributed.Group, obj) -> list:

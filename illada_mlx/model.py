@@ -108,7 +108,7 @@ def _gather_last(x: mx.array, group) -> mx.array:
 class VocabSharded(nn.Module):
     """An embedding or LM head whose vocabulary rows are split across the group: a lookup takes the rows
     this rank holds (zeros elsewhere) and all-sums them (x + 0 is exact); a projection computes this
-    rank's logits in full and all-gathers them, so the logits equal the unsharded ones bit for bit."""
+    rank's logits over the whole hidden size, as one process does, and all-gathers them."""
 
     def __init__(self, inner: nn.Module, vocab: int, group):
         super().__init__()
@@ -133,14 +133,14 @@ def check_shardable(model: nn.Module, args: ModelArgs, size: int) -> None:
         if n % size:
             raise IlladaError(f"{size} ranks cannot split the model's {n} {name}; launch a number of ranks that "
                               f"divides {n}")
-    layer = model.model.layers[0]
-    for path, m in (("self_attn.o_proj", layer.self_attn.o_proj), ("mlp.down_proj", layer.mlp.down_proj)):
-        gs = getattr(m, "group_size", None)
-        if gs is not None:
-            cols = m.weight.shape[1] * 32 // m.bits
-            if (cols // size) % gs:
-                raise IlladaError(f"{size} ranks cannot split {path}'s {cols} inputs into whole quantization groups "
-                                  f"of {gs}; launch fewer ranks or re-convert with a smaller --q-group-size")
+    for i, layer in enumerate(model.model.layers):  # the layers split by input: whole groups on each rank
+        for name, m in (("self_attn.o_proj", layer.self_attn.o_proj), ("mlp.down_proj", layer.mlp.down_proj)):
+            gs = getattr(m, "group_size", None)
+            if gs is not None and (m.weight.shape[1] * 32 // m.bits // size) % gs:
+                cols = m.weight.shape[1] * 32 // m.bits
+                raise IlladaError(f"{size} ranks cannot split layer {i}'s {name} ({cols} inputs) into whole "
+                                  f"quantization groups of {gs}; launch fewer ranks or re-convert with a smaller "
+                                  "--q-group-size")
 
 
 def attention_mask_for(key_valid: Optional[mx.array], offset: int, length: int) -> Optional[mx.array]:
@@ -198,6 +198,8 @@ class Model(nn.Module):
         (one all-sum per sub-block), each rank with 1/N of the heads (its cache holds only those) and 1/N of
         the vocabulary rows of the embedding and LM head (VocabSharded). Call before the weights are
         evaluated: only each rank's slice is then materialized."""
+        if self.group is not None:
+            raise IlladaError("this model is already sharded")
         N = group.size()
         check_shardable(self, self.args, N)
         for layer in self.model.layers:

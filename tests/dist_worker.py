@@ -93,7 +93,7 @@ def commands(plan, g) -> dict:
 
     out = {}
     for name, argv in plan["commands"].items():
-        r = CliRunner().invoke(main, argv)
+        r = CliRunner().invoke(main, argv, input=plan.get("inputs", {}).get(name))  # stdin: rank 0 reads it
         out[name] = {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
     return out
 

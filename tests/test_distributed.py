@@ -34,6 +34,8 @@ PROMPT = [1, 10, 11, 12, 13, 14]
 IDS = [[1, 9, 5, 5, 30, 31, 40], [1, 5, 40]]
 REQUESTS = [(f"reverse {w}", " " + w[::-1]) for w in ("ab", "cat", "dog", "moon", "x", "sun", "tree", "pq", "ok", "z")]
 GENERATE = ["-p", "reverse ab", "--mode", "exact", "--max-tokens", "16", "--block-length", "16", "--json"]
+CHAT = ["chat", "--mode", "fast", "--max-tokens", "16", "--block-length", "16"]
+CHAT_IN = "reverse ab\nsort 3 1 2\n/quit\n"
 BENCH = ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16", "--modes", "exact,fast",
          "--prompt-lengths", "8,12"]
 SAME = ("mode", "gen_length", "prompt_tokens", "block_refresh", "nfe", "output_tokens", "tokens_crc32",
@@ -82,14 +84,20 @@ def launched(tmp_path_factory):
     kv1 = mlx_dir(tmp, "kv1", Spec(kv_heads=1, seed=2))
     out = tmp / "out"
     out.mkdir()
-    bench_json = tmp / "bench2.json"
+    bench_json, compare_json, data = tmp / "bench2.json", tmp / "compare2.json", tmp / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": c, "answer": a}) + "\n" for c, a in REQUESTS[:5]))
+    compare = ["eval", "--compare", models["illada"], models["illada_q"], "--data", str(data), "--mc-num", "64",
+               "--batch-size", "1"]  # 4 items per chunk: two chunks
     plan = {"mode": "checks", "out": str(out), "models": models, "ids": IDS, "prompt": PROMPT, "decode": DECODE,
             "kv1": kv1, "mismatch": [models["illada"], models["illada_q"]], "dp_model": models["illada"],
             "requests": REQUESTS,
             "commands": {"generate": ["generate", "--model", models["illada"], *GENERATE],
                          "bench": [*BENCH, "--json", str(bench_json)],
                          "heads": ["generate", "--model", kv1, "-p", "hi"],
-                         "serve": ["serve", "--port", "8999"]}}
+                         "serve": ["serve", "--port", "8999"],
+                         "chat": [*CHAT, "--model", models["illada"]],
+                         "compare": [*compare, "--json", str(compare_json)]},
+            "inputs": {"chat": CHAT_IN}}
     p, seconds = launch(plan, tmp, 240)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else None
              for r in range(2)]
@@ -115,9 +123,13 @@ def launched(tmp_path_factory):
         "rolling": lm.loglikelihood_rolling([Request(c + a) for c, a in REQUESTS[:3]], disable_tqdm=True)}
     r = CliRunner().invoke(main, ["generate", "--model", models["illada"], *GENERATE])
     one["generate"] = json.loads(r.stdout)
+    one["chat"] = CliRunner().invoke(main, [*CHAT, "--model", models["illada"]], input=CHAT_IN).stdout
     bench1 = tmp / "bench1.json"
     assert CliRunner().invoke(main, [*BENCH, "--json", str(bench1)]).exit_code == 0
     one["bench"], one["bench2"] = json.loads(bench1.read_text()), json.loads(bench_json.read_text())
+    compare1 = tmp / "compare1.json"
+    assert CliRunner().invoke(main, [*compare, "--json", str(compare1)]).exit_code == 0
+    one["compare"], one["compare2"] = json.loads(compare1.read_text()), json.loads(compare_json.read_text())
     return {"ranks": ranks, "one": one, "seconds": seconds}
 
 
@@ -154,9 +166,21 @@ def test_generate_prints_on_rank_0_only_and_matches_one_process(launched):
     assert cmds[1]["stdout"] == "" and cmds[1]["stderr"] == ""
 
 
+def test_chat_reads_on_rank_0_and_answers_as_one_process(launched):
+    cmds = [r["commands"]["chat"] for r in launched["ranks"]]
+    assert cmds[0]["code"] == cmds[1]["code"] == 0, cmds
+    assert cmds[0]["stdout"] == launched["one"]["chat"] and cmds[0]["stdout"].count("\n") == 2
+    assert cmds[1]["stdout"] == ""
+
+
 def test_data_parallel_scores_equal_one_process(launched):
     for r in launched["ranks"]:
         assert r["data"] == launched["one"]["data"]  # every score bit for bit, in order, on every rank
+
+
+def test_data_parallel_compare_equals_one_process(launched):
+    one, two = launched["one"]["compare"], launched["one"]["compare2"]
+    assert one["items"] == 5 and one == two
 
 
 def test_data_parallel_bench_equals_one_process(launched):
