@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import IlladaError
 from .engine import build_prompt
-from .likelihood import greedy_answers, log_likelihoods
+from .likelihood import chunk_size, greedy_answers, log_likelihoods
 
 
 def read_items(path: str, tokenizer, raw: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -53,7 +53,7 @@ def compare(model_a, model_b, items, mc_num: int = 32, batch_size: int = 32, cfg
     rank gets every item's figures in order."""
     from .distributed import gather, split
 
-    chunk = max(1, 256 // max(mc_num // batch_size, 1))
+    chunk = chunk_size(mc_num, batch_size)
     starts = list(range(0, len(items), chunk))
     mine = starts if group is None else split(starts, group.rank(), group.size())
     scored = []

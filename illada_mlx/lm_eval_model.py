@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .config import IlladaError
 from .distributed import gather, split
 from .engine import generate_text
-from .likelihood import greedy_answers, log_likelihoods
+from .likelihood import chunk_size, greedy_answers, log_likelihoods
 
 _INT = {"mc_num", "batch_size", "max_tokens", "block_length", "steps_per_block", "seed"}
 _FLOAT = {"cfg_scale", "threshold", "temperature"}
@@ -108,7 +108,7 @@ class IlladaLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         pairs = [self._encode_pair(*r.args) for r in requests]
         out = []
-        step = max(1, 256 // max(self.mc_num // self.batch, 1))  # requests scored together
+        step = chunk_size(self.mc_num, self.batch)  # requests scored together
         starts = self._share(list(range(0, len(pairs), step)))
         for s in tqdm(starts, disable=disable_tqdm, desc="loglikelihood", file=sys.stderr):
             chunk = pairs[s:s + step]

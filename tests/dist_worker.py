@@ -37,6 +37,7 @@ def logits_of(model, ids):
 def tensor_checks(plan, g) -> dict:
     from fixtures import reply
 
+    from illada_mlx.cache import BlockCache
     from illada_mlx.load import load
 
     out = {}
@@ -45,12 +46,9 @@ def tensor_checks(plan, g) -> dict:
         r = {"logits": logits_of(model, plan["ids"]),
              "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
              "heads": [model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads]}
+        cache = BlockCache()  # the fast mode's: what its buffers hold
         for mode, settings in plan["decode"].items():
-            r[mode] = reply(model, tok, plan["prompt"], **settings)[1]
-        from illada_mlx.cache import BlockCache
-
-        cache = BlockCache()
-        reply(model, tok, plan["prompt"], prompt_cache=cache, **plan["decode"]["fast"])
+            r[mode] = reply(model, tok, plan["prompt"], **settings, **({"prompt_cache": cache} if mode == "fast" else {}))[1]
         r["cache_kv_heads"] = cache.keys[0].shape[1]
         out[name] = r
     return out
@@ -75,8 +73,8 @@ def data_parallel(plan, g) -> dict:
     from illada_mlx.load import load
 
     model, tok = load(plan["dp_model"])
-    lm = IlladaLM(model=model, tokenizer=tok, mc_num=64, batch_size=1, group=g)
-    lm_one = IlladaLM(model=model, tokenizer=tok, mc_num=64, batch_size=1)
+    lm = IlladaLM(model=model, tokenizer=tok, mc_num=4, batch_size=2, group=g)
+    lm_one = IlladaLM(model=model, tokenizer=tok, mc_num=4, batch_size=2)
     lm.decode = lm_one.decode = {"mode": "fast", "max_tokens": 16, "block_length": 16}
     reqs = [Request(c, a) for c, a in plan["requests"]]
     gens = [Request(c, {"until": ["\n"], "max_gen_toks": 16}) for c, _ in plan["requests"][:3]]
@@ -93,13 +91,18 @@ def commands(plan, g) -> dict:
 
     out = {}
     for name, argv in plan["commands"].items():
+        t0 = time.perf_counter()
         r = CliRunner().invoke(main, argv, input=plan.get("inputs", {}).get(name))  # stdin: rank 0 reads it
-        out[name] = {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
+        out[name] = {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr,
+                     "seconds": round(time.perf_counter() - t0, 2)}
     return out
 
 
 def main():
+    import illada_mlx.likelihood
+
     plan = json.loads(Path(sys.argv[1]).read_text())
+    illada_mlx.likelihood.CHUNK_FORWARDS = plan.get("chunk_forwards", 256)  # small chunks: several to split
     g = dist.group()
     out = Path(plan["out"])
     result = {"rank": g.rank(), "size": g.size()}
@@ -109,12 +112,12 @@ def main():
         dist.barrier(g)
         result["passed_barrier"] = True
     else:
-        t0 = time.perf_counter()
-        result["tensor"] = tensor_checks(plan, g)
-        result["refusals"] = refusals(plan, g)
-        result["data"] = data_parallel(plan, g)
-        result["commands"] = commands(plan, g)
-        result["seconds"] = time.perf_counter() - t0
+        result["seconds"] = {}
+        for name, check in (("tensor", tensor_checks), ("refusals", refusals), ("data", data_parallel),
+                            ("commands", commands)):
+            t0 = time.perf_counter()
+            result[name] = check(plan, g)
+            result["seconds"][name] = round(time.perf_counter() - t0, 2)
     (out / f"rank{g.rank()}.json").write_text(json.dumps(result))
 
 

@@ -25,13 +25,14 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists() and shutil.which("mlx.launch") is None,
                                 reason="mlx.launch is not installed (it comes with mlx)")
 
-DECODE = {
-    "exact": dict(mode="exact", max_tokens=32, block_length=16, steps_per_block=16, temperature=0.0),
-    "fast": dict(mode="fast", max_tokens=32, block_length=16, temperature=0.0, threshold=0.9),
-    "sampled": dict(mode="exact", max_tokens=16, block_length=16, steps_per_block=16, temperature=0.8, seed=1),
+DECODE = {  # few forwards: each costs several collectives
+    "exact": dict(mode="exact", max_tokens=16, block_length=16, steps_per_block=8, temperature=0.0),
+    "fast": dict(mode="fast", max_tokens=16, block_length=8, temperature=0.0, threshold=0.9),
+    "sampled": dict(mode="exact", max_tokens=16, block_length=16, steps_per_block=4, temperature=0.8, seed=1),
 }
 PROMPT = [1, 10, 11, 12, 13, 14]
 IDS = [[1, 9, 5, 5, 30, 31, 40], [1, 5, 40]]
+CHUNK_FORWARDS = 4  # 2 requests per chunk at mc_num 4, batch 2: 5 chunks to split across the ranks
 REQUESTS = [(f"reverse {w}", " " + w[::-1]) for w in ("ab", "cat", "dog", "moon", "x", "sun", "tree", "pq", "ok", "z")]
 GENERATE = ["-p", "reverse ab", "--mode", "exact", "--max-tokens", "16", "--block-length", "16", "--json"]
 CHAT = ["chat", "--mode", "fast", "--max-tokens", "16", "--block-length", "16"]
@@ -86,9 +87,10 @@ def launched(tmp_path_factory):
     out.mkdir()
     bench_json, compare_json, data = tmp / "bench2.json", tmp / "compare2.json", tmp / "items.jsonl"
     data.write_text("".join(json.dumps({"prompt": c, "answer": a}) + "\n" for c, a in REQUESTS[:5]))
-    compare = ["eval", "--compare", models["illada"], models["illada_q"], "--data", str(data), "--mc-num", "64",
-               "--batch-size", "1"]  # 4 items per chunk: two chunks
-    plan = {"mode": "checks", "out": str(out), "models": models, "ids": IDS, "prompt": PROMPT, "decode": DECODE,
+    compare = ["eval", "--compare", models["illada"], models["illada_q"], "--data", str(data), "--mc-num", "4",
+               "--batch-size", "2"]
+    plan = {"mode": "checks", "out": str(out), "chunk_forwards": CHUNK_FORWARDS, "models": models, "ids": IDS,
+            "prompt": PROMPT, "decode": DECODE,
             "kv1": kv1, "mismatch": [models["illada"], models["illada_q"]], "dp_model": models["illada"],
             "requests": REQUESTS,
             "commands": {"generate": ["generate", "--model", models["illada"], *GENERATE],
@@ -111,8 +113,11 @@ def launched(tmp_path_factory):
         one[name] = {"logits": logits_of(model, IDS),
                      "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
                      **{mode: reply(model, tok, PROMPT, **s)[1] for mode, s in DECODE.items()}}
+    import illada_mlx.likelihood
+
+    old, illada_mlx.likelihood.CHUNK_FORWARDS = illada_mlx.likelihood.CHUNK_FORWARDS, CHUNK_FORWARDS
     model, tok = load(models["illada"])
-    lm = IlladaLM(model=model, tokenizer=tok, mc_num=64, batch_size=1)
+    lm = IlladaLM(model=model, tokenizer=tok, mc_num=4, batch_size=2)
     lm.decode = {"mode": "fast", "max_tokens": 16, "block_length": 16}
     from dist_worker import Request
 
@@ -130,6 +135,7 @@ def launched(tmp_path_factory):
     compare1 = tmp / "compare1.json"
     assert CliRunner().invoke(main, [*compare, "--json", str(compare1)]).exit_code == 0
     one["compare"], one["compare2"] = json.loads(compare1.read_text()), json.loads(compare_json.read_text())
+    illada_mlx.likelihood.CHUNK_FORWARDS = old
     return {"ranks": ranks, "one": one, "seconds": seconds}
 
 
@@ -189,6 +195,15 @@ def test_data_parallel_bench_equals_one_process(launched):
     for a, b in zip(one["runs"], two["runs"]):
         assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
     assert launched["ranks"][1]["commands"]["bench"]["stdout"] == ""
+
+
+def test_split_shares_restore_the_order():
+    from illada_mlx.distributed import split
+
+    for n in range(9):
+        for size in (1, 2, 3, 4):
+            parts = [split(list(range(n)), r, size) for r in range(size)]
+            assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_a_rank_that_stops_answering_ends_the_launch(tmp_path):
