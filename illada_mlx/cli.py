@@ -249,9 +249,10 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     from . import distributed as dist
 
     g = ranks()
-    if prompt == "-":  # rank 0 reads stdin (mlx.launch gives it to rank 0 only)
-        prompt = dist.broadcast(g, decode_utf8(sys.stdin.buffer.read(), "stdin") if dist.is_main(g) else None)
-    prompt = utf8_text(prompt, "--prompt")
+    if prompt == "-" and g.size() > 1:
+        raise IlladaError("--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
+                          "prompt as --prompt TEXT")
+    prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
     system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id, group=g)
     kw["seed"] = dist.shared_seed(g, kw.get("seed"))

@@ -2,7 +2,7 @@
 
     mlx.launch --backend ring -n 2 --python PY tests/dist_worker.py PLAN.json
 
-PLAN.json: {"out": DIR, "mode": "checks" | "hang", ...}; each rank writes OUT/rank{r}.json with what it
+PLAN.json: {"out": DIR, "mode": "checks" | "hang" | "die", ...}; each rank writes OUT/rank{r}.json with what it
 saw, and the test compares those with the single-process results it computes itself.
 """
 
@@ -106,9 +106,9 @@ def main():
     g = dist.group()
     out = Path(plan["out"])
     result = {"rank": g.rank(), "size": g.size()}
-    if plan["mode"] == "hang":  # rank 1 stops answering; rank 0's watchdog must end it
+    if plan["mode"] in ("hang", "die"):  # rank 1 stops answering (rank 0's watchdog must end it), or dies
         if g.rank() == 1:
-            time.sleep(120)
+            time.sleep(120) if plan["mode"] == "hang" else sys.exit(3)
         dist.barrier(g)
         result["passed_barrier"] = True
     else:

@@ -97,6 +97,7 @@ def launched(tmp_path_factory):
                          "bench": [*BENCH, "--json", str(bench_json)],
                          "heads": ["generate", "--model", kv1, "-p", "hi"],
                          "serve": ["serve", "--port", "8999"],
+                         "stdin": ["generate", "--model", models["illada"], "--prompt", "-"],
                          "chat": [*CHAT, "--model", models["illada"]],
                          "compare": [*compare, "--json", str(compare_json)]},
             "inputs": {"chat": CHAT_IN}}
@@ -162,6 +163,7 @@ def test_refusals_are_one_line(launched):
     assert cmds[0]["heads"]["code"] == 1 and cmds[0]["heads"]["stderr"].startswith("error: 2 ranks cannot split")
     assert cmds[1]["heads"]["stderr"].startswith("error: rank 1: 2 ranks cannot split")
     assert cmds[0]["serve"]["code"] == 1 and "not supported yet" in cmds[0]["serve"]["stderr"]
+    assert cmds[0]["stdin"]["code"] == 1 and "--prompt - does not work under mlx.launch" in cmds[0]["stdin"]["stderr"]
     assert len(cmds[0]["serve"]["stderr"].splitlines()) == 1
 
 
@@ -204,6 +206,14 @@ def test_split_shares_restore_the_order():
         for size in (1, 2, 3, 4):
             parts = [split(list(range(n)), r, size) for r in range(size)]
             assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_rank_that_dies_ends_the_launch(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    p, seconds = launch({"mode": "die", "out": str(out)}, tmp_path, 60, env={"ILLADA_DIST_TIMEOUT": "20"})
+    assert seconds < 30  # mlx.launch stops rank 0 (blocked in a collective) when rank 1 exits with an error
+    assert "rank 1 exited with code 3" in p.stdout + p.stderr and not (out / "rank0.json").exists()
 
 
 def test_a_rank_that_stops_answering_ends_the_launch(tmp_path):
