@@ -529,7 +529,9 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     base = [b for b in baselines.split(",") if b]
     first_prompt = next(iter(prompts.values()))
     for gen in gens:
-        if "torch" in base:
+        if "torch" in base and tensor:
+            log("torch_official: skipped under --parallel tensor (it needs the whole model on one rank)")
+        elif "torch" in base:
             r = B.bench_torch(model, first_prompt, gen, block_length, log)
             runs += [r] if r else []
         if "ar" in base:

@@ -193,9 +193,9 @@ def load_tokenizer(path: Path, args: ModelArgs):
 
 def model_files(path: Path) -> dict[str, bytes]:
     """What every rank must agree on: config.json's bytes and the names and sizes of the model's files."""
-    names = sorted(f.name for f in path.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name in SIDE_FILES))
-    files = [[n, (path / n).stat().st_size] for n in names]
-    return {"config.json": (path / "config.json").read_bytes(), "the file names and sizes": repr(files).encode()}
+    files = sorted([f.name, f.stat().st_size] for f in path.iterdir()
+                   if f.is_file() and (f.suffix == ".safetensors" or f.name in SIDE_FILES))
+    return {"config.json": (path / "config.json").read_bytes(), "the list of files (names, sizes)": repr(files).encode()}
 
 
 def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None):

@@ -48,7 +48,8 @@ def tensor_checks(plan, g) -> dict:
              "heads": [model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads]}
         cache = BlockCache()  # the fast mode's: what its buffers hold
         for mode, settings in plan["decode"].items():
-            r[mode] = reply(model, tok, plan["prompt"], **settings, **({"prompt_cache": cache} if mode == "fast" else {}))[1]
+            extra = {"prompt_cache": cache} if mode == "fast" else {}
+            r[mode] = reply(model, tok, plan["prompt"], **settings, **extra)[1]
         r["cache_kv_heads"] = cache.keys[0].shape[1]
         out[name] = r
     return out
