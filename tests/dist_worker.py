@@ -60,7 +60,7 @@ def refusals(plan, g) -> dict:
 
     out = {}
     mine = plan["mismatch"][g.rank() % len(plan["mismatch"])]
-    for what, path in (("heads", plan["kv1"]), ("files", mine)):
+    for what, path in (("heads", plan["kv1"]), ("files", mine), ("nan", plan["nan"])):
         try:
             load(path, group=g)
             out[what] = None

@@ -83,6 +83,10 @@ def launched(tmp_path_factory):
     models["illada_q"] = mlx_dir(tmp, "illada_q", Spec(), **q)
     models["llada_q"] = mlx_dir(tmp, "llada_q", Spec(layout="llada", tied=False, seed=1), **q)
     kv1 = mlx_dir(tmp, "kv1", Spec(kv_heads=1, seed=2))
+    nan = mlx_dir(tmp, "nan", Spec(seed=3))  # a NaN in rank 0's rows of one weight only
+    w = mx.load(str(Path(nan) / "model.safetensors"))
+    w["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    mx.save_safetensors(str(Path(nan) / "model.safetensors"), w)
     out = tmp / "out"
     out.mkdir()
     bench_json, compare_json, data = tmp / "bench2.json", tmp / "compare2.json", tmp / "items.jsonl"
@@ -91,7 +95,7 @@ def launched(tmp_path_factory):
                "--batch-size", "2"]
     plan = {"mode": "checks", "out": str(out), "chunk_forwards": CHUNK_FORWARDS, "models": models, "ids": IDS,
             "prompt": PROMPT, "decode": DECODE,
-            "kv1": kv1, "mismatch": [models["illada"], models["illada_q"]], "dp_model": models["illada"],
+            "kv1": kv1, "nan": nan, "mismatch": [models["illada"], models["illada_q"]], "dp_model": models["illada"],
             "requests": REQUESTS,
             "commands": {"generate": ["generate", "--model", models["illada"], *GENERATE],
                          "bench": [*BENCH, "--json", str(bench_json)],
@@ -159,6 +163,7 @@ def test_refusals_are_one_line(launched):
         heads, files = r["refusals"]["heads"], r["refusals"]["files"]
         assert heads and "2 ranks cannot split the model's 1 key/value heads" in heads and "\n" not in heads
         assert files and "rank 1 has a different model from rank 0" in files and "\n" not in files
+        assert r["refusals"]["nan"].startswith("NaN or infinite values in model.layers.1.self_attn.q_proj.weight")
     cmds = [r["commands"] for r in launched["ranks"]]
     assert cmds[0]["heads"]["code"] == 1 and cmds[0]["heads"]["stderr"].startswith("error: 2 ranks cannot split")
     assert cmds[1]["heads"]["stderr"].startswith("error: rank 1: 2 ranks cannot split")
