@@ -2,7 +2,7 @@
 
     mlx.launch --backend ring -n 2 --python PY tests/dist_worker.py PLAN.json
 
-PLAN.json: {"out": DIR, "mode": "checks" | "hang" | "die", ...}; each rank writes OUT/rank{r}.json with what it
+PLAN.json: {"out": DIR, "mode": "checks" | "hang" | "die" | "missing", ...}; each rank writes OUT/rank{r}.json with what it
 saw, and the test compares those with the single-process results it computes itself.
 """
 
@@ -107,6 +107,14 @@ def main():
     g = dist.group()
     out = Path(plan["out"])
     result = {"rank": g.rank(), "size": g.size()}
+    if plan["mode"] == "missing":  # each rank its own --model: rank 1's does not exist
+        from click.testing import CliRunner
+
+        from illada_mlx.cli import main as cli
+
+        r = CliRunner().invoke(cli, ["generate", "--model", plan["paths"][g.rank()], "--prompt", "hi"])
+        sys.__stderr__.write(r.stderr)
+        sys.exit(r.exit_code)
     if plan["mode"] in ("hang", "die"):  # rank 1 stops answering (rank 0's watchdog must end it), or dies
         if g.rank() == 1:
             time.sleep(120) if plan["mode"] == "hang" else sys.exit(3)

@@ -141,7 +141,7 @@ def launched(tmp_path_factory):
     assert CliRunner().invoke(main, [*compare, "--json", str(compare1)]).exit_code == 0
     one["compare"], one["compare2"] = json.loads(compare1.read_text()), json.loads(compare_json.read_text())
     illada_mlx.likelihood.CHUNK_FORWARDS = old
-    return {"ranks": ranks, "one": one, "seconds": seconds}
+    return {"ranks": ranks, "one": one, "seconds": seconds, "models": models}
 
 
 @pytest.mark.parametrize("name", ["illada", "llada", "illada_q", "llada_q"])
@@ -211,6 +211,13 @@ def test_split_shares_restore_the_order():
         for size in (1, 2, 3, 4):
             parts = [split(list(range(n)), r, size) for r in range(size)]
             assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_rank_without_the_model_says_so_and_ends_the_launch(launched, tmp_path):
+    plan = {"mode": "missing", "out": str(tmp_path), "paths": [launched["models"]["illada"], str(tmp_path / "nope")]}
+    p, seconds = launch(plan, tmp_path, 60, env={"ILLADA_DIST_TIMEOUT": "20"})
+    assert seconds < 30
+    assert f"error: rank 1: {tmp_path / 'nope'}: no such directory" in p.stdout + p.stderr
 
 
 def test_a_rank_that_dies_ends_the_launch(tmp_path):
