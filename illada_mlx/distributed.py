@@ -9,10 +9,11 @@ group and every helper here is the identity, so single-process code paths are un
   the ranks pick the same tokens because they see the same logits and share one seed (`shared_seed`).
 - data parallel (bench, eval): `split` gives each rank a contiguous share of the work, `gather` puts the
   ranks' results back in the original order on every rank; rank 0 reports.
-- the watchdog: a collective whose peer died or hangs blocks forever. A thread (it runs while the main
-  thread waits inside MLX) exits the process with one line when no progress (`beat`) is seen for
-  ILLADA_DIST_TIMEOUT seconds (default 300); `idle()` pauses it while a rank waits for input on purpose.
-  mlx.launch itself terminates the other ranks when one exits with an error.
+- the watchdog (tensor parallel: `watch`): a collective whose peer died or hangs blocks forever. A thread
+  (it runs while the main thread waits inside MLX) exits the process with one line when no progress
+  (`beat`: a forward, a finished exchange) is seen for ILLADA_DIST_TIMEOUT seconds (default 300); `idle()`
+  pauses it while a rank waits on purpose (for a chat line). mlx.launch itself terminates the other ranks
+  when one exits with an error.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ _group: Optional[mx.distributed.Group] = None
 
 
 def group() -> mx.distributed.Group:
-    """The process group (size 1 unless launched with mlx.launch); the first call starts the watchdog."""
+    """The process group (size 1 unless launched with mlx.launch)."""
     global _group
     if _group is None:
         _group = mx.distributed.init()
-        if _group.size() > 1:
-            _watchdog.start(_group.rank(), timeout())
     return _group
+
+
+def watch(g: mx.distributed.Group) -> None:
+    """Start the watchdog (once) for work whose every step waits on the other ranks: tensor parallel. Data
+    parallel does not start it: its ranks work alone and meet only to gather, where a quick rank may wait
+    for as long as the others take."""
+    if g.size() > 1:
+        _watchdog.start(g.rank(), timeout())
 
 
 def timeout() -> float:
@@ -157,6 +164,7 @@ def check_same(g: mx.distributed.Group, items: dict[str, bytes], what: str) -> N
     """Refuse (on every rank) when any rank's `items` differ from rank 0's: one line naming the first item."""
     if g.size() == 1:
         return
+    watch(g)
     everyone = all_objects(g, fingerprint(items))
     for r, theirs in enumerate(everyone[1:], 1):
         bad = [k for k in everyone[0] if theirs.get(k) != everyone[0][k]]
@@ -175,7 +183,7 @@ def split(items: Sequence, rank: int, size: int) -> list:
 
 def gather(g: mx.distributed.Group, part: list) -> list:
     """The ranks' `split` shares' results (JSON-able), concatenated back in the original order, on every rank.
-    The watchdog waits meanwhile: a rank whose share was quicker may wait long for the others."""
+    The watchdog (if running) waits meanwhile: a rank whose share was quicker may wait long for the others."""
     if g.size() == 1:
         return list(part)
     with idle():

@@ -17,7 +17,7 @@ from mlx.utils import tree_map
 
 from .cache import BlockCache
 from .config import IlladaError, ModelArgs
-from .distributed import beat
+from .distributed import beat, watch
 
 
 class Attention(nn.Module):
@@ -202,6 +202,7 @@ class Model(nn.Module):
             raise IlladaError("this model is already sharded")
         N = group.size()
         check_shardable(self, self.args, N)
+        watch(group)
         for layer in self.model.layers:
             at, mlp = layer.self_attn, layer.mlp
             at.q_proj = shard_linear(at.q_proj, "all-to-sharded", group=group)

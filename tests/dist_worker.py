@@ -118,6 +118,7 @@ def main():
     if plan["mode"] in ("hang", "die"):  # rank 1 stops answering (rank 0's watchdog must end it), or dies
         if g.rank() == 1:
             time.sleep(120) if plan["mode"] == "hang" else sys.exit(3)
+        dist.watch(g)  # as a tensor-parallel load starts it
         dist.barrier(g)
         result["passed_barrier"] = True
     else:
