@@ -1,8 +1,8 @@
 """Tensor and data parallel under `mlx.launch --backend ring -n 2` on this machine (CPU backend).
 
-Two launches of tests/dist_worker.py: one runs every check (each rank writes what it saw), one has a rank
-stop answering. The oracle is this process: the unsharded model's logits, the single-process tokens,
-scores and bench rows.
+Launches of tests/dist_worker.py: one runs every check (each rank writes what it saw); the others have
+rank 1 stop answering, die, or miss its model directory. The oracle is this process: the unsharded
+model's logits, the single-process tokens, scores, bench rows and command output.
 """
 
 import json
@@ -34,7 +34,7 @@ PROMPT = [1, 10, 11, 12, 13, 14]
 IDS = [[1, 9, 5, 5, 30, 31, 40], [1, 5, 40]]
 CHUNK_FORWARDS = 4  # 2 requests per chunk at mc_num 4, batch 2: 5 chunks to split across the ranks
 REQUESTS = [(f"reverse {w}", " " + w[::-1]) for w in ("ab", "cat", "dog", "moon", "x", "sun", "tree", "pq", "ok", "z")]
-GENERATE = ["-p", "reverse ab", "--mode", "exact", "--max-tokens", "16", "--block-length", "16", "--json"]
+GENERATE = ["--prompt", "reverse ab", "--mode", "exact", "--max-tokens", "16", "--block-length", "16", "--json"]
 CHAT = ["chat", "--mode", "fast", "--max-tokens", "16", "--block-length", "16"]
 CHAT_IN = "reverse ab\nsort 3 1 2\n/quit\n"
 BENCH = ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16", "--modes", "exact,fast",
