@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import zlib
 from typing import Optional
 
 import mlx.core as mx
@@ -42,6 +43,13 @@ def random_model(shape: str, dtype=mx.float32, seed: int = 0) -> Model:
     return model
 
 
+def parameter_bytes(model) -> int:
+    """Bytes of the arrays the model holds (on this rank, when tensor-parallel)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "mlx": mx.__version__, "device": str(mx.default_device())}
@@ -62,13 +70,14 @@ def _one(model, prompt, spec) -> dict:
 
     g = run(decode(model, [prompt], spec), on)
     st = g.stats
+    crc = zlib.crc32(np.array(g.tokens[0], dtype=np.int64).tobytes())  # what was written, to compare runs
     out = max(st.output_tokens, 1)
     # ideal: every forward runs one block (block_length tokens) and nothing else
     return {"tokens_per_s": out / st.wall_s, "nfe": st.nfe, "output_tokens": st.output_tokens,
             "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
             "processed_vs_ideal": st.processed / max(st.nfe * spec.block_length, 1),
             "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
-            "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes}
+            "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes, "tokens_crc32": crc}
 
 
 def _median(runs: list[dict]) -> dict:
@@ -77,34 +86,42 @@ def _median(runs: list[dict]) -> dict:
 
 def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeats: int, tokenizer=None,
                 block_length: int = 32, log=print, refreshes=("window",), ban_eos: bool = False,
-                caches=(None,)) -> list[dict]:
+                caches=(None,), group=None) -> list[dict]:
     """Every (gen length, mode, cache, block refresh policy, prompt) with the mode's preset at
     `block_length`, one step per token in a block. The caches (None: the preset's) and refresh policies
     matter only to modes with a cache; the full refresh, the baseline, runs with the first cache only.
-    ban_eos (random weights): every run writes its whole budget, so the rows compare equal outputs."""
-    rows = []
+    ban_eos (random weights): every run writes its whole budget, so the rows compare equal outputs. group
+    (data parallel under mlx.launch): each rank runs a contiguous share of the runs and every rank gets all
+    the rows, in the order one process would give them."""
+    from .distributed import gather, split
+
+    runs = []
     for gen in gen_lengths:
         for name in modes:
             cached = PRESETS[name].settings["cache"] != "none"
-            combos = [(c, r) for i, c in enumerate(caches if cached else caches[:1])
-                      for r in (refreshes if cached else refreshes[:1]) if not (i and r == "full")]
-            for cache, refresh in combos:
-                for plen, prompt in prompts.items():
-                    kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
-                              block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache if cached else None)
-                    spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
-                    _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
-                    r = _median([_one(model, prompt, spec) for _ in range(repeats)])
-                    r.update(mode=name, gen_length=gen, prompt_tokens=plen, block_length=block_length,
-                             cache=spec.cache, block_refresh=spec.block_refresh if spec.cache != "none" else None,
-                             rule=spec.rule, canvas=spec.canvas)
-                    rows.append(r)
-                    log(f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
-                        f"{r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  {r['tokens_per_forward']:.2f} tok/fwd  "
-                        f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
-                        f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
-                        f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
-    return rows
+            runs += [(gen, name, c, r, plen) for i, c in enumerate(caches if cached else caches[:1])
+                     for r in (refreshes if cached else refreshes[:1]) if not (i and r == "full") for plen in prompts]
+    if group is not None:
+        runs = split(runs, group.rank(), group.size())
+    rows = []
+    for gen, name, cache, refresh, plen in runs:
+        prompt = prompts[plen]
+        cached = PRESETS[name].settings["cache"] != "none"
+        kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
+                  block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache if cached else None)
+        spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
+        _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
+        r = _median([_one(model, prompt, spec) for _ in range(repeats)])
+        r.update(mode=name, gen_length=gen, prompt_tokens=plen, block_length=block_length,
+                 cache=spec.cache, block_refresh=spec.block_refresh if spec.cache != "none" else None,
+                 rule=spec.rule, canvas=spec.canvas)
+        rows.append(r)
+        log(f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
+            f"{r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  {r['tokens_per_forward']:.2f} tok/fwd  "
+            f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
+            f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
+            f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+    return rows if group is None else gather(group, rows)
 
 
 def table(runs: list[dict]) -> str:

@@ -37,15 +37,37 @@ _add_convert()
 
 
 # ------------------------------------------------------------------------------------------ shared options
-def load_model(model_path, mask_id=None):
-    """(model, tokenizer); no path: the bundled demo model, converted into the cache on first use."""
+def ranks():
+    """The process group: size 1, or the ranks of `mlx.launch`, where rank 0 alone prints (see distributed.py)."""
+    from . import distributed as dist
+
+    g = dist.group()
+    if g.size() > 1:
+        dist.quiet_others(g)
+    return g
+
+
+def load_model(model_path, mask_id=None, group=None):
+    """(model, tokenizer); no path: the bundled demo model, converted into the cache on first use (by rank 0
+    first when launched, so ranks sharing a cache do not convert at once). With a group of several ranks
+    the model is tensor-parallel."""
+    from . import distributed as dist
     from .load import load
 
+    g = dist.group()
     if model_path is None:
         from illada_mlx_convert import ensure_demo_model
 
-        model_path = ensure_demo_model(notice=lambda m: click.echo(m, err=True))
-    return load(str(model_path), mask_id=mask_id)
+        for turn in (True, False):  # rank 0, then the others
+            if dist.is_main(g) == turn:
+                model_path = ensure_demo_model(notice=lambda m: click.echo(m, err=True))
+            dist.barrier(g)
+    return load(str(model_path), mask_id=mask_id, group=group)
+
+
+PARALLEL = click.option("--parallel", type=click.Choice(["data", "tensor"]), default="data", show_default=True,
+                        help="Under mlx.launch: data = every rank holds the whole model and takes a share of the "
+                             "prompts; tensor = the model is split across the ranks (Model.shard).")
 
 
 MODE_HELP = "; ".join(f"{name} = {p.about}" for name, p in PRESETS.items())
@@ -224,9 +246,16 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     """Generate a reply to one prompt, streamed block by block; stats on stderr."""
     import json
 
+    from . import distributed as dist
+
+    g = ranks()
+    if prompt == "-" and g.size() > 1:
+        raise IlladaError("--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
+                          "prompt as --prompt TEXT")
     prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
     system = utf8_text(system, "--system") if system else system
-    model, tok = load_model(model_path, mask_id)
+    model, tok = load_model(model_path, mask_id, group=g)
+    kw["seed"] = dist.shared_seed(g, kw.get("seed"))
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = prompt_ids(tok, msgs, raw=raw)
     r, text, tokens = stream_reply(model, tok, ids, _settings(kw), Progress(), show_text=not as_json)
@@ -276,21 +305,42 @@ def read_line():
     return decode_utf8(data, "this line") if data else None
 
 
+def chat_line(g):
+    """The next chat line: None at the end, "" for a line to skip. Rank 0 reads stdin; under mlx.launch every
+    rank gets rank 0's line (the watchdog waits meanwhile: nobody is late while the user types)."""
+    from . import distributed as dist
+
+    line = None
+    with dist.idle():
+        if dist.is_main(g):
+            try:
+                line = read_line()
+            except (EOFError, KeyboardInterrupt):
+                line = None
+            except IlladaError as e:
+                click.echo(f"error: {e}; line skipped", err=True)
+                line = ""
+        return dist.broadcast(g, line)
+
+
 @main.command()
 @click.option("--system", "--system-prompt", "system", default=None, help="System text for the conversation.")
 @click.option("--visual/--no-visual", default=False, help="Show the canvas being denoised (TTY only).")
 @sampler_options
 def chat(system, visual, model_path, mask_id, **kw):
     """Multi-turn chat. /reset clears the history, /settings shows the decoding settings, /quit ends.
-    Ctrl-C interrupts a reply, not the session. A line that is not UTF-8, or that the chat template
-    refuses, gets one `error:` line and is skipped."""
+    Ctrl-C interrupts a reply, not the session (under mlx.launch it ends the session). A line that is not
+    UTF-8, or that the chat template refuses, gets one `error:` line and is skipped."""
     import os
 
+    from . import distributed as dist
     from .cache import BlockCache
     from .spec import make_spec
 
+    g = ranks()
     system = utf8_text(system, "--system") if system else system
-    model, tok = load_model(model_path, mask_id)
+    model, tok = load_model(model_path, mask_id, group=g)
+    kw["seed"] = dist.shared_seed(g, kw.get("seed"))
     settings = _settings(kw)
     make_spec(model, tok, None, **settings)  # refuse bad options before the first question
     visual = visual and (sys.stdout.isatty() or os.environ.get("ILLADA_MLX_FORCE_VISUAL") == "1")
@@ -299,13 +349,7 @@ def chat(system, visual, model_path, mask_id, **kw):
     last_spec = None
     click.echo("illada-mlx chat: /reset, /settings, /quit. Ctrl-C stops a reply.", err=True)
     while True:
-        try:
-            line = read_line()
-        except (EOFError, KeyboardInterrupt):
-            break
-        except IlladaError as e:
-            click.echo(f"error: {e}; line skipped", err=True)
-            continue
+        line = chat_line(g)
         if line is None:
             break
         line = line.rstrip("\n")
@@ -388,6 +432,9 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
 
     from .server import Engine, Options, serve as run
 
+    if ranks().size() > 1:
+        raise IlladaError("serve under mlx.launch with more than one rank is not supported yet; run it as one "
+                          "process (generate, chat, bench and eval run on several)")
     check_listen(host, port)
     names = lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()) if v else None  # noqa: E731
     model, tok = load_model(model_path, mask_id)
@@ -431,18 +478,24 @@ def _modes(value: str) -> list[str]:
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib: the `plot` extra).")
+@PARALLEL
 def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_lengths, repeats, refreshes, caches,
-          baselines, json_out, plot_out):
+          baselines, json_out, plot_out, parallel):
     """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines.
-    The table goes to stdout, progress to stderr."""
+    The table goes to stdout, progress to stderr. Under mlx.launch rank 0 reports: --parallel data splits the
+    runs across the ranks, tensor splits the model (every run on every rank, in lockstep)."""
     import json
     import time as _time
 
     import mlx.core as mx
 
     from . import bench as B
+    from . import distributed as dist
 
     from .files import check_output_file
+
+    g = ranks()
+    tensor = parallel == "tensor" and g.size() > 1
 
     mode_list = _modes(modes)
     gens = gen_lengths
@@ -454,10 +507,13 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         B.require_matplotlib()
     tok = None
     if shape:
-        model = B.random_model(shape, getattr(mx, dtype))
+        model = B.random_model(shape, getattr(mx, dtype))  # the same seed: the same weights on every rank
+        if tensor:
+            model.shard(g)
+            mx.eval(model.parameters())
         name = f"random {shape} ({dtype})"
     else:
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, group=g if tensor else None)
         name = model_path or "illada-demo"
     if prompt_lengths == "auto" and tok is not None:
         texts = ["reverse qwerty", "sort 9 3 7 1 4 2"]  # the demo model's longest in-distribution answers
@@ -470,18 +526,25 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     runs = B.bench_modes(model, prompts, mode_list, gens, repeats, tok, block_length, log, policies,
-                         ban_eos=shape is not None, caches=cache_list)
+                         ban_eos=shape is not None, caches=cache_list,
+                         group=g if g.size() > 1 and not tensor else None)
+    if not dist.is_main(g):
+        return
     base = [b for b in baselines.split(",") if b]
     first_prompt = next(iter(prompts.values()))
     for gen in gens:
-        if "torch" in base:
+        if "torch" in base and tensor:
+            log("torch_official: skipped under --parallel tensor (it needs the whole model on one rank)")
+        elif "torch" in base:
             r = B.bench_torch(model, first_prompt, gen, block_length, log)
             runs += [r] if r else []
         if "ar" in base:
             r = B.bench_ar(model.args, len(first_prompt), gen, log)
             runs += [r] if r else []
     result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
-              "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs}
+              "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs,
+              "ranks": g.size(), "parallel": parallel if g.size() > 1 else None,
+              "parameter_bytes_per_rank": B.parameter_bytes(model)}
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
@@ -507,11 +570,18 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--mode", type=click.Choice(list(PRESETS)), default=None, help="Decoding mode for generation tasks.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
+@PARALLEL
 def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_template, compare, data, raw, mc_num,
-          batch_size, cfg_scale, seed, mode, json_out):
-    """Score a model: lm-eval tasks (--tasks), or two conversions against each other (--compare A B --data)."""
+          batch_size, cfg_scale, seed, mode, json_out, parallel):
+    """Score a model: lm-eval tasks (--tasks), or two conversions against each other (--compare A B --data).
+    Under mlx.launch rank 0 reports: --parallel data splits the requests across the ranks (the same scores
+    as one process, in the same order), tensor splits the model."""
+    from . import distributed as dist
     from . import evaluate as E
 
+    g = ranks()
+    tensor = parallel == "tensor" and g.size() > 1
+    shard, share = (g if tensor else None), (g if g.size() > 1 and not tensor else None)
     if bool(tasks) == bool(compare):
         raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
     if compare:
@@ -519,24 +589,24 @@ def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_templa
 
         if not data:
             raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
-        (ma, ta), (mb, tb) = load_model(compare[0]), load_model(compare[1])
+        (ma, ta), (mb, tb) = load_model(compare[0], group=shard), load_model(compare[1], group=shard)
         if ta.get_vocab() != tb.get_vocab():
             raise IlladaError("the two models have different tokenizers; compare conversions of one model")
         items = E.read_items(data, ta, raw=raw)
         with tqdm(total=len(items), desc="comparing", unit="item", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
-            r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update)
+            r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update, group=share)
         r.update(a=compare[0], b=compare[1], data=data)
         click.echo(E.summary_line(r))
     else:
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, group=shard)
         r = E.run_tasks(model, tok, [t for t in tasks.split(",") if t], include_path, limit, num_fewshot,
                         apply_chat_template, mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
-                        mode=mode)
+                        mode=mode, group=share)
         from lm_eval.utils import make_table
 
         click.echo(make_table(r))
-    if json_out:
+    if json_out and dist.is_main(g):
         E.write_json(json_out, r)
 
 

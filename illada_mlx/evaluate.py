@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import IlladaError
 from .engine import build_prompt
-from .likelihood import greedy_answers, log_likelihoods
+from .likelihood import chunk_size, greedy_answers, log_likelihoods
 
 
 def read_items(path: str, tokenizer, raw: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -47,21 +47,28 @@ def read_items(path: str, tokenizer, raw: bool = False) -> list[tuple[list[int],
 
 
 def compare(model_a, model_b, items, mc_num: int = 32, batch_size: int = 32, cfg_scale: float = 0.0,
-            seed: int = 0, progress=None) -> dict:
-    """Score items on both models with the same masks; the summary and the per-item figures."""
-    ll_a, ll_b, g_a, g_b = [], [], [], []
-    chunk = max(1, 256 // max(mc_num // batch_size, 1))
-    for s in range(0, len(items), chunk):
+            seed: int = 0, progress=None, group=None) -> dict:
+    """Score items on both models with the same masks; the summary and the per-item figures. group (data
+    parallel under mlx.launch): each rank scores a share of the chunks one process would score, and every
+    rank gets every item's figures in order."""
+    from .distributed import gather, split
+
+    chunk = chunk_size(mc_num, batch_size)
+    starts = list(range(0, len(items), chunk))
+    mine = starts if group is None else split(starts, group.rank(), group.size())
+    scored = []
+    for s in mine:
         part = items[s:s + chunk]
         a = log_likelihoods(model_a, part, mc_num, batch_size, cfg_scale, seed)
         b = log_likelihoods(model_b, part, mc_num, batch_size, cfg_scale, seed, masks=[x.masks for x in a])
-        ll_a += [x.log_likelihood for x in a]
-        ll_b += [x.log_likelihood for x in b]
         lengths = [(p, len(q)) for p, q in part]
-        g_a += greedy_answers(model_a, lengths, cfg_scale)
-        g_b += greedy_answers(model_b, lengths, cfg_scale)
+        scored += list(zip([x.log_likelihood for x in a], [x.log_likelihood for x in b],
+                           greedy_answers(model_a, lengths, cfg_scale), greedy_answers(model_b, lengths, cfg_scale)))
         if progress is not None:
             progress(len(part))
+    if group is not None:
+        scored = gather(group, scored)
+    ll_a, ll_b, g_a, g_b = ([x[i] for x in scored] for i in range(4))
     n_tok = np.array([len(q) for _, q in items], dtype=np.float64)
     d = (np.array(ll_a) - np.array(ll_b)) / n_tok
     mean = float(d.mean())
@@ -78,9 +85,9 @@ def compare(model_a, model_b, items, mc_num: int = 32, batch_size: int = 32, cfg
 
 
 def run_tasks(model, tokenizer, tasks: list[str], include_path: Optional[str] = None, limit: Optional[int] = None,
-              num_fewshot: Optional[int] = None, chat_template: bool = False, **model_args) -> dict:
+              num_fewshot: Optional[int] = None, chat_template: bool = False, group=None, **model_args) -> dict:
     """lm-eval's simple_evaluate on `tasks` with this model; a task that needs a download that cannot
-    happen, or an unknown task, is refused in one line."""
+    happen, or an unknown task, is refused in one line. group: data parallel (see IlladaLM)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -93,7 +100,7 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: Optional[str] = 
     if unknown:
         raise IlladaError(f"unknown task {unknown[0]!r}; lm-eval knows {len(manager.all_tasks)} tasks "
                           "(`lm_eval ls tasks`), and --include-path adds a folder of task YAMLs")
-    lm = IlladaLM(model=model, tokenizer=tokenizer, **model_args)
+    lm = IlladaLM(model=model, tokenizer=tokenizer, group=group, **model_args)
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                        num_fewshot=num_fewshot, apply_chat_template=chat_template,

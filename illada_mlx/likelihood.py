@@ -26,6 +26,14 @@ from .config import ContextError, IlladaError
 from .decode import left_pad
 
 
+CHUNK_FORWARDS = 256  # the eval commands score requests in chunks of about this many forwards
+
+
+def chunk_size(mc_num: int, batch_size: int) -> int:
+    """Requests per chunk: each takes mc_num / batch_size forwards."""
+    return max(1, CHUNK_FORWARDS // max(mc_num // batch_size, 1))
+
+
 @dataclass
 class Scored:
     """A request's estimate and the masks it drew, (mc_num, len(answer)) booleans in sampling order."""

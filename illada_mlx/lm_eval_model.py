@@ -12,6 +12,10 @@
   this is a bound on log p(text), not a sum of next-token log-probabilities.
 - generate_until: engine.generate_text with `until` as stop strings and `max_gen_toks` as the budget, in
   the decoding mode given by the model args (mode, threshold, block_length, steps_per_block, ...).
+- data parallel (`group`, under mlx.launch): lm-eval runs whole on every rank and sees one process
+  (rank 0, world size 1); each of the three methods scores a contiguous share of its work (loglikelihood:
+  of the request chunks one process would score together, so every score is the one-process score) and
+  gathers every rank's results in order, so every rank returns the full list.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .config import IlladaError
+from .distributed import gather, split
 from .engine import generate_text
-from .likelihood import greedy_answers, log_likelihoods
+from .likelihood import chunk_size, greedy_answers, log_likelihoods
 
 _INT = {"mc_num", "batch_size", "max_tokens", "block_length", "steps_per_block", "seed"}
 _FLOAT = {"cfg_scale", "threshold", "temperature"}
@@ -49,8 +54,9 @@ def _typed(key: str, value):
 @register_model("illada-mlx")
 class IlladaLM(LM):
     def __init__(self, path: Optional[str] = None, model=None, tokenizer=None, mc_num: int = 128, batch_size=32,
-                 cfg_scale: float = 0.0, greedy_check: bool = True, seed: int = 0, **decode):
+                 cfg_scale: float = 0.0, greedy_check: bool = True, seed: int = 0, group=None, **decode):
         super().__init__()
+        self.group = group if group is not None and group.size() > 1 else None
         if model is None:
             from .load import load
 
@@ -81,6 +87,13 @@ class IlladaLM(LM):
         return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
                                             tokenize=False)
 
+    # -------------------------------------------------------------------------------- data parallel
+    def _share(self, items: list) -> list:
+        return items if self.group is None else split(items, self.group.rank(), self.group.size())
+
+    def _gather(self, results: list) -> list:
+        return results if self.group is None else gather(self.group, results)
+
     # -------------------------------------------------------------------------------- scoring
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -95,29 +108,31 @@ class IlladaLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         pairs = [self._encode_pair(*r.args) for r in requests]
         out = []
-        step = max(1, 256 // max(self.mc_num // self.batch, 1))  # requests scored together
-        for s in tqdm(range(0, len(pairs), step), disable=disable_tqdm, desc="loglikelihood", file=sys.stderr):
+        step = chunk_size(self.mc_num, self.batch)  # requests scored together
+        starts = self._share(list(range(0, len(pairs), step)))
+        for s in tqdm(starts, disable=disable_tqdm, desc="loglikelihood", file=sys.stderr):
             chunk = pairs[s:s + step]
             scored = log_likelihoods(self.model, chunk, self.mc_num, self.batch, self.cfg, self.seed)
             greedy = (greedy_answers(self.model, [(p, len(a)) for p, a in chunk], self.cfg) if self.greedy
                       else [None] * len(chunk))
             out += [(sc.log_likelihood, g == a) for sc, g, (_, a) in zip(scored, greedy, chunk)]
-        return out
+        return [tuple(x) for x in self._gather(out)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         limit = self.model.args.max_position_embeddings
         out = []
-        for r in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling", file=sys.stderr):
+        for r in tqdm(self._share(list(requests)), disable=disable_tqdm, desc="loglikelihood_rolling",
+                      file=sys.stderr):
             ids = self._encode(r.args[0])
             windows = [([], ids[i:i + limit]) for i in range(0, len(ids), limit)] or []
             out.append(sum(sc.log_likelihood for sc in log_likelihoods(
                 self.model, windows, self.mc_num, self.batch, self.cfg, self.seed)) if windows else 0.0)
-        return out
+        return self._gather(out)
 
     # -------------------------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False):
         out = []
-        for r in tqdm(requests, disable=disable_tqdm, desc="generate_until", file=sys.stderr):
+        for r in tqdm(self._share(list(requests)), disable=disable_tqdm, desc="generate_until", file=sys.stderr):
             context, gen = r.args[0], dict(r.args[1] or {})
             until = gen.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -125,7 +140,7 @@ class IlladaLM(LM):
             if gen.get("max_gen_toks"):
                 settings["max_tokens"] = int(gen["max_gen_toks"])
             out.append(generate_text(self.model, self.tok, self._encode(context), stop=tuple(until), **settings))
-        return out
+        return self._gather(out)
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with this model registered

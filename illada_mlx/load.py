@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .checkpoint import FLOAT_DTYPES, find_shards, inspect_checkpoint, iter_shards, safetensors_header
 from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
                      resolve_special_ids)
+from .distributed import all_objects, check_same
 from .files import check_file
 from .model import Model
 from .quant import apply_quantization
@@ -60,21 +62,23 @@ def describe_mismatch(e: ValueError) -> str:
     return one_line(text)
 
 
-def check_finite(weights: dict[str, mx.array]) -> None:
-    """Refuse NaN or infinity in any float weight (reads every weight once)."""
+def check_finite(weights: dict[str, mx.array], group=None) -> None:
+    """Refuse NaN or infinity in any float weight (reads every weight once); with a group, each rank checks
+    its own slices and every rank refuses what any rank found."""
     floats = [(k, v) for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
-    if not floats:
-        return
-    ok = mx.stack([mx.all(mx.isfinite(v)) for _, v in floats]).tolist()
+    ok = mx.stack([mx.all(mx.isfinite(v)) for _, v in floats]).tolist() if floats else []
     bad = [k for (k, _), good in zip(floats, ok) if not good]
+    if group is not None and group.size() > 1:
+        bad = list(dict.fromkeys(k for part in all_objects(group, bad) for k in part))
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise IlladaError(f"NaN or infinite values in {', '.join(bad[:3])}{more}: the weights are corrupt; "
                           "re-download or re-convert the model")
 
 
-def _build(args: ModelArgs, weights: dict[str, mx.array], allow_nonfinite: bool = False) -> Model:
-    if not allow_nonfinite:
+def _build(args: ModelArgs, weights: dict[str, mx.array], allow_nonfinite: bool = False, group=None) -> Model:
+    sharded = group is not None and group.size() > 1
+    if not allow_nonfinite and not sharded:
         check_finite(weights)
     model = Model(args)
     if args.quantization:
@@ -83,6 +87,13 @@ def _build(args: ModelArgs, weights: dict[str, mx.array], allow_nonfinite: bool 
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise IlladaError(f"weights do not match config.json ({describe_mismatch(e)}); re-convert the model")
+    if sharded:
+        weights.clear()  # the model holds the only references to the (lazy) whole tensors now
+        model.shard(group)
+        for part in (model.model.embed_tokens, *model.layers, model):  # one layer's whole tensors at a time
+            mx.eval(part.parameters())
+        if not allow_nonfinite:
+            check_finite(dict(tree_flatten(model.parameters())), group)
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -128,7 +139,7 @@ def load_mlx_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
+def load_model(path: Path, mask_id: Optional[int] = None, group=None) -> Model:
     """The model in an MLX dir (memory-mapped) or an HF dir (read whole into memory through the checkpoint
     reader: fine for small models, `illada-mlx convert` for big ones). Config, headers and dtypes are
     checked before anything is read; NaN or infinite weights are refused (unless the MLX dir's config.json
@@ -140,12 +151,12 @@ def load_model(path: Path, mask_id: Optional[int] = None) -> Model:
         if mask_id is not None:
             args.mask_token_id = mask_id
         check_special_ids(args)
-        return _build(args, load_mlx_weights(path), allow_nonfinite=cfg.get(NONFINITE_KEY) is True)
+        return _build(args, load_mlx_weights(path), allow_nonfinite=cfg.get(NONFINITE_KEY) is True, group=group)
     args = resolve_special_ids(args_from_config(cfg), path, mask_id)
     weights = {}
     for _, tensors in iter_shards(inspect_checkpoint(path, args)):
         weights.update({k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
-    return _build(args, weights)
+    return _build(args, weights, group=group)
 
 
 def load_tokenizer(path: Path, args: ModelArgs):
@@ -180,14 +191,24 @@ def load_tokenizer(path: Path, args: ModelArgs):
     return TokenizerWrapper(tok, detok, eos_token_ids=eos or None)
 
 
-def load(path: Optional[str] = None, mask_id: Optional[int] = None):
+def model_files(path: Path) -> dict[str, bytes]:
+    """What every rank must agree on: config.json's bytes and the names and sizes of the model's files."""
+    files = sorted([f.name, f.stat().st_size] for f in path.iterdir()
+                   if f.is_file() and (f.suffix == ".safetensors" or f.name in SIDE_FILES))
+    return {"config.json": (path / "config.json").read_bytes(), "the list of files (names, sizes)": repr(files).encode()}
+
+
+def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None):
     """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model's HF
-    checkpoint, read in memory."""
+    checkpoint, read in memory. With a `group` of several ranks (mlx.launch) the model is tensor-parallel
+    (Model.shard): every rank checks that the others load the same files, then keeps its slice only."""
     if path is None:
         from .demo import bundled
 
         root = bundled()
     else:
         root = resolve_source(str(path))
-    model = load_model(root, mask_id)
+    if group is not None and group.size() > 1:
+        check_same(group, model_files(root), "model")
+    model = load_model(root, mask_id, group)
     return model, load_tokenizer(root, model.args)
