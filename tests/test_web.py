@@ -13,23 +13,10 @@ import pytest
 
 from illada_mlx.server import Options
 from illada_mlx.spec import make_spec
-from test_server import Server
+from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = Path(__file__).parent / "out"  # the browser test's screenshot (gitignored)
-
-
-@pytest.fixture(scope="module")
-def web_server(demo):
-    s = Server(*demo, "illada-demo")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(web_server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=web_server.url, api_key="none", max_retries=0, timeout=120)
 
 
 def raw_get(port: int, path: str) -> tuple[int, bytes]:
@@ -44,8 +31,8 @@ def raw_get(port: int, path: str) -> tuple[int, bytes]:
 
 
 # ------------------------------------------------------------------------------------------ the files
-def test_the_page_and_its_files_are_served_with_their_types(web_server):
-    with httpx.Client(base_url=f"http://127.0.0.1:{web_server.port}", timeout=10) as h:
+def test_the_page_and_its_files_are_served_with_their_types(demo_server):
+    with httpx.Client(base_url=f"http://127.0.0.1:{demo_server.port}", timeout=10) as h:
         page = h.get("/")
         assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
         assert '<script src="/static/app.js">' in page.text and "/static/style.css" in page.text
@@ -60,8 +47,8 @@ def test_the_page_and_its_files_are_served_with_their_types(web_server):
 @pytest.mark.parametrize("path", ["/static/../server.py", "/static/..%2Fserver.py", "/static/%2e%2e/server.py",
                                   "/static/index.html", "/static/", "/static/APP.JS",
                                   "/static/web/app.js", "/web/app.js", "/index.html", "/static/..%5Cserver.py"])
-def test_only_the_listed_files_are_served(web_server, path):
-    status, body = raw_get(web_server.port, path)
+def test_only_the_listed_files_are_served(demo_server, path):
+    status, body = raw_get(demo_server.port, path)
     assert status in (400, 404) and b"import" not in body, (path, status, body[:200])
 
 
@@ -79,9 +66,9 @@ def test_the_page_is_public_but_the_api_keeps_its_key(demo):
         s.stop()
 
 
-def test_defaults_are_the_model_defaults_per_mode(web_server, demo):
+def test_defaults_are_the_model_defaults_per_mode(demo_server, demo):
     model, tok = demo
-    with httpx.Client(base_url=web_server.url, timeout=10) as h:
+    with httpx.Client(base_url=demo_server.url, timeout=10) as h:
         d = h.get("/illada/defaults").json()
     assert d["model"] == "illada-demo" and d["mode"] == make_spec(model, tok, 0).mode
     exact, fast = d["modes"]["exact"], d["modes"]["fast"]
@@ -96,9 +83,9 @@ def test_defaults_are_the_model_defaults_per_mode(web_server, demo):
     ({"steps": 1}, True, "diffusion.steps must be true or false"),
     ({"steps": True}, False, "diffusion.steps needs stream: true"),
 ])
-def test_steps_option_is_checked(web_server, diffusion, stream, message):
+def test_steps_option_is_checked(demo_server, diffusion, stream, message):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": stream, "diffusion": diffusion}
-    with httpx.Client(base_url=web_server.url, timeout=30) as h:
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
         for path, b in (("/chat/completions", body), ("/completions", {**body, "prompt": "hi", "messages": None})):
             r = h.post(path, json={k: v for k, v in b.items() if v is not None})
             err = r.json()["error"]
@@ -168,13 +155,13 @@ def test_step_events_on_completions(client, demo):
     assert said and replayed == said
 
 
-def test_ordinary_streams_carry_nothing_new(web_server):
+def test_ordinary_streams_carry_nothing_new(demo_server):
     body = {"messages": [{"role": "user", "content": "reverse hello"}], "stream": True, "max_tokens": 16,
             "diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8}}
     for steps in (None, False):
         if steps is not None:
             body["diffusion"]["steps"] = steps
-        with httpx.Client(base_url=web_server.url, timeout=60) as h:
+        with httpx.Client(base_url=demo_server.url, timeout=60) as h:
             lines = [x for x in h.post("/chat/completions", json=body).text.split("\n\n") if x]
         chunks = [json.loads(x[6:]) for x in lines[:-1]]
         assert lines[-1] == "data: [DONE]" and len(chunks) <= 2 + 2  # the role, a chunk per block, the end
