@@ -224,8 +224,11 @@ def test_a_rank_that_dies_ends_the_launch(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     p, seconds = launch({"mode": "die", "out": str(out)}, tmp_path, 60, env={"ILLADA_DIST_TIMEOUT": "20"})
-    assert seconds < 30  # mlx.launch stops rank 0 (blocked in a collective) when rank 1 exits with an error
-    assert "rank 1 exited with code 3" in p.stdout + p.stderr and not (out / "rank0.json").exists()
+    assert seconds < 30 and not (out / "rank0.json").exists()
+    # whichever is seen first: mlx.launch stops rank 0 (blocked in a collective) when rank 1 exits with an
+    # error, or rank 0's ring sees its peer's socket close while rank 1 is still exiting, and fails
+    said = p.stdout + p.stderr
+    assert "rank 1 exited with code 3" in said or ("closed by the peer" in said and "rank 0 exited with code 1" in said)
 
 
 def test_a_rank_that_stops_answering_ends_the_launch(tmp_path):
