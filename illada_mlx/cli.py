@@ -414,7 +414,8 @@ def check_listen(host: str, port: int) -> None:
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1),
               help="Requests waiting beyond this (at least 1) get 429.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Rows decoded together (compatible requests join the running batch at block boundaries).")
+              help="Rows decoded together (compatible requests join the running batch at block boundaries); "
+                   "1 under mlx.launch with several ranks.")
 @click.option("--max-request-seconds", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
               help="A request running longer ends with finish_reason time_limit.")
 @click.option("--api-key", envvar="ILLADA_MLX_API_KEY", default=None, help="Require Authorization: Bearer KEY "
@@ -427,19 +428,24 @@ def check_listen(host: str, port: int) -> None:
 @click.option("--mask-id", type=click.IntRange(min=0), default=None)
 def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api_key, allowed_hosts, allowed_origins,
           log_level, mask_id):
-    """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions, /health."""
+    """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions, /health.
+    Under mlx.launch the model is split across the ranks (tensor parallel): rank 0 serves, one request at a
+    time (no batching), and the other ranks run each decode with it."""
     from pathlib import Path
 
-    from .server import Engine, Options, serve as run
+    from . import distributed as dist
+    from .server import Engine, Options, follow, serve as run
 
-    if ranks().size() > 1:
-        raise IlladaError("serve under mlx.launch with more than one rank is not supported yet; run it as one "
-                          "process (generate, chat, bench and eval run on several)")
-    check_listen(host, port)
+    g = ranks()
+    if dist.is_main(g):
+        check_listen(host, port)
     names = lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()) if v else None  # noqa: E731
-    model, tok = load_model(model_path, mask_id)
+    model, tok = load_model(model_path, mask_id, group=g)
+    if not dist.is_main(g):
+        follow(model, tok, g)  # the same decodes as rank 0's, until its server stops
+        return
     name = Path(str(model_path)).name if model_path else "illada-demo"
-    engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
+    engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
     opts = Options(api_key=api_key or None, allowed_hosts=names(allowed_hosts),
                    allowed_origins=names(allowed_origins) or ())
     run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))

@@ -142,6 +142,15 @@ def broadcast(g: mx.distributed.Group, obj=None):
     return all_objects(g, obj if g.rank() == 0 else None)[0]
 
 
+def decide(g: mx.distributed.Group, flag: bool) -> bool:
+    """Rank 0's yes/no on every rank (the others' `flag` is ignored): one small collective."""
+    if g.size() == 1:
+        return flag
+    total = mx.distributed.all_sum(mx.array([int(flag) if g.rank() == 0 else 0]), group=g).item()
+    beat()
+    return bool(total)
+
+
 def barrier(g: mx.distributed.Group) -> None:
     if g.size() > 1:
         mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=g))

@@ -16,6 +16,13 @@ A request is read and checked by api.py (limits, then field by field: a bad one 
 field, never a 500) and resolved here into a Job (its DecodeSpec, made once by spec.make_spec). Diffusion
 options go in a `diffusion` object (the openai client's `extra_body={"diffusion": {...}}`). listen.py
 puts the guard (Host, API key, content type, the log line) in front and runs uvicorn with limits.
+
+Tensor parallel (`mlx.launch`, several ranks; Engine(group=)): rank 0 serves HTTP and its worker decodes one
+request at a time (no batching, n = 1), each through the engine: before a decode it broadcasts the prompt's
+token ids and the DecodeSpec (with a seed: rank 0 draws one when the request has none), and after each
+block one yes/no, whether to stop there (a cancel, the time limit, the server stopping). The other ranks
+run `follow`: the same decode in lockstep, ending at the same block, until rank 0 sends the end. EOS and
+stop strings end a decode inside the engine the same way on every rank (the same tokens, the same tokenizer).
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -40,6 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import distributed as dist
 from .api import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, choices, messages, parse_json,
                   prompt_text, read_body, settings, step_events, streaming)
 from .batch import Batch, LogprobTracker, Row, _row, batch_key
@@ -85,9 +96,11 @@ class Engine:
     """The model, its tokenizer, the worker thread that serves the queue and a small pool that tokenizes."""
 
     def __init__(self, model, tokenizer, name: str, max_queue: int = 16, max_batch: int = 8,
-                 max_request_seconds: float = 600.0):
+                 max_request_seconds: float = 600.0, group=None):
         self.model, self.tok, self.name = model, tokenizer, name
-        self.max_batch, self.max_request_seconds = max_batch, max_request_seconds
+        self.group = group if group is not None and group.size() > 1 else None  # several ranks: lockstep
+        self.max_batch = 1 if self.group is not None else max_batch
+        self.max_request_seconds = max_request_seconds
         self.max_queue = max_queue
         self.jobs: queue.Queue = queue.Queue()  # submitted; the worker moves them to `waiting`
         self.waiting: deque = deque()
@@ -96,7 +109,10 @@ class Engine:
         self.created = int(time.time())
         self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="illada-tokenize")
-        threading.Thread(target=self._work, daemon=True, name="illada-worker").start()
+        self.closing = threading.Event()  # set by close(): the running decode stops at its next block
+        self.worker = threading.Thread(target=self._lockstep if self.group else self._work, daemon=True,
+                                       name="illada-worker")
+        self.worker.start()
 
     def submit(self, job: Job):
         """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted)."""
@@ -146,6 +162,27 @@ class Engine:
                 continue
             if not batch.size:
                 batch = None
+
+    def _lockstep(self):
+        """Several ranks: requests one at a time in arrival order, each through `_alone` (which tells the
+        other ranks what to run); at close() the other ranks are told to end (`follow` returns)."""
+        while True:
+            with dist.idle():  # no request may come for long: the watchdog waits
+                job = self.jobs.get()
+            if job is None:
+                dist.broadcast(self.group, None)
+                return
+            if not (job.cancel.is_set() or self.closing.is_set()):
+                self._alone(job)
+
+    def close(self):
+        """Several ranks: stop the running decode at its next block, drop the requests still queued, end the
+        other ranks' `follow` and wait for the worker. One process: nothing (the worker is a daemon)."""
+        if self.group is None or not self.worker.is_alive():
+            return
+        self.closing.set()
+        self.jobs.put_nowait(None)
+        self.worker.join()
 
     def _collect(self, wait: bool):
         if wait:
@@ -214,6 +251,10 @@ class Engine:
         except Exception as e:  # our bug: this request gets an error, the worker goes on
             log.exception("decode failed")
             job.emit("error", 0, _one_line(e))
+            if self.group is not None:  # the other ranks may be anywhere in the decode: no way back to lockstep
+                log.error("the ranks are out of step after a failed decode; exiting")
+                logging.shutdown()
+                os._exit(1)
         self.served += 1
 
     def _alone_choice(self, job: Job, i: int, spec: DecodeSpec) -> bool:
@@ -231,16 +272,25 @@ class Engine:
                 self._emit_step(job, i, ev, self._step_tokens(ev), 0, ev.block, start, min(bl, end - P - start),
                                 P + start)
 
+        run = spec
+        if self.group is not None:  # the other ranks' `follow` runs the same decode (one seed for sampling)
+            run = replace(spec, seed=spec.seed if spec.seed is not None else time.time_ns() % 2**31)
+            dist.broadcast(self.group, {"ids": job.prompt_ids, "spec": run.as_dict()})
         tokens, r = 0, None
-        for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=spec, on_step=on_step):
+        for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=run, on_step=on_step):
             tokens += len(r.tokens)
             lp = tracker.result() if tracker is not None and r.tokens else None
             if r.text or r.tokens:
                 job.emit("text", i, (r.text, self._logprobs(r.tokens, _row(lp, 0, len(r.tokens)),
                                                              job.top_logprobs)))
-            if job.cancel.is_set():
+            cancelled = job.cancel.is_set() or self.closing.is_set()
+            late = r.finish_reason is None and time.monotonic() > job.deadline
+            if self.group is not None:
+                dist.decide(self.group, cancelled or late)  # the other ranks stop after this block too
+            if cancelled:
+                log.info("request cancelled after block %d of %d", r.blocks_done, r.blocks)
                 return False
-            if r.finish_reason is None and time.monotonic() > job.deadline:
+            if late:
                 job.emit("done", i, self._info("time_limit", tokens, None, spec))
                 return False
         job.emit("done", i, self._info(r.finish_reason, tokens, r.stats, spec))
@@ -291,6 +341,23 @@ class Engine:
 
 def _one_line(e: Exception) -> str:
     return one_line(e) or type(e).__name__
+
+
+def follow(model, tokenizer, group) -> None:
+    """A rank other than 0 under `serve`: every decode rank 0's worker broadcasts, run in lockstep with it
+    and stopped after the block where rank 0 says so, until rank 0 sends the end (its server stopped). It
+    serves nothing and ignores Ctrl-C: rank 0 stops first and then ends this loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        with dist.idle():  # as long as no request comes
+            job = dist.broadcast(group)
+        if job is None:
+            return
+        spec = DecodeSpec.from_dict(job["spec"])
+        with closing(stream_generate(model, tokenizer, job["ids"], spec=spec)) as responses:
+            for _ in responses:
+                if dist.decide(group, False):
+                    break
 
 
 # ------------------------------------------------------------------------------------------ reading a request
@@ -526,7 +593,13 @@ async def server_error(request, exc):
 
 def make_app(engine: Engine, opts: Optional[Options] = None):
     opts = opts or Options()
-    app = Starlette(routes=[
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close)  # several ranks: the others end when the server stops
+
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -554,7 +627,8 @@ def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = 
         echo(line)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
-    echo(f"serving {engine.name} on {url}/v1; web chat on {url}/")
+    ranks = f"; tensor parallel over {engine.group.size()} ranks: one request at a time" if engine.group else ""
+    echo(f"serving {engine.name} on {url}/v1; web chat on {url}/{ranks}")
     server = make_server(make_app(engine, opts), host, port, log_level if log_level != "info" else "warning",
                          max_connections, idle_seconds)
     server.run(sockets=[sock])

@@ -101,6 +101,13 @@ class DecodeSpec:
         d["stop"] = list(self.stop)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeSpec":
+        """The spec `as_dict` gave, after a trip through JSON (its lists back to tuples)."""
+        boost = d.get("think_boost")
+        return cls(**{**d, "stop": tuple(d.get("stop", ())),
+                      "think_boost": tuple(boost) if boost is not None else None})
+
     def check(self, vocab_size: int, positions: int, prompt_len: int) -> None:
         """Refuse anything invalid before any work (one line naming the problem and the fix)."""
         if self.mask_id is None:

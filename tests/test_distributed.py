@@ -1,7 +1,8 @@
 """Tensor and data parallel under `mlx.launch --backend ring -n 2` on this machine (CPU backend).
 
 Launches of tests/dist_worker.py: one runs every check (each rank writes what it saw); the others have
-rank 1 stop answering, die, or miss its model directory. The oracle is this process: the unsharded
+rank 1 stop answering, die, or miss its model directory. One launches `illada-mlx serve` and talks to it
+over HTTP. The oracle is this process: the unsharded
 model's logits, the single-process tokens, scores, bench rows and command output.
 """
 
@@ -100,7 +101,6 @@ def launched(tmp_path_factory):
             "commands": {"generate": ["generate", "--model", models["illada"], *GENERATE],
                          "bench": [*BENCH, "--json", str(bench_json)],
                          "heads": ["generate", "--model", kv1, "-p", "hi"],
-                         "serve": ["serve", "--port", "8999"],
                          "stdin": ["generate", "--model", models["illada"], "--prompt", "-"],
                          "chat": [*CHAT, "--model", models["illada"]],
                          "compare": [*compare, "--json", str(compare_json)]},
@@ -167,9 +167,8 @@ def test_refusals_are_one_line(launched):
     cmds = [r["commands"] for r in launched["ranks"]]
     assert cmds[0]["heads"]["code"] == 1 and cmds[0]["heads"]["stderr"].startswith("error: 2 ranks cannot split")
     assert cmds[1]["heads"]["stderr"].startswith("error: rank 1: 2 ranks cannot split")
-    assert cmds[0]["serve"]["code"] == 1 and "not supported yet" in cmds[0]["serve"]["stderr"]
     assert cmds[0]["stdin"]["code"] == 1 and "--prompt - does not work under mlx.launch" in cmds[0]["stdin"]["stderr"]
-    assert len(cmds[0]["serve"]["stderr"].splitlines()) == 1
+    assert len(cmds[0]["stdin"]["stderr"].splitlines()) == 1
 
 
 def test_generate_prints_on_rank_0_only_and_matches_one_process(launched):
@@ -238,3 +237,93 @@ def test_a_rank_that_stops_answering_ends_the_launch(tmp_path):
     assert seconds < 30
     assert "error: rank 0: no reply from the other ranks for 2 s (a rank died?); exiting" in p.stdout + p.stderr
     assert not (out / "rank0.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ serve
+SERVE = {"mode": "exact", "block_length": 8, "steps_per_block": 4}  # 2 blocks of 16 tokens: a check per block
+MESSAGES = [{"role": "user", "content": "reverse ab"}]
+
+
+def test_spec_survives_json():
+    from illada_mlx.spec import DecodeSpec
+
+    spec = DecodeSpec(mask_id=5, stop=("a", "bc"), think_boost=(100.0, 3.0), seed=7, temperature=0.5)
+    assert DecodeSpec.from_dict(json.loads(json.dumps(spec.as_dict()))) == spec
+    assert DecodeSpec.from_dict(json.loads(json.dumps(DecodeSpec(mask_id=5).as_dict()))) == DecodeSpec(mask_id=5)
+
+
+def test_serve_on_two_ranks_answers_as_one_process_and_ends_with_the_server(tmp_path):
+    """`illada-mlx serve` on 2 ranks: rank 0 listens, rank 1 decodes with it; the replies equal one process's,
+    a stream left after its first step stops both ranks at the same block (the next reply is still right),
+    the ranks idle past ILLADA_DIST_TIMEOUT without the watchdog ending them, and Ctrl-C (SIGINT to the
+    launch's process group) ends the whole launch."""
+    import os
+    import signal
+    import socket
+
+    import httpx
+
+    from illada_mlx.engine import build_prompt, stream_generate
+    from illada_mlx.load import load
+
+    path = mlx_dir(tmp_path, "illada", Spec())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = str(LAUNCH) if LAUNCH.exists() else shutil.which("mlx.launch")
+    cli = Path(sys.executable).parent / "illada-mlx"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:  # --port, not -p (mlx.launch's own); no --host (an abbreviation of its --hosts)
+        p = subprocess.Popen([exe, "--backend", "ring", "-n", "2", "--python", sys.executable,
+                              str(cli if cli.exists() else shutil.which("illada-mlx")), "serve", "--model", path,
+                              "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "ILLADA_DIST_TIMEOUT": "8"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=60) as http:
+            for _ in range(300):
+                try:
+                    if http.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert p.poll() is None, log.read_text()
+                time.sleep(0.1)
+            ready = time.perf_counter()
+            model, tok = load(path)
+            ids = build_prompt(tok, MESSAGES)
+            time.sleep(max(0.0, ready + 9 - time.perf_counter()))  # idle past the watchdog's 8 s: it waits
+
+            def one(**s):
+                return "".join(r.text for r in stream_generate(model, tok, ids, **SERVE, **s))
+
+            def ask(stream=False, **s):
+                body = {"messages": MESSAGES, "max_tokens": 16, "stream": stream, "diffusion": SERVE, **s}
+                return http.post(f"{url}/v1/chat/completions", json=body)
+
+            greedy = one(max_tokens=16, temperature=0.0)
+            r = ask(temperature=0.0)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+            chunks = [json.loads(x[6:]) for x in ask(stream=True, temperature=0.8, seed=3).text.split("\n\n")
+                      if x.startswith("data: {")]
+            sampled = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            assert sampled == one(max_tokens=16, temperature=0.8, seed=3)
+            long = {"messages": MESSAGES, "max_tokens": 480, "stream": True,  # 60 blocks: left after one step
+                    "diffusion": {**SERVE, "steps": True}}
+            with http.stream("POST", f"{url}/v1/chat/completions", json=long) as s:
+                next(x for x in s.iter_lines() if '"diffusion"' in x)
+            r = ask(temperature=0.0)  # the ranks are still in step
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+        time.sleep(0.5)  # mlx.launch passes the ranks' output on every 0.1 s; Ctrl-C ends that at once
+        t0 = time.perf_counter()
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: every process of the launch; rank 1 ignores it
+        p.wait(timeout=30)  # the launcher waits for both ranks: rank 1 ends only when rank 0 tells it
+        assert time.perf_counter() - t0 < 30
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert "tensor parallel over 2 ranks: one request at a time" in text
+    cancelled = [line for line in text.splitlines() if "request cancelled after block" in line]
+    assert len(cancelled) == 1 and int(cancelled[0].split("after block ")[1].split()[0]) < 60, text
