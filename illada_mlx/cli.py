@@ -574,11 +574,14 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per forward (and mask group).")
 @click.option("--cfg-scale", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--greedy-check/--no-greedy-check", default=True, show_default=True,
+              help="--tasks: also run the official greedy check (is_greedy) per request; multiple-choice "
+                   "metrics do not use it, and skipping it about halves their time.")
 @click.option("--mode", type=click.Choice(list(PRESETS)), default=None, help="Decoding mode for generation tasks.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @PARALLEL
 def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_template, compare, data, raw, mc_num,
-          batch_size, cfg_scale, seed, mode, json_out, parallel):
+          batch_size, cfg_scale, seed, greedy_check, mode, json_out, parallel):
     """Score a model: lm-eval tasks (--tasks), or two conversions against each other (--compare A B --data).
     Under mlx.launch rank 0 reports: --parallel data splits the requests across the ranks (the same scores
     as one process, in the same order), tensor splits the model."""
@@ -608,7 +611,7 @@ def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_templa
         model, tok = load_model(model_path, group=shard)
         r = E.run_tasks(model, tok, [t for t in tasks.split(",") if t], include_path, limit, num_fewshot,
                         apply_chat_template, mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
-                        mode=mode, group=share)
+                        greedy_check=greedy_check, mode=mode, group=share)
         from lm_eval.utils import make_table
 
         click.echo(make_table(r))

@@ -41,7 +41,8 @@ def test_lm_eval_multiple_choice_on_the_demo_model(task_dir, tmp_path, monkeypat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "r.json"
     r = CliRunner().invoke(main, ["eval", "--tasks", "illada_demo_mc", "--include-path", str(task_dir),
-                                  "--apply-chat-template", "--mc-num", "16", "--batch-size", "16", "--json", str(out)])
+                                  "--apply-chat-template", "--mc-num", "16", "--batch-size", "16", "--no-greedy-check",
+                                  "--json", str(out)])
     assert r.exit_code == 0, r.output
     acc = json.loads(out.read_text())["results"]["illada_demo_mc"]["acc,none"]
     n = sum(1 for _ in DATA.open())
@@ -67,7 +68,7 @@ def test_compare_reports_what_a_conversion_cost(tmp_path):
     convert(str(BUNDLED), str(tmp_path / "f32"), progress=False)
     convert(str(BUNDLED), str(tmp_path / "q2"), quantize=True, q_bits=2, q_group_size=32, progress=False)
     data = tmp_path / "d.jsonl"
-    items = [json.loads(x) for x in DATA.read_text().splitlines()]
+    items = [json.loads(x) for x in DATA.read_text().splitlines()][:12]
     data.write_text("".join(json.dumps({"prompt": it["prompt"], "answer": it["choices"][it["gold"]]}) + "\n"
                             for it in items))
     out = tmp_path / "c.json"
