@@ -1,5 +1,6 @@
-"""8B-shape forward timings on a GPU (MLX CUDA or Metal): a 32-token block against 0/512/2048 cached
-tokens, bf16 and 4-bit, with the weight-bandwidth roofline; and the candidates kernel vs the reference.
+"""8B-shape forward timings on a GPU (MLX CUDA or Metal): a 32-token block, and a token-cache step (16
+scattered positions of the block), against 0/512/2048 cached tokens, bf16 and 4-bit, with the
+weight-bandwidth roofline; and the candidates kernel vs the reference.
 
     python bench/gpu_forward.py --json out.json        (run by bench/device_check.sh)
 """
@@ -57,12 +58,17 @@ def main():
             model(ids, cache=cache, logits_at=mx.arange(ctx, L))
             mx.eval(cache.state())
             at = mx.arange(0, 32)
-            ms = timed(lambda: model(ids[:, ctx:], cache=cache, offset=ctx, logits_at=at))
+            pos = mx.arange(ctx, L, 2)[None]  # a token-cache step: half the block (its average query)
+            steps = {"block": lambda: model(ids[:, ctx:], cache=cache, offset=ctx, logits_at=at),
+                     "token16": lambda: model(mx.take_along_axis(ids, pos, axis=1), cache=cache, offset=pos,
+                                              logits_at=mx.arange(16))}
             roof = 1000 * wbytes / (bw * 1e9)
-            row = {"weights": "bf16" if q is None else f"{q}bit", "context": ctx, "block": 32, "ms_per_forward": ms,
-                   "weight_bytes": wbytes, "roofline_ms": roof, "x_roofline": ms / roof}
-            res["rows"].append(row)
-            print(row, flush=True)
+            for step, forward in steps.items():
+                ms = timed(forward)
+                row = {"weights": "bf16" if q is None else f"{q}bit", "context": ctx, "block": 32, "step": step,
+                       "ms_per_forward": ms, "weight_bytes": wbytes, "roofline_ms": roof, "x_roofline": ms / roof}
+                res["rows"].append(row)
+                print(row, flush=True)
         del model
         mx.clear_cache()
     with open(a.json, "w") as f:
