@@ -66,6 +66,7 @@ class IlladaLM(LM):
         self.model, self.tok = model, tokenizer
         self.mc_num, self.batch, self.cfg = kw["mc_num"], kw["batch_size"], kw["cfg_scale"]
         self.greedy, self.seed = kw["greedy_check"], kw["seed"]
+        self.templated = False  # set once lm-eval renders a prompt through the chat template
         self.decode = {k: _typed(k, v) for k, v in decode.items() if v is not None}
         if self.mc_num % self.batch:
             raise IlladaError(f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch})")
@@ -84,6 +85,7 @@ class IlladaLM(LM):
         return getattr(self.tok, "name_or_path", "illada-mlx")
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        self.templated = True  # lm-eval asks for this only under --apply-chat-template
         return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
                                             tokenize=False)
 
@@ -99,7 +101,11 @@ class IlladaLM(LM):
         return self.tok.encode(text, add_special_tokens=False)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n = len(context) - len(context.rstrip())
+        """(context ids, continuation ids). A plain context's trailing whitespace moves into the continuation
+        (" A" tokenizes as one token), as the official eval_llada.py and lm-eval's HF model do. A chat
+        template's context keeps it: it ends with the template's own "assistant" header, which is prompt,
+        not answer."""
+        n = 0 if self.templated else len(context) - len(context.rstrip())
         if n:
             continuation, context = context[-n:] + continuation, context[:-n]
         whole, ctx = self._encode(context + continuation), self._encode(context)
