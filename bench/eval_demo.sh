@@ -25,8 +25,9 @@ open('$T/answers.jsonl', 'w').write(''.join(json.dumps({'prompt': r['prompt'], '
 export HF_DATASETS_OFFLINE=1
 for w in float32 8bit 4bit mixed_4_8; do
   illada-mlx eval --model "$T/$w" --tasks illada_demo_mc50 --include-path bench/tasks --apply-chat-template --limit "$LIMIT" \
-    --mc-num "$MC" --batch-size "$MC" --json "bench/results/eval_mc50_$w.json"
+    --mc-num "$MC" --batch-size "$MC" --no-greedy-check --json "bench/results/eval_mc50_$w.json"
 done
+[ "${TASKS_ONLY:-}" ] && exit 0  # the multiple-choice rows only
 for w in 8bit 4bit mixed_4_8; do
   illada-mlx eval --compare "$T/float32" "$T/$w" --data "$T/answers.jsonl" --mc-num "$MC" --batch-size "$MC" \
     --json "bench/results/eval_compare_float32_vs_$w.json"
