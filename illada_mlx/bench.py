@@ -95,20 +95,21 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
     the rows, in the order one process would give them."""
     from .distributed import gather, split
 
-    runs = []
+    runs = []  # (gen, mode, cache (None: the preset's), refresh, prompt length)
     for gen in gen_lengths:
         for name in modes:
-            cached = PRESETS[name].settings["cache"] != "none"
-            runs += [(gen, name, c, r, plen) for i, c in enumerate(caches if cached else caches[:1])
-                     for r in (refreshes if cached else refreshes[:1]) if not (i and r == "full") for plen in prompts]
+            if PRESETS[name].settings["cache"] == "none":
+                runs += [(gen, name, None, refreshes[0], plen) for plen in prompts]
+            else:
+                runs += [(gen, name, c, r, plen) for i, c in enumerate(caches) for r in refreshes
+                         if not (i and r == "full") for plen in prompts]
     if group is not None:
         runs = split(runs, group.rank(), group.size())
     rows = []
     for gen, name, cache, refresh, plen in runs:
         prompt = prompts[plen]
-        cached = PRESETS[name].settings["cache"] != "none"
         kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
-                  block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache if cached else None)
+                  block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache)
         spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
         _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
         r = _median([_one(model, prompt, spec) for _ in range(repeats)])

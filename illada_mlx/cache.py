@@ -68,9 +68,7 @@ class BlockCache:
         self.keys[layer][..., offset:end, :] = k
         self.values[layer][..., offset:end, :] = v
         self.length = max(self.length, end)
-        n = self.length
-        K, V = self.keys[layer], self.values[layer]
-        return (K, V) if n == K.shape[2] else (K[..., :n, :], V[..., :n, :])
+        return self._canvas(layer)
 
     def update_at(self, layer: int, k: mx.array, v: mx.array, positions: mx.array):
         """Write keys/values (B, H, L, D) at canvas positions (B, L) already in the buffers; return the
@@ -78,8 +76,11 @@ class BlockCache:
         at = positions[:, None, :, None]
         self.keys[layer] = mx.put_along_axis(self.keys[layer], mx.broadcast_to(at, k.shape), k, axis=2)
         self.values[layer] = mx.put_along_axis(self.values[layer], mx.broadcast_to(at, v.shape), v, axis=2)
-        n = self.length
-        K, V = self.keys[layer], self.values[layer]
+        return self._canvas(layer)
+
+    def _canvas(self, layer: int):
+        """The layer's keys/values over the canvas (the buffers' first `length` positions)."""
+        n, K, V = self.length, self.keys[layer], self.values[layer]
         return (K, V) if n == K.shape[2] else (K[..., :n, :], V[..., :n, :])
 
     def record_at(self, tokens: mx.array, positions: mx.array) -> None:

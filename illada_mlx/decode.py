@@ -150,6 +150,8 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
     other entries are a repeat's)."""
     x, cache = st.x, st.cache
     B, L = x.shape
+    if cache is not None:
+        cache.length = L  # a forward attends over the canvas
     kv = None if st.key_valid is None else st.key_valid[:, :L]
     xin, at = x, pos
     if spec.cfg_scale > 0:
@@ -158,7 +160,6 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
         at = mx.concatenate([pos, pos])
         query = None if query is None else mx.concatenate([query, query])
     if query is not None:
-        cache.length = L
         ids = mx.take_along_axis(xin, query, axis=1)
         logits = model(ids, kv, logits_at=mx.arange(pos.shape[1]), cache=cache, offset=query)
         cache.record_at(ids, query)
@@ -172,8 +173,6 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
         wlo = lo - spec.block_length
     else:
         wlo = lo
-    if cache is not None:
-        cache.length = L
     logits = model(xin[:, wlo:end], kv, logits_at=at - wlo, cache=cache, offset=wlo)
     if cache is not None:
         cache.record(xin[:, wlo:end], wlo)
