@@ -16,11 +16,14 @@ yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4
 "recall_abcd" is recall with keys from a, b, c, d only: a training curriculum for recall's key match,
 not a task of its own (bench/README.md says what it did for the bundled model).
 
-LONG tasks have answers of 64-255 tokens (the demo tokenizer makes every digit and space one token): they
-fill 3-8 blocks of 32 (2 for a count of exactly 64 characters), so the EOS lands in a different block from
-row to row. "count" counts from a to b ("count 37 to 102" -> "37 38 ... 102": each number is its left-hand
-neighbour plus one, the end comes from the prompt); "succ" writes each digit of a 33-128 digit list from
-the prompt plus one mod 10 ("succ 3 9 0" -> "4 0 1", shown short). They are EXTRA tasks too.
+LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit and space one token): they
+fill 3-8 blocks of 32, so the EOS lands in a different block from row to row. Every number is three digits
+wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of them. "count" counts from
+a to b ("count 137 to 202" -> "137 138 ... 202": each number is its left-hand neighbour plus one, the end
+comes from the prompt); "countby" counts in steps of 2-9 given by the prompt ("count 137 to 290 by 9" ->
+"137 146 ... 290"), so every number needs the prompt as well as its neighbour. "succ" (each digit of a 33-128
+digit list from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1" shown short) is kept for the record:
+in 30 CPU minutes the model did not learn it (bench/README.md). They are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
 exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to
@@ -36,20 +39,20 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-LONG = ("count", "succ")
+LONG = ("count", "countby", "succ")
+YARDSTICK_LONG = ("count", "countby")  # the long tasks the yardstick scores
 EXTRA = ("sums", "recall_abcd") + LONG
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _count(rng: random.Random) -> tuple[str, str]:
-    """count a to b, a in 0..199, the answer 64-255 characters long (drawn again until it is)."""
-    while True:
-        a = rng.randint(0, 199)
-        b = a + rng.randint(15, 85)
-        answer = " ".join(map(str, range(a, b + 1)))
-        if 64 <= len(answer) <= 255:
-            return f"count {a} to {b}", answer
+def _count(rng: random.Random, step: int) -> tuple[str, str]:
+    """Count from a to b in steps of `step`, 17-64 three-digit numbers (an answer of 67-255 tokens)."""
+    n = rng.randint(17, 64)
+    a = rng.randint(100, 999 - step * (n - 1))
+    b = a + step * (n - 1)
+    answer = " ".join(str(a + step * i) for i in range(n))
+    return (f"count {a} to {b}" if step == 1 else f"count {a} to {b} by {step}"), answer
 
 
 def _make(task: str, rng: random.Random) -> tuple[str, str]:
@@ -67,7 +70,9 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         totals = [sum(xs[:i + 1]) % 10 for i in range(len(xs))]
         return "sums " + " ".join(map(str, xs)), " ".join(map(str, totals[::-1]))
     if task == "count":
-        return _count(rng)
+        return _count(rng, 1)
+    if task == "countby":
+        return _count(rng, rng.randint(2, 9))
     if task == "succ":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(33, 128))]
         return "succ " + " ".join(map(str, xs)), " ".join(str((x + 1) % 10) for x in xs)

@@ -22,7 +22,6 @@ template) plus train_log.json (command, seed, time, losses, held-out probe accur
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -31,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import (EXTRA, LONG, ORDERED, TASKS, conversations, examples, held_out_conversations,  # noqa: E402
+from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render  # noqa: E402,F401
+from demo_tasks import (EXTRA, LONG, ORDERED, TASKS, examples, held_out_conversations,  # noqa: E402
                         held_out_set)
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
@@ -48,29 +47,7 @@ TorchIllada, init_weights, official_generate = (torch_ref.TorchIllada, torch_ref
                                                 torch_ref.official_generate)
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
-MASK, EOS = 5, 2
-# the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
-# and every checkpoint this script writes carries it (engine.build_prompt renders the same string)
-TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "illada_mlx" / "demo_model" /
-                       "tokenizer_config.json").read_text())["chat_template"]
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-
-
-def render(messages: list[dict], template: str = TEMPLATE) -> str:
-    """The chat template rendered with a generation prompt, as transformers' apply_chat_template renders it
-    (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks; compiled once per template)."""
-    return _compiled(template).render(messages=messages, add_generation_prompt=True)
-
-
-def chat_prompt(question: str) -> str:
-    """One user turn through the chat template."""
-    return render([{"role": "user", "content": question}])
+LONG_CANVAS = 256  # the growing canvas's budget for long answers (every one and its EOS fit)
 
 
 def build_tokenizer(out: Path, seed: int, vocab_size: int):
@@ -105,73 +82,24 @@ def write_tokenizer_config(out: Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
-def draw_items(seed: int, tasks, multi_turn: float = 0.0):
-    """Endless (task, messages, answer): single user turns from `tasks` and, a `multi_turn` share of them,
-    conversations whose last user turn is from `tasks` after 1-4 earlier exchanges (demo_tasks)."""
-    single, multi = examples(seed, tasks=tasks), conversations(seed + 7, tasks=tasks)
-    coin = np.random.default_rng(seed + 11)
-    while True:
-        if multi_turn and coin.random() < multi_turn:
-            yield next(multi)
-        else:
-            task, p, a = next(single)
-            yield task, [{"role": "user", "content": p}], a
-
-
-def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0):
-    """(ids, answer, valid) rows laid out like inference: the chat-templated messages, then an answer area of
-    `block` positions holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as
-    answer, so the model learns to fill a canvas's tail with EOS). With `max_area` > `block` each batch draws
-    its area's length log-uniformly from [block / 2, max_area], so a fixed canvas of any of those lengths
-    (exact mode's 128, say) is in distribution. An answer longer than the area is cut at the area's end (a
-    growing canvas shows the model blocks that end before the answer does); when the batch holds such an
-    answer, half the batches stretch the area (up to `max_area`) to hold the batch's longest, so the end of
-    a long answer is seen as often as its cut middle. Rows are right-padded to the batch's longest with
-    `valid` = 0 (key-masked, no loss). `answer` marks what the answer-only rows may mask.
-    Tokenizes 64 batches at a time with the Rust batch encoder (the per-example loop starved a GPU)."""
-    gen = draw_items(seed, tasks or TASKS, multi_turn)
-    lo, hi = (block // 2, max_area) if max_area > block else (block, block)
-    rng = np.random.default_rng(seed)
-    while True:
-        items = [next(gen) for _ in range(batch * 64)]
-        prompts = [render(m) for _, m, _ in items]
-        qs = tok.encode_batch(prompts)
-        fs = tok.encode_batch([p + a for p, (_, _, a) in zip(prompts, items)])
-        pairs = [(q.ids, f.ids[len(q.ids):] + [EOS]) for q, f in zip(qs, fs)]
-        for i in range(0, len(pairs) - batch + 1, batch):
-            chunk = pairs[i:i + batch]
-            area = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))  # log-uniform on [lo, hi]
-            longest = max(len(r) for _, r in chunk)
-            if longest > area and rng.random() < 0.5:
-                area = min(hi, longest)
-            width = max(len(q) for q, _ in chunk) + area
-            ids = np.full((batch, width), EOS, dtype=np.int64)
-            answer = np.zeros((batch, width), dtype=bool)
-            valid = np.zeros((batch, width), dtype=bool)
-            for j, (q, r) in enumerate(chunk):
-                r = r[:area]
-                ids[j, :len(q) + len(r)] = q + r
-                answer[j, len(q):len(q) + area] = True
-                valid[j, :len(q) + area] = True
-            yield torch.from_numpy(ids), torch.from_numpy(answer), torch.from_numpy(valid)
-
-
 class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
 
     def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks, max_area: int = 0,
-                 multi_turn: float = 0.0):
+                 multi_turn: float = 0.0, first_block: float = 0.0,
+                 last_block: float = 0.0):
         super().__init__()
-        self.args = tok_file, seed, batch, block, tasks, max_area, multi_turn
+        self.args = tok_file, seed, batch, block, tasks, max_area, multi_turn, first_block, last_block
 
     def __iter__(self):
         from tokenizers import Tokenizer
 
-        tok_file, seed, batch, block, tasks, max_area, multi_turn = self.args
+        tok_file, seed, batch, block, tasks, max_area, multi_turn, first_block, last_block = self.args
         info = torch.utils.data.get_worker_info()
-        return batches(Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks,
-                       max_area, multi_turn)
+        return (tuple(map(torch.from_numpy, b)) for b in batches(
+            Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks, max_area,
+            multi_turn, first_block, last_block))
 
 
 @torch.no_grad()
@@ -247,23 +175,32 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
     return {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
 
 
-def loss_fn(model, x, answer, valid, t_min=1e-3, answer_only=0.8, inv_t=False, pad_weight=1.0):
+def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_only=0.8, inv_t=False,
+            pad_weight=1.0, eos_weight=1.0):
     """t ~ U(t_min, 1) (the spec's ε by default); mask each maskable token with probability t; cross-entropy
     on the masked tokens. iLLaDA SFT masks prompt and answer alike; here a fifth of the rows do that and the
-    rest mask the answer only (LLaDA's SFT). The spec weights each masked token by 1/t (`inv_t`); at this
+    rest mask the answer only (LLaDA's SFT); rows whose `prompt_maskable` is False (long answers' blocks)
+    always mask the answer only. The spec weights each masked token by 1/t (`inv_t`); at this
     tiny scale the plain mean over masked tokens learned measurably faster (recall 38% vs ~20% one-shot
     after 400 vs 1000 steps), so it is the default here. `pad_weight` weighs the EOS padding after an
     answer's own EOS (LLaDA's SFT: 1, like any token); with t_min = 1 and pad_weight = 0 a row is the
-    answer-from-prompt classification a one-digit answer needs to leave its plateau (bench/README.md)."""
+    answer-from-prompt classification a one-digit answer needs to leave its plateau (bench/README.md).
+    `eos_weight` weighs the answer's own EOS (the one place a long answer learns where it ends)."""
     B, L = x.shape
     t = torch.rand(B, 1, device=x.device) * (1 - t_min) + t_min
-    maskable = torch.where(torch.rand(B, 1, device=x.device) < answer_only, answer, valid)
+    whole = torch.rand(B, 1, device=x.device) >= answer_only
+    if prompt_maskable is not None:
+        whole = whole & prompt_maskable.view(B, 1)
+    maskable = torch.where(whole, valid, answer)
     masked = (torch.rand(B, L, device=x.device) < t) & maskable & valid
     logits = model(torch.where(masked, MASK, x), attention_mask=valid)
     ce = torch.nn.functional.cross_entropy(logits.reshape(B * L, -1), x.reshape(-1), reduction="none").view(B, L)
     keep = masked.float()
+    after_eos = torch.roll(x, 1, dims=1) == EOS
     if pad_weight != 1.0:  # padding: an EOS right after an EOS inside the answer area
-        keep = torch.where(answer & (x == EOS) & (torch.roll(x, 1, dims=1) == EOS), keep * pad_weight, keep)
+        keep = torch.where(answer & (x == EOS) & after_eos, keep * pad_weight, keep)
+    if eos_weight != 1.0:  # the answer's own EOS: the first in its area
+        keep = torch.where(answer & (x == EOS) & ~after_eos, keep * eos_weight, keep)
     w = keep / t if inv_t else keep
     return (ce * w).sum() / keep.sum().clamp(min=1e-6)
 
@@ -303,8 +240,14 @@ def main():
                     help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task")
     ap.add_argument("--multi-turn", type=float, default=0.0,
                     help="share of rows that are conversations: 1-4 earlier exchanges, the last turn from --tasks")
+    ap.add_argument("--first-block", type=float, default=0.0,
+                    help="share of long-answer batches that train the answer's first block (the rest: uniform)")
+    ap.add_argument("--last-block", type=float, default=0.0,
+                    help="share of long-answer batches that train each answer's last block (where it ends)")
+    ap.add_argument("--eos-weight", type=float, default=1.0,
+                    help="loss weight of an answer's own EOS (where it ends; padding: --pad-weight)")
     ap.add_argument("--long-probe", type=int, default=10,
-                    help="held-out items per long task (count, succ) in the probe: 256 steps each, so few")
+                    help="held-out items per long task (count, countby) in the probe: 256 steps each, so few")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                     help="data worker processes")
@@ -318,9 +261,6 @@ def main():
     tasks = tuple(a.tasks.split(","))
     if set(tasks) - set(TASKS + EXTRA):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
-    if set(tasks) & set(LONG) and a.max_area < 256:
-        ap.error(f"long tasks ({','.join(sorted(set(tasks) & set(LONG)))}) need --max-area 256: "
-                 "answers run to 256 tokens")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
@@ -355,7 +295,8 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / max(total, 1)))))
-    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn)
+    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn,
+                   a.first_block, a.last_block)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
     short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
@@ -365,14 +306,14 @@ def main():
 
     def probe_all(n_long=None):
         """The probe: short tasks and conversations on a --block canvas, long tasks (the first n_long of
-        each) in variable mode up to --max-area, the mode their target is set in."""
+        each) in variable mode up to LONG_CANVAS tokens, the mode their target is set in."""
         acc = held_out_accuracy(model, tok, probe, a.block)
         if long_probe:
             by_task = {}
             for it in long_probe:
                 by_task.setdefault(it[0], []).append(it)
             acc.update(held_out_accuracy(model, tok, [x for v in by_task.values() for x in v[:n_long]], a.block,
-                                         a.max_area, variable=True))
+                                         LONG_CANVAS, variable=True))
         return acc
 
     t0, log, ema = time.time(), [], None
@@ -383,9 +324,9 @@ def main():
         if i == 300 and a.minutes:  # the cosine schedule ends where the time budget does
             rate = 250 / (time.time() - t50)
             total = min(total, int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
-        x, answer, valid = (t.to(a.device, non_blocking=True) for t in next(data))
-        loss = loss_fn(model, x, answer, valid, answer_only=a.answer_only, inv_t=a.inv_t, t_min=a.t_min,
-                       pad_weight=a.pad_weight)
+        x, answer, valid, maskable = (t.to(a.device, non_blocking=True) for t in next(data))
+        loss = loss_fn(model, x, answer, valid, maskable, answer_only=a.answer_only, inv_t=a.inv_t, t_min=a.t_min,
+                       pad_weight=a.pad_weight, eos_weight=a.eos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -45,9 +45,12 @@ def test_every_task_answers_by_its_rule(split):
             assert len(d) == n and d[-1] == xs[-1] and d[0] == sum(xs) % 2
             # order-sensitive: each bit is its right-hand neighbour XOR the list bit in its own place
             assert all(d[j] == d[j + 1] ^ xs[j] for j in range(n - 1))
-        elif task == "count":  # every integer from a to b, in order, one space apart
-            a, b = map(int, prompt[len("count "):].split(" to "))
-            assert [int(n) for n in answer.split(" ")] == list(range(a, b + 1))
+        elif task in ("count", "countby"):  # every k-th integer from a to b, in order, one space apart
+            words = prompt.split(" ")
+            a, b, k = int(words[1]), int(words[3]), int(words[5]) if len(words) == 6 else 1
+            assert words[0] == "count" and words[2] == "to" and (k == 1) == (task == "count") and k <= 9
+            assert [int(n) for n in answer.split(" ")] == list(range(a, b + 1, k)) and (b - a) % k == 0
+            assert all(len(n) == 3 for n in answer.split(" "))  # 3 digits each: 4 tokens a number
         elif task == "succ":  # each listed digit plus one, mod 10
             xs, d = digits(prompt[len("succ "):]), digits(answer)
             assert d == [(x + 1) % 10 for x in xs] and answer == " ".join(map(str, d))
@@ -101,7 +104,7 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
     # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
     pytest.importorskip("torch")
     out = tmp_path / "p"
-    r = train_tiny(out, "--steps", "0", "--batch", "2", "--tasks", "reverse,count", "--max-area", "256",
+    r = train_tiny(out, "--steps", "0", "--batch", "2", "--tasks", "reverse,count",
                    "--multi-turn", "0.5", "--long-probe", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
@@ -120,13 +123,13 @@ def test_trainer_refuses_an_unknown_task(tmp_path):
 def test_batches_lay_out_answer_areas_of_drawn_lengths():
     # --max-area: each batch's answer area (answer, one EOS, EOS padding) has a length drawn from
     # [block / 2, max_area]; the prompt keeps its place and only the area is answer-maskable
-    pytest.importorskip("torch")
     from tokenizers import Tokenizer
-    from train_demo import EOS, batches
+    from train_rows import EOS, batches
 
     tok = Tokenizer.from_file(str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"))
     areas = set()
-    for ids, answer, valid in itertools.islice(batches(tok, 0, 4, 32, TASKS, max_area=256), 40):
+    for ids, answer, valid, maskable in itertools.islice(batches(tok, 0, 4, 32, TASKS, max_area=256), 40):
+        assert maskable.all()  # short rows may mask their prompt
         n = answer.sum(1)
         assert (n == n[0]).all() and 16 <= int(n[0]) <= 256
         areas.add(int(n[0]))
@@ -138,14 +141,15 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
             assert row[0] == tok.token_to_id("<|im_start|>") and tok.decode(row[:start]).endswith("assistant\n")
     assert len(areas) > 10 and min(areas) < 32 < max(areas)
     # without --max-area every area is the block
-    ids, answer, _ = next(batches(tok, 0, 4, 32, TASKS))
+    ids, answer, _, _ = next(batches(tok, 0, 4, 32, TASKS))
     assert (answer.sum(1) == 32).all()
 
 
-@pytest.mark.parametrize("pad_weight", [1.0, 0.0, 0.25])
-def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight):
+@pytest.mark.parametrize("pad_weight, eos_weight", [(1.0, 1.0), (0.0, 1.0), (0.25, 1.0), (1.0, 5.0), (0.0, 3.0)])
+def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight, eos_weight):
     # t_min = 1 masks the whole answer area (answer rows only); the loss is the mean cross-entropy over
-    # it with the EOS padding after the answer's own EOS weighted by pad_weight; oracle: numpy float64
+    # it with the EOS padding after the answer's own EOS weighted by pad_weight and that EOS by eos_weight;
+    # oracle: numpy float64
     torch = pytest.importorskip("torch")
     import numpy as np
     import oracle
@@ -163,14 +167,15 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight)
         seen.append(ids.clone())
         return logits
 
-    loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight)
+    loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight,
+                   eos_weight=eos_weight)
     assert torch.equal(seen[0], torch.where(answer, MASK, x))  # the area masked, the prompt as it was
     logp = np.log(oracle.softmax(logits.numpy()))
     ce, w = [], []
     for b, (start, own_eos, end) in enumerate([(3, 5, 8), (2, 3, 7)]):  # answer area, its own EOS, area end
         for j in range(start, end):
             ce.append(-logp[b, j, int(x[b, j])])
-            w.append(pad_weight if j > own_eos else 1.0)
+            w.append(pad_weight if j > own_eos else eos_weight if j == own_eos else 1.0)
     want = np.dot(ce, w) / np.sum(w)
     assert abs(float(loss) - want) < 1e-9
 
@@ -229,52 +234,61 @@ def test_conversations_carry_correct_earlier_exchanges_and_keep_the_split():
 
 def test_training_rows_are_the_runtime_prompt_plus_the_answer():
     # one template: the trainer renders the chat_template of the bundled tokenizer_config.json; a row's
-    # prompt must be exactly what engine.build_prompt gives the runtime's tokenizer for the same messages
-    pytest.importorskip("torch")
+    # prompt must be exactly what engine.build_prompt gives the runtime's tokenizer for the same messages.
+    # All conversations (multi_turn 1) or all single turns: one kind of row, so batches keep draw order.
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from train_demo import EOS, TEMPLATE, batches, draw_items
+    from train_rows import EOS, TEMPLATE, batches, draw_items
 
     from illada_mlx.engine import build_prompt
 
     assert TEMPLATE == json.loads((DEMO / "tokenizer_config.json").read_text())["chat_template"]
     runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
-    tasks = TASKS + LONG
-    items = list(itertools.islice(draw_items(2, tasks, multi_turn=0.5), 12))
-    assert any(len(m) > 1 for _, m, _ in items) and any(len(m) == 1 for _, m, _ in items)
-    ids, answer, valid = next(batches(tok, 2, 12, 32, tasks, max_area=256, multi_turn=0.5))
-    for (task, messages, a), row, ans in zip(items, ids.tolist(), answer.tolist()):
-        start, area = ans.index(True), sum(ans)
-        assert row[:start] == build_prompt(runtime, messages)
-        want = runtime.encode(a, add_special_tokens=False) + [EOS]
-        assert row[start:start + min(area, len(want))] == want[:area]  # cut at the area's end when longer
+    for multi_turn in (1.0, 0.0):
+        items = list(itertools.islice(draw_items(2, TASKS, multi_turn=multi_turn), 12))
+        assert all((len(m) > 1) == bool(multi_turn) for _, m, _ in items)
+        ids, answer, valid, _ = next(batches(tok, 2, 12, 32, TASKS, max_area=256, multi_turn=multi_turn))
+        for (task, messages, a), row, ans in zip(items, ids.tolist(), answer.tolist()):
+            start, area = ans.index(True), sum(ans)
+            assert row[:start] == build_prompt(runtime, messages)
+            want = runtime.encode(a, add_special_tokens=False) + [EOS]
+            assert row[start:start + area] == (want + [EOS] * area)[:area]
 
 
-def test_long_answers_are_cut_at_the_area_end_or_end_in_eos():
-    pytest.importorskip("torch")
+def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
+    # a long answer's row: the prompt, its first k blocks as written, then block k (answer tokens, EOS,
+    # EOS padding to 32) as the only maskable area, nothing after it; k is one per batch, a shorter
+    # answer taking its last block; the prompt and written blocks are never masked
     from tokenizers import Tokenizer
-    from train_demo import EOS, batches
+    from transformers import PreTrainedTokenizerFast
+    from train_rows import EOS, batches, draw_items
 
+    from illada_mlx.engine import build_prompt
+
+    runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
-    cut = ended = 0
-    for ids, answer, _ in itertools.islice(batches(tok, 0, 4, 32, LONG, max_area=256), 30):
-        for row, ans in zip(ids.tolist(), answer.tolist()):
-            start, n = ans.index(True), sum(ans)
-            area = row[start:start + n]
-            if EOS in area:
-                ended += 1
-                assert set(area[area.index(EOS):]) == {EOS} and area.index(EOS) >= 64
-            else:
-                cut += 1
-    assert cut > 10 and ended > 10
-
-
-def test_trainer_refuses_long_tasks_without_room(tmp_path):
-    pytest.importorskip("torch")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
-                        "--tasks", "add,count"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "need --max-area 256" in r.stderr and not (tmp_path / "x").exists()
+    items = draw_items(0, LONG)
+    ks, last = set(), 0
+    for ids, answer, valid, maskable in itertools.islice(batches(tok, 0, 4, 32, LONG, max_area=256), 40):
+        assert not maskable.any()
+        row_ks = []
+        for row, ans, ok in zip(ids.tolist(), answer.tolist(), valid.tolist()):
+            _, messages, a = next(items)
+            prompt = build_prompt(runtime, messages)
+            want = runtime.encode(a, add_special_tokens=False) + [EOS]
+            start, n, end = ans.index(True), sum(ans), sum(ok)
+            assert n == 32 and end == start + 32 and all(ok[:end]) and all(ans[start:end])
+            assert row[:len(prompt)] == prompt and (start - len(prompt)) % 32 == 0
+            k = (start - len(prompt)) // 32
+            assert k < -(-len(want) // 32)  # a block the answer (and its EOS) reaches
+            assert row[len(prompt):end] == (want + [EOS] * 32)[:32 * (k + 1)]
+            row_ks.append((k, -(-len(want) // 32) - 1))
+        top = max(k for k, _ in row_ks)
+        assert all(k == top or k == nb for k, nb in row_ks)  # one k a batch, or the row's last block
+        ks.add(top)
+        last += sum(k == nb for k, nb in row_ks)
+    assert ks == set(range(8)) and last > 10
 
 
 def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
@@ -299,3 +313,22 @@ def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
         want = run(decode(model, [ids], spec)).tokens[0]
         x = variable_generate(tm, torch.tensor([ids]), 32, 2)[0, len(ids):].tolist()
         assert (x[:x.index(EOS)] if EOS in x else x) == want, prompt
+
+
+@pytest.mark.parametrize("first_block, last_block", [(1.0, 0.0), (0.0, 1.0)])
+def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_block):
+    # first_block 1: every row is the answer's first block after the bare prompt; last_block 1: every row is
+    # the block holding the answer's own EOS (the written blocks before it in place)
+    from tokenizers import Tokenizer
+    from train_rows import EOS, batches, draw_items, render
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    items = draw_items(1, LONG)
+    for ids, answer, _, _ in itertools.islice(batches(tok, 1, 4, 32, LONG, first_block=first_block,
+                                                      last_block=last_block), 10):
+        for row, ans in zip(ids.tolist(), answer.tolist()):
+            _, messages, a = next(items)
+            want = tok.encode(render(messages) + a).ids[len(tok.encode(render(messages)).ids):] + [EOS]
+            k = (ans.index(True) - len(tok.encode(render(messages)).ids)) // 32
+            assert k == (0 if first_block else (len(want) - 1) // 32)
+            assert EOS in row[ans.index(True):] or first_block
