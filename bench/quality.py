@@ -4,15 +4,18 @@
 
 Rows: exact mode (1 token per step: low-confidence remasking, random remasking, and strictly left to right
 through 1-token blocks), variable length, fast mode
-(τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode.
+(τ = 0.9 + prefix cache), and the 8-bit / 4-bit conversions of the same checkpoint in exact mode (long
+answers: in variable mode) or, with --q-sampler, another row's mode (the conversions run when the float
+rows include it).
 Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults' 128-token canvas),
 fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
 of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion, --q-mode
 MODE one for a 4-bit float format (nvfp4, mxfp4) and one per recipe with that format as its body.
-Multi-turn and long-answer rows (issue 17; --tasks turn2,turn3,turn4,count,succ): "turn<k>" scores the
-answer to the k-th user turn of a conversation whose earlier k-1 exchanges are correct (the held-out split
-is the last turn's, demo_tasks); the long tasks (64-255 token answers, 3-8 blocks) are scored on a
-256-token canvas (`score_long`): whole-answer exact match and the position of the first wrong token.
+Multi-turn and long-answer rows (--tasks all: the five tasks, turn2,turn3,turn4 and count,countby):
+"turn<k>" scores the answer to the k-th user turn of a conversation whose earlier k-1 exchanges are correct
+(the held-out split is the last turn's, demo_tasks); the long tasks (67-255 token answers, 3-8 blocks) are
+scored with a 256-token canvas or budget (`score_long`): whole-answer exact match, the position of the
+first wrong token, and whether the answer ended (EOS) in its own block rather than at the budget.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import EXTRA, LONG, TASKS, held_out_conversations, held_out_set  # noqa: E402
+from demo_tasks import EXTRA, LONG, TASKS, YARDSTICK_LONG, held_out_conversations, held_out_set  # noqa: E402
 
 from illada_mlx.decode import decode, run  # noqa: E402
 from illada_mlx.engine import build_prompt  # noqa: E402
@@ -90,27 +93,32 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
     """A sampler of SAMPLERS on long-answer items with a `gen`-token canvas (exact) or budget (variable):
     per task, whole-answer exact match token for token and, per item, the first wrong token's position
     (None: right); `blocks_right`: per task, the share of the answers' blocks of 32 that end before their
-    first wrong token (all of a right answer's)."""
+    first wrong token (all of a right answer's); `eos_in_its_block`: per task, the share of answers that
+    stopped (EOS) in the block where the right answer's EOS is, not earlier, later or at the budget."""
     spec = sampler_spec(model, tok, sampler, max_tokens=gen)
     per_task: dict[str, list] = {}
-    nfe, t0 = 0, time.perf_counter()
+    nfe = processed = 0
+    t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec))
         nfe += g.stats.nfe
-        for (task, _, answer), toks in zip(chunk, g.tokens):
+        processed += g.stats.processed
+        for (task, _, answer), toks, why in zip(chunk, g.tokens, g.finish_reasons):
             want = tok.encode(answer, add_special_tokens=False)  # toks: cut before the first EOS
-            per_task.setdefault(task, []).append((first_wrong(list(toks), want), len(want)))
+            eos_block = len(toks) // 32 == len(want) // 32 and why == "stop"
+            per_task.setdefault(task, []).append((first_wrong(list(toks), want), len(want), eos_block))
     n = sum(len(v) for v in per_task.values())
     return {
         "sampler": sampler, "gen": gen, "n": n,
-        "accuracy": sum(w is None for v in per_task.values() for w, _ in v) / n,
-        "per_task": {t: sum(w is None for w, _ in v) / len(v) for t, v in per_task.items()},
-        "blocks_right": {t: sum(-(-L // 32) if w is None else w // 32 for w, L in v) / sum(-(-L // 32) for _, L in v)
+        "accuracy": sum(w is None for v in per_task.values() for w, _, _ in v) / n,
+        "per_task": {t: sum(w is None for w, _, _ in v) / len(v) for t, v in per_task.items()},
+        "blocks_right": {t: sum(-(-L // 32) if w is None else w // 32 for w, L, _ in v) / sum(-(-L // 32) for _, L, _ in v)
                          for t, v in per_task.items()},
-        "first_wrong": {t: [w for w, _ in v] for t, v in per_task.items()},
-        "answer_tokens": {t: [L for _, L in v] for t, v in per_task.items()},
-        "forwards": nfe, "seconds": round(time.perf_counter() - t0, 2),
+        "eos_in_its_block": {t: sum(e for _, _, e in v) / len(v) for t, v in per_task.items()},
+        "first_wrong": {t: [w for w, _, _ in v] for t, v in per_task.items()},
+        "answer_tokens": {t: [L for _, L, _ in v] for t, v in per_task.items()},
+        "forwards": nfe, "processed_tokens": processed, "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
@@ -141,6 +149,36 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     }
 
 
+def evaluate_chat(model, tok, items, sampler: str) -> dict:
+    """Conversation items decoded as `illada-mlx chat` decodes them: one session per conversation, a user turn
+    at a time, one BlockCache carried across its turns (the cross-turn cache: a turn reuses what the
+    previous one computed of the history, its reply included, as far as the history matches the canvas).
+    The earlier replies in the history are the item's correct ones, as in `evaluate`; the last turn's reply
+    is scored. `processed_tokens` counts the last turns; `processed_tokens_all_turns` every turn's."""
+    from illada_mlx.cache import BlockCache
+
+    spec = sampler_spec(model, tok, sampler)
+    per_task, correct, turns = {}, [], []
+    nfe = processed = processed_all = 0
+    t0 = time.perf_counter()
+    for task, messages, answer in items:
+        cache = BlockCache()
+        for j in range(1, len(messages) + 1, 2):  # each user turn, the last one included
+            g = run(decode(model, [build_prompt(tok, messages[:j])], spec, cache=cache))
+            processed_all += g.stats.processed
+        turns.append((j + 1) // 2)
+        nfe += g.stats.nfe
+        processed += g.stats.processed
+        correct.append(int(tok.decode(g.tokens[0]).strip() == answer))
+        per_task.setdefault(task, []).append(correct[-1])
+    return {
+        "sampler": sampler + "_chat", "accuracy": sum(correct) / len(correct), "n": len(correct),
+        "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, "forwards": nfe,
+        "processed_tokens": processed, "processed_tokens_all_turns": processed_all,
+        "seconds": round(time.perf_counter() - t0, 2), "correct": correct, "turns_decoded": turns,
+    }
+
+
 def main():
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
@@ -151,9 +189,10 @@ def main():
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
     ap.add_argument("--tasks", default=",".join(TASKS),
-                    help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)})")
+                    help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)}; all: the "
+                         f"five, {','.join(TURNS)} and {','.join(YARDSTICK_LONG)})")
     ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
-                    help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when exact is one)")
+                    help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when --q-sampler is one)")
     ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
                     help="also score a mixed-precision conversion (illada_mlx.quant.RECIPES; body 4-bit g32) in "
@@ -161,14 +200,23 @@ def main():
     ap.add_argument("--q-mode", action="append", default=[], metavar="MODE",
                     help="also score a 4-bit conversion in this mode (mxfp4, nvfp4; at the mode's group size) in "
                          "exact mode, and each --recipe with this mode's body; repeatable")
+    ap.add_argument("--q-sampler", default="exact",
+                    help="the sampler of the conversions' rows (exact: long answers in variable mode)")
+    ap.add_argument("--chat", action="store_true",
+                    help="also score the multi-turn items as a chat session per conversation, the cross-turn cache "
+                         "carried from turn to turn (rows <sampler>_chat, float32, samplers with a cache)")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
     tasks = a.tasks.split(",")
+    if "all" in tasks:
+        tasks = list(dict.fromkeys(t for x in tasks for t in ((*TASKS, *TURNS, *YARDSTICK_LONG) if x == "all" else (x,))))
     if set(tasks) - set(TASKS + EXTRA + TURNS):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA + TURNS))}: use "
                  f"{','.join(TASKS + EXTRA + TURNS)}")
     samplers = a.samplers.split(",")
+    if a.q_sampler not in SAMPLERS:
+        ap.error(f"unknown --q-sampler {a.q_sampler!r}: use one of {','.join(SAMPLERS)}")
     if set(samplers) - set(SAMPLERS):
         ap.error(f"unknown sampler(s) {sorted(set(samplers) - set(SAMPLERS))}: use {','.join(SAMPLERS)}")
     if set(a.recipe) - set(RECIPES):
@@ -182,7 +230,7 @@ def main():
     long_items = held_out_set(a.n, tasks=[t for t in tasks if t in LONG])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        quantized = "exact" in samplers and not a.float_only
+        quantized = a.q_sampler in samplers and not a.float_only
         # name: the conversion's options; affine 4-bit at group 32 as the yardstick has always used, the float
         # formats at their own group size
         q4 = dict(quantize=True, q_bits=4, q_group_size=32)
@@ -194,12 +242,20 @@ def main():
             dst = Path(tmp) / name
             convert(src, str(dst), progress=False, **options)
             model, tok = load(str(dst))
-            for sampler in (samplers if name == "float32" else ["exact"]):
+            # a conversion's rows: --q-sampler (exact mode; long answers then in variable mode, where their
+            # target is set)
+            for sampler in (samplers if name == "float32" else [a.q_sampler]):
+                long_sampler = "variable" if name != "float32" and sampler == "exact" else sampler
+                chat = [it for it in items if it[0] in TURNS] if a.chat and name == "float32" else []
+                if chat and sampler_spec(model, tok, sampler).cache == "none":
+                    chat = []  # no cache to carry across turns: the plain row says it all
                 for r in ([evaluate(model, tok, items, sampler)] if items else []) + (
-                        [score_long(model, tok, long_items, sampler)] if long_items else []):
+                        [evaluate_chat(model, tok, chat, sampler)] if chat else []) + (
+                        [score_long(model, tok, long_items, long_sampler)] if long_items else []):
                     r["weights"] = name
                     rows.append(r)
-                    print(f"{name:8s} {sampler:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards {r['forwards']}",
+                    print(f"{name:8s} {r['sampler']:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards "
+                          f"{r['forwards']}" + (f" eos in its block {r['eos_in_its_block']}" if "gen" in r else ""),
                           flush=True)
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
