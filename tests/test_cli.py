@@ -240,3 +240,12 @@ def test_chat_with_the_defaults_answers(direct):
     r = CliRunner().invoke(main, ["chat"], input="reverse hello\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.split("\n")[0] == "olleh"
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "fast"]])
+def test_chat_answers_three_piped_questions(mode):
+    # a new user's first minute: three questions piped into chat, each turn with the earlier exchanges in
+    # its prompt (the cross-turn cache on in fast mode); the oracle is each task's rule, not the model
+    r = CliRunner().invoke(main, ["chat", *mode], input="reverse hello\nsort 3 1 2\n57+68=\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split("\n")[:3] == ["olleh", "1 2 3", "125"]

@@ -43,9 +43,9 @@ def test_decoding_work_is_linear_in_the_reply(demo):
     # EOS banned: the reply fills a budget of several blocks; each token passes through the detokenizer once
     model, tok = demo
     counting = CountingTokenizer(tok)
-    msgs = [{"role": "user", "content": "reverse qwertyuiop"}]
+    msgs = [{"role": "user", "content": "count 145 to 190"}]
     text, tokens, last = reply(model, counting, msgs, mode="variable", max_tokens=96, block_length=8,
-                               steps_per_block=8, stop=("zz",), logits_eos_inf=True)
+                               steps_per_block=8, stop=("@@",), logits_eos_inf=True)
     assert last.stats.blocks >= 3 and len(tokens) >= 17
     assert counting.tokens_decoded <= 2 * len(tokens)
     assert text == tok.decode(tokens)  # the streamed text is the whole reply's text
