@@ -99,7 +99,11 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
             chunk, pending[kind] = pending[kind], []
             if kind == "long":
                 top, u = int(rng.integers(0, max(-(-len(r) // block) for _, r in chunk))), rng.random()
-                rows, top = [], 0 if u < first_block else 10 ** 9 if u < first_block + last_block else top
+                if u < first_block:
+                    top = 0
+                elif u < first_block + last_block:
+                    top = max(len(r) for _, r in chunk)  # past every row's last block: each takes its last
+                rows = []
                 for q, r in chunk:
                     k = min(top, -(-len(r) // block) - 1)  # one k a batch (little padding), within the row
                     cur = r[block * k:block * (k + 1)]

@@ -34,8 +34,8 @@ def test_exact_mode_solves_held_out_prompts(exact, task):
 
 def test_exact_mode_recalls_values(exact):
     # key -> value recall, an induction-style lookup (find the key asked for, read the value two tokens
-    # later): bench/quality.py measures 76% on 25 prompts for the bundle (phase 5b; phase 4: 86% on 50),
-    # where answering a random value of the prompt scores 38.5%
+    # later): bench/quality.py measures 76% on 25 prompts, where answering a random value of the prompt
+    # scores 38.5%
     assert exact["per_task"]["recall"] >= 0.6, exact
 
 
@@ -52,7 +52,7 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
     # why the commit order matters on parity: each answer bit is its right-hand neighbour XOR one list bit,
     # and the leftmost is the parity of all 12, which the model gets far more often once the other
     # answer bits are on the canvas than from the prompt alone. Low-confidence remasking therefore commits
-    # it late; left to right commits it first (bench, phase 4: exact 98%, random order 78%, left to right 38%)
+    # it late; left to right commits it first (bench/README.md has the rows)
     import mlx.core as mx
 
     model, tok = demo
@@ -73,8 +73,8 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
         logits = model(x)[:, n]
         logits[:, mask_id] = -1e9
         hits[case] = mx.mean(mx.argmax(logits, -1) == truth).item()
-    # the bundle (phase 5b): 100% vs 87% on these 30 prompts (phase 4: 100% vs 57%); random remasking
-    # is worse on parity by 8 points on 25 prompts (bench/README.md)
+    # on these 30 prompts the bundled model gets 100% vs 87%; random remasking is 8 points worse on parity
+    # (bench/README.md)
     assert hits["neighbours_visible"] >= hits["all_masked"] + 0.1, hits
 
 
