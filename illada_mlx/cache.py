@@ -16,7 +16,14 @@ The cache is approximate (cached states saw older versions of the canvas): quali
 bench/, and refreshing every step reproduces the uncached forward exactly.
 
 `ids` records the token each position held when its keys/values were last written; a later call (the
-next chat turn) reuses the longest common prefix of its canvas with them ("extend").
+next chat turn) reuses the longest common prefix of its canvas with them, up to where the cached states
+stop being final ("extend"). Under bidirectional attention a state depends on what follows it, so:
+  - `settled`: a block-start refresh has computed every position before its block with the tokens they
+    end with; the reply's last block, written while it was being committed, never is;
+  - `turn_delay` = 1 (the default): a turn's own prompt and reply were computed as the conversation's last
+    turn, followed by masks, which no later turn sees. The next call recomputes them, with its new user
+    turn after them (dKV-Cache's delayed caching, a turn at a time), and reuses what the calls before
+    computed; 0 reuses the last turn too, up to `settled` (bench/README.md measures both).
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ CHUNK = 256  # buffers grow in steps of this many positions
 
 
 class BlockCache:
-    def __init__(self):
+    def __init__(self, turn_delay: int = 1):
         self.keys: list[mx.array] = []  # per layer, (B, kv_heads, capacity, head_dim)
         self.values: list[mx.array] = []
         self.ids: Optional[mx.array] = None  # (B, capacity) int32, -1 where nothing was written
         self.length = 0  # positions a forward attends over (the canvas)
         self.capacity = 0  # positions the buffers hold
         self.reuse = 0  # prefix length the next call's first refresh may take from the cache
+        self.settled = 0  # positions before it were last computed with their final tokens (block starts)
+        self.turn_delay = turn_delay  # the last calls whose prompt and reply the next call recomputes
+        self.turn_ends: list[int] = []  # per finished call (batch 1), where its reply ended, oldest first
 
     def reserve(self, capacity: int) -> None:
         """Make room for a canvas of `capacity` positions before the buffers are first written."""
@@ -108,10 +118,16 @@ class BlockCache:
         self.reuse = 0
         if self.ids is None or canvas.shape[0] != 1 or self.ids.shape[0] != 1:
             return
-        n = min(self.ids.shape[1], canvas.shape[1], limit)
+        final = self.settled if self.turn_delay == 0 else (
+            self.turn_ends[-1 - self.turn_delay] if len(self.turn_ends) > self.turn_delay else 0)
+        n = min(self.ids.shape[1], canvas.shape[1], limit, final)
         if n > 0:
             same = (self.ids[0, :n] == canvas[0, :n]).astype(mx.int32)
             self.reuse = int(mx.cumprod(same).sum())
+
+    def end_turn(self, end: int) -> None:
+        """A call (batch 1) finished with its reply ending at position `end`."""
+        self.turn_ends = self.turn_ends[-self.turn_delay - 1:] + [end]
 
     def state(self):
         return self.keys + self.values

@@ -176,6 +176,8 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
     logits = model(xin[:, wlo:end], kv, logits_at=at - wlo, cache=cache, offset=wlo)
     if cache is not None:
         cache.record(xin[:, wlo:end], wlo)
+        if kind is not None:  # a block-start refresh: everything before the block now has its final tokens
+            cache.settled = lo
     return _tally(st, spec, logits, B, xin.shape[0] * (end - wlo))
 
 
@@ -345,6 +347,8 @@ def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
                 break
             st.keep(keep, spec.cfg_scale > 0)
     mx.eval(st.x)
+    if cache is not None and n_rows == 1:
+        cache.end_turn(P + len(out[0]))
     stats.output_tokens = sum(len(o) for o in out)
     stats.wall_s = time.perf_counter() - t0
     stats.peak_memory_bytes = mx.get_peak_memory()

@@ -154,7 +154,7 @@ def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
     spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=16, steps_per_block=4, block_length=8,
                       cache="prefix")
     turn1 = prompts(1, 10, 9)[0].tolist()
-    cache = BlockCache()
+    cache = BlockCache(turn_delay=0)
     g1 = run(decode(model, [turn1], spec, cache=cache))
     turn2 = turn1 + g1.tokens[0] + [40, 41, 42]
     fresh = run(decode(model, [turn2], spec))
@@ -164,6 +164,40 @@ def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
     saved = len(turn1) + len(g1.tokens[0]) - 8
     assert fresh.stats.processed - reused.stats.processed >= saved
     assert len(reused.tokens[0]) == 16 and mask not in reused.tokens[0]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual", "token"])
+def test_next_turn_reuses_only_final_states(tiny, mode):
+    """Cross-turn reuse stops where the cached states stop being final. turn_delay=0: every reply block but
+    the last was recomputed with its final tokens at the next block start; the last one's keys/values were
+    written while it was being committed (under the token cache even for tokens that match the next
+    prompt). turn_delay=1 (the default): the last turn's prompt and reply were computed as the last turn,
+    followed by masks, so the next call recomputes them and reuses what the call before it computed."""
+    from illada_mlx.cache import BlockCache
+    from illada_mlx.decode import decode, run
+    from illada_mlx.spec import DecodeSpec
+
+    model, _, _, mask = tiny
+    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=24, steps_per_block=4, block_length=8,
+                      cache=mode)
+    turn1 = prompts(1, 10, 9)[0].tolist()
+    now, delayed = BlockCache(turn_delay=0), BlockCache()
+    reply1 = run(decode(model, [turn1], spec, cache=now)).tokens[0]
+    assert run(decode(model, [turn1], spec, cache=delayed)).tokens[0] == reply1
+    assert len(reply1) == 24  # three blocks
+    turn2 = turn1 + reply1 + [40, 41, 42]
+    now.plan_reuse(mx.array([turn2]), len(turn2) - 1)
+    assert now.reuse == len(turn1) + 16  # the prompt and the reply's first two blocks
+    delayed.plan_reuse(mx.array([turn2]), len(turn2) - 1)
+    assert delayed.reuse == 0  # the only turn so far is the last one: all of it is recomputed
+    # a prompt that leaves the first turn earlier reuses only their common prefix
+    now.plan_reuse(mx.array([turn1[:5] + [40] * 30]), 34)
+    assert now.reuse == 5
+    # the third turn reuses the first turn's prompt and reply, as the second call recomputed them
+    reply2 = run(decode(model, [turn2], spec, cache=delayed)).tokens[0]
+    turn3 = turn2 + reply2 + [43, 44]
+    delayed.plan_reuse(mx.array([turn3]), len(turn3) - 1)
+    assert delayed.reuse == len(turn1) + len(reply1)
 
 
 def test_step_and_block_events_stream(tiny):
