@@ -92,10 +92,11 @@ def first_wrong(got: list[int], want: list[int]):
 def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG_GEN) -> dict:
     """A sampler of SAMPLERS on long-answer items with a `gen`-token canvas (exact) or budget (variable):
     per task, whole-answer exact match token for token and, per item, the first wrong token's position
-    (None: right); `blocks_right`: per task, the share of the answers' blocks of 32 that end before their
+    (None: right); `blocks_right`: per task, the share of the answers' blocks (the sampler's) that end before their
     first wrong token (all of a right answer's); `eos_in_its_block`: per task, the share of answers that
     stopped (EOS) in the block where the right answer's EOS is, not earlier, later or at the budget."""
     spec = sampler_spec(model, tok, sampler, max_tokens=gen)
+    B = spec.block_length
     per_task: dict[str, list] = {}
     nfe = processed = 0
     t0 = time.perf_counter()
@@ -106,14 +107,14 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
         processed += g.stats.processed
         for (task, _, answer), toks, why in zip(chunk, g.tokens, g.finish_reasons):
             want = tok.encode(answer, add_special_tokens=False)  # toks: cut before the first EOS
-            eos_block = len(toks) // 32 == len(want) // 32 and why == "stop"
+            eos_block = len(toks) // B == len(want) // B and why == "stop"
             per_task.setdefault(task, []).append((first_wrong(list(toks), want), len(want), eos_block))
     n = sum(len(v) for v in per_task.values())
     return {
         "sampler": sampler, "gen": gen, "n": n,
         "accuracy": sum(w is None for v in per_task.values() for w, _, _ in v) / n,
         "per_task": {t: sum(w is None for w, _, _ in v) / len(v) for t, v in per_task.items()},
-        "blocks_right": {t: sum(-(-L // 32) if w is None else w // 32 for w, L, _ in v) / sum(-(-L // 32) for _, L, _ in v)
+        "blocks_right": {t: sum(-(-L // B) if w is None else w // B for w, L, _ in v) / sum(-(-L // B) for _, L, _ in v)
                          for t, v in per_task.items()},
         "eos_in_its_block": {t: sum(e for _, _, e in v) / len(v) for t, v in per_task.items()},
         "first_wrong": {t: [w for w, _, _ in v] for t, v in per_task.items()},
@@ -122,37 +123,43 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
     }
 
 
+def _score(tok, chunk, tokens, per_task: dict, correct: list) -> None:
+    """Exact match of each decoded answer (stripped) with its item's, appended in item order."""
+    for (task, _, answer), toks in zip(chunk, tokens):
+        correct.append(int(tok.decode(toks).strip() == answer))
+        per_task.setdefault(task, []).append(correct[-1])
+
+
+def _summary(sampler: str, per_task: dict, correct: list) -> dict:
+    return {"sampler": sampler, "accuracy": sum(correct) / len(correct), "n": len(correct),
+            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}}
+
+
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     spec = sampler_spec(model, tok, sampler)
-    per_task = {t: [0, 0] for t in dict.fromkeys(t for t, _, _ in items)}
-    correct = []  # per item, in order: rows on the same items compare prompt by prompt
+    per_task, correct = {}, []  # correct: per item, in order: rows on the same items compare prompt by prompt
     nfe = processed = out_tokens = 0
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        prompts = [build_prompt(tok, as_messages(p)) for _, p, _ in chunk]
-        g = run(decode(model, prompts, spec))
+        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec))
         nfe += g.stats.nfe
         processed += g.stats.processed
         out_tokens += g.stats.output_tokens
-        for (task, _, answer), toks in zip(chunk, g.tokens):
-            correct.append(int(tok.decode(toks).strip() == answer))
-            per_task[task][0] += correct[-1]
-            per_task[task][1] += 1
-    n = sum(v[1] for v in per_task.values())
+        _score(tok, chunk, g.tokens, per_task, correct)
     return {
-        "sampler": sampler, "accuracy": sum(v[0] for v in per_task.values()) / n, "n": n,
-        "per_task": {t: v[0] / max(v[1], 1) for t, v in per_task.items()},
+        **_summary(sampler, per_task, correct),
         "forwards": nfe, "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
         "processed_tokens": processed, "output_tokens": out_tokens, "seconds": round(time.perf_counter() - t0, 2),
         "correct": correct,
     }
 
 
-def evaluate_chat(model, tok, items, sampler: str) -> dict:
+def evaluate_chat(model, tok, items, sampler: str, turn_delay: int = 1) -> dict:
     """Conversation items decoded as `illada-mlx chat` decodes them: one session per conversation, a user turn
-    at a time, one BlockCache carried across its turns (the cross-turn cache: a turn reuses what the
-    previous one computed of the history, its reply included, as far as the history matches the canvas).
+    at a time, one BlockCache(turn_delay) carried across its turns (the cross-turn cache: a turn reuses what
+    earlier calls computed of the history, as far as it matches the canvas; with turn_delay 0 the previous
+    turn's prompt and reply too, cache.py). Row name: <sampler>_chat, or <sampler>_chat_delay0.
     The earlier replies in the history are the item's correct ones, as in `evaluate`; the last turn's reply
     is scored. `processed_tokens` counts the last turns; `processed_tokens_all_turns` every turn's."""
     from illada_mlx.cache import BlockCache
@@ -161,19 +168,18 @@ def evaluate_chat(model, tok, items, sampler: str) -> dict:
     per_task, correct, turns = {}, [], []
     nfe = processed = processed_all = 0
     t0 = time.perf_counter()
-    for task, messages, answer in items:
-        cache = BlockCache()
+    for item in items:
+        messages, cache = item[1], BlockCache(turn_delay)
         for j in range(1, len(messages) + 1, 2):  # each user turn, the last one included
             g = run(decode(model, [build_prompt(tok, messages[:j])], spec, cache=cache))
             processed_all += g.stats.processed
         turns.append((j + 1) // 2)
         nfe += g.stats.nfe
         processed += g.stats.processed
-        correct.append(int(tok.decode(g.tokens[0]).strip() == answer))
-        per_task.setdefault(task, []).append(correct[-1])
+        _score(tok, [item], g.tokens, per_task, correct)
     return {
-        "sampler": sampler + "_chat", "accuracy": sum(correct) / len(correct), "n": len(correct),
-        "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, "forwards": nfe,
+        **_summary(sampler + "_chat" + ("" if turn_delay == 1 else f"_delay{turn_delay}"), per_task, correct),
+        "turn_delay": turn_delay, "forwards": nfe,
         "processed_tokens": processed, "processed_tokens_all_turns": processed_all,
         "seconds": round(time.perf_counter() - t0, 2), "correct": correct, "turns_decoded": turns,
     }
@@ -204,7 +210,8 @@ def main():
                     help="the sampler of the conversions' rows (exact: long answers in variable mode)")
     ap.add_argument("--chat", action="store_true",
                     help="also score the multi-turn items as a chat session per conversation, the cross-turn cache "
-                         "carried from turn to turn (rows <sampler>_chat, float32, samplers with a cache)")
+                         "carried from turn to turn (rows <sampler>_chat and, reusing the previous turn too, "
+                         "<sampler>_chat_delay0; float32, samplers with a cache)")
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
@@ -250,7 +257,7 @@ def main():
                 if chat and sampler_spec(model, tok, sampler).cache == "none":
                     chat = []  # no cache to carry across turns: the plain row says it all
                 for r in ([evaluate(model, tok, items, sampler)] if items else []) + (
-                        [evaluate_chat(model, tok, chat, sampler)] if chat else []) + (
+                        [evaluate_chat(model, tok, chat, sampler, d) for d in (1, 0)] if chat else []) + (
                         [score_long(model, tok, long_items, long_sampler)] if long_items else []):
                     r["weights"] = name
                     rows.append(r)
