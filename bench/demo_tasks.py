@@ -14,7 +14,9 @@ EXTRA tasks are drawn only when asked for (train_demo.py --tasks, quality.py --t
 yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals
 3 4 8 9 14 mod 10 from the last back), an order-sensitive task the bundled model has not learned.
 "recall_abcd" is recall with keys from a, b, c, d only: a training curriculum for recall's key match,
-not a task of its own (bench/README.md says what it did for the bundled model).
+not a task of its own (bench/README.md says what it did for the bundled model). "countend" is count with
+2-8 numbers, one block: a curriculum for where a long count stops (the number just written against the
+prompt's b), with every row's end in view; its prompts never equal a count prompt (b - a < 16).
 
 LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit and space one token): they
 fill 3-8 blocks of 32, so the EOS lands in a different block from row to row. Every number is three digits
@@ -41,14 +43,16 @@ import random
 TASKS = ("add", "sort", "reverse", "recall", "parity")
 LONG = ("count", "countby", "succ")
 YARDSTICK_LONG = ("count", "countby")  # the long tasks the yardstick scores
-EXTRA = ("sums", "recall_abcd") + LONG
+EXTRA = ("sums", "recall_abcd") + LONG + ("countend",)
+BLOCKWISE = LONG + ("countend",)  # tasks whose training rows are laid out block by block (bench/train_rows.py)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _count(rng: random.Random, step: int) -> tuple[str, str]:
-    """Count from a to b in steps of `step`, 17-64 three-digit numbers (an answer of 67-255 tokens)."""
-    n = rng.randint(17, 64)
+def _count(rng: random.Random, step: int, most: int = 64, least: int = 17) -> tuple[str, str]:
+    """Count from a to b in steps of `step`, `least`-`most` three-digit numbers (17-64: an answer of 67-255
+    tokens)."""
+    n = rng.randint(least, most)
     a = rng.randint(100, 999 - step * (n - 1))
     b = a + step * (n - 1)
     answer = " ".join(str(a + step * i) for i in range(n))
@@ -73,6 +77,8 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         return _count(rng, 1)
     if task == "countby":
         return _count(rng, rng.randint(2, 9))
+    if task == "countend":
+        return _count(rng, 1, most=8, least=2)
     if task == "succ":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(33, 128))]
         return "succ " + " ".join(map(str, xs)), " ".join(str((x + 1) % 10) for x in xs)

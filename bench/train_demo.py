@@ -86,20 +86,18 @@ class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
 
-    def __init__(self, tok_file: str, seed: int, batch: int, block: int, tasks, max_area: int = 0,
-                 multi_turn: float = 0.0, first_block: float = 0.0,
-                 last_block: float = 0.0):
+    def __init__(self, tok_file: str, seed: int, **layout):
+        """layout: `batches`' keyword arguments (batch, block, tasks, max_area, multi_turn, ...)."""
         super().__init__()
-        self.args = tok_file, seed, batch, block, tasks, max_area, multi_turn, first_block, last_block
+        self.tok_file, self.seed, self.layout = tok_file, seed, layout
 
     def __iter__(self):
         from tokenizers import Tokenizer
 
-        tok_file, seed, batch, block, tasks, max_area, multi_turn, first_block, last_block = self.args
         info = torch.utils.data.get_worker_info()
-        return (tuple(map(torch.from_numpy, b)) for b in batches(
-            Tokenizer.from_file(tok_file), seed + 1000 * (info.id if info else 0), batch, block, tasks, max_area,
-            multi_turn, first_block, last_block))
+        seed = self.seed + 1000 * (info.id if info else 0)
+        return (tuple(map(torch.from_numpy, b)) for b in batches(Tokenizer.from_file(self.tok_file), seed,
+                                                                 **self.layout))
 
 
 @torch.no_grad()
@@ -254,7 +252,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=500, help="held-out exact-mode accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=24.0,
-                    help="time budget: after 300 steps the run is cut (schedule included) to what fits; 0 = none")
+                    help="time budget, probes included: the cosine schedule follows the clock and the run ends "
+                         "when it is spent (or at --steps); 0 = none (the schedule follows --steps)")
     ap.add_argument("--init", default=None, help="start from this checkpoint dir (same shape) instead of random")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     a = ap.parse_args()
@@ -291,12 +290,14 @@ def main():
     model.to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     warm = max(1, min(200, a.steps // 10))
-    total = a.steps  # cut to what fits in --minutes once the step rate is known (the schedule reads it late)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, total) / max(total, 1)))))
-    rows = Batches(str(out / "tokenizer.json"), a.seed, a.batch, a.block, tasks, a.max_area, a.multi_turn,
-                   a.first_block, a.last_block)
+
+    def lr_at(i: int, done: float) -> float:
+        """Linear warm-up over `warm` steps, then cosine from --lr to 5% of it as `done` goes 0 -> 1."""
+        return a.lr * min(1.0, (i + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+    rows = Batches(str(out / "tokenizer.json"), a.seed, batch=a.batch, block=a.block, tasks=tasks,
+                   max_area=a.max_area, multi_turn=a.multi_turn, first_block=a.first_block,
+                   last_block=a.last_block)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
     short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
@@ -318,12 +319,14 @@ def main():
 
     t0, log, ema = time.time(), [], None
     i = 0
-    while i < total:
-        if i == 50:
-            t50 = time.time()
-        if i == 300 and a.minutes:  # the cosine schedule ends where the time budget does
-            rate = 250 / (time.time() - t50)
-            total = min(total, int(300 + rate * (a.minutes * 60 - (time.time() - t0))))
+    while i < a.steps:
+        # the share of the run done: of the clock with --minutes (a run sharing its machine still ends on
+        # time, its schedule complete), else of the steps
+        done = (time.time() - t0) / (a.minutes * 60) if a.minutes else i / a.steps
+        if done >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(i, done)
         x, answer, valid, maskable = (t.to(a.device, non_blocking=True) for t in next(data))
         loss = loss_fn(model, x, answer, valid, maskable, answer_only=a.answer_only, inv_t=a.inv_t, t_min=a.t_min,
                        pad_weight=a.pad_weight, eos_weight=a.eos_weight)
@@ -331,8 +334,7 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        if i % 50 == 0 or i == total - 1:
+        if i % 50 == 0:
             ema = loss.item() if ema is None else 0.6 * ema + 0.4 * loss.item()
             el = time.time() - t0
             row = {"step": i, "loss_ema": round(ema, 4), "seconds": round(el, 1)}

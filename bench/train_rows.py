@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import LONG, TASKS, conversations, examples  # noqa: E402
+from demo_tasks import BLOCKWISE, TASKS, conversations, examples  # noqa: E402
 
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
@@ -43,7 +43,7 @@ def draw_items(seed: int, tasks, multi_turn: float = 0.0):
     """Endless (task, messages, answer): single user turns from `tasks` and, a `multi_turn` share of them,
     conversations whose last user turn is from `tasks` (its short ones, when it has any) after 1-4 earlier
     exchanges (demo_tasks)."""
-    last = tuple(t for t in tasks if t not in LONG)  # a conversation's last turn: a short task
+    last = tuple(t for t in tasks if t not in BLOCKWISE)  # a conversation's last turn: a short task
     single, multi = examples(seed, tasks=tasks), conversations(seed + 7, tasks=last or tasks)
     coin = np.random.default_rng(seed + 11)
     while True:
@@ -56,7 +56,7 @@ def draw_items(seed: int, tasks, multi_turn: float = 0.0):
 
 def _row_kind(task: str, messages: list) -> str:
     """Which batches a row goes to: rows of one kind have similar lengths, so a batch pads little."""
-    return "long" if task in LONG else "multi" if len(messages) > 1 else "short"
+    return "long" if task in BLOCKWISE else "multi" if len(messages) > 1 else "short"
 
 
 def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
@@ -70,7 +70,7 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
     area's length log-uniformly from [block / 2, max_area], so a fixed canvas of any of those lengths
     (exact mode's 128, say) is in distribution.
 
-    Long answers (demo_tasks.LONG) are laid out like the growing canvas decodes them, one block at a time:
+    Long answers (demo_tasks.BLOCKWISE) are laid out like the growing canvas decodes them, one block at a time:
     the messages, the answer's first k blocks as written, then block k (the answer's tokens there, its EOS
     and EOS padding to `block`); k is drawn once a batch: 0 with probability `first_block` (the block that
     reads the prompt alone), each row's last block (where its EOS is) with probability `last_block`, and
