@@ -174,7 +174,7 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
 
 
 def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_only=0.8, inv_t=False,
-            pad_weight=1.0, eos_weight=1.0):
+            pad_weight=1.0, eos_weight=1.0, masked_from=None):
     """t ~ U(t_min, 1) (the spec's ε by default); mask each maskable token with probability t; cross-entropy
     on the masked tokens. iLLaDA SFT masks prompt and answer alike; here a fifth of the rows do that and the
     rest mask the answer only (LLaDA's SFT); rows whose `prompt_maskable` is False (long answers' blocks)
@@ -183,7 +183,9 @@ def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_on
     after 400 vs 1000 steps), so it is the default here. `pad_weight` weighs the EOS padding after an
     answer's own EOS (LLaDA's SFT: 1, like any token); with t_min = 1 and pad_weight = 0 a row is the
     answer-from-prompt classification a one-digit answer needs to leave its plateau (bench/README.md).
-    `eos_weight` weighs the answer's own EOS (the one place a long answer learns where it ends)."""
+    `eos_weight` weighs the answer's own EOS (the one place a long answer learns where it ends).
+    `masked_from` (per row, -1: random masking): rows whose answer area is masked from this index on and
+    visible before it (train_rows' end decisions)."""
     B, L = x.shape
     t = torch.rand(B, 1, device=x.device) * (1 - t_min) + t_min
     whole = torch.rand(B, 1, device=x.device) >= answer_only
@@ -191,6 +193,10 @@ def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_on
         whole = whole & prompt_maskable.view(B, 1)
     maskable = torch.where(whole, valid, answer)
     masked = (torch.rand(B, L, device=x.device) < t) & maskable & valid
+    if masked_from is not None:
+        start = answer.float().argmax(1, keepdim=True)  # each row's area start
+        cut = torch.arange(L, device=x.device) >= start + masked_from.view(B, 1)
+        masked = torch.where(masked_from.view(B, 1) >= 0, answer & valid & cut, masked)
     logits = model(torch.where(masked, MASK, x), attention_mask=valid)
     ce = torch.nn.functional.cross_entropy(logits.reshape(B * L, -1), x.reshape(-1), reduction="none").view(B, L)
     keep = masked.float()
@@ -242,6 +248,8 @@ def main():
                     help="share of long-answer batches that train the answer's first block (the rest: uniform)")
     ap.add_argument("--last-block", type=float, default=0.0,
                     help="share of long-answer batches that train each answer's last block (where it ends)")
+    ap.add_argument("--end-rows", type=float, default=0.0,
+                    help="share of long-answer batches of end decisions (train_rows.batches)")
     ap.add_argument("--eos-weight", type=float, default=1.0,
                     help="loss weight of an answer's own EOS (where it ends; padding: --pad-weight)")
     ap.add_argument("--long-probe", type=int, default=10,
@@ -297,7 +305,7 @@ def main():
         return a.lr * min(1.0, (i + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
     rows = Batches(str(out / "tokenizer.json"), a.seed, batch=a.batch, block=a.block, tasks=tasks,
                    max_area=a.max_area, multi_turn=a.multi_turn, first_block=a.first_block,
-                   last_block=a.last_block)
+                   last_block=a.last_block, end_rows=a.end_rows)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
     short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
@@ -327,9 +335,9 @@ def main():
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(i, done)
-        x, answer, valid, maskable = (t.to(a.device, non_blocking=True) for t in next(data))
+        x, answer, valid, maskable, masked_from = (t.to(a.device, non_blocking=True) for t in next(data))
         loss = loss_fn(model, x, answer, valid, maskable, answer_only=a.answer_only, inv_t=a.inv_t, t_min=a.t_min,
-                       pad_weight=a.pad_weight, eos_weight=a.eos_weight)
+                       pad_weight=a.pad_weight, eos_weight=a.eos_weight, masked_from=masked_from)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

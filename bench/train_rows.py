@@ -60,9 +60,9 @@ def _row_kind(task: str, messages: list) -> str:
 
 
 def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
-            first_block: float = 0.0, last_block: float = 0.0):
-    """(ids, answer, valid, prompt_maskable) batches of one kind of row each (short single turns,
-    conversations, long answers), so a short row is not padded to a long one's length.
+            first_block: float = 0.0, last_block: float = 0.0, end_rows: float = 0.0):
+    """(ids, answer, valid, prompt_maskable, masked_from) batches of one kind of row each (short single
+    turns, conversations, long answers), so a short row is not padded to a long one's length.
 
     Short rows and conversations are laid out like a fixed canvas: the chat-templated messages, then an
     answer area holding the answer, one EOS and EOS padding (LLaDA's SFT: the padding EOS count as answer,
@@ -77,6 +77,11 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
     otherwise uniformly up to the batch's longest answer, a shorter answer taking its last block in its
     place. Only block
     k is answer (maskable); nothing follows it, as nothing follows the current block on a growing canvas.
+    With probability `end_rows` a long batch is of end decisions instead: each row's last block, its
+    tokens written up to a number's end and everything from there masked (`masked_from`, the area index;
+    -1 elsewhere: random masking). Half the rows are cut where the answer ends (the next token is EOS),
+    half 1-7 numbers before (the next is a space): the only way to tell is to compare the number just
+    written with the prompt's end, since nothing to the right is visible to give the end away.
 
     Rows are right-padded to the batch's longest with `valid` = 0 (key-masked, no loss); `prompt_maskable`
     (per row) is False for long rows, whose written blocks stay as the decoder left them.
@@ -97,9 +102,16 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
             if len(pending[kind]) < batch:
                 continue
             chunk, pending[kind] = pending[kind], []
+            cuts = np.full(batch, -1, dtype=np.int64)
             if kind == "long":
                 top, u = int(rng.integers(0, max(-(-len(r) // block) for _, r in chunk))), rng.random()
-                if u < first_block:
+                if end_rows and rng.random() < end_rows:
+                    top = max(len(r) for _, r in chunk)  # each row's last block, cut below
+                    for j, (_, r) in enumerate(chunk):
+                        e = (len(r) - 1) % block  # the answer's EOS, in its block
+                        back = int(rng.integers(1, min(7, e // 4) + 1)) if e >= 4 and rng.random() < 0.5 else 0
+                        cuts[j] = e - 4 * back  # right after a number (each is 3 digits and a space)
+                elif u < first_block:
                     top = 0
                 elif u < first_block + last_block:
                     top = max(len(r) for _, r in chunk)  # past every row's last block: each takes its last
@@ -120,4 +132,4 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
                 ids[j, :len(q) + area] = q + r
                 answer[j, len(q):len(q) + area] = True
                 valid[j, :len(q) + area] = True
-            yield ids, answer, valid, np.full(batch, kind != "long")
+            yield ids, answer, valid, np.full(batch, kind != "long"), cuts

@@ -129,7 +129,7 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
 
     tok = Tokenizer.from_file(str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"))
     areas = set()
-    for ids, answer, valid, maskable in itertools.islice(batches(tok, 0, 4, 32, TASKS, max_area=256), 40):
+    for ids, answer, valid, maskable, _ in itertools.islice(batches(tok, 0, 4, 32, TASKS, max_area=256), 40):
         assert maskable.all()  # short rows may mask their prompt
         n = answer.sum(1)
         assert (n == n[0]).all() and 16 <= int(n[0]) <= 256
@@ -142,7 +142,7 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
             assert row[0] == tok.token_to_id("<|im_start|>") and tok.decode(row[:start]).endswith("assistant\n")
     assert len(areas) > 10 and min(areas) < 32 < max(areas)
     # without --max-area every area is the block
-    ids, answer, _, _ = next(batches(tok, 0, 4, 32, TASKS))
+    ids, answer, _, _, _ = next(batches(tok, 0, 4, 32, TASKS))
     assert (answer.sum(1) == 32).all()
 
 
@@ -249,7 +249,7 @@ def test_training_rows_are_the_runtime_prompt_plus_the_answer():
     for multi_turn in (1.0, 0.0):
         items = list(itertools.islice(draw_items(2, TASKS, multi_turn=multi_turn), 12))
         assert all((len(m) > 1) == bool(multi_turn) for _, m, _ in items)
-        ids, answer, valid, _ = next(batches(tok, 2, 12, 32, TASKS, max_area=256, multi_turn=multi_turn))
+        ids, answer, valid, _, _ = next(batches(tok, 2, 12, 32, TASKS, max_area=256, multi_turn=multi_turn))
         for (task, messages, a), row, ans in zip(items, ids.tolist(), answer.tolist()):
             start, area = ans.index(True), sum(ans)
             assert row[:start] == build_prompt(runtime, messages)
@@ -271,7 +271,7 @@ def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     items = draw_items(0, LONG)
     ks, last = set(), 0
-    for ids, answer, valid, maskable in itertools.islice(batches(tok, 0, 4, 32, LONG, max_area=256), 40):
+    for ids, answer, valid, maskable, _ in itertools.islice(batches(tok, 0, 4, 32, LONG, max_area=256), 40):
         assert not maskable.any()
         row_ks = []
         for row, ans, ok in zip(ids.tolist(), answer.tolist(), valid.tolist()):
@@ -325,7 +325,7 @@ def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_bl
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     items = draw_items(1, LONG)
-    for ids, answer, _, _ in itertools.islice(batches(tok, 1, 4, 32, LONG, first_block=first_block,
+    for ids, answer, _, _, _ in itertools.islice(batches(tok, 1, 4, 32, LONG, first_block=first_block,
                                                       last_block=last_block), 10):
         for row, ans in zip(ids.tolist(), answer.tolist()):
             _, messages, a = next(items)
@@ -333,3 +333,53 @@ def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_bl
             k = (ans.index(True) - len(tok.encode(render(messages)).ids)) // 32
             assert k == (0 if first_block else (len(want) - 1) // 32)
             assert EOS in row[ans.index(True):] or first_block
+
+
+def test_end_rows_cut_after_a_number_half_at_the_end():
+    # end_rows 1: every long row is its last block, visible up to a cut right after a number and masked from
+    # there; the token at the cut is the answer's EOS when that number is the prompt's b, else a space
+    from tokenizers import Tokenizer
+    from train_rows import EOS, batches, draw_items, render
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    tasks = ("count", "countby", "countend")
+    items = draw_items(4, tasks)
+    ends = []
+    for ids, answer, valid, _, masked_from in itertools.islice(batches(tok, 4, 8, 32, tasks, end_rows=1.0), 12):
+        for row, ans, ok, cut in zip(ids.tolist(), answer.tolist(), valid.tolist(), masked_from.tolist()):
+            _, messages, a = next(items)
+            q = tok.encode(render(messages)).ids
+            want = tok.encode(render(messages) + a).ids[len(q):] + [EOS]
+            start = ans.index(True)
+            assert (start - len(q)) // 32 == (len(want) - 1) // 32 and 0 <= cut < 32  # the last block
+            at = start + cut
+            assert row[:at] == q + want[:at - len(q)]  # the prompt and the answer up to the cut, as written
+            written = tok.decode(row[len(q):at]).split(" ")
+            b = messages[-1]["content"].split(" ")[3]
+            assert len(written[-1]) == 3 and (row[at] == EOS) == (written[-1] == b)
+            assert row[at] == EOS or tok.decode([row[at]]) == " "
+            ends.append(row[at] == EOS)
+    assert 0.35 < sum(ends) / len(ends) < 0.8  # half cut at the end, and a block ending too early for a
+    # number before it to be cut gives an end as well
+
+
+def test_loss_masks_an_end_rows_area_from_its_cut():
+    # masked_from >= 0: the area is masked from that index on and visible before it, whatever t is drawn;
+    # -1: random masking as before
+    torch = pytest.importorskip("torch")
+    from train_demo import MASK, loss_fn
+
+    seen = {}
+
+    def model(x, attention_mask=None):
+        seen["x"] = x.clone()
+        return torch.zeros(*x.shape, 300)
+
+    x = torch.arange(10, 30).view(2, 10)
+    answer = torch.zeros(2, 10, dtype=torch.bool)
+    answer[:, 4:9] = True
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    for _ in range(5):
+        loss_fn(model, x, answer, valid, torch.tensor([False, False]), masked_from=torch.tensor([2, -1]))
+        assert seen["x"][0].tolist() == x[0, :6].tolist() + [MASK] * 3 + [x[0, 9].item()]
+        assert (seen["x"][1, :4] == x[1, :4]).all() and (seen["x"][1, 9] == x[1, 9])
