@@ -16,7 +16,8 @@ yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4
 "recall_abcd" is recall with keys from a, b, c, d only: a training curriculum for recall's key match,
 not a task of its own (bench/README.md says what it did for the bundled model). "countend" is count with
 2-8 numbers, one block: a curriculum for where a long count stops (the number just written against the
-prompt's b), with every row's end in view; its prompts never equal a count prompt (b - a < 16).
+prompt's b), with every row's end in view; "countmid" the same with 9-16 numbers (two blocks), a step
+between it and count's 3-8 blocks. Their prompts never equal a count prompt (b - a < 16).
 
 LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit and space one token): they
 fill 3-8 blocks of 32, so the EOS lands in a different block from row to row. Every number is three digits
@@ -43,8 +44,8 @@ import random
 TASKS = ("add", "sort", "reverse", "recall", "parity")
 LONG = ("count", "countby", "succ")
 YARDSTICK_LONG = ("count", "countby")  # the long tasks the yardstick scores
-EXTRA = ("sums", "recall_abcd") + LONG + ("countend",)
-BLOCKWISE = LONG + ("countend",)  # tasks whose training rows are laid out block by block (bench/train_rows.py)
+EXTRA = ("sums", "recall_abcd") + LONG + ("countend", "countmid")
+BLOCKWISE = LONG + ("countend", "countmid")  # tasks whose training rows are laid out block by block (bench/train_rows.py)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -79,6 +80,8 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         return _count(rng, rng.randint(2, 9))
     if task == "countend":
         return _count(rng, 1, most=8, least=2)
+    if task == "countmid":
+        return _count(rng, 1, most=16, least=9)
     if task == "succ":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(33, 128))]
         return "succ " + " ".join(map(str, xs)), " ".join(str((x + 1) % 10) for x in xs)

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render  # noqa: E402,F401
-from demo_tasks import (EXTRA, LONG, ORDERED, TASKS, examples, held_out_conversations,  # noqa: E402
+from demo_tasks import (BLOCKWISE, EXTRA, ORDERED, TASKS, examples, held_out_conversations,  # noqa: E402
                         held_out_set)
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
@@ -173,6 +173,35 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
     return {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
 
 
+@torch.no_grad()
+def end_probe(model, tok, items, block: int = 32) -> dict:
+    """Does the model know where a count ends? For count items (three-digit numbers), the answer written up
+    to a number in its last block (the earlier blocks in place) and masked from there, as train_rows' end
+    rows: P(EOS) next when that number is the prompt's b ("end") and when it is the number before b
+    ("not_end", where the last block holds it). Per task: the mean P(EOS) of each, and the share of both
+    decided right (P > 0.5 at the end, < 0.5 before it). Equal means: the model cannot tell them apart."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = {}
+    for task in dict.fromkeys(t for t, _, _ in items):
+        p_eos = {"end": [], "not_end": []}
+        for _, p, a in (it for it in items if it[0] == task):
+            q = tok.encode(chat_prompt(p)).ids
+            r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
+            last = block * ((len(r) - 1) // block)
+            for name, cut in (("end", len(r) - 1), ("not_end", len(r) - 5)):
+                if cut >= last:
+                    x = torch.tensor([q + r[:cut] + [MASK] * (last + block - cut)], device=dev)
+                    logits = model(x)[0, len(q) + cut]
+                    logits[MASK] = float("-inf")
+                    p_eos[name].append(torch.softmax(logits, -1)[EOS].item())
+        right = [v > 0.5 for v in p_eos["end"]] + [v < 0.5 for v in p_eos["not_end"]]
+        out[task] = {**{k: round(sum(v) / max(len(v), 1), 3) for k, v in p_eos.items()},
+                     "decided_right": round(sum(right) / max(len(right), 1), 3)}
+    model.train()
+    return out
+
+
 def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_only=0.8, inv_t=False,
             pad_weight=1.0, eos_weight=1.0, masked_from=None):
     """t ~ U(t_min, 1) (the spec's ε by default); mask each maskable token with probability t; cross-entropy
@@ -308,9 +337,10 @@ def main():
                    last_block=a.last_block, end_rows=a.end_rows)
     data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
-    short = tuple(t for t in dict.fromkeys(tasks) if t not in LONG)
+    short = tuple(t for t in dict.fromkeys(tasks) if t not in BLOCKWISE)
     probe = held_out_set(25, seed=999, tasks=short) + (held_out_conversations(10, seed=999) if a.multi_turn else [])
-    long_probe = held_out_set(a.long_probe, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in LONG))
+    long_probe = held_out_set(a.long_probe, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in BLOCKWISE))
+    counts = held_out_set(10, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t.startswith("count")))
     ordered_probe = [it for it in probe if it[0] in ORDERED]
 
     def probe_all(n_long=None):
@@ -350,6 +380,8 @@ def main():
                 row["held_out"] = probe_all(n_long=4)
                 if ordered_probe:
                     row["order_probe"] = order_probe(model, tok, ordered_probe, a.block)
+                if counts:
+                    row["end_probe"] = end_probe(model, tok, counts, a.block)
             log.append(row)
             print(json.dumps(row), flush=True)
         if i and i % 1000 == 0:
@@ -365,6 +397,7 @@ def main():
     info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
             "seconds": round(time.time() - t0, 1), "final_loss_ema": None if ema is None else round(ema, 4), "held_out_probe": final, **longest,
             **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
+            **({"end_probe": end_probe(model, tok, counts, a.block)} if counts else {}),
             "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))
