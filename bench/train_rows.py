@@ -59,6 +59,20 @@ def _row_kind(task: str, messages: list) -> str:
     return "long" if task in BLOCKWISE else "multi" if len(messages) > 1 else "short"
 
 
+def _end_cut(r: list[int], rng) -> int:
+    """Where an end row is cut in answer `r` (ids, three-digit numbers a space apart, then EOS): right after
+    its last number (the end: EOS next) half the time; otherwise after an earlier number, 1-7 before the
+    end or, as often, one whose last digit is the last number's (where a match of the last digit alone
+    would stop)."""
+    n, end, u = len(r) // 4, len(r) - 1, rng.random()
+    if u < 0.5 or n < 2:
+        return end
+    same = [i for i in range(n - 1) if r[4 * i + 2] == r[-2]]
+    if u < 0.75 or not same:
+        return end - 4 * int(rng.integers(1, min(7, n - 1) + 1))
+    return 4 * same[int(rng.integers(0, len(same)))] + 3
+
+
 def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
             first_block: float = 0.0, last_block: float = 0.0, end_rows: float = 0.0):
     """(ids, answer, valid, prompt_maskable, masked_from) batches of one kind of row each (short single
@@ -77,11 +91,12 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
     otherwise uniformly up to the batch's longest answer, a shorter answer taking its last block in its
     place. Only block
     k is answer (maskable); nothing follows it, as nothing follows the current block on a growing canvas.
-    With probability `end_rows` a long batch is of end decisions instead: each row's last block, its
-    tokens written up to a number's end and everything from there masked (`masked_from`, the area index;
-    -1 elsewhere: random masking). Half the rows are cut where the answer ends (the next token is EOS),
-    half 1-7 numbers before (the next is a space): the only way to tell is to compare the number just
-    written with the prompt's end, since nothing to the right is visible to give the end away.
+    With probability `end_rows` a long batch is of end decisions instead: each row is cut right after one
+    of its numbers (`_end_cut`), the block holding the cut is the area, written up to the cut and masked
+    from there (`masked_from`, the area index; -1 elsewhere: random masking). Half the rows are cut where
+    the answer ends (the next token is EOS), the others before (the next is a space): the only way to tell
+    is to compare the number just written with the prompt's end, since nothing to the right is visible to
+    give the end away.
 
     Rows are right-padded to the batch's longest with `valid` = 0 (key-masked, no loss); `prompt_maskable`
     (per row) is False for long rows, whose written blocks stay as the decoder left them.
@@ -105,19 +120,18 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
             cuts = np.full(batch, -1, dtype=np.int64)
             if kind == "long":
                 top, u = int(rng.integers(0, max(-(-len(r) // block) for _, r in chunk))), rng.random()
-                if end_rows and rng.random() < end_rows:
-                    top = max(len(r) for _, r in chunk)  # each row's last block, cut below
-                    for j, (_, r) in enumerate(chunk):
-                        e = (len(r) - 1) % block  # the answer's EOS, in its block
-                        back = int(rng.integers(1, min(7, e // 4) + 1)) if e >= 4 and rng.random() < 0.5 else 0
-                        cuts[j] = e - 4 * back  # right after a number (each is 3 digits and a space)
-                elif u < first_block:
+                at = [_end_cut(r, rng) for _, r in chunk] if end_rows and rng.random() < end_rows else None
+                if at is None and u < first_block:
                     top = 0
-                elif u < first_block + last_block:
+                elif at is None and u < first_block + last_block:
                     top = max(len(r) for _, r in chunk)  # past every row's last block: each takes its last
                 rows = []
-                for q, r in chunk:
-                    k = min(top, -(-len(r) // block) - 1)  # one k a batch (little padding), within the row
+                for j, (q, r) in enumerate(chunk):
+                    if at is None:
+                        k = min(top, -(-len(r) // block) - 1)  # one k a batch (little padding), within the row
+                    else:  # an end decision: the block holding the cut, masked from it
+                        k = at[j] // block
+                        cuts[j] = at[j] - block * k
                     cur = r[block * k:block * (k + 1)]
                     rows.append((q + r[:block * k], cur + [EOS] * (block - len(cur))))
                 area = block

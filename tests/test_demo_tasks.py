@@ -338,22 +338,24 @@ def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_bl
 
 
 def test_end_rows_cut_after_a_number_half_at_the_end():
-    # end_rows 1: every long row is its last block, visible up to a cut right after a number and masked from
-    # there; the token at the cut is the answer's EOS when that number is the prompt's b, else a space
+    # end_rows 1: every long row is cut right after one of its numbers, in the block holding the cut (the
+    # blocks before it written), visible up to the cut and masked from there; the token at the cut is the
+    # answer's EOS when that number is the prompt's b, else a space. Half are cut at the end; some of the
+    # others after a number ending in b's last digit (a last-digit match alone would stop there)
     from tokenizers import Tokenizer
     from train_rows import EOS, batches, draw_items, render
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     tasks = ("count", "countby", "countend")
     items = draw_items(4, tasks)
-    ends = []
+    ends, same_digit = [], 0
     for ids, answer, valid, _, masked_from in itertools.islice(batches(tok, 4, 8, 32, tasks, end_rows=1.0), 12):
         for row, ans, ok, cut in zip(ids.tolist(), answer.tolist(), valid.tolist(), masked_from.tolist()):
             _, messages, a = next(items)
             q = tok.encode(render(messages)).ids
             want = tok.encode(render(messages) + a).ids[len(q):] + [EOS]
             start = ans.index(True)
-            assert (start - len(q)) // 32 == (len(want) - 1) // 32 and 0 <= cut < 32  # the last block
+            assert (start - len(q)) % 32 == 0 and 0 <= cut < 32 and start + 32 == len(ok) - ok[::-1].index(True)
             at = start + cut
             assert row[:at] == q + want[:at - len(q)]  # the prompt and the answer up to the cut, as written
             written = tok.decode(row[len(q):at]).split(" ")
@@ -361,8 +363,8 @@ def test_end_rows_cut_after_a_number_half_at_the_end():
             assert len(written[-1]) == 3 and (row[at] == EOS) == (written[-1] == b)
             assert row[at] == EOS or tok.decode([row[at]]) == " "
             ends.append(row[at] == EOS)
-    assert 0.35 < sum(ends) / len(ends) < 0.8  # half cut at the end, and a block ending too early for a
-    # number before it to be cut gives an end as well
+            same_digit += row[at] != EOS and written[-1][-1] == b[-1]
+    assert 0.35 < sum(ends) / len(ends) < 0.8 and same_digit >= 5
 
 
 def test_loss_masks_an_end_rows_area_from_its_cut():
