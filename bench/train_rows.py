@@ -89,8 +89,8 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
     and EOS padding to `block`); k is drawn once a batch: 0 with probability `first_block` (the block that
     reads the prompt alone), each row's last block (where its EOS is) with probability `last_block`, and
     otherwise uniformly up to the batch's longest answer, a shorter answer taking its last block in its
-    place. Only block
-    k is answer (maskable); nothing follows it, as nothing follows the current block on a growing canvas.
+    place. Only block k is answer (maskable); nothing follows it, as nothing follows the current block on
+    a growing canvas.
     With probability `end_rows` a long batch is of end decisions instead: each row is cut right after one
     of its numbers (`_end_cut`), the block holding the cut is the area, written up to the cut and masked
     from there (`masked_from`, the area index; -1 elsewhere: random masking). Half the rows are cut where
@@ -119,6 +119,8 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
             chunk, pending[kind] = pending[kind], []
             cuts = np.full(batch, -1, dtype=np.int64)
             if kind == "long":
+                # top and u are drawn for every long batch, end batches too, so the draws (and the rows) of a
+                # run without end rows stay as they were
                 top, u = int(rng.integers(0, max(-(-len(r) // block) for _, r in chunk))), rng.random()
                 at = [_end_cut(r, rng) for _, r in chunk] if end_rows and rng.random() < end_rows else None
                 if at is None and u < first_block:
