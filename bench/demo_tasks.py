@@ -46,6 +46,8 @@ LONG = ("count", "countby", "succ")
 YARDSTICK_LONG = ("count", "countby")  # the long tasks the yardstick scores
 EXTRA = ("sums", "recall_abcd") + LONG + ("countend", "countmid")
 BLOCKWISE = LONG + ("countend", "countmid")  # tasks whose training rows are laid out block by block (bench/train_rows.py)
+COUNTS = ("count", "countby", "countend", "countmid")  # answers of three-digit numbers a space apart
+NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

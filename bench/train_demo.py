@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render  # noqa: E402,F401
-from demo_tasks import (BLOCKWISE, EXTRA, ORDERED, TASKS, examples, held_out_conversations,  # noqa: E402
-                        held_out_set)
+from demo_tasks import (BLOCKWISE, COUNTS, EXTRA, NUMBER_TOKENS, ORDERED, TASKS, examples,  # noqa: E402
+                        held_out_conversations, held_out_set)
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
@@ -189,7 +189,7 @@ def end_probe(model, tok, items, block: int = 32) -> dict:
             q = tok.encode(chat_prompt(p)).ids
             r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
             last = block * ((len(r) - 1) // block)
-            for name, cut in (("end", len(r) - 1), ("not_end", len(r) - 5)):
+            for name, cut in (("end", len(r) - 1), ("not_end", len(r) - 1 - NUMBER_TOKENS)):
                 if cut >= last:
                     x = torch.tensor([q + r[:cut] + [MASK] * (last + block - cut)], device=dev)
                     logits = model(x)[0, len(q) + cut]
@@ -340,7 +340,7 @@ def main():
     short = tuple(t for t in dict.fromkeys(tasks) if t not in BLOCKWISE)
     probe = held_out_set(25, seed=999, tasks=short) + (held_out_conversations(10, seed=999) if a.multi_turn else [])
     long_probe = held_out_set(a.long_probe, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in BLOCKWISE))
-    counts = held_out_set(10, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t.startswith("count")))
+    counts = held_out_set(10, seed=999, tasks=tuple(t for t in dict.fromkeys(tasks) if t in COUNTS))
     ordered_probe = [it for it in probe if it[0] in ORDERED]
 
     def probe_all(n_long=None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import BLOCKWISE, TASKS, conversations, examples  # noqa: E402
+from demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, conversations, examples  # noqa: E402
 
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
@@ -64,13 +64,14 @@ def _end_cut(r: list[int], rng) -> int:
     its last number (the end: EOS next) half the time; otherwise after an earlier number, 1-7 before the
     end or, as often, one whose last digit is the last number's (where a match of the last digit alone
     would stop)."""
-    n, end, u = len(r) // 4, len(r) - 1, rng.random()
+    w = NUMBER_TOKENS
+    n, end, u = len(r) // w, len(r) - 1, rng.random()
     if u < 0.5 or n < 2:
         return end
-    same = [i for i in range(n - 1) if r[4 * i + 2] == r[-2]]
+    same = [i for i in range(n - 1) if r[w * i + w - 2] == r[-2]]
     if u < 0.75 or not same:
-        return end - 4 * int(rng.integers(1, min(7, n - 1) + 1))
-    return 4 * same[int(rng.integers(0, len(same)))] + 3
+        return end - w * int(rng.integers(1, min(7, n - 1) + 1))
+    return w * same[int(rng.integers(0, len(same)))] + w - 1
 
 
 def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
