@@ -23,10 +23,13 @@ LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit a
 fill 3-8 blocks of 32, so the EOS lands in a different block from row to row. Every number is three digits
 wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of them. "count" counts from
 a to b ("count 137 to 202" -> "137 138 ... 202": each number is its left-hand neighbour plus one, the end
-comes from the prompt); "countby" counts in steps of 2-9 given by the prompt ("count 137 to 290 by 9" ->
-"137 146 ... 290"), so every number needs the prompt as well as its neighbour. "succ" (each digit of a 33-128
-digit list from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1" shown short) is kept for the record:
-in 30 CPU minutes the model did not learn it (bench/README.md). They are EXTRA tasks too.
+comes from the prompt). "countround" is count to a round hundred ("count 137 to 200"): its end is the first
+number ending in 00, a check on the number just written that needs no comparison with the prompt's b (the
+tens of that comparison are what count has not learned, bench/README.md). "countby" counts in steps of 2-9
+given by the prompt ("count 137 to 290 by 9" -> "137 146 ... 290"), so every number needs the prompt as
+well as its neighbour. "succ" (each digit of a 33-128 digit list from the prompt plus one mod 10, "succ 3 9
+0" -> "4 0 1" shown short) is kept for the record: in 30 CPU minutes the model did not learn it
+(bench/README.md). They are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
 exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to
@@ -42,11 +45,11 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-LONG = ("count", "countby", "succ")
-YARDSTICK_LONG = ("count", "countby")  # the long tasks the yardstick scores
+LONG = ("count", "countround", "countby", "succ")
+YARDSTICK_LONG = ("count", "countround", "countby")  # the long tasks the yardstick scores
 EXTRA = ("sums", "recall_abcd") + LONG + ("countend", "countmid")
-BLOCKWISE = LONG + ("countend", "countmid")  # tasks whose training rows are laid out block by block (bench/train_rows.py)
-COUNTS = ("count", "countby", "countend", "countmid")  # answers of three-digit numbers a space apart
+BLOCKWISE = LONG + ("countend", "countmid")  # tasks whose rows are laid out block by block (bench/train_rows.py)
+COUNTS = ("count", "countround", "countby", "countend", "countmid")  # three-digit numbers a space apart
 NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -78,6 +81,9 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         return "sums " + " ".join(map(str, xs)), " ".join(map(str, totals[::-1]))
     if task == "count":
         return _count(rng, 1)
+    if task == "countround":
+        n, h = rng.randint(17, 64), rng.randint(2, 9)  # to the hundred h: a is the n-th number before it
+        return f"count {100 * h - n + 1} to {100 * h}", " ".join(str(x) for x in range(100 * h - n + 1, 100 * h + 1))
     if task == "countby":
         return _count(rng, rng.randint(2, 9))
     if task == "countend":

@@ -176,28 +176,37 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
 @torch.no_grad()
 def end_probe(model, tok, items, block: int = 32) -> dict:
     """Does the model know where a count ends? For count items (three-digit numbers), the answer written up
-    to a number in its last block (the earlier blocks in place) and masked from there, as train_rows' end
-    rows: P(EOS) next when that number is the prompt's b ("end") and when it is the number before b
-    ("not_end", where the last block holds it). Per task: the mean P(EOS) of each, and the share of both
-    decided right (P > 0.5 at the end, < 0.5 before it). Equal means: the model cannot tell them apart."""
+    to a number and masked from there to the end of that number's block (the earlier blocks in place), as
+    train_rows' end rows: P(EOS) next when that number is the prompt's b ("end"), when it is the number
+    before b and in the last block ("not_end"), and when it is the last earlier number whose last digit is
+    b's ("same_last_digit", where a model comparing only last digits stops). Per task: the mean P(EOS) of
+    each; the share of end and not_end decided right (P > 0.5 at the end, < 0.5 before it); and the share
+    of same_last_digit cuts where the model would stop ("stops_at_last_digit"). Equal means: the model
+    cannot tell them apart."""
     model.eval()
     dev = next(model.parameters()).device
+    w = NUMBER_TOKENS
     out = {}
     for task in dict.fromkeys(t for t, _, _ in items):
-        p_eos = {"end": [], "not_end": []}
+        p_eos = {"end": [], "not_end": [], "same_last_digit": []}
         for _, p, a in (it for it in items if it[0] == task):
             q = tok.encode(chat_prompt(p)).ids
             r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
             last = block * ((len(r) - 1) // block)
-            for name, cut in (("end", len(r) - 1), ("not_end", len(r) - 1 - NUMBER_TOKENS)):
-                if cut >= last:
-                    x = torch.tensor([q + r[:cut] + [MASK] * (last + block - cut)], device=dev)
+            same = [w * i + w - 1 for i in range(len(r) // w - 1) if r[w * i + w - 2] == r[-2]]
+            cuts = [("end", len(r) - 1)] + ([("not_end", len(r) - 1 - w)] if len(r) - 1 - w >= last else [])
+            for name, cut in cuts + [("same_last_digit", c) for c in same[-1:]]:
+                top = block * (cut // block) + block
+                x = torch.tensor([q + r[:cut] + [MASK] * (top - cut)], device=dev)
+                with torch.no_grad():
                     logits = model(x)[0, len(q) + cut]
-                    logits[MASK] = float("-inf")
-                    p_eos[name].append(torch.softmax(logits, -1)[EOS].item())
+                logits[MASK] = float("-inf")
+                p_eos[name].append(torch.softmax(logits, -1)[EOS].item())
         right = [v > 0.5 for v in p_eos["end"]] + [v < 0.5 for v in p_eos["not_end"]]
         out[task] = {**{k: round(sum(v) / max(len(v), 1), 3) for k, v in p_eos.items()},
-                     "decided_right": round(sum(right) / max(len(right), 1), 3)}
+                     "decided_right": round(sum(right) / max(len(right), 1), 3),
+                     "stops_at_last_digit": round(sum(v > 0.5 for v in p_eos["same_last_digit"]) /
+                                                  max(len(p_eos["same_last_digit"]), 1), 3)}
     model.train()
     return out
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_tasks import (EXTRA, LONG, TASKS, conversations, examples, held_out, held_out_conversations,  # noqa: E402
+from demo_tasks import (COUNTS, EXTRA, LONG, TASKS, conversations, examples, held_out, held_out_conversations,  # noqa: E402
                         held_out_set)
 
 DEMO = ROOT / "illada_mlx" / "demo_model"
@@ -45,12 +45,13 @@ def test_every_task_answers_by_its_rule(split):
             assert len(d) == n and d[-1] == xs[-1] and d[0] == sum(xs) % 2
             # order-sensitive: each bit is its right-hand neighbour XOR the list bit in its own place
             assert all(d[j] == d[j + 1] ^ xs[j] for j in range(n - 1))
-        elif task in ("count", "countby", "countend", "countmid"):
+        elif task in COUNTS:
             # every k-th integer from a to b, in order, one space apart
             words = prompt.split(" ")
             a, b, k = int(words[1]), int(words[3]), int(words[5]) if len(words) == 6 else 1
             assert words[0] == "count" and words[2] == "to" and (k == 1) == (task != "countby") and k <= 9
             assert (task in ("countend", "countmid")) == (b - a < 16) and b > a
+            assert (task == "countround") <= (b % 100 == 0 and b - a < 100)
             assert [int(n) for n in answer.split(" ")] == list(range(a, b + 1, k)) and (b - a) % k == 0
             assert all(len(n) == 3 for n in answer.split(" "))  # 3 digits each: 4 tokens a number
         elif task == "succ":  # each listed digit plus one, mod 10
@@ -112,7 +113,8 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 0 and log["final_loss_ema"] is None
     assert set(log["held_out_probe"]) == {"reverse", "count", "turn2", "turn3", "turn4"}
-    assert set(log["end_probe"]) == {"count"} and set(log["end_probe"]["count"]) == {"end", "not_end", "decided_right"}
+    assert set(log["end_probe"]) == {"count"} and set(log["end_probe"]["count"]) == {
+        "end", "not_end", "same_last_digit", "decided_right", "stops_at_last_digit"}
 
 
 def test_trainer_refuses_an_unknown_task(tmp_path):
