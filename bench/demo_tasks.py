@@ -17,19 +17,22 @@ yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4
 not a task of its own (bench/README.md says what it did for the bundled model). "countend" is count with
 2-8 numbers, one block: a curriculum for where a long count stops (the number just written against the
 prompt's b), with every row's end in view; "countmid" the same with 9-16 numbers (two blocks), a step
-between it and count's 3-8 blocks. Their prompts never equal a count prompt (b - a < 16).
+between it and count's 3-8 blocks. Their prompts never equal a count prompt (b - a < 16). "countbyend" is
+countby with 2-8 numbers: one block that starts from the prompt's a and step (b - a < 8 steps).
 
 LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit and space one token): they
-fill 3-8 blocks of 32, so the EOS lands in a different block from row to row. Every number is three digits
-wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of them. "count" counts from
+fill 3-8 blocks of 32 (countbyround 3-7), so the EOS lands in a different block from row to row. Every
+number is three digits wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of them. "count" counts from
 a to b ("count 137 to 202" -> "137 138 ... 202": each number is its left-hand neighbour plus one, the end
 comes from the prompt). "countround" is count to a round hundred ("count 137 to 200"): its end is the first
 number ending in 00, a check on the number just written that needs no comparison with the prompt's b (the
 tens of that comparison are what count has not learned, bench/README.md). "countby" counts in steps of 2-9
 given by the prompt ("count 137 to 290 by 9" -> "137 146 ... 290"), so every number needs the prompt as
-well as its neighbour. "succ" (each digit of a 33-128 digit list from the prompt plus one mod 10, "succ 3 9
-0" -> "4 0 1" shown short) is kept for the record: in 30 CPU minutes the model did not learn it
-(bench/README.md). They are EXTRA tasks too.
+well as its neighbour. "countbyround" is countby to a round hundred in steps of 2-6 ("count 712 to 800 by
+4" -> "712 716 ... 800", 17-50 numbers, all above the hundred before): its step comes from the prompt and
+its end, as countround's, is the first number ending in 00. "succ" (each digit of a 33-128 digit list
+from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1" shown short) is kept for the record: in 30 CPU
+minutes the model did not learn it (bench/README.md). They are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
 exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to
@@ -45,11 +48,12 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-LONG = ("count", "countround", "countby", "succ")
-YARDSTICK_LONG = ("count", "countround", "countby")  # the long tasks the yardstick scores
-EXTRA = ("sums", "recall_abcd") + LONG + ("countend", "countmid")
-BLOCKWISE = LONG + ("countend", "countmid")  # tasks whose rows are laid out block by block (bench/train_rows.py)
-COUNTS = ("count", "countround", "countby", "countend", "countmid")  # three-digit numbers a space apart
+LONG = ("count", "countround", "countby", "countbyround", "succ")
+YARDSTICK_LONG = ("count", "countround", "countby", "countbyround")  # the long tasks the yardstick scores
+CURRICULUM = ("countend", "countmid", "countbyend")  # shorter counts, for training only
+EXTRA = ("sums", "recall_abcd") + LONG + CURRICULUM
+BLOCKWISE = LONG + CURRICULUM  # tasks whose rows are laid out block by block (bench/train_rows.py)
+COUNTS = ("count", "countround", "countby", "countbyround") + CURRICULUM  # three-digit numbers a space apart
 NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -86,10 +90,17 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         return f"count {100 * h - n + 1} to {100 * h}", " ".join(str(x) for x in range(100 * h - n + 1, 100 * h + 1))
     if task == "countby":
         return _count(rng, rng.randint(2, 9))
+    if task == "countbyround":
+        k = rng.randint(2, 6)
+        n, h = rng.randint(17, 99 // k + 1), rng.randint(2, 9)  # n numbers within the hundred below 100 h
+        a = 100 * h - k * (n - 1)
+        return f"count {a} to {100 * h} by {k}", " ".join(str(x) for x in range(a, 100 * h + 1, k))
     if task == "countend":
         return _count(rng, 1, most=8, least=2)
     if task == "countmid":
         return _count(rng, 1, most=16, least=9)
+    if task == "countbyend":
+        return _count(rng, rng.randint(2, 9), most=8, least=2)
     if task == "succ":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(33, 128))]
         return "succ " + " ".join(map(str, xs)), " ".join(str((x + 1) % 10) for x in xs)
