@@ -22,7 +22,7 @@ run tasks --n "$N" --tasks add,sort,reverse,recall,parity \
   --samplers exact,exact_random_remask,variable,fast_t0.9_token &
 first=$!
 (run turns --n "$N_TURNS" --tasks turn2,turn3,turn4 --samplers variable,fast_t0.9_token --chat &&
- run long --n "$N_LONG" --tasks count,countround,countby --samplers variable,fast_t0.9_nocache,fast_t0.9_token) &
+ run long --n "$N_LONG" --tasks count,countround,countby,countbyround --samplers variable,fast_t0.9_nocache,fast_t0.9_token) &
 second=$!
 rc=0
 wait $first || rc=$?
