@@ -22,17 +22,18 @@ countby with 2-8 numbers: one block that starts from the prompt's a and step (b 
 
 LONG tasks have answers of 67-255 tokens (the demo tokenizer makes every digit and space one token): they
 fill 3-8 blocks of 32 (countbyround 3-7), so the EOS lands in a different block from row to row. Every
-number is three digits wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of them. "count" counts from
-a to b ("count 137 to 202" -> "137 138 ... 202": each number is its left-hand neighbour plus one, the end
-comes from the prompt). "countround" is count to a round hundred ("count 137 to 200"): its end is the first
-number ending in 00, a check on the number just written that needs no comparison with the prompt's b (the
-tens of that comparison are what count has not learned, bench/README.md). "countby" counts in steps of 2-9
-given by the prompt ("count 137 to 290 by 9" -> "137 146 ... 290"), so every number needs the prompt as
-well as its neighbour. "countbyround" is countby to a round hundred in steps of 2-6 ("count 712 to 800 by
-4" -> "712 716 ... 800", 17-50 numbers, all above the hundred before): its step comes from the prompt and
-its end, as countround's, is the first number ending in 00. "succ" (each digit of a 33-128 digit list
-from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1" shown short) is kept for the record: in 30 CPU
-minutes the model did not learn it (bench/README.md). They are EXTRA tasks too.
+number is three digits wide, so an answer is 4 tokens a number and every block of 32 holds exactly 8 of
+them. "count" counts from a to b ("count 137 to 202" -> "137 138 ... 202": each number is its left-hand
+neighbour plus one, the end comes from the prompt). "countround" is count to a round hundred ("count 137
+to 200"): its end is the first number ending in 00, a check on the number just written that needs no
+comparison with the prompt's b (the tens of that comparison are what count has not learned,
+bench/README.md). "countby" counts in steps of 2-9 given by the prompt ("count 137 to 290 by 9" -> "137
+146 ... 290"), so every number needs the prompt as well as its neighbour. "countbyround" is countby to a
+round hundred in steps of 2-6 ("count 712 to 800 by 4" -> "712 716 ... 800", 17-50 numbers, all above the
+hundred before): its step comes from the prompt and its end, as countround's, is the first number ending
+in 00. "succ" (each digit of a 33-128 digit list from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1"
+shown short) is kept for the record: in 30 CPU minutes the model did not learn it (bench/README.md). They
+are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
 exchanges from the five-task mix with correct answers, then the user turn to answer. A prompt belongs to

@@ -11,7 +11,8 @@ Rows of their own (--samplers NAME,...): exact_canvas128 (the official defaults'
 fast_t0.9_nocache (fast mode's commits without its cache) and exact_random_remask_seed1/2 (other draws
 of the random order). --recipe NAME adds an exact-mode row for a mixed-precision conversion, --q-mode
 MODE one for a 4-bit float format (nvfp4, mxfp4) and one per recipe with that format as its body.
-Multi-turn and long-answer rows (--tasks all: the five tasks, turn2,turn3,turn4 and count,countround,countby):
+Multi-turn and long-answer rows (--tasks all: the five tasks, turn2,turn3,turn4 and the four counts,
+count,countround,countby,countbyround):
 "turn<k>" scores the answer to the k-th user turn of a conversation whose earlier k-1 exchanges are correct
 (the held-out split is the last turn's, demo_tasks); the long tasks (67-255 token answers, 3-8 blocks) are
 scored with a 256-token canvas or budget (`score_long`): whole-answer exact match, the position of the

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render  # noqa: E402,F401
+from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render, same_last_digit_cuts  # noqa: E402,F401
 from demo_tasks import (BLOCKWISE, COUNTS, EXTRA, NUMBER_TOKENS, ORDERED, TASKS, examples,  # noqa: E402
                         held_out_conversations, held_out_set)
 
@@ -193,13 +193,11 @@ def end_probe(model, tok, items, block: int = 32) -> dict:
             q = tok.encode(chat_prompt(p)).ids
             r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
             last = block * ((len(r) - 1) // block)
-            same = [w * i + w - 1 for i in range(len(r) // w - 1) if r[w * i + w - 2] == r[-2]]
             cuts = [("end", len(r) - 1)] + ([("not_end", len(r) - 1 - w)] if len(r) - 1 - w >= last else [])
-            for name, cut in cuts + [("same_last_digit", c) for c in same[-1:]]:
+            for name, cut in cuts + [("same_last_digit", c) for c in same_last_digit_cuts(r)[-1:]]:
                 top = block * (cut // block) + block
                 x = torch.tensor([q + r[:cut] + [MASK] * (top - cut)], device=dev)
-                with torch.no_grad():
-                    logits = model(x)[0, len(q) + cut]
+                logits = model(x)[0, len(q) + cut]
                 logits[MASK] = float("-inf")
                 p_eos[name].append(torch.softmax(logits, -1)[EOS].item())
         right = [v > 0.5 for v in p_eos["end"]] + [v < 0.5 for v in p_eos["not_end"]]

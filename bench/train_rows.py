@@ -59,6 +59,13 @@ def _row_kind(task: str, messages: list) -> str:
     return "long" if task in BLOCKWISE else "multi" if len(messages) > 1 else "short"
 
 
+def same_last_digit_cuts(r: list[int]) -> list[int]:
+    """Where count answer `r` (ids, three-digit numbers a space apart, then EOS) can be cut right after an
+    earlier number whose last digit is the last number's: the cuts a model comparing last digits stops at."""
+    w = NUMBER_TOKENS
+    return [w * i + w - 1 for i in range(len(r) // w - 1) if r[w * i + w - 2] == r[-2]]
+
+
 def _end_cut(r: list[int], rng) -> int:
     """Where an end row is cut in answer `r` (ids, three-digit numbers a space apart, then EOS): right after
     its last number (the end: EOS next) half the time; otherwise after an earlier number, 1-7 before the
@@ -68,10 +75,10 @@ def _end_cut(r: list[int], rng) -> int:
     n, end, u = len(r) // w, len(r) - 1, rng.random()
     if u < 0.5 or n < 2:
         return end
-    same = [i for i in range(n - 1) if r[w * i + w - 2] == r[-2]]
+    same = same_last_digit_cuts(r)
     if u < 0.75 or not same:
         return end - w * int(rng.integers(1, min(7, n - 1) + 1))
-    return w * same[int(rng.integers(0, len(same)))] + w - 1
+    return same[int(rng.integers(0, len(same)))]
 
 
 def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
