@@ -49,24 +49,30 @@ import hashlib
 import random
 
 TASKS = ("add", "sort", "reverse", "recall", "parity")
-LONG = ("count", "countround", "countby", "countbyround", "succ")
 YARDSTICK_LONG = ("count", "countround", "countby", "countbyround")  # the long tasks the yardstick scores
+LONG = YARDSTICK_LONG + ("succ",)
 CURRICULUM = ("countend", "countmid", "countbyend")  # shorter counts, for training only
 EXTRA = ("sums", "recall_abcd") + LONG + CURRICULUM
 BLOCKWISE = LONG + CURRICULUM  # tasks whose rows are laid out block by block (bench/train_rows.py)
-COUNTS = ("count", "countround", "countby", "countbyround") + CURRICULUM  # three-digit numbers a space apart
+COUNTS = YARDSTICK_LONG + CURRICULUM  # three-digit numbers a space apart
 NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _count(rng: random.Random, step: int, most: int = 64, least: int = 17) -> tuple[str, str]:
+def _count(rng: random.Random, step: int, most: int = 64, least: int = 17, to_hundred: bool = False
+           ) -> tuple[str, str]:
     """Count from a to b in steps of `step`, `least`-`most` three-digit numbers (17-64: an answer of 67-255
-    tokens)."""
+    tokens); with `to_hundred`, b is a round hundred (200-900) and a lies n - 1 steps below it
+    (countround, countbyround)."""
     n = rng.randint(least, most)
-    a = rng.randint(100, 999 - step * (n - 1))
-    b = a + step * (n - 1)
-    answer = " ".join(str(a + step * i) for i in range(n))
+    if to_hundred:
+        b = 100 * rng.randint(2, 9)
+        a = b - step * (n - 1)
+    else:
+        a = rng.randint(100, 999 - step * (n - 1))
+        b = a + step * (n - 1)
+    answer = " ".join(str(x) for x in range(a, b + 1, step))
     return (f"count {a} to {b}" if step == 1 else f"count {a} to {b} by {step}"), answer
 
 
@@ -87,15 +93,12 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
     if task == "count":
         return _count(rng, 1)
     if task == "countround":
-        n, h = rng.randint(17, 64), rng.randint(2, 9)  # to the hundred h: a is the n-th number before it
-        return f"count {100 * h - n + 1} to {100 * h}", " ".join(str(x) for x in range(100 * h - n + 1, 100 * h + 1))
+        return _count(rng, 1, to_hundred=True)
     if task == "countby":
         return _count(rng, rng.randint(2, 9))
     if task == "countbyround":
-        k = rng.randint(2, 6)
-        n, h = rng.randint(17, 99 // k + 1), rng.randint(2, 9)  # n numbers within the hundred below 100 h
-        a = 100 * h - k * (n - 1)
-        return f"count {a} to {100 * h} by {k}", " ".join(str(x) for x in range(a, 100 * h + 1, k))
+        k = rng.randint(2, 6)  # at most 99 // k + 1 numbers: all above the hundred before b
+        return _count(rng, k, most=99 // k + 1, to_hundred=True)
     if task == "countend":
         return _count(rng, 1, most=8, least=2)
     if task == "countmid":
