@@ -57,6 +57,8 @@ SAMPLERS = {
     "fast_t0.99_token": ("fast", dict(max_tokens=64, threshold=0.99, cache="token")),
     # the token cache with the whole canvas recomputed at each block start (on its own)
     "fast_t0.9_token_full": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="full")),
+    # both: the stricter threshold and the full refresh (on its own)
+    "fast_t0.99_token_full": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="full")),
     # blocks of 8, so most answers span several blocks: what each block refresh policy costs (on their own)
     "variable_b8": ("variable", dict(max_tokens=64, block_length=8, steps_per_block=8)),
     "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
@@ -68,7 +70,7 @@ SAMPLERS = {
 assert all(mode in PRESETS for mode, _ in SAMPLERS.values())
 ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_seed1", "exact_random_remask_seed2",
                 "variable_b8", "fast_b8_full", "fast_b8_window", "fast_t0.9_token", "fast_b8_token",
-                "fast_t0.99_token", "fast_t0.9_token_full")
+                "fast_t0.99_token", "fast_t0.9_token_full", "fast_t0.99_token_full")
 
 
 def sampler_spec(model, tok, sampler: str, **more):
@@ -223,7 +225,8 @@ def main():
     src = a.model or str(BUNDLED)
     tasks = a.tasks.split(",")
     if "all" in tasks:
-        tasks = list(dict.fromkeys(t for x in tasks for t in ((*TASKS, *TURNS, *YARDSTICK_LONG) if x == "all" else (x,))))
+        every = (*TASKS, *TURNS, *YARDSTICK_LONG)
+        tasks = list(dict.fromkeys(t for x in tasks for t in (every if x == "all" else (x,))))
     if set(tasks) - set(TASKS + EXTRA + TURNS):
         ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA + TURNS))}: use "
                  f"{','.join(TASKS + EXTRA + TURNS)}")
