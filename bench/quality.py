@@ -68,9 +68,9 @@ SAMPLERS = {
     "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token")),
 }
 assert all(mode in PRESETS for mode, _ in SAMPLERS.values())
-ON_THEIR_OWN = ("exact_canvas128", "fast_t0.9_nocache", "exact_random_remask_seed1", "exact_random_remask_seed2",
-                "variable_b8", "fast_b8_full", "fast_b8_window", "fast_t0.9_token", "fast_b8_token",
-                "fast_t0.99_token", "fast_t0.9_token_full", "fast_t0.99_token_full")
+# the rows run without --samplers; every other row runs only when named
+DEFAULT_ROWS = ("exact", "exact_random_remask", "exact_left_to_right", "variable", "fast_t0.9_prefix")
+assert set(DEFAULT_ROWS) <= set(SAMPLERS)
 
 
 def sampler_spec(model, tok, sampler: str, **more):
@@ -205,7 +205,7 @@ def main():
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)}; all: the "
                          f"five, {','.join(TURNS)} and {','.join(YARDSTICK_LONG)})")
-    ap.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in ON_THEIR_OWN),
+    ap.add_argument("--samplers", default=",".join(DEFAULT_ROWS),
                     help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when --q-sampler is one)")
     ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
