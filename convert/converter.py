@@ -24,6 +24,7 @@ from illada_mlx.checkpoint import inspect_checkpoint, iter_shards, safetensors_h
 from illada_mlx.config import IlladaError, args_from_config, load_config, one_line, resolve_special_ids
 from illada_mlx.files import check_file
 from illada_mlx.load import NONFINITE_KEY, SIDE_FILES, resolve_source
+from illada_mlx.spec import DIFFUSION_CONFIG, FALLBACK_DEFAULTS
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
 
 from .card import describe_quantization, model_card
@@ -105,6 +106,8 @@ def convert(
             summary = _write(ck, args, out, target, default_q, q_recipe, max_shard_bytes, progress, allow_nonfinite)
             for f in side:
                 shutil.copyfile(f, out / f.name)
+            if not (out / DIFFUSION_CONFIG).exists():  # the decode defaults a user can read and edit
+                (out / DIFFUSION_CONFIG).write_text(json.dumps(FALLBACK_DEFAULTS, indent=2) + "\n")
             config = args.to_config()
             if default_q:
                 config["quantization"] = summary.pop("quantization")

@@ -33,7 +33,9 @@ from typing import Optional
 import mlx.core as mx
 
 CACHES = ("none", "prefix", "dual", "token")
-REFRESHES = ("full", "window")  # what a block start recomputes: the whole canvas, or the last two blocks
+# what a block start recomputes: the whole canvas; the last two blocks; or the last two blocks and probes of
+# the positions before them, then the whole canvas if the probes' keys moved (`BlockCache.probe`)
+REFRESHES = ("full", "window", "drift")
 CHUNK = 256  # buffers grow in steps of this many positions
 
 
@@ -48,6 +50,9 @@ class BlockCache:
         self.settled = 0  # positions before it were last computed with their final tokens (block starts)
         self.turn_delay = turn_delay  # the last calls whose prompt and reply the next call recomputes
         self.turn_ends: list[int] = []  # per finished call (batch 1), where its reply ended, oldest first
+        self.probes = 0  # the next scattered forward's first this many positions are drift probes
+        self._drift: Optional[mx.array] = None  # (B, probes): Σ over layers and heads of 1 − cos(old, new key)
+        self._drift_terms = 0  # how many (layer, head) terms _drift sums
 
     def reserve(self, capacity: int) -> None:
         """Make room for a canvas of `capacity` positions before the buffers are first written."""
@@ -83,10 +88,38 @@ class BlockCache:
     def update_at(self, layer: int, k: mx.array, v: mx.array, positions: mx.array):
         """Write keys/values (B, H, L, D) at canvas positions (B, L) already in the buffers; return the
         canvas's keys/values."""
+        if self.probes:
+            self._measure(layer, k, positions)
         at = positions[:, None, :, None]
         self.keys[layer] = mx.put_along_axis(self.keys[layer], mx.broadcast_to(at, k.shape), k, axis=2)
         self.values[layer] = mx.put_along_axis(self.values[layer], mx.broadcast_to(at, v.shape), v, axis=2)
         return self._canvas(layer)
+
+    def probe(self, n: int) -> None:
+        """The next scattered forward's first n positions are probes: before their fresh keys are written,
+        each is compared with the key the cache held there (`drift`)."""
+        self.probes, self._drift, self._drift_terms = n, None, 0
+
+    def _measure(self, layer: int, k: mx.array, positions: mx.array) -> None:
+        n = self.probes
+        at = mx.broadcast_to(positions[:, None, :n, None], (*k.shape[:2], n, k.shape[3]))
+        old = mx.take_along_axis(self.keys[layer], at, axis=2).astype(mx.float32)
+        new = k[:, :, :n].astype(mx.float32)
+        cos = (old * new).sum(-1) / mx.maximum(mx.linalg.norm(old, axis=-1) * mx.linalg.norm(new, axis=-1), 1e-12)
+        d = (1 - cos).sum(axis=1)  # (B, n) over this rank's heads
+        self._drift = d if self._drift is None else self._drift + d
+        self._drift_terms += k.shape[1]
+
+    def drift(self, group=None) -> mx.array:
+        """(B,): the largest probe drift of the last probed forward, 1 − the cosine similarity of a probe's
+        fresh key with the cached one, averaged over layers and heads (all ranks' heads under tensor
+        parallelism). 0 for a row whose probes did not move."""
+        d, terms = self._drift, self._drift_terms
+        self.probes, self._drift = 0, None
+        if group is not None and group.size() > 1:
+            d = mx.distributed.all_sum(d, group=group)
+            terms *= group.size()
+        return (d / max(terms, 1)).max(axis=1)
 
     def _canvas(self, layer: int):
         """The layer's keys/values over the canvas (the buffers' first `length` positions)."""
@@ -140,13 +173,13 @@ def step_window(mode: str, block_start: int, block_end: int, canvas_len: int) ->
 
 def refresh_kind(mode: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
     """What a forward recomputes: "full" (the canvas), "window" (the last block again + the new one, at a
-    block start) or None (the step window). Always full without a cache, at the first block and every
-    `every` steps (0 = never); at a block start per the policy, with a full refresh every `full_every`
-    blocks (0 = never) under the window policy."""
+    block start), "drift" (the window and probes, at a block start) or None (the step window). Always full
+    without a cache, at the first block and every `every` steps (0 = never); at a block start per the
+    policy, with a full refresh every `full_every` blocks (0 = never) under the window and drift policies."""
     if mode == "none" or (every > 0 and step % every == 0):
         return "full"
     if step:
         return None
     if block == 0 or refresh == "full" or (full_every > 0 and block % full_every == 0):
         return "full"
-    return "window"
+    return "drift" if refresh == "drift" else "window"

@@ -26,7 +26,7 @@ import numpy as np
 from .cache import BlockCache, refresh_kind, step_window
 from .config import IlladaError
 from .kernels import candidates, filter_logits
-from .rules import commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
+from .rules import commit_entropy, commit_error, commit_factor, commit_threshold, commit_topk, transfer_counts
 from .spec import DecodeSpec, think_token_id
 from .text import ReplyText
 
@@ -42,6 +42,8 @@ class Stats:
     wall_s: float = 0.0
     peak_memory_bytes: int = 0
     blocks: int = 0
+    drift_refreshes: int = 0  # whole-canvas refreshes the drift policy ran (cache.py)
+    max_drift: float = 0.0  # the largest probe drift it measured
 
     @property
     def tokens_per_forward(self) -> float:
@@ -145,25 +147,23 @@ def left_pad(prompts, pad_id: int):
 def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str],
              query=None):
     """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache. kind: what the
-    forward recomputes (cache.refresh_kind): "full", "window" or None (a step). query: the token cache's
-    step, the positions (B, Q) to run; its first K are `pos` wherever `pos` is a mask (the logits at the
-    other entries are a repeat's)."""
+    forward recomputes (cache.refresh_kind): "full", "window", "drift" or None (a step). query: the token
+    cache's step, the positions (B, Q) to run; its first K are `pos` wherever `pos` is a mask (the logits at
+    the other entries are a repeat's)."""
     x, cache = st.x, st.cache
     B, L = x.shape
     if cache is not None:
         cache.length = L  # a forward attends over the canvas
+    if query is not None:
+        return _run_positions(model, st, spec, query, mx.arange(pos.shape[1]))
+    if kind == "drift":
+        return _probed_refresh(model, st, spec, pos, lo, hi)
     kv = None if st.key_valid is None else st.key_valid[:, :L]
     xin, at = x, pos
     if spec.cfg_scale > 0:
         xin = mx.concatenate([x, mx.where(st.prompt_mask[:, :L], spec.mask_id, x)])
         kv = None if kv is None else mx.concatenate([kv, kv])
         at = mx.concatenate([pos, pos])
-        query = None if query is None else mx.concatenate([query, query])
-    if query is not None:
-        ids = mx.take_along_axis(xin, query, axis=1)
-        logits = model(ids, kv, logits_at=mx.arange(pos.shape[1]), cache=cache, offset=query)
-        cache.record_at(ids, query)
-        return _tally(st, spec, logits, B, xin.shape[0] * query.shape[1])
     end = step_window(spec.cache, lo, hi, L)[1]
     if cache is None:
         wlo, end = 0, L
@@ -179,6 +179,60 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
         if kind is not None:  # a block-start refresh: everything before the block now has its final tokens
             cache.settled = lo
     return _tally(st, spec, logits, B, xin.shape[0] * (end - wlo))
+
+
+def _run_positions(model, st: DecodeState, spec: DecodeSpec, query, logits_at):
+    """Logits at `logits_at` (entries of `query`) from a forward of the canvas positions `query` (B, Q),
+    whose keys/values are written over the cache's, with CFG."""
+    x, kv = st.x, None if st.key_valid is None else st.key_valid[:, :st.x.shape[1]]
+    B = x.shape[0]
+    if spec.cfg_scale > 0:
+        x = mx.concatenate([x, mx.where(st.prompt_mask[:, :x.shape[1]], spec.mask_id, x)])
+        kv = None if kv is None else mx.concatenate([kv, kv])
+        query = mx.concatenate([query, query])
+        logits_at = logits_at if logits_at.ndim == 1 else mx.concatenate([logits_at, logits_at])
+    ids = mx.take_along_axis(x, query, axis=1)
+    logits = model(ids, kv, logits_at=logits_at, cache=st.cache, offset=query)
+    st.cache.record_at(ids, query)
+    return _tally(st, spec, logits, B, x.shape[0] * query.shape[1])
+
+
+def probe_positions(key_valid: Optional[mx.array], rows: int, end: int, n: int) -> Optional[mx.array]:
+    """(rows, n) canvas positions spread evenly over each row's tokens before `end` (left padding
+    excluded): the i-th (1..n) at start + ⌈i · span / n⌉ − 1, so the last is end − 1 (repeats when the
+    span is shorter than n); None when there are none."""
+    start = mx.zeros((rows,), dtype=mx.int32) if key_valid is None else (key_valid[:, :end] == 0).sum(1)
+    if n < 1 or end < 1 or int(start.max()) >= end:
+        return None
+    span = end - start
+    i = mx.arange(1, n + 1, dtype=mx.int32)
+    return (start[:, None] + (i[None] * span[:, None] + n - 1) // n - 1).astype(mx.int32)
+
+
+def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int):
+    """The drift policy's block start: the window (the finished block once more, and the new one) runs with
+    probes spread over the positions before it, whose cached keys were computed while the rest of the reply
+    was masks or absent. If a row's probes moved more than spec.drift_threshold (cache.drift), the whole
+    canvas is recomputed (a second forward) and its logits are the step's."""
+    cache, B = st.cache, st.x.shape[0]
+    wlo = lo - spec.block_length
+    end = step_window(spec.cache, lo, hi, st.x.shape[1])[1]
+    probes = probe_positions(st.key_valid, B, wlo, spec.drift_probes)
+    if probes is None:
+        return _forward(model, st, spec, pos, lo, hi, "window")
+    n = probes.shape[1]
+    query = mx.concatenate([probes, mx.broadcast_to(mx.arange(wlo, end, dtype=mx.int32), (B, end - wlo))], axis=1)
+    cache.probe(n)
+    logits = _run_positions(model, st, spec, query, pos - wlo + n)
+    dv = cache.drift(getattr(model, "group", None)); drift = float(dv.max())
+    import os
+    if os.environ.get("DRIFTLOG"): print("DRIFT", (lo - st.prompt_len) // spec.block_length, [round(v, 4) for v in dv.tolist()])
+    st.stats.max_drift = max(st.stats.max_drift, drift)
+    cache.settled = lo
+    if drift <= spec.drift_threshold:
+        return logits
+    st.stats.drift_refreshes += 1
+    return _forward(model, st, spec, pos, lo, hi, "full")
 
 
 def _tally(st: DecodeState, spec: DecodeSpec, logits, B: int, processed: int):
@@ -211,7 +265,26 @@ def _commit(conf, ent, k, spec: DecodeSpec):
         return commit_threshold(conf, spec.threshold)
     if spec.rule == "factor":
         return commit_factor(conf, spec.factor)
+    if spec.rule == "error":
+        return commit_error(conf, spec.error_bound)
     return commit_entropy(conf, ent, spec.entropy_gamma)
+
+
+def fill_after_eos(x0, transfer, is_mask, pos, block: mx.array, lo: int, spec: DecodeSpec):
+    """The candidates and commits with every masked position after the row's first EOS/EoT (in the block
+    before this step, `block`, or committed by it) committed as EOS too: the reply ends there, and what
+    follows is the EOS padding the model writes after an answer, decoded at once rather than a position
+    or a few per step."""
+    ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
+    if not ends:
+        return x0, transfer
+    never = 2 ** 30
+    held = mx.any(mx.stack([block == e for e in ends]), axis=0)
+    now = transfer & mx.any(mx.stack([x0 == e for e in ends]), axis=0)
+    first = mx.minimum(mx.min(mx.where(held, mx.arange(block.shape[1]) + lo, never), axis=1),
+                       mx.min(mx.where(now, pos, never), axis=1))
+    fill = is_mask & ~transfer & (pos > first[:, None])
+    return mx.where(fill, ends[0], x0), transfer | fill
 
 
 def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float,
@@ -265,6 +338,8 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
                     conf = mx.where(x0 == tok, -mx.inf, conf)
         conf = mx.where(is_mask, conf, -mx.inf)
         transfer = _commit(conf, ent, counts[t] if counts else None, spec)
+        if spec.eos_fill and not counts:
+            x0, transfer = fill_after_eos(x0, transfer, is_mask, pos, x[:, lo:hi], lo, spec)
         st.x = mx.put_along_axis(x, pos, mx.where(transfer, x0, cur), axis=1)
         if counts:
             remaining -= counts[t]

@@ -17,12 +17,13 @@ from .distributed import all_objects, check_same
 from .files import check_file
 from .model import Model
 from .quant import apply_quantization
+from .spec import DIFFUSION_CONFIG, model_defaults
 
 NONFINITE_KEY = "illada_mlx_allow_nonfinite"  # config.json: written by `convert --allow-nonfinite`
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # what a model dir holds beside config and weights
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json", DIFFUSION_CONFIG)  # what a model dir holds beside config and weights
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
 
 
@@ -211,4 +212,5 @@ def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None):
     if group is not None and group.size() > 1:
         check_same(group, model_files(root), "model")
     model = load_model(root, mask_id, group)
+    model.decode_defaults = model_defaults(root)
     return model, load_tokenizer(root, model.args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-RULES = ("schedule", "threshold", "factor", "entropy")
+RULES = ("schedule", "threshold", "factor", "entropy", "error")
 
 
 def transfer_counts(n_masked: int, steps: int) -> list[int]:
@@ -56,3 +56,13 @@ def commit_entropy(conf: mx.array, entropy: mx.array, gamma: float) -> mx.array:
     hs = mx.take_along_axis(h, order, axis=-1)
     csum = mx.cumsum(mx.where(mx.isinf(hs), 0.0, hs), axis=-1)
     return _prefix_commit(conf, (csum - hs <= gamma) & ~mx.isinf(hs), order, rank)
+
+
+def commit_error(conf: mx.array, eps: float) -> mx.array:
+    """Error-bounded commits: candidates by decreasing confidence while the sum of their error
+    probabilities, Σ (1 − c), stays ≤ ε (a union bound on the chance that any of them is wrong under the
+    model's own marginals), and at least the best one."""
+    rank, order = _ranks(conf)
+    c = mx.take_along_axis(conf, order, axis=-1)
+    err = mx.cumsum(mx.where(c > -mx.inf, 1 - c, mx.inf), axis=-1)
+    return _prefix_commit(conf, err <= eps, order, rank)

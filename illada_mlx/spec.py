@@ -13,12 +13,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 from .cache import CACHES, REFRESHES
-from .config import LLADA, THINK_END_TEXT, ContextError, IlladaError
+from .config import THINK_END_TEXT, ContextError, IlladaError
 from .rules import RULES
 
 CANVASES = ("fixed", "growing")
 REMASKING = ("low_confidence", "random")
 LOGITS_AT = ("block", "masked")
+DEFAULT_MODE = "fast"  # for a model whose directory names none (diffusion_config.json)
+DIFFUSION_CONFIG = "diffusion_config.json"  # a model dir's own decode defaults (`model_defaults`)
+# what a model's diffusion_config.json may set: its default mode and the numbers of the adaptive modes that
+# depend on the model (the official modes, `exact` and `variable`, take none of them)
+TUNABLE = ("rule", "threshold", "factor", "entropy_gamma", "error_bound", "drift_threshold", "drift_probes")
+# written by the converter for a model without its own file: Fast-dLLM's published setting for LLaDA-8B
+# (threshold commits at 0.9) with the fast mode's model-independent mechanisms
+FALLBACK_DEFAULTS = {"mode": DEFAULT_MODE, "rule": "threshold", "threshold": 0.9}
 FIXED_DEFAULT_TOKENS = 128  # the official fixed canvas (LLaDA's generate: 128 tokens in blocks of 32)
 THINK_BOOST = (100.0, 3.0)  # iLLaDA-Instruct's end-of-thinking boost (scale, power)
 
@@ -33,9 +41,10 @@ PRESETS = {
                     dict(canvas="fixed", rule="schedule", cache="none")),
     "variable": Preset("iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
                        dict(canvas="growing", rule="schedule", cache="none")),
-    "fast": Preset("the growing canvas, every token with confidence >= threshold per step, token cache (a step "
-                   "runs the masks and the tokens just committed)",
-                   dict(canvas="growing", rule="threshold", cache="token")),
+    "fast": Preset("the growing canvas, parallel commits (the model's commit rule: threshold, error bound), token "
+                   "cache (a step runs the masks and the tokens just committed), a block start that recomputes the "
+                   "canvas when probes show drift, the EOS padding committed at once",
+                   dict(canvas="growing", rule="threshold", cache="token", block_refresh="drift", eos_fill=True)),
     "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
                          dict(canvas="fixed", rule="threshold", cache="dual")),
 }
@@ -54,11 +63,15 @@ class DecodeSpec:
     threshold: float = 0.9
     factor: float = 1.0
     entropy_gamma: float = 0.1
+    error_bound: float = 0.05  # the error rule: Σ (1 − confidence) of one step's commits at most this
     cache: str = "none"
     refresh_every: int = 0  # also recompute the whole canvas every this many steps of a block (0: never)
     block_refresh: str = "window"  # what a block start recomputes (cache.REFRESHES)
     full_refresh_every: int = 0  # under "window": the whole canvas every this many blocks (0: never)
+    drift_threshold: float = 0.05  # under "drift": recompute the canvas when a probe's keys moved more
+    drift_probes: int = 16  # under "drift": probes spread over the positions before the window
     logits_at: str = "masked"
+    eos_fill: bool = False  # adaptive rules: a committed EOS/EoT commits the block's masks after it as EOS
     temperature: float = 0.0
     top_p: float = 1.0  # at temperature > 0: sample from the smallest set of candidates with this much mass
     top_k: int = 0  # at temperature > 0: from the k most likely candidates (0: all)
@@ -139,6 +152,8 @@ class DecodeSpec:
             raise IlladaError("random remasking has no confidence to threshold: use rule='schedule'")
         if self.cache == "token" and self.logits_at != "masked":
             raise IlladaError("the token cache runs only the block's masked positions: use logits_at='masked'")
+        if not 0 < self.error_bound <= 32 or not 0 <= self.drift_threshold <= 2 or not 1 <= self.drift_probes <= 256:
+            raise IlladaError("error_bound must be in (0, 32], drift_threshold in [0, 2] and drift_probes in 1..256")
         if self.refresh_every < 0 or self.full_refresh_every < 0:
             raise IlladaError("refresh_every and full_refresh_every must be ≥ 0 (0: never)")
 
@@ -173,6 +188,50 @@ def fit_budget(asked: Optional[int], default: int, prompt_len: Optional[int], po
     return room
 
 
+def model_defaults(path) -> dict:
+    """A model directory's decode defaults (`diffusion_config.json`: "mode" and TUNABLE fields), checked;
+    {} when it has none (the code's defaults then: DEFAULT_MODE with its preset)."""
+    from pathlib import Path
+
+    from .files import read_json_object
+
+    root = Path(path)
+    if not (root / DIFFUSION_CONFIG).exists():
+        return {}
+    d = read_json_object(root, DIFFUSION_CONFIG)
+    where = f"{root / DIFFUSION_CONFIG}"
+    for k, v in d.items():
+        if k == "mode":
+            if v not in PRESETS:
+                raise IlladaError(f"{where}: mode {v!r} is not one of {', '.join(PRESETS)}; fix or delete the file")
+        elif k not in TUNABLE:
+            raise IlladaError(f"{where}: {k!r} is not a setting it may hold ({', '.join(('mode',) + TUNABLE)}); "
+                              "fix or delete the file")
+        elif k == "rule" and v not in RULES:
+            raise IlladaError(f"{where}: rule {v!r} is not one of {', '.join(RULES)}; fix or delete the file")
+        elif k != "rule" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise IlladaError(f"{where}: {k} must be a number, not {v!r}; fix or delete the file")
+    return d
+
+
+# the number each adaptive rule reads: a caller who gives one of them (and no rule) asks for its rule
+RULE_KNOBS = {"threshold": "threshold", "factor": "factor", "entropy_gamma": "entropy", "error_bound": "error"}
+
+
+def own_settings(model, preset: dict, overrides: dict) -> dict:
+    """The model's TUNABLE defaults that apply under `preset` (only an adaptive rule's), with the rule a
+    caller's number asks for (RULE_KNOBS) in place of the model's."""
+    own = getattr(model, "decode_defaults", None) or {}
+    if preset.get("rule", "schedule") == "schedule":
+        return {}
+    out = {k: v for k, v in own.items() if k in TUNABLE}
+    if overrides.get("rule") is None:
+        asked = [rule for knob, rule in RULE_KNOBS.items() if overrides.get(knob) is not None]
+        if len(asked) == 1:
+            out["rule"] = asked[0]
+    return out
+
+
 def think_token_id(tokenizer) -> Optional[int]:
     """The token the end-of-thinking boost pushes: the first token of `</think>`."""
     ids = tokenizer.encode(THINK_END_TEXT, add_special_tokens=False) if tokenizer is not None else []
@@ -187,12 +246,13 @@ def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: 
               stop=(), **overrides) -> DecodeSpec:
     """The resolved spec for a decode of `prompt_len` tokens on `model`.
 
-    mode: a PRESETS name (default: LLaDA `exact`, iLLaDA `variable`); overrides: any DecodeSpec field
+    mode: a PRESETS name (default: the model's own, diffusion_config.json, else DEFAULT_MODE); the model's
+    TUNABLE defaults apply to the adaptive modes; overrides: any DecodeSpec field
     (None = keep the preset's / model's); max_tokens: the asked-for budget (None: the default, at most
     `default_cap`, cut to the context); think_boost: True for iLLaDA-Instruct's (100, 3) or a (scale, power).
     """
     a = model.args
-    mode = mode or ("exact" if a.source_layout == LLADA else "variable")
+    mode = mode or (getattr(model, "decode_defaults", None) or {}).get("mode") or DEFAULT_MODE
     if mode not in PRESETS:
         raise IlladaError(f"mode {mode!r}: use one of {', '.join(PRESETS)}")
     unknown = sorted(set(overrides) - SPEC_FIELDS)
@@ -200,6 +260,7 @@ def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: 
         raise IlladaError(f"unknown decode option {unknown[0]!r}; options are {', '.join(sorted(SPEC_FIELDS))}")
     base = dict(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
                 mode=mode, **PRESETS[mode].settings)
+    base.update(own_settings(model, PRESETS[mode].settings, overrides))
     base.update({k: v for k, v in overrides.items() if v is not None})
     if think_boost:
         base.setdefault("think_token", think_token_id(tokenizer))

@@ -371,15 +371,16 @@ def test_budget_rule():
 
 def test_make_spec_defaults_per_model_kind(tiny):
     # a fixed canvas without a budget is the official 128 tokens on either kind; the growing one is iLLaDA's
-    # 1024 (no chat template) cut to the context; LLaDA defaults to exact, iLLaDA to variable
+    # 1024 (no chat template) cut to the context; a model without its own defaults runs the fast mode on
+    # either layout
     from illada_mlx.spec import make_spec
 
     model, tok, _, _ = tiny
     default = make_spec(model, tok, 6)
-    if model.args.source_layout == "llada":
-        assert (default.mode, default.canvas, default.max_tokens) == ("exact", "fixed", 128)
-    else:
-        assert (default.mode, default.canvas, default.max_tokens) == ("variable", "growing", 512 - 6)
+    assert (default.mode, default.canvas, default.max_tokens) == ("fast", "growing", 512 - 6)
+    assert (default.rule, default.threshold, default.block_refresh, default.eos_fill) == ("threshold", 0.9, "drift",
+                                                                                          True)
+    assert make_spec(model, tok, 6, mode="exact").max_tokens == 128
     fixed = make_spec(model, tok, 6, mode="fast_fixed")
     assert (fixed.max_tokens, fixed.rule, fixed.cache) == (128, "threshold", "dual")
     assert make_spec(model, tok, 6, mode="fast", cache="none").cache == "none"
@@ -529,3 +530,101 @@ def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
         assert toks_r[0] == toks[r]
         for at, lg in alone.items():
             np.testing.assert_allclose(together[at][r], lg[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the fast path's mechanisms
+def test_drift_is_the_cosine_distance_of_the_probes_keys(tiny):
+    # BlockCache.drift re-derived in numpy: per probe, 1 − cos(cached key, fresh key) averaged over layers
+    # and heads, the largest probe per row
+    from illada_mlx.cache import BlockCache
+
+    rng = np.random.default_rng(3)
+    B, H, D, L, layers = 2, 3, 8, 10, 2
+    cache = BlockCache()
+    cache.reserve(L)
+    old = [rng.standard_normal((B, H, L, D)).astype(np.float32) for _ in range(layers)]
+    for i in range(layers):
+        cache.update(i, mx.array(old[i]), mx.array(old[i]), 0)
+    at = np.array([[1, 4, 7], [0, 2, 9]])
+    new = [rng.standard_normal((B, H, 3, D)).astype(np.float32) for _ in range(layers)]
+    cache.probe(2)  # the first two positions of each row are the probes
+    for i in range(layers):
+        cache.update_at(i, mx.array(new[i]), mx.array(new[i]), mx.array(at))
+    got = np.array(cache.drift())
+    cos = np.zeros((B, 2))
+    for i in range(layers):
+        o = np.take_along_axis(old[i], at[:, None, :2, None], axis=2)
+        n = new[i][:, :, :2]
+        cos += ((o * n).sum(-1) / np.linalg.norm(o, axis=-1) / np.linalg.norm(n, axis=-1)).sum(1)
+    want = (1 - cos / (layers * H)).max(axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.array(cache.keys[0])[0, :, 4], new[0][0, :, 1])  # then written as usual
+
+
+def test_probes_spread_over_each_rows_tokens():
+    from illada_mlx.decode import probe_positions
+
+    valid = mx.array([[1] * 20, [0] * 5 + [1] * 15])
+    got = np.array(probe_positions(valid, 2, 20, 4)).tolist()
+    assert got == [[4, 9, 14, 19], [8, 12, 16, 19]]  # start + ceil(i * span / n) - 1, the last at end - 1
+    assert np.array(probe_positions(None, 1, 3, 5)).tolist() == [[0, 1, 1, 2, 2]]  # a short span repeats
+    assert probe_positions(None, 1, 0, 4) is None
+
+
+@pytest.mark.parametrize("cache", ["prefix", "token"])
+def test_drift_refresh_at_threshold_zero_is_the_full_refresh(tiny, cache):
+    # probes that moved at all recompute the canvas: every block start then is a full refresh, whose
+    # logits are the step's, so the tokens are those of the full policy (the probe forward comes on top)
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    rows = prompts(2, 6, 21).tolist()
+    kw = dict(max_tokens=32, cache=cache, rule="threshold", threshold=0.5, logits_eos_inf=True)
+    full = run(decode(model, rows, _growing(mask, block_refresh="full", **kw)))
+    drift = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=0.0, **kw)))
+    assert drift.tokens == full.tokens
+    assert drift.stats.drift_refreshes == 3 and drift.stats.nfe == full.stats.nfe + 3
+    never = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=2.0, **kw)))
+    assert never.stats.drift_refreshes == 0 and 0 < never.stats.max_drift < 1
+
+
+def test_drift_refresh_every_step_is_identical_to_no_cache(tiny):
+    model, _, _, mask = tiny
+    p = mx.array(prompts(2, 6, 6))
+    ref = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask)
+    out = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask, cache="token",
+                   block_refresh="drift", refresh_every=1)
+    np.testing.assert_array_equal(np.array(out), np.array(ref))
+
+
+def test_eos_fill_commits_the_masks_after_the_first_eos():
+    # re-derived by hand: row 0 commits EOS at canvas position 12 this step (13 and 15 masked after it
+    # fill; 11, before it, stays); row 1 held an EOS at 9 from an earlier step: every mask after it fills
+    from illada_mlx.decode import fill_after_eos
+    from illada_mlx.spec import DecodeSpec
+
+    spec = DecodeSpec(mask_id=0, eos_id=2, eot_id=3)
+    pos = mx.array([[11, 12, 13, 15], [10, 11, 12, 14]])
+    x0 = mx.array([[7, 2, 8, 9], [5, 6, 7, 8]])
+    transfer = mx.array([[False, True, False, False], [True, False, False, False]])
+    is_mask = mx.array([[True, True, True, True], [True, True, True, False]])
+    block = mx.array([[5, 0, 0, 0, 0, 0, 0, 0], [6, 3, 0, 0, 0, 0, 0, 0]])  # canvas 8..15 before the step
+    x1, t1 = fill_after_eos(x0, transfer, is_mask, pos, block, 8, spec)
+    assert np.array(t1).tolist() == [[False, True, True, True], [True, True, True, False]]
+    assert np.array(mx.where(t1, x1, -1)).tolist() == [[-1, 2, 2, 2], [5, 2, 2, -1]]  # the rule's own commit stays
+
+
+def test_eos_fill_ends_a_reply_in_fewer_forwards_with_the_same_text(tiny):
+    # a model whose EOS gets a large logit bias near the end of the block: with the fill the padding after
+    # the first EOS is one commit; the reply (cut at the EOS) is the one the plain rule decodes here
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    eos = model.args.eos_token_id
+    rows = prompts(1, 6, 22).tolist()
+    kw = dict(max_tokens=16, rule="threshold", threshold=0.6, cache="none", eos_id=eos)
+    plain = run(decode(model, rows, _growing(mask, **kw)))
+    filled = run(decode(model, rows, _growing(mask, eos_fill=True, **kw)))
+    assert filled.stats.nfe <= plain.stats.nfe
+    if eos in plain.tokens[0] + filled.tokens[0] or plain.finish_reasons == ["stop"]:
+        assert filled.tokens == plain.tokens

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from illada_mlx.kernels import candidates_reference
-from illada_mlx.rules import commit_entropy, commit_factor, commit_threshold, commit_topk, transfer_counts
+from illada_mlx.rules import (commit_entropy, commit_error, commit_factor, commit_threshold, commit_topk,
+                              transfer_counts)
 
 NEG = -np.inf
 
@@ -102,3 +103,35 @@ def test_gumbel_choice_is_the_official_float64_formula(T):
     sm = np.exp(logits - logits.max(-1, keepdims=True))
     sm /= sm.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.array(p), np.take_along_axis(sm, official[..., None], -1)[..., 0], rtol=1e-5)
+
+
+def _error_np(c, eps):
+    """The error rule restated: the most confident candidates while Σ (1 − c) ≤ ε, at least one."""
+    order = np.argsort(-c, kind="stable")
+    took, spent = np.zeros(c.shape, dtype=bool), 0.0
+    for j, i in enumerate(order):
+        if not np.isfinite(c[i]):
+            break
+        spent += 1 - float(c[i])
+        if j > 0 and spent > eps + 1e-6:
+            break
+        took[i] = True
+    return took
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.3, 2.0])
+def test_error_rule_commits_while_the_summed_error_stays_under_the_bound(eps):
+    rng = np.random.default_rng(7)
+    c = 1 - rng.random((6, 12)) ** 3 * 0.4  # confidences in (0.6, 1], many near 1
+    c[2, 5:] = NEG  # fewer candidates
+    c[3] = NEG  # none at all
+    got = np.array(commit_error(m(c), eps))
+    want = np.stack([_error_np(row, eps) for row in c])
+    assert got.tolist() == want.tolist()
+    assert got[3].sum() == 0 and all(got[r].sum() >= 1 for r in (0, 1, 2, 4, 5))
+
+
+def test_error_rule_worked_case():
+    # 0.99 + 0.98 = 0.03 of error: both under 0.05; the third (0.9) would make 0.13
+    conf = m([[0.9, 0.99, NEG, 0.98], [0.6, 0.7, NEG, NEG]])
+    assert np.array(commit_error(conf, 0.05)).tolist() == [[False, True, False, True], [False, True, False, False]]
