@@ -32,12 +32,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_tasks import EXTRA, LONG, TASKS, YARDSTICK_LONG, held_out_conversations, held_out_set  # noqa: E402
 
-from illada_mlx.decode import decode, run  # noqa: E402
+import mlx.core as mx  # noqa: E402
+
+from illada_mlx.decode import Step, decode, run  # noqa: E402
 from illada_mlx.engine import build_prompt  # noqa: E402
 from illada_mlx.spec import PRESETS, make_spec  # noqa: E402
 
 SAMPLERS = {
-    # name: (a PRESETS mode, its overrides); blocks of 32 with one step per token unless overridden
+    # name: (a PRESETS mode, or None for the model's own default mode, and its overrides); blocks of 32 with
+    # one step per token unless overridden
+    # what a user gets: the model's own defaults (diffusion_config.json), else the fast mode's
+    "default": (None, dict(max_tokens=64)),
+    # the fast mode's mechanisms one at a time over the plain threshold rule (on their own)
+    "fast_t0.9_token_drift": ("fast", dict(max_tokens=64, rule="threshold", threshold=0.9, eos_fill=False)),
+    "fast_error0.05_token_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.05,
+                                                  block_refresh="window", eos_fill=False)),
+    "fast_error0.05_token_drift": ("fast", dict(max_tokens=64, rule="error", error_bound=0.05, eos_fill=False)),
     "exact": ("exact", dict(max_tokens=32)),
     "exact_random_remask": ("exact", dict(max_tokens=32, remasking="random", seed=0)),
     # the same with other draws of the random order (run on their own: how much the seed moves it)
@@ -48,26 +58,28 @@ SAMPLERS = {
     # past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
     "exact_canvas128": ("exact", dict(max_tokens=128)),
     "variable": ("variable", dict(max_tokens=64)),
-    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9, cache="prefix")),
+    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9, cache="prefix", eos_fill=False, block_refresh="window")),
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
-    "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none")),
+    "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none", eos_fill=False, block_refresh="window")),
     # the token cache: a step reruns only the masks and the tokens the step before it committed
-    "fast_t0.9_token": ("fast", dict(max_tokens=64, threshold=0.9, cache="token")),
+    "fast_t0.9_token": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="window",
+                                     eos_fill=False)),
     # a stricter commit threshold with the same cache: what parallel commits cost on long answers (on its own)
-    "fast_t0.99_token": ("fast", dict(max_tokens=64, threshold=0.99, cache="token")),
+    "fast_t0.99_token": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="window",
+                                      eos_fill=False)),
     # the token cache with the whole canvas recomputed at each block start (on its own)
-    "fast_t0.9_token_full": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="full")),
+    "fast_t0.9_token_full": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="full", eos_fill=False)),
     # both: the stricter threshold and the full refresh (on its own)
-    "fast_t0.99_token_full": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="full")),
+    "fast_t0.99_token_full": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="full", eos_fill=False)),
     # blocks of 8, so most answers span several blocks: what each block refresh policy costs (on their own)
     "variable_b8": ("variable", dict(max_tokens=64, block_length=8, steps_per_block=8)),
     "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
-                                  block_refresh="full")),
+                                  block_refresh="full", eos_fill=False)),
     "fast_b8_window": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
-                                    block_refresh="window")),
-    "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token")),
+                                    block_refresh="window", eos_fill=False)),
+    "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token", eos_fill=False, block_refresh="window")),
 }
-assert all(mode in PRESETS for mode, _ in SAMPLERS.values())
+assert all(mode is None or mode in PRESETS for mode, _ in SAMPLERS.values())
 # the rows run without --samplers; every other row runs only when named
 DEFAULT_ROWS = ("exact", "exact_random_remask", "exact_left_to_right", "variable", "fast_t0.9_prefix")
 assert set(DEFAULT_ROWS) <= set(SAMPLERS)
@@ -97,6 +109,18 @@ def first_wrong(got: list[int], want: list[int]):
     return None if len(got) == len(want) else min(len(got), len(want))
 
 
+class RowForwards:
+    """Counts, from a decode's Step events, the forwards each row needed: the steps that committed in it (a
+    row whose block is done rides along in the batch's forwards without needing them)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, Step):
+            self.n += int(mx.any(ev.committed, axis=1).sum())
+
+
 def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG_GEN) -> dict:
     """A sampler of SAMPLERS on long-answer items with a `gen`-token canvas (exact) or budget (variable):
     per task, whole-answer exact match token for token and, per item, the first wrong token's position
@@ -106,13 +130,15 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
     spec = sampler_spec(model, tok, sampler, max_tokens=gen)
     B = spec.block_length
     per_task: dict[str, list] = {}
-    nfe = processed = 0
+    nfe = processed = out_tokens = 0
+    rows = RowForwards()
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec))
+        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
         nfe += g.stats.nfe
         processed += g.stats.processed
+        out_tokens += g.stats.output_tokens
         for (task, _, answer), toks, why in zip(chunk, g.tokens, g.finish_reasons):
             want = tok.encode(answer, add_special_tokens=False)  # toks: cut before the first EOS
             eos_block = len(toks) // B == len(want) // B and why == "stop"
@@ -128,6 +154,8 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
         "first_wrong": {t: [w for w, _, _ in v] for t, v in per_task.items()},
         "answer_tokens": {t: [L for _, L, _ in v] for t, v in per_task.items()},
         "forwards": nfe, "processed_tokens": processed, "seconds": round(time.perf_counter() - t0, 2),
+        "output_tokens": out_tokens, "row_forwards": rows.n, "tokens_per_row_forward": out_tokens / max(rows.n, 1),
+        "processed_per_output_token": processed / max(out_tokens, 1),
     }
 
 
@@ -271,7 +299,8 @@ def main():
                     r["weights"] = name
                     rows.append(r)
                     print(f"{name:8s} {r['sampler']:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards "
-                          f"{r['forwards']}" + (f" eos in its block {r['eos_in_its_block']}" if "gen" in r else ""),
+                          f"{r['forwards']}" + (f" eos in its block {r['eos_in_its_block']} tokens/row forward "
+                                                   f"{r['tokens_per_row_forward']:.2f}" if "gen" in r else ""),
                           flush=True)
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},

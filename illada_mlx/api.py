@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from .cache import CACHES, REFRESHES
+from .rules import RULES
 from .spec import PRESETS
 
 MAX_BODY_BYTES = 1 << 20
@@ -56,8 +57,8 @@ NEUTRAL = {
     "best_of": (_number_is(1), "1"),
     "suffix": (lambda v: v == "", '""'),
 }
-DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "threshold", "cache", "refresh_every", "block_refresh",
-                    "think_boost", "steps"}
+DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "rule", "threshold", "error_bound", "cache",
+                    "refresh_every", "block_refresh", "drift_threshold", "think_boost", "steps"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -211,7 +212,7 @@ def settings(a, body: dict) -> dict:
     bad = sorted(set(d) - DIFFUSION_FIELDS)
     if bad:
         raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
-    for name, allowed in (("mode", PRESETS), ("cache", CACHES), ("block_refresh", REFRESHES)):
+    for name, allowed in (("mode", PRESETS), ("rule", RULES), ("cache", CACHES), ("block_refresh", REFRESHES)):
         if d.get(name) is not None:
             if not isinstance(d[name], str) or d[name] not in allowed:
                 raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")
@@ -219,6 +220,8 @@ def settings(a, body: dict) -> dict:
     s["block_length"] = _num(d, "block_length", int, 1, 1024, where="diffusion.")
     s["steps_per_block"] = _num(d, "steps_per_block", int, 1, 1024, where="diffusion.")
     s["threshold"] = _num(d, "threshold", float, 1e-6, 1.0, where="diffusion.")
+    s["error_bound"] = _num(d, "error_bound", float, 1e-6, 32.0, where="diffusion.")
+    s["drift_threshold"] = _num(d, "drift_threshold", float, 0.0, 2.0, where="diffusion.")
     s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024, where="diffusion.")
     s["think_boost"] = _bool(d, "think_boost", where="diffusion.")
     return s

@@ -146,6 +146,23 @@ class BlockCache:
         self.values = [v[rows] for v in self.values]
         self.ids = None if self.ids is None else self.ids[rows]
 
+    def rows(self, idx: mx.array) -> "BlockCache":
+        """A cache of these rows alone (copies), to run a forward for part of the batch (`put_rows`)."""
+        out = BlockCache(self.turn_delay)
+        out.keys = [k[idx] for k in self.keys]
+        out.values = [v[idx] for v in self.values]
+        out.ids = None if self.ids is None else self.ids[idx]
+        out.length, out.capacity, out.settled = self.length, self.capacity, self.settled
+        return out
+
+    def put_rows(self, idx: mx.array, part: "BlockCache") -> None:
+        """Write back the rows `rows(idx)` gave, after their forward."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][idx] = part.keys[layer]
+            self.values[layer][idx] = part.values[layer]
+        if self.ids is not None and part.ids is not None:
+            self.ids[idx] = part.ids
+
     def plan_reuse(self, canvas: mx.array, limit: int) -> None:
         """Before a new call: how much of `canvas` (batch 1) the cache already holds, at most `limit`."""
         self.reuse = 0

@@ -15,6 +15,7 @@ import click
 from .cache import CACHES, REFRESHES
 from .config import IlladaError, one_line
 from .options import SEED, FiniteFloat, Group, IntList
+from .rules import RULES
 from .spec import PRESETS
 
 
@@ -78,7 +79,7 @@ def sampler_options(f):
     opts = [
         click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the bundled demo model)."),
         click.option("--mode", type=click.Choice(list(PRESETS)), default=None,
-                     help=f"Default: iLLaDA variable, LLaDA exact. {MODE_HELP}."),
+                     help=f"Default: the model's own (its diffusion_config.json), else fast. {MODE_HELP}."),
         click.option("-m", "--max-tokens", type=click.IntRange(min=1), default=None,
                      help="Budget. Default: a fixed canvas 128 tokens (the official one); the growing canvas 1024 "
                           "(base) / 2048 (chat model), cut to the context. A given budget that does not fit is refused."),
@@ -87,13 +88,21 @@ def sampler_options(f):
                      help="Denoising steps per block (default 32)."),
         click.option("--temperature", "--temp", "temperature", type=FiniteFloat(min=0), default=None,
                      help="0 = greedy (default)."),
+        click.option("--rule", type=click.Choice(list(RULES)), default=None,
+                     help="Commit rule of the adaptive modes (default: the model's; threshold without one)."),
         click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
-                     help="Threshold modes: commit tokens with confidence ≥ τ (0.9), in (0, 1]."),
+                     help="Threshold rule: commit tokens with confidence ≥ τ (0.9), in (0, 1]; asks for that rule."),
+        click.option("--error-bound", type=FiniteFloat(0, 32, min_open=True), default=None,
+                     help="Error rule: commit the most confident tokens while Σ (1 − confidence) ≤ ε; asks for "
+                          "that rule."),
         click.option("--cache", type=click.Choice(list(CACHES)), default=None,
                      help="Block KV cache (default: the mode's: fast token, fast_fixed dual, else none)."),
         click.option("--block-refresh", type=click.Choice(list(REFRESHES)), default=None,
                      help="What a cached mode recomputes at a block start: window = the finished block and the new "
-                          "one (default), full = the whole canvas."),
+                          "one, full = the whole canvas, drift = the window and probes of the positions before it, then "
+                          "the whole canvas if their keys moved more than --drift-threshold (fast's default)."),
+        click.option("--drift-threshold", type=FiniteFloat(0, 2), default=None,
+                     help="Drift refresh: the probes' key drift (1 − cosine) above which the canvas is recomputed."),
         click.option("--seed", type=SEED, default=None, help="0 to 2**32-1."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--think-boost/--no-think-boost", default=None, help="iLLaDA-Instruct end-of-thinking boost."),
@@ -117,7 +126,9 @@ def stats_block(r) -> str:
     sp, st = r.spec, r.stats
     what = (f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
             f"{sp.steps_per_block} steps/block, rule {sp.rule}"
-            + (f" {sp.threshold}" if sp.rule == "threshold" else "") + f", cache {sp.cache}")
+            + (f" {sp.threshold}" if sp.rule == "threshold" else "") + (f" {sp.error_bound}" if sp.rule == "error" else "")
+            + f", cache {sp.cache}" + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
+            + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else ""))
     return ("==========\n"
             f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
             f"Generation: {r.generation_tokens} tokens, {st.tokens_per_s:.3f} tokens-per-sec\n"

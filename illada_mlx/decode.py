@@ -212,8 +212,9 @@ def probe_positions(key_valid: Optional[mx.array], rows: int, end: int, n: int) 
 def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int):
     """The drift policy's block start: the window (the finished block once more, and the new one) runs with
     probes spread over the positions before it, whose cached keys were computed while the rest of the reply
-    was masks or absent. If a row's probes moved more than spec.drift_threshold (cache.drift), the whole
-    canvas is recomputed (a second forward) and its logits are the step's."""
+    was masks or absent. The rows whose probes moved more than spec.drift_threshold (cache.drift) have
+    their whole canvas recomputed (a second forward, for those rows alone: a row decodes as it does alone),
+    and those logits are theirs."""
     cache, B = st.cache, st.x.shape[0]
     wlo = lo - spec.block_length
     end = step_window(spec.cache, lo, hi, st.x.shape[1])[1]
@@ -224,15 +225,26 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
     query = mx.concatenate([probes, mx.broadcast_to(mx.arange(wlo, end, dtype=mx.int32), (B, end - wlo))], axis=1)
     cache.probe(n)
     logits = _run_positions(model, st, spec, query, pos - wlo + n)
-    dv = cache.drift(getattr(model, "group", None)); drift = float(dv.max())
-    import os
-    if os.environ.get("DRIFTLOG"): print("DRIFT", (lo - st.prompt_len) // spec.block_length, [round(v, 4) for v in dv.tolist()])
-    st.stats.max_drift = max(st.stats.max_drift, drift)
+    drift = cache.drift(getattr(model, "group", None))
+    if spec.cfg_scale > 0:  # a row and its unconditional copy refresh together
+        drift = mx.maximum(drift[:B], drift[B:])
+    drift = drift.tolist()
+    st.stats.max_drift = max([st.stats.max_drift] + drift)
     cache.settled = lo
-    if drift <= spec.drift_threshold:
+    moved = [j for j, d in enumerate(drift) if d > spec.drift_threshold]
+    if not moved:
         return logits
-    st.stats.drift_refreshes += 1
-    return _forward(model, st, spec, pos, lo, hi, "full")
+    st.stats.drift_refreshes += len(moved)
+    if len(moved) == B:
+        return _forward(model, st, spec, pos, lo, hi, "full")
+    idx = mx.array(moved)
+    part = DecodeState(st.x[idx], None if st.key_valid is None else st.key_valid[idx], st.prompt_mask[idx],
+                       st.prompt_len, [st.rows[j] for j in moved], None, st.key, st.stats, st.t0)
+    rows = mx.array(moved + [j + B for j in moved]) if spec.cfg_scale > 0 else idx
+    part.cache = cache.rows(rows)
+    logits[idx] = _forward(model, part, spec, pos[idx], lo, hi, "full")
+    cache.put_rows(rows, part.cache)
+    return logits
 
 
 def _tally(st: DecodeState, spec: DecodeSpec, logits, B: int, processed: int):

@@ -544,7 +544,8 @@ async def defaults(request):
     (max_tokens, before it is cut to the room a prompt leaves), temperature and cache; and the ids that end
     a reply (EOS, EoT), which the page draws apart on the canvas."""
     e: Engine = request.app.state.engine
-    shown = ("block_length", "steps_per_block", "rule", "threshold", "max_tokens", "temperature", "cache")
+    shown = ("block_length", "steps_per_block", "rule", "threshold", "error_bound", "max_tokens", "temperature", "cache",
+             "block_refresh", "drift_threshold")
     modes = {}
     for name in PRESETS:
         spec = make_spec(e.model, e.tok, 0, mode=name, default_cap=512)

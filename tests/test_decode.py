@@ -583,7 +583,7 @@ def test_drift_refresh_at_threshold_zero_is_the_full_refresh(tiny, cache):
     full = run(decode(model, rows, _growing(mask, block_refresh="full", **kw)))
     drift = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=0.0, **kw)))
     assert drift.tokens == full.tokens
-    assert drift.stats.drift_refreshes == 3 and drift.stats.nfe == full.stats.nfe + 3
+    assert drift.stats.drift_refreshes == 2 * 3 and drift.stats.nfe == full.stats.nfe + 3  # rows x block starts
     never = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=2.0, **kw)))
     assert never.stats.drift_refreshes == 0 and 0 < never.stats.max_drift < 1
 
@@ -628,3 +628,22 @@ def test_eos_fill_ends_a_reply_in_fewer_forwards_with_the_same_text(tiny):
     assert filled.stats.nfe <= plain.stats.nfe
     if eos in plain.tokens[0] + filled.tokens[0] or plain.finish_reasons == ["stop"]:
         assert filled.tokens == plain.tokens
+
+
+def test_drift_refresh_rows_decode_together_as_alone(tiny):
+    # a threshold between the rows' drifts: one row recomputes its canvas, the other does not, and each
+    # decodes what it decodes alone (the refresh is per row, on that row's cache rows)
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    rows = [prompts(1, n, 50 + n)[0].tolist() for n in (6, 9)]
+    base = dict(max_tokens=24, cache="token", rule="threshold", threshold=0.5, logits_eos_inf=True,
+                block_refresh="drift", drift_probes=4)
+    alone = [run(decode(model, [r], _growing(mask, **base))) for r in rows]
+    drifts = sorted(a.stats.max_drift for a in alone)
+    assert drifts[0] < drifts[1]
+    spec = _growing(mask, **{**base, "drift_threshold": (drifts[0] + drifts[1]) / 2})
+    both = run(decode(model, rows, spec))
+    for j, r in enumerate(rows):
+        assert both.tokens[j] == run(decode(model, [r], spec)).tokens[0]
+    assert 0 < both.stats.drift_refreshes
