@@ -175,10 +175,11 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     spec = sampler_spec(model, tok, sampler)
     per_task, correct = {}, []  # correct: per item, in order: rows on the same items compare prompt by prompt
     nfe = processed = out_tokens = 0
+    rows = RowForwards()
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec))
+        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
         nfe += g.stats.nfe
         processed += g.stats.processed
         out_tokens += g.stats.output_tokens
@@ -187,7 +188,8 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
         **_summary(sampler, per_task, correct),
         "forwards": nfe, "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
         "processed_tokens": processed, "output_tokens": out_tokens, "seconds": round(time.perf_counter() - t0, 2),
-        "correct": correct,
+        "row_forwards": rows.n, "tokens_per_row_forward": out_tokens / max(rows.n, 1),
+        "processed_per_output_token": processed / max(out_tokens, 1), "correct": correct,
     }
 
 

@@ -345,6 +345,45 @@ def test_generation_config_is_copied(ckpt_factory, tmp_path):
     assert "generation_config.json" in HUB_PATTERNS
 
 
+def test_decode_defaults_are_written_or_copied_and_loaded(ckpt_factory, tmp_path):
+    # a source without diffusion_config.json gets Fast-dLLM's setting written out; one with its own keeps it;
+    # load() hands it to make_spec, which applies it to the adaptive modes only, under the caller's flags
+    from illada_mlx.spec import make_spec
+
+    base, _ = ckpt_factory(ILLADA)
+    out = tmp_path / "plain"
+    assert run_convert("--hf-path", base, "--mlx-path", out).exit_code == 0
+    assert json.loads((out / "diffusion_config.json").read_text()) == {"mode": "fast", "rule": "threshold",
+                                                                        "threshold": 0.9}
+    src = tmp_path / "hf"
+    shutil.copytree(base, src)
+    own = {"mode": "fast", "rule": "error", "error_bound": 0.2, "drift_threshold": 0.3}
+    (src / "diffusion_config.json").write_text(json.dumps(own))
+    out = tmp_path / "own"
+    assert run_convert("--hf-path", src, "--mlx-path", out).exit_code == 0
+    assert json.loads((out / "diffusion_config.json").read_text()) == own
+    model, tok = load(str(out))
+    spec = make_spec(model, tok, 5)
+    assert (spec.mode, spec.rule, spec.error_bound, spec.drift_threshold) == ("fast", "error", 0.2, 0.3)
+    assert make_spec(model, tok, 5, mode="variable").rule == "schedule"  # the official decode stays official
+    assert make_spec(model, tok, 5, threshold=0.8).rule == "threshold"  # a flag for another rule asks for it
+    assert make_spec(model, tok, 5, error_bound=0.01).error_bound == 0.01
+
+
+@pytest.mark.parametrize("content,needle", [('{"mode": "warp"}', "mode 'warp'"), ('{"temperature": 1}', "'temperature'"),
+                                            ('{"threshold": "high"}', "must be a number"),
+                                            ('{"rule": "guess"}', "rule 'guess'"), ('[1]', "not an object")])
+def test_a_bad_decode_defaults_file_is_one_line(ckpt_factory, tmp_path, content, needle):
+    from illada_mlx.errors import IlladaError
+
+    base, _ = ckpt_factory(ILLADA)
+    src = tmp_path / "hf"
+    shutil.copytree(base, src)
+    (src / "diffusion_config.json").write_text(content)
+    with pytest.raises(IlladaError, match=needle):
+        load(str(src))
+
+
 @pytest.mark.parametrize("flags,exact", [([], 32.0), (["--dtype", "bfloat16"], 16.0),
                                          (["-q", "--q-group-size", "32"], None), (["--q-recipe", "mixed_4_8"], None),
                                          (["-q", "--q-mode", "nvfp4"], None)],
