@@ -117,6 +117,7 @@ class DecodeState:
     key: mx.array  # split once per step
     stats: Stats
     t0: float
+    refreshed: int = 0  # the drift policy: reply tokens before the block whose start last recomputed the canvas
 
     def keep(self, idx: list[int], cfg: bool) -> None:
         """Drop every active row not in idx (positions in the active batch); the cache keeps its rows
@@ -231,9 +232,11 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
     drift = drift.tolist()
     st.stats.max_drift = max([st.stats.max_drift] + drift)
     cache.settled = lo
+    written = lo - st.prompt_len
     moved = [j for j, d in enumerate(drift) if d > spec.drift_threshold]
-    if not moved:
+    if not moved or written < 2 * st.refreshed:  # at most once each time the reply doubles
         return logits
+    st.refreshed = written
     st.stats.drift_refreshes += len(moved)
     if len(moved) == B:
         return _forward(model, st, spec, pos, lo, hi, "full")

@@ -41,10 +41,10 @@ PRESETS = {
                     dict(canvas="fixed", rule="schedule", cache="none")),
     "variable": Preset("iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
                        dict(canvas="growing", rule="schedule", cache="none")),
-    "fast": Preset("the growing canvas, parallel commits (the model's commit rule: threshold, error bound), token "
-                   "cache (a step runs the masks and the tokens just committed), a block start that recomputes the "
-                   "canvas when probes show drift, the EOS padding committed at once",
-                   dict(canvas="growing", rule="threshold", cache="token", block_refresh="drift", eos_fill=True)),
+    "fast": Preset("the growing canvas, parallel commits (the model's commit rule: threshold, error bound), prefix "
+                   "cache (a step runs the block), a block start that recomputes the canvas when probes show drift "
+                   "(at most once each time the reply doubles), the EOS padding committed at once",
+                   dict(canvas="growing", rule="threshold", cache="prefix", block_refresh="drift", eos_fill=True)),
     "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
                          dict(canvas="fixed", rule="threshold", cache="dual")),
 }

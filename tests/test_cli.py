@@ -58,9 +58,11 @@ def test_generate_json_is_one_object(direct):
     assert obj["finish_reason"] in ("stop", "length") and isinstance(obj["tokens"], list)
     for k in ("nfe", "tokens_per_forward", "tokens_per_s", "peak_memory_bytes", "processed", "prompt_tokens"):
         assert k in obj["stats"]
-    # what ran, after defaults: fast mode's rule and cache, the asked-for budget
+    # what ran, after defaults: fast mode's cache, the bundled model's own rule (its diffusion_config.json),
+    # the asked-for budget
     s = obj["settings"]
-    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "threshold", "token", 32, "growing")
+    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "error", "prefix", 32, "growing")
+    assert (s["error_bound"], s["block_refresh"], s["eos_fill"]) == (0.04, "drift", True)
 
 
 def test_generate_exact_mode_and_help_shows_defaults(direct):
@@ -153,7 +155,7 @@ def test_mode_and_cache_names_come_from_the_one_table():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import quality
 
-    assert {mode for mode, _ in quality.SAMPLERS.values()} <= set(PRESETS)
+    assert {mode for mode, _ in quality.SAMPLERS.values()} <= set(PRESETS) | {None}  # None: the model's default
 
 
 def test_python_m_and_mlx_lm_aliases(tmp_path):

@@ -72,8 +72,10 @@ def test_defaults_are_the_model_defaults_per_mode(demo_server, demo):
         d = h.get("/illada/defaults").json()
     assert d["model"] == "illada-demo" and d["mode"] == make_spec(model, tok, 0).mode
     exact, fast = d["modes"]["exact"], d["modes"]["fast"]
-    assert exact["max_tokens"] == 128 and exact["rule"] == "schedule" and fast["rule"] == "threshold"
-    assert fast["block_length"] == make_spec(model, tok, 0, mode="fast").block_length
+    assert exact["max_tokens"] == 128 and exact["rule"] == "schedule"
+    want = make_spec(model, tok, 0, mode="fast")  # the bundled model's own rule (diffusion_config.json)
+    assert (fast["rule"], fast["error_bound"], fast["block_refresh"]) == (want.rule, want.error_bound, "drift")
+    assert fast["block_length"] == want.block_length
     assert d["end_tokens"] == [model.args.eos_token_id, model.args.eot_token_id]
 
 
