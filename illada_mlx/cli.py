@@ -223,6 +223,12 @@ def decode_utf8(data: bytes, what: str) -> str:
                           "fix its encoding")
 
 
+def stdin_prompt() -> str:
+    """The prompt piped on stdin, less the one line end that `echo` or a file's last line adds."""
+    text = decode_utf8(sys.stdin.buffer.read(), "stdin")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def prompt_ids(tok, msgs, raw=False) -> list[int]:
     """build_prompt, with a chat template that fails reported as one line."""
     from jinja2 import TemplateError
@@ -252,7 +258,7 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     if prompt == "-" and g.size() > 1:
         raise IlladaError("--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
                           "prompt as --prompt TEXT")
-    prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
+    prompt = stdin_prompt() if prompt == "-" else utf8_text(prompt, "--prompt")
     system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id, group=g)
     kw["seed"] = dist.shared_seed(g, kw.get("seed"))

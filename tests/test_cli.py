@@ -249,3 +249,17 @@ def test_chat_answers_three_piped_questions(mode):
     r = CliRunner().invoke(main, ["chat", *mode], input="reverse hello\nsort 3 1 2\n57+68=\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.split("\n")[:3] == ["olleh", "1 2 3", "125"]
+
+
+def test_a_piped_prompt_loses_its_line_end(direct):
+    # `echo "reverse abc" | illada-mlx generate -p -` asks what `-p "reverse abc"` asks
+    for piped in ("reverse abc\n", "reverse abc\r\n", "reverse abc"):
+        r = CliRunner().invoke(main, ["generate", "-p", "-", *FAST], input=piped.encode())
+        assert r.exit_code == 0, r.output
+        assert r.stdout == direct(user("reverse abc")) + "\n"
+
+
+def test_a_bare_command_prints_its_usage_screen():
+    bare, helped = CliRunner().invoke(main, []), CliRunner().invoke(main, ["-h"])
+    assert bare.exit_code == 0 and bare.stdout == helped.stdout and "Commands:" in bare.stdout
+    assert bare.stderr == ""
