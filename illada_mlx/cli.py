@@ -515,6 +515,8 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
     policies = _names(refreshes, REFRESHES, "refresh policy")
     cache_list = _names(caches, CACHES[1:], "cache") if caches else (None,)
+    base = _names(baselines, B.BASELINE_NEEDS, "baseline") if baselines else []
+    B.require_baselines(base)
     if plot_out:
         B.require_matplotlib()
     tok = None
@@ -542,7 +544,9 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
                          group=g if g.size() > 1 and not tensor else None)
     if not dist.is_main(g):
         return
-    base = [b for b in baselines.split(",") if b]
+    if any(r["output_tokens"] == 0 for r in runs):
+        log("note: rows with out 0 wrote nothing (the model ended its reply at once, as a trained model does "
+            "after random tokens): their tok/s is '-'; --prompt-lengths auto or --shape measure whole replies")
     first_prompt = next(iter(prompts.values()))
     for gen in gens:
         if "torch" in base and tensor:
