@@ -426,8 +426,8 @@ def check_listen(host: str, port: int) -> None:
               help="A request running longer ends with finish_reason time_limit.")
 @click.option("--api-key", envvar="ILLADA_MLX_API_KEY", default=None, help="Require Authorization: Bearer KEY "
               "(also from ILLADA_MLX_API_KEY).")
-@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted (default: the "
-              "bound host; localhost names on loopback).")
+@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted, or '*' for any "
+              "(default: the bound host; localhost names on loopback).")
 @click.option("--allowed-origins", default="", help="Comma list of origins allowed by CORS (default: none).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="info: one line per request.")
@@ -442,7 +442,14 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
     from . import distributed as dist
     from .server import Engine, Options, follow, serve as run
 
+    import os
+
+    from .listen import check_api_key, host_names
+
     g = ranks()
+    if api_key is None and os.environ.get("ILLADA_MLX_API_KEY") == "":  # click reads an empty variable as unset
+        api_key = ""
+    api_key, hosts = check_api_key(api_key, "--api-key (or ILLADA_MLX_API_KEY)"), host_names(allowed_hosts)
     if dist.is_main(g):
         check_listen(host, port)
     names = lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()) if v else None  # noqa: E731
@@ -452,7 +459,7 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
         return
     name = Path(str(model_path)).name if model_path else "illada-demo"
     engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
-    opts = Options(api_key=api_key or None, allowed_hosts=names(allowed_hosts),
+    opts = Options(api_key=api_key, allowed_hosts=hosts,
                    allowed_origins=names(allowed_origins) or ())
     run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
 

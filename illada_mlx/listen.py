@@ -9,6 +9,7 @@ each request's headers and a cap on open connections.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import socket
 import time
@@ -33,15 +34,50 @@ class Options:
     max_prompt_chars: Optional[int] = None  # None: 16 characters per position of the model
     body_seconds: float = 30.0  # to read a request's body
     api_key: Optional[str] = None
-    allowed_hosts: Optional[tuple] = None  # None: any Host header
+    allowed_hosts: Optional[tuple] = None  # None or ("*",): any Host header (exposure() fills in None)
     allowed_origins: tuple = ()  # CORS; empty: off
 
 
-def _host_name(host: str) -> str:
-    """The Host header without its port."""
+def _host_name(host: str) -> Optional[str]:
+    """The Host header without its port; None when the port is not a number in 1..65535 (`localhost:abc`)."""
     if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        end = host.find("]")
+        name, rest = (host[: end + 1], host[end + 1:]) if end > 0 else (host, "")
+        if rest and not rest.startswith(":"):
+            return None
+        port = rest[1:] if rest else None
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    else:
+        name, port = host, None
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    return name
+
+
+def check_api_key(key: Optional[str], where: str = "--api-key") -> Optional[str]:
+    """A key a client can send in an Authorization header: printable ASCII without spaces. An empty one
+    (which would start an open server without a word) and one no client can send are refused at start."""
+    if key is None:
+        return None
+    if not key:
+        raise IlladaError(f"{where} is empty, which would leave the server open; give a key, or leave {where} out")
+    bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
+    if bad is not None:
+        raise IlladaError(f"{where} holds {bad!r}, which no client can send in an Authorization header; use "
+                          "printable ASCII without spaces (letters, digits, punctuation)")
+    return key
+
+
+def host_names(value: Optional[str]) -> Optional[tuple]:
+    """--allowed-hosts as a tuple of lower-case names: None (the bound host's names) when not given, ("*",)
+    for any Host; a list that names no host (`,,,`) is refused."""
+    if value is None:
+        return None
+    names = tuple(x.strip().lower() for x in value.split(",") if x.strip())
+    if not names:
+        raise IlladaError(f"--allowed-hosts {value!r} names no host; give a comma list of names, or '*' for any")
+    return ("*",) if "*" in names else names
 
 
 def public(scope) -> bool:
@@ -62,8 +98,12 @@ class Guard:
 
     def _refuse(self, scope) -> Optional[ApiError]:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host = _host_name(headers.get("host", "")).lower()
-        if self.opts.allowed_hosts is not None and host not in self.opts.allowed_hosts:
+        host = _host_name(headers.get("host", ""))
+        if host is None:
+            return ApiError(400, "the Host header's port is not a number in 1..65535", code="invalid_host")
+        host = host.lower()
+        allowed = self.opts.allowed_hosts
+        if allowed is not None and "*" not in allowed and host not in allowed:
             return ApiError(400, f"Host {host!r} is not served here; start the server with --allowed-hosts to "
                                  "allow it", code="invalid_host")
         key = self.opts.api_key
@@ -82,11 +122,13 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [0]
+        t0, status, reason = time.perf_counter(), [0], [""]
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and status[0] >= 400 and not reason[0]:
+                reason[0] = _reason(message.get("body", b""))
             await send(message)
 
         refused = self._refuse(scope)
@@ -98,8 +140,18 @@ class Guard:
         except (ClientDisconnect, ConnectionError) as e:
             log.info("%s %s: client disconnected (%s)", scope["method"], scope["path"], type(e).__name__)
         tokens = scope.get("state", {}).get("tokens")
-        log.info("%s %s %s%s %.0f ms", scope["method"], scope["path"], status[0] or "-",
-                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0))
+        log.info("%s %s %s%s %.0f ms%s", scope["method"], scope["path"], status[0] or "-",
+                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0),
+                 f": {reason[0]}" if reason[0] else "")
+
+
+def _reason(body: bytes) -> str:
+    """An error response's message (OpenAI's shape), for the log line; "" when the body is not one."""
+    try:
+        err = json.loads(body[:4096])["error"]
+        return f"{err['message']}" + (f" ({err['param']})" if err.get("param") else "")
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 class Protocol(H11Protocol):

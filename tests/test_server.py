@@ -670,3 +670,81 @@ def test_a_client_gone_mid_body_is_one_line(demo_server, caplog):
     with httpx.Client(base_url=demo_server.url, timeout=10) as h:
         assert h.get("/models").status_code == 200
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+# ------------------------------------------------------------------------------------------ enumerated fields
+WRONG_TYPES = [["user"], {"a": 1}, 1, 1.5, True, "zz"]  # JSON types an enumerated field must not take
+ENUMERATED = {  # where the field sits in a request that is otherwise valid -> the body with that value
+    "messages[0].role": lambda v: {"messages": [{"role": v, "content": "hi"}]},
+    "messages[0].content[0].type": lambda v: {"messages": [{"role": "user", "content": [{"type": v, "text": "x"}]}]},
+    "diffusion.mode": lambda v: {"messages": USER, "diffusion": {"mode": v}},
+    "diffusion.cache": lambda v: {"messages": USER, "diffusion": {"cache": v}},
+    "diffusion.block_refresh": lambda v: {"messages": USER, "diffusion": {"block_refresh": v}},
+    "tool_choice": lambda v: {"messages": USER, "tool_choice": v},
+    "function_call": lambda v: {"messages": USER, "function_call": v},
+    "response_format.type": lambda v: {"messages": USER, "response_format": {"type": v}},
+    "modalities[0]": lambda v: {"messages": USER, "modalities": [v]},
+}
+
+
+@pytest.mark.parametrize("where", ENUMERATED)
+def test_enumerated_fields_of_a_wrong_json_type_get_a_400(demo_server, where):
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        for v in WRONG_TYPES:
+            body = {"max_tokens": 8, **ENUMERATED[where](v)}
+            r = h.post("/chat/completions", json=body)
+            assert r.status_code == 400, (where, v, r.text)
+            assert "\n" not in r.json()["error"]["message"]
+
+
+def test_a_refusal_is_logged_with_its_reason(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="illada_mlx.server")
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json={"messages": [{"role": ["user"], "content": "hi"}]})
+    want = f"{r.json()['error']['message']} ({r.json()['error']['param']})"
+    t0 = time.time()
+    while time.time() - t0 < 5:
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+        if any(m.startswith("POST /v1/chat/completions 400") for m in lines):
+            break
+        time.sleep(0.05)
+    assert any(m.startswith("POST /v1/chat/completions 400") and m.endswith(want) for m in lines), lines
+
+
+@pytest.mark.parametrize("host", ["localhost:abc", "localhost:", "localhost:99999", "[::1]x", "127.0.0.1:-1"])
+def test_a_host_header_with_a_malformed_port_is_refused(demo_server, host):
+    with httpx.Client(base_url=demo_server.url, timeout=10) as h:
+        r = h.get("/models", headers={"host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", r.text
+        assert h.get("/models", headers={"host": "localhost:8080"}).status_code == 200
+
+
+def test_allowed_hosts_star_means_any_and_a_list_of_nothing_is_refused():
+    from illada_mlx.config import IlladaError
+    from illada_mlx.listen import Guard, host_names
+
+    assert host_names("*") == ("*",) and host_names("a.example, B.example") == ("a.example", "b.example")
+    for empty in (",,,", "", " , "):
+        with pytest.raises(IlladaError, match="names no host"):
+            host_names(empty)
+    guard = Guard(None, Options(allowed_hosts=host_names("*")))
+    scope = {"headers": [(b"host", b"evil.example:80")], "method": "GET", "path": "/health"}
+    assert guard._refuse(scope) is None
+    guard = Guard(None, Options(allowed_hosts=host_names("ok.example")))
+    assert guard._refuse(scope).code == "invalid_host"
+
+
+@pytest.mark.parametrize("key,env", [("", None), (None, ""), ("has space", None), ("line\nbreak", None),
+                                     ("clé", None), ("tab\t", None)])
+def test_serve_refuses_an_api_key_no_client_can_send(key, env, monkeypatch):
+    from click.testing import CliRunner
+
+    from illada_mlx.cli import main
+
+    monkeypatch.delenv("ILLADA_MLX_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("ILLADA_MLX_API_KEY", env)
+    r = CliRunner().invoke(main, ["serve", "--port", str(_free_port())] + (["--api-key", key] if key is not None else []))
+    assert r.exit_code == 1 and r.output.startswith("error: --api-key") and r.output.count("\n") == 1, r.output
