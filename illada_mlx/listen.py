@@ -139,6 +139,8 @@ class Guard:
                 await self.app(scope, receive, sending)
         except (ClientDisconnect, ConnectionError) as e:
             log.info("%s %s: client disconnected (%s)", scope["method"], scope["path"], type(e).__name__)
+        if scope.get(MALFORMED):
+            reason[0] = "malformed HTTP body (bad chunked encoding); answered 400 and closed"
         tokens = scope.get("state", {}).get("tokens")
         log.info("%s %s %s%s %.0f ms%s", scope["method"], scope["path"], status[0] or "-",
                  f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0),
@@ -163,6 +165,7 @@ class Protocol(H11Protocol):
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.logger = _ConnectionLog(self.logger, self)
         self.opened = self.loop.time()
         self._waiting_for = None
         self._arm()
@@ -198,6 +201,27 @@ class Protocol(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
+
+
+MALFORMED = "illada.malformed"  # set in a request's scope when its body broke HTTP framing
+
+
+class _ConnectionLog:
+    """uvicorn's logger for one connection, less its warning about a malformed request while the app reads
+    that request's body (a bad chunk): the request's own log line says it, so it is one line, not two."""
+
+    def __init__(self, logger, conn):
+        self._logger, self._conn = logger, conn
+
+    def warning(self, msg, *args, **kw):
+        cycle = self._conn.cycle
+        if str(msg).startswith("Invalid HTTP request") and cycle is not None and not cycle.response_complete:
+            cycle.scope[MALFORMED] = True
+            return
+        self._logger.warning(msg, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._logger, name)
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",

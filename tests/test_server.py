@@ -748,3 +748,27 @@ def test_serve_refuses_an_api_key_no_client_can_send(key, env, monkeypatch):
         monkeypatch.setenv("ILLADA_MLX_API_KEY", env)
     r = CliRunner().invoke(main, ["serve", "--port", str(_free_port())] + (["--api-key", key] if key is not None else []))
     assert r.exit_code == 1 and r.output.startswith("error: --api-key") and r.output.count("\n") == 1, r.output
+
+
+def test_a_malformed_chunked_body_is_one_log_line(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    uv = logging.getLogger("uvicorn.error")
+    uv.addHandler(caplog.handler)  # uvicorn's loggers do not reach the root logger
+    level, uv.level = uv.level, logging.INFO
+    try:
+        with socket.create_connection(("127.0.0.1", demo_server.port)) as s:
+            s.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+            time.sleep(0.2)  # the app is reading the body when the bad chunk comes
+            s.sendall(b"zz\r\nabc\r\n0\r\n\r\n")
+            assert _status(s) == b"HTTP/1.1 400 Bad Request"
+        t0 = time.time()
+        while time.time() - t0 < 5 and not any("malformed" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        uv.removeHandler(caplog.handler)
+        uv.level = level
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and lines[0].startswith("POST /v1/chat/completions 400") and "malformed" in lines[0], lines
+    assert not any(r.exc_info for r in caplog.records)
