@@ -9,7 +9,8 @@ One worker thread owns the model. Requests whose decode settings are compatible 
 same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
 joins the running batch at the next block boundary and its rows leave when they are done (`max_batch`
 rows at most); any other request is decoded alone when the batch is empty. `n` choices are rows of one
-batch. A client that disconnects cancels its rows at the next block; a request that runs past
+batch. A client that disconnects cancels its request within a step when no other request shares its
+decode, else its rows leave at the next block; a request that runs past
 `max_request_seconds` ends with finish_reason "time_limit".
 
 A request is read and checked by api.py (limits, then field by field: a bad one gets one 400 naming the
@@ -64,6 +65,11 @@ from .text import ReplyText
 log = logging.getLogger("illada_mlx.server")
 
 # ------------------------------------------------------------------------------------------ the worker
+class Cancelled(Exception):
+    """Every request of the running decode was cancelled (its clients went away): it stops at the step it
+    is on instead of its block's end."""
+
+
 @dataclass
 class Job:
     prompt_ids: list
@@ -154,6 +160,12 @@ class Engine:
                 self._drop(batch)
                 if batch.size:
                     self._block(batch)
+            except Cancelled:  # mid-block: the batch's state is half a block on, so it goes as a whole
+                log.info("batch of %d rows cancelled mid-block (every client went away)", batch.size)
+                for row in batch.rows + batch.joining:
+                    self._done(row.handle)
+                batch = None
+                continue
             except Exception as e:  # our bug: the batch's requests get an error, the worker goes on
                 log.exception("decode failed")
                 for row in batch.rows + batch.joining:
@@ -215,7 +227,13 @@ class Engine:
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
         bl = batch.spec.block_length
 
+        jobs = [r.handle.job for r in batch.rows + batch.joining]
+
         def on_step(ev):
+            if all(job.cancel.is_set() for job in jobs):
+                raise Cancelled
+            if not steps:
+                return
             want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
             got = self._step_tokens(ev) if want else None
             for j, r in want:
@@ -223,8 +241,7 @@ class Engine:
 
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker,
-                                                     on_step if steps else None):
+        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step):
             c = row.handle
             c.tokens += len(toks)
             if reason is not None:
@@ -262,6 +279,8 @@ class Engine:
         tracker = LogprobTracker(job.top_logprobs) if job.top_logprobs >= 0 else None
 
         def on_step(ev):
+            if self.group is None and job.cancel.is_set():  # one process: stop at this step (ranks stop in step)
+                raise Cancelled
             if tracker is not None:
                 if ev.step == 0:
                     lo = P + ev.block * bl
@@ -276,6 +295,14 @@ class Engine:
         if self.group is not None:  # the other ranks' `follow` runs the same decode (one seed for sampling)
             run = replace(spec, seed=spec.seed if spec.seed is not None else time.time_ns() % 2**31)
             dist.broadcast(self.group, {"ids": job.prompt_ids, "spec": run.as_dict()})
+        try:
+            return self._decode_choice(job, i, spec, run, on_step, tracker)
+        except Cancelled:
+            log.info("request cancelled mid-block")
+            return False
+
+    def _decode_choice(self, job: Job, i: int, spec: DecodeSpec, run: DecodeSpec, on_step, tracker) -> bool:
+        """Choice i through the engine, a message per block; False when it ended early (cancel, time)."""
         tokens, r = 0, None
         for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=run, on_step=on_step):
             tokens += len(r.tokens)

@@ -772,3 +772,51 @@ def test_a_malformed_chunked_body_is_one_log_line(demo_server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) == 1 and lines[0].startswith("POST /v1/chat/completions 400") and "malformed" in lines[0], lines
     assert not any(r.exc_info for r in caplog.records)
+
+
+def _counting(model) -> list:
+    """Count the model's forwards (a list that grows by one per call)."""
+    calls, base = [], type(model)
+
+    def call(self, *a, **kw):
+        calls.append(1)
+        return base.__call__(self, *a, **kw)
+
+    model.__class__ = type("Counting" + base.__name__, (base,), {"__call__": call})
+    return calls
+
+
+@pytest.mark.parametrize("mode,stream", [("variable", True), ("exact", True), ("variable", False)])
+def test_a_request_whose_client_left_stops_within_a_step(ckpt_factory, mode, stream):
+    # one block of 256 steps: a client gone after its first step must not cost the other 255 forwards,
+    # batched (variable) or decoded alone (exact)
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    model, tok = load(str(d))
+    calls = _counting(model)
+    srv = Server(model, tok, "tiny")
+    try:
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 256, "stream": stream,
+                "diffusion": {"mode": mode, "block_length": 256, "steps_per_block": 256}}
+        with httpx.Client(base_url=srv.url, timeout=30) as h:
+            if stream:
+                with h.stream("POST", "/chat/completions", json=body) as r:
+                    lines = r.iter_lines()  # held: a dropped iterator closes the response
+                    next(lines)
+                    t0 = time.time()
+                    while len(calls) < 2 and time.time() - t0 < 10:
+                        time.sleep(0.01)
+                    assert len(calls) >= 2, "no forward ran"
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    h.post("/chat/completions", json=body, timeout=0.3)
+        t0 = time.time()
+        while srv.engine.served < 1 and time.time() - t0 < 30:
+            time.sleep(0.02)
+        gone = len(calls)
+        assert srv.engine.served == 1 and gone < 64, gone  # not the block's 256 (non-streamed: polled every 0.5 s)
+        time.sleep(0.3)
+        assert len(calls) == gone  # nothing more runs
+    finally:
+        srv.stop()
