@@ -219,7 +219,7 @@ class Engine:
             if not c.job.cancel.is_set():
                 c.reply.finish()
                 c.job.emit("text", c.index, (c.reply.take(), None))
-                c.job.emit("done", c.index, self._info("time_limit", c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+                c.job.emit("done", c.index, self._info("time_limit", c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
             self._done(c)
 
     def _block(self, batch: Batch):
@@ -250,7 +250,7 @@ class Engine:
             if text or toks:
                 c.job.emit("text", c.index, (text, self._logprobs(toks, lp, row.top_logprobs)))
             if reason is not None:
-                c.job.emit("done", c.index, self._info(reason, c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+                c.job.emit("done", c.index, self._info(reason, c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
                 self._done(c)
 
     def _done(self, c: Choice):
@@ -346,8 +346,8 @@ class Engine:
 
     @staticmethod
     def _info(reason, tokens, stats, spec) -> dict:
-        return {"finish_reason": reason, "completion_tokens": tokens,
-                "stats": stats.as_dict() if stats is not None else None, "spec": spec.as_dict()}
+        stats = stats if stats is None or isinstance(stats, dict) else stats.as_dict()
+        return {"finish_reason": reason, "completion_tokens": tokens, "stats": stats, "spec": spec.as_dict()}
 
     def _logprobs(self, toks, lp, k) -> Optional[list]:
         """OpenAI's logprobs content entries for a block's tokens."""
@@ -364,6 +364,16 @@ class Engine:
             e["top_logprobs"] = [entry(a, v) for a, v in zip(lp.top_ids[j], lp.top[j])][:k] if k else []
             out.append(e)
         return out
+
+
+def _row_stats(batch: Batch, row: Row, tokens: int) -> dict:
+    """A batched row's diffusion_stats: what is measured per row (forwards while it was in the batch, its
+    tokens, blocks, time); the figures a batch shares and does not split per row (the prompt's time and
+    tokens/s, the tokens processed) are null rather than zeros; peak memory is the process's."""
+    d = batch.row_stats(row, tokens).as_dict()
+    d.update(prompt_s=None, prompt_tps=None, processed=None, processed_per_output_token=None,
+             peak_memory_bytes=mx.get_peak_memory())
+    return d
 
 
 def _one_line(e: Exception) -> str:
@@ -442,6 +452,7 @@ class Answer:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far (text_offset)
 
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -449,21 +460,28 @@ class Answer:
     def usage(self, tokens: int) -> dict:
         return {"prompt_tokens": self.P, "completion_tokens": tokens, "total_tokens": self.P + tokens}
 
-    def logprobs(self, entries: Optional[list]) -> Optional[dict]:
+    def logprobs(self, entries: Optional[list], i: int = 0) -> Optional[dict]:
+        """Chat: {"content": entries}. Completions: the legacy lists; text_offset is each token's character
+        offset in choice i's text, counted on across a stream's chunks."""
         if entries is None:
             return None
         if self.chat:
             return {"content": entries}
+        offsets, at = [], self.offsets.get(i, 0)
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        self.offsets[i] = at
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": []}
+                "text_offset": offsets}
 
     def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp), "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp, i), "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp), "finish_reason": finish}
+            choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp, i), "finish_reason": finish}
         c = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [choice]}
         if self.include_usage:
             c["usage"] = None
@@ -529,7 +547,7 @@ class Answer:
         out = []
         for i in range(job.n):
             c = {"index": i, "finish_reason": infos[i]["finish_reason"],
-                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None)}
+                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None, i)}
             if self.chat:
                 c["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:

@@ -820,3 +820,39 @@ def test_a_request_whose_client_left_stops_within_a_step(ckpt_factory, mode, str
         assert len(calls) == gone  # nothing more runs
     finally:
         srv.stop()
+
+
+def test_diffusion_stats_say_only_what_was_measured(demo_server):
+    # a batched reply (fast) and one decoded alone (exact): no figure is a zero or 1/0 standing for "unknown"
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        batched = h.post("/chat/completions", json={"messages": USER, "diffusion": FAST}).json()["diffusion_stats"]
+        alone = h.post("/chat/completions", json={"messages": USER, "diffusion": {"mode": "exact"},
+                                                  "max_tokens": 32}).json()["diffusion_stats"]
+    for st in (batched, alone):
+        assert st["nfe"] > 0 and st["output_tokens"] > 0 and 0 < st["peak_memory_bytes"] < 2**40
+        assert st["prompt_tps"] is None or 0 < st["prompt_tps"] < 1e8
+    assert batched["prompt_tps"] is None and batched["processed"] is None and batched["prompt_s"] is None
+    assert alone["processed"] > 0 and alone["prompt_s"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_text_offset_points_at_each_token(demo_server, stream):
+    prompt = "<|im_start|>user\nreverse abcdef<|im_end|>\n<|im_start|>assistant\n"
+    body = {"prompt": prompt, "max_tokens": 64, "logprobs": 0, "stream": stream, "n": 2,
+            "diffusion": {"mode": "fast", "block_length": 4}}
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        r = h.post("/completions", json=body)
+    texts, toks, offs = {}, {}, {}
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")] if stream else [r.json()]
+    for c in chunks:
+        for ch in c["choices"]:
+            i = ch["index"]
+            texts[i] = texts.get(i, "") + ch["text"]
+            if ch["logprobs"]:
+                toks.setdefault(i, []).extend(ch["logprobs"]["tokens"])
+                offs.setdefault(i, []).extend(ch["logprobs"]["text_offset"])
+    assert sorted(texts) == [0, 1] and all(len(toks[i]) > 1 for i in texts)
+    for i, text in texts.items():
+        assert len(offs[i]) == len(toks[i]) and offs[i][0] == 0
+        for t, o in zip(toks[i], offs[i]):
+            assert text[o:o + len(t)] == t, (text, t, o)
