@@ -81,10 +81,10 @@ def host_names(value: Optional[str]) -> Optional[tuple]:
 
 
 def public(scope) -> bool:
-    """Paths served without the API key: /health and the web chat page's files (the page asks for the key
+    """Paths served without the API key: /health and the web chat page's files and icon (the page asks for the key
     and sends it with its API calls)."""
     path, reading = scope["path"], scope["method"] in ("GET", "HEAD")
-    return path == "/health" or (reading and (path == "/" or path.startswith("/static/")))
+    return path == "/health" or (reading and (path in ("/", "/favicon.ico") or path.startswith("/static/")))
 
 
 class Guard:

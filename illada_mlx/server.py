@@ -586,10 +586,12 @@ async def model(request):
 async def defaults(request):
     """What a request without diffusion options gets, per mode (the web page's settings panel): the
     default mode and each mode's block length, steps per block, commit rule, threshold, budget
-    (max_tokens, before it is cut to the room a prompt leaves), temperature and cache; and the ids that end
+    (max_tokens, before it is cut to the room a prompt leaves), temperature, cache and block refresh; and the
+    ids that end
     a reply (EOS, EoT), which the page draws apart on the canvas."""
     e: Engine = request.app.state.engine
-    shown = ("block_length", "steps_per_block", "rule", "threshold", "max_tokens", "temperature", "cache")
+    shown = ("block_length", "steps_per_block", "rule", "threshold", "max_tokens", "temperature", "cache",
+             "block_refresh")
     modes = {}
     for name in PRESETS:
         spec = make_spec(e.model, e.tok, 0, mode=name, default_cap=512)
@@ -623,6 +625,12 @@ async def static(request):
     return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=PAGE_HEADERS)
 
 
+async def favicon(request):
+    """The page's icon (also what a browser asks for by itself), so that no page load logs a 404."""
+    return Response((WEB / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                    headers={**PAGE_HEADERS, "cache-control": "max-age=86400"})
+
+
 async def not_found(request, exc):
     return ApiError(404, f"no route {request.url.path}", code="not_found").response()
 
@@ -647,6 +655,7 @@ def make_app(engine: Engine, opts: Optional[Options] = None):
     app = Starlette(lifespan=lifespan, routes=[
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/illada/defaults", defaults, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
