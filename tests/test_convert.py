@@ -167,9 +167,11 @@ def _broken(tmp_path, how):
         cfg["intermediate_size"] = 96
     elif how == "unknown_arch":
         cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
-    elif how == "no_mask_id":
-        (src / "tokenizer.json").unlink()
-        (src / "tokenizer_config.json").unlink()
+    elif how == "no_mask_id":  # the mask's id 5 named as an ordinary token
+        from fixtures import ILLADA_SPECIALS, ILLADA_TEMPLATE, build_tokenizer
+
+        specials = {("<unused5>" if k == "<[MASK]>" else k): v for k, v in ILLADA_SPECIALS.items()}
+        build_tokenizer(src, specials, ILLADA_TEMPLATE, "<s>", "</s>", "</s>")
     elif how == "layer_count":
         cfg["num_hidden_layers"] = 3
     (src / "config.json").write_text(json.dumps(cfg)) if how != "missing_config" else None
@@ -221,6 +223,7 @@ def test_wrong_mask_id_flag_is_refused_and_right_one_used(tmp_path):
     r = run_convert("--hf-path", src, "--mlx-path", out, "--mask-id", "5")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["mask_token_id"] == 5
+    assert load(str(out))[0].args.mask_token_id == 5  # what was written can be loaded
 
 
 def test_non_empty_destination_needs_force_and_force_replaces_only_a_conversion(ckpt_factory, tmp_path):
