@@ -541,3 +541,22 @@ def test_ensure_demo_model_converts_once_and_says_so(tmp_path, monkeypatch):
         out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
     assert out.keys() == src.keys()
     assert all(np.array_equal(out[k], src[k]) for k in src)
+
+
+def test_mlx_path_defaults_to_mlx_model_as_in_mlx_lm(ckpt_factory, tmp_path, monkeypatch):
+    src, _ = ckpt_factory(ILLADA)
+    monkeypatch.chdir(tmp_path)
+    r = run_convert("--hf-path", src)
+    assert r.exit_code == 0, r.output
+    assert load(str(tmp_path / "mlx_model"))[0].args.mask_token_id == 5
+
+
+def test_a_recipe_says_it_quantizes_and_quant_flags_without_q_are_refused(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    r = run_convert("--hf-path", src, "--mlx-path", tmp_path / "r", "--q-recipe", "mixed_4_8")
+    assert r.exit_code == 0 and "note: --q-recipe mixed_4_8 quantizes the model (-q implied)" in r.stderr
+    assert "quantization" in json.loads((tmp_path / "r" / "config.json").read_text())
+    for flags in (["--q-bits", "8"], ["--q-group-size", "32"], ["--q-mode", "mxfp4"]):
+        r = run_convert("--hf-path", src, "--mlx-path", tmp_path / "x", *flags)
+        assert r.exit_code == 1 and r.output.startswith(f"error: {flags[0]} takes effect only when quantizing")
+        assert not (tmp_path / "x").exists()
