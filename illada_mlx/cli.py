@@ -87,6 +87,12 @@ def sampler_options(f):
                      help="Denoising steps per block (default 32)."),
         click.option("--temperature", "--temp", "temperature", type=FiniteFloat(min=0), default=None,
                      help="0 = greedy (default)."),
+        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=None,
+                     help="At temperature > 0: sample from the smallest set of candidates with this mass, in (0, 1]."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="At temperature > 0: sample from the k most likely candidates (0: all)."),
+        click.option("--min-p", type=FiniteFloat(0, 1), default=None,
+                     help="At temperature > 0: drop candidates below this fraction of the most likely, in [0, 1]."),
         click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
                      help="Threshold modes: commit tokens with confidence ≥ τ (0.9), in (0, 1]."),
         click.option("--cache", type=click.Choice(list(CACHES)), default=None,
@@ -124,6 +130,24 @@ def stats_block(r) -> str:
             f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
             f"({what})\n"
             f"Peak memory: {r.peak_memory:.3f} GB")
+
+
+def settings_text(sp) -> str:
+    """chat's /settings: the decode settings a person chooses, one topic per line."""
+    commits = f"threshold {sp.threshold}" if sp.rule == "threshold" else f"{sp.rule} ({sp.remasking})"
+    sampling = "temperature 0 (greedy)" if sp.temperature == 0 else (
+        f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
+    seed = "none" if sp.seed is None else sp.seed
+    cache = f"{sp.cache}, block refresh {sp.block_refresh}" if sp.cache != "none" else "none"
+    ends = ", ".join(f"{n} {t}" for n, t in (("EOS", sp.eos_id), ("EoT", sp.eot_id)) if t is not None)
+    stops = ", ".join(repr(x) for x in sp.stop) or "none"
+    lines = [f"mode: {sp.mode} ({sp.canvas} canvas, budget {sp.max_tokens} tokens)",
+             f"blocks: {sp.block_length} tokens, {sp.steps_per_block} steps each",
+             f"commits: {commits}", f"sampling: {sampling}; seed {seed}", f"cache: {cache}",
+             f"ends: {ends or 'none'}; stop strings: {stops}"]
+    if sp.think_boost or sp.cfg_scale:
+        lines.append(f"extras: think boost {sp.think_boost}, cfg scale {sp.cfg_scale}")
+    return "\n".join(lines)
 
 
 class Progress:
@@ -371,7 +395,7 @@ def chat(system, visual, model_path, mask_id, **kw):
         if line.strip() == "/settings":
             spec = last_spec or make_spec(model, tok, len(prompt_ids(tok, history + [{"role": "user", "content": ""}])),
                                           **settings)
-            click.echo(" ".join(f"{k}={v}" for k, v in spec.as_dict().items()), err=True)
+            click.echo(settings_text(spec), err=True)
             continue
         history.append({"role": "user", "content": line})
         try:
