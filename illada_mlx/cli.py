@@ -601,20 +601,41 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 
 
 # ------------------------------------------------------------------------------------------ eval
+def _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, json_out) -> None:
+    """What eval can refuse before it loads a model or scores anything."""
+    import os
+
+    from .files import check_output_file, check_writable
+
+    if bool(tasks) == bool(compare):
+        raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
+    if compare and not data:
+        raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
+    if mc_num % batch_size:
+        raise IlladaError(f"--mc-num ({mc_num}) must be a multiple of batch_size (--batch-size {batch_size}), as "
+                          "in the official estimator")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise IlladaError(f"--include-path {include_path} is not a directory; name the folder of task YAMLs")
+    if json_out is not None:
+        check_writable(check_output_file(json_out, "--json"), "--json")
+
+
 @main.command("eval")
 @click.option("--model", "model_path", default=None, help="Model for --tasks (default: the demo model).")
 @click.option("--tasks", default=None, help="Comma list of lm-eval tasks (needs the `eval` extra).")
 @click.option("--include-path", default=None, help="A folder of local lm-eval task YAMLs.")
-@click.option("--limit", type=int, default=None, help="At most this many documents per task.")
-@click.option("--num-fewshot", type=int, default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(0, 1024), default=None)
 @click.option("--apply-chat-template", is_flag=True, help="Put each task prompt through the chat template.")
 @click.option("--compare", nargs=2, default=None, metavar="A B", help="Two model dirs to compare on --data.")
 @click.option("--data", default=None, help="JSONL of {\"prompt\", \"answer\"} for --compare.")
 @click.option("--raw", is_flag=True, help="--compare: prompts as they are, no chat template.")
-@click.option("--mc-num", type=int, default=128, show_default=True, help="Monte-Carlo samples per answer.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per forward (and mask group).")
-@click.option("--cfg-scale", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mc-num", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="Monte-Carlo samples per answer (a multiple of --batch-size).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Rows per forward (and mask group).")
+@click.option("--cfg-scale", type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="0 to 2**32-1.")
 @click.option("--greedy-check/--no-greedy-check", default=True, show_default=True,
               help="--tasks: also run the official greedy check (is_greedy) per request; multiple-choice "
                    "metrics do not use it, and skipping it about halves their time.")
@@ -632,17 +653,15 @@ def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_templa
     g = ranks()
     tensor = parallel == "tensor" and g.size() > 1
     shard, share = (g if tensor else None), (g if g.size() > 1 and not tensor else None)
-    if bool(tasks) == bool(compare):
-        raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
+    _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, json_out)
     if compare:
         from tqdm import tqdm
 
-        if not data:
-            raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
+        parsed = E.parse_items(data)  # every line checked before a model loads
         (ma, ta), (mb, tb) = load_model(compare[0], group=shard), load_model(compare[1], group=shard)
         if ta.get_vocab() != tb.get_vocab():
             raise IlladaError("the two models have different tokenizers; compare conversions of one model")
-        items = E.read_items(data, ta, raw=raw)
+        items = E.encode_items(parsed, ta, raw=raw)
         with tqdm(total=len(items), desc="comparing", unit="item", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
             r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update, group=share)
