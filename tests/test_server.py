@@ -856,3 +856,13 @@ def test_completions_text_offset_points_at_each_token(demo_server, stream):
         assert len(offs[i]) == len(toks[i]) and offs[i][0] == 0
         for t, o in zip(toks[i], offs[i]):
             assert text[o:o + len(t)] == t, (text, t, o)
+
+
+def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, client):
+    # the README: the demo model answers a raw prompt with nothing, its template with the chat answer
+    raw = client.completions.create(model="illada-demo", prompt="57+68=", max_tokens=64)
+    templated = client.completions.create(model="illada-demo", max_tokens=64,
+                                          prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n")
+    chat = ask(client, [{"role": "user", "content": "57+68="}], max_tokens=64, extra_body={})
+    assert raw.choices[0].text == "" and raw.choices[0].finish_reason == "stop"
+    assert templated.choices[0].text == chat.choices[0].message.content == "125"
