@@ -224,6 +224,46 @@ class _ConnectionLog:
         return getattr(self._logger, name)
 
 
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files toward what a burst of connections needs (a burst is accepted
+    before the connection cap closes the surplus: about 8 fds per allowed connection), within the hard
+    limit; returns the soft limit now. macOS starts processes at 256."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, 8 * max_connections + 1024)
+    want = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class LoopErrors:
+    """The event loop's exception handler: running out of file descriptors while accepting (a burst of
+    connections) is one warning per burst (no traceback per refused accept); anything else goes to the
+    default handler."""
+
+    def __init__(self, quiet_seconds: float = 10.0):
+        self.quiet_seconds, self.last, self.count = quiet_seconds, float("-inf"), 0
+
+    def __call__(self, loop, context):
+        if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        self.count += 1
+        if now - self.last > self.quiet_seconds:
+            err = context.get("exception")
+            log.warning("a burst of connections reached the open-file limit (%s): new connections wait until "
+                        "some close (this line repeats at most every %.0f s)", getattr(err, "strerror", err),
+                        self.quiet_seconds)
+        self.last = now
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                 max_connections: int = 256, idle_seconds: float = 10.0) -> uvicorn.Server:
     """A uvicorn server with the connection cap, keep-alive and header timeouts set."""

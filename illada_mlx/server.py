@@ -58,7 +58,7 @@ from .batch import Batch, LogprobTracker, Row, _row, batch_key
 from .config import ContextError, IlladaError, one_line
 from .decode import Step
 from .engine import build_prompt, stream_generate
-from .listen import Guard, Options, bind, exposure, make_server
+from .listen import Guard, LoopErrors, Options, bind, exposure, make_server, raise_fd_limit
 from .spec import PRESETS, DecodeSpec, make_spec
 from .text import ReplyText
 
@@ -649,6 +649,7 @@ def make_app(engine: Engine, opts: Optional[Options] = None):
 
     @asynccontextmanager
     async def lifespan(app):
+        asyncio.get_running_loop().set_exception_handler(LoopErrors())  # an fd-limit burst: one line
         yield
         await asyncio.to_thread(engine.close)  # several ranks: the others end when the server stops
 
@@ -676,6 +677,7 @@ def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = 
     """Bind, say where, serve until interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(log_level.upper())
+    raise_fd_limit(max_connections)
     sock = bind(host, port)
     for line in exposure(host, opts):
         echo(line)

@@ -866,3 +866,42 @@ def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, 
     chat = ask(client, [{"role": "user", "content": "57+68="}], max_tokens=64, extra_body={})
     assert raw.choices[0].text == "" and raw.choices[0].finish_reason == "stop"
     assert templated.choices[0].text == chat.choices[0].message.content == "125"
+
+
+def test_a_burst_at_the_open_file_limit_is_one_log_line(caplog):
+    import errno
+    import logging
+
+    from illada_mlx.listen import LoopErrors
+
+    caplog.set_level(logging.INFO)
+    handler, loop = LoopErrors(quiet_seconds=60), None
+
+    class Loop:  # what the handler uses of the loop: its default handler, for anything else
+        seen = []
+
+        def default_exception_handler(self, context):
+            self.seen.append(context["message"])
+
+    loop = Loop()
+    full = OSError(errno.EMFILE, "Too many open files")
+    for _ in range(1858):  # the burst: one refused accept() each
+        handler(loop, {"message": "socket.accept() out of system resource", "exception": full})
+    handler(loop, {"message": "something else"})
+    lines = [r for r in caplog.records if r.name == "illada_mlx.server"]
+    assert len(lines) == 1 and "open-file limit (Too many open files)" in lines[0].getMessage()
+    assert not lines[0].exc_info and handler.count == 1858 and loop.seen == ["something else"]
+
+
+def test_serve_raises_the_open_file_limit_for_a_burst():
+    import resource
+
+    from illada_mlx.listen import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))  # macOS's default
+        got = raise_fd_limit(256)
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(8 * 256 + 1024, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
