@@ -535,7 +535,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     from . import bench as B
     from . import distributed as dist
 
-    from .files import check_output_file
+    from .files import check_output_file, check_writable
 
     g = ranks()
     tensor = parallel == "tensor" and g.size() > 1
@@ -544,6 +544,9 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     gens = gen_lengths
     json_path = check_output_file(json_out, "--json") if json_out is not None else None
     plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_writable(path, option)  # before the runs, not after them
     policies = _names(refreshes, REFRESHES, "refresh policy")
     cache_list = _names(caches, CACHES[1:], "cache") if caches else (None,)
     base = _names(baselines, B.BASELINE_NEEDS, "baseline") if baselines else []

@@ -117,3 +117,9 @@ def test_rows_that_wrote_nothing_get_a_note(monkeypatch):
                                   "--block-length", "16", "--prompt-lengths", "8"])
     assert r.exit_code == 0, r.output
     assert "rows with out 0 wrote nothing" in r.stderr and r.stdout.splitlines()[1].split()[5:7] == ["0", "-"]
+
+
+def test_bench_refuses_an_unwritable_output_before_running():
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact", "--json", "/proc/illada/b.json"])
+    assert r.exit_code == 1 and r.output.startswith("error: --json /proc/illada/b.json cannot be written")
+    assert r.output.count("\n") == 1
