@@ -423,10 +423,13 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
                 lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))), lambda: "",
                 lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
                 lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
-                lambda: [{"role": str(rng.choice(["user", "system", "developer", "assistant", "x"])),
-                          "content": value(depth + 1)}],
-                lambda: {"mode": str(rng.choice(["fast", "exact", "zz"])), "block_length": int(rng.integers(-2, 40))},
+                lambda: [{"role": enum(["user", "system", "developer", "assistant", "x"]), "content": value(depth + 1)}],
+                lambda: {"mode": enum(["fast", "exact", "zz"]), "cache": enum(["token", "none"]),
+                         "block_refresh": enum(["window", "full"]), "block_length": int(rng.integers(-2, 40))},
                 ][kind]()
+
+    def enum(names):  # an enumerated field: one of its names, or a value of another JSON type
+        return [str(rng.choice(names)), [str(rng.choice(names))], {"a": 1}, 1, 2.5, True, None][rng.integers(0, 7)]
 
     statuses, t0 = {}, time.time()
     with httpx.Client(base_url=demo_server.url, timeout=60) as h:
@@ -436,6 +439,11 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
             body = dict(base)
             for _ in range(rng.integers(1, 4)):
                 body[str(rng.choice(names))] = value()
+            if rng.random() < 0.2:  # the enumerated fields, each a name or a value of another JSON type
+                body["messages"] = [{"role": enum(["user", "system", "developer", "assistant"]), "content": "hi"}]
+            if rng.random() < 0.2:
+                body["diffusion"] = {k: enum(v) for k, v in (("mode", ["fast"]), ("cache", ["token"]),
+                                                              ("block_refresh", ["window"])) if rng.random() < 0.5}
             if rng.random() < 0.1:
                 body = value()
             path = "/chat/completions" if rng.random() < 0.8 else "/completions"
