@@ -61,7 +61,7 @@ def check_api_key(key: Optional[str], where: str = "--api-key") -> Optional[str]
     if key is None:
         return None
     if not key:
-        raise IlladaError(f"{where} is empty, which would leave the server open; give a key, or leave {where} out")
+        raise IlladaError(f"{where} is empty, which would leave the server open; give a key, or leave it unset")
     bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
     if bad is not None:
         raise IlladaError(f"{where} holds {bad!r}, which no client can send in an Authorization header; use "
