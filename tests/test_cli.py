@@ -282,3 +282,49 @@ def test_generate_top_k_top_p_min_p_keep_only_the_argmax_at_their_extremes(direc
 def test_generate_sampler_cuts_out_of_range_are_refused(bad):
     r = CliRunner().invoke(main, ["generate", "-p", "x", *bad])
     assert r.exit_code == 1 and r.output.startswith("error: ") and bad[0] in r.output and r.output.count("\n") == 1
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `illada-mlx ...` command in the README's bash blocks (after a pipe or mlx.launch's own
+    arguments, continuation lines joined, comments dropped), as argv without the program name."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    command = re.compile(r"(?:^|\s)(?:\S*/)?illada-mlx\s+((?:generate|chat|serve|bench|eval|convert)\b.*)$"
+                         r"|^python -m illada_mlx (.*)$")
+    out, lang, joined = [], None, ""
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            lang = None if lang is not None else (line[3:] or "text")
+            continue
+        if lang != "bash":
+            continue
+        joined += line.lstrip("$ ")
+        if joined.endswith("\\"):
+            joined = joined[:-1] + " "
+            continue
+        m = command.search(joined)
+        if m:
+            out.append(shlex.split(m.group(1) or m.group(2), comments=True))
+        joined = ""
+    return out
+
+
+def test_every_readme_command_parses():
+    # the README's commands name only options that exist, with values of their types
+    cmds = readme_commands()
+    assert len(cmds) >= 15 and ["generate", "-p", "57+68="] in cmds
+    for args in cmds:
+        ctx = main.make_context("illada-mlx", list(args))
+        name, cmd, rest = main.resolve_command(ctx, ctx._protected_args + ctx.args)
+        if "-h" not in rest:
+            cmd.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value
+    # a command that needs an extra comes after the README's line that installs it
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for flag in ("--plot", "--baselines torch"):
+        first = re.search(rf"^.*illada-mlx bench.*{flag}.*$", text, re.M)
+        assert first and 0 <= text.find('pip install -e ".[bench]"') < first.start(), flag
