@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from illada_mlx.config import IlladaError
 from illada_mlx.options import Command, FiniteFloat
 from illada_mlx.quant import QUANT_MODES, RECIPES, check_params
 
@@ -19,9 +20,23 @@ def _mode_defaults(key: str) -> str:
     return ", ".join(f"{mode} {check_params(None, None, mode)[key]}" for mode in QUANT_MODES)
 
 
+def _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe) -> bool:
+    """Whether to quantize: -q, or a recipe (which quantizes: said in one line); a bit width, group size or
+    mode without either would be ignored, so it is refused."""
+    if q_recipe and not quantize:
+        click.echo(f"note: --q-recipe {q_recipe} quantizes the model (-q implied)", err=True)
+        return True
+    given = [f for f, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size)) if v] + \
+        (["--q-mode"] if q_mode != "affine" else [])
+    if given and not quantize:
+        raise IlladaError(f"{given[0]} takes effect only when quantizing; add -q (or --q-recipe)")
+    return quantize
+
+
 @click.command("convert", cls=Command)
 @click.option("--hf-path", required=True, help="Source: a local HF checkpoint dir or a hub repo id.")
-@click.option("--mlx-path", required=True, help="Destination MLX model dir (written atomically).")
+@click.option("--mlx-path", default="mlx_model", show_default=True,
+              help="Destination MLX model dir (written atomically; mlx-lm's default name).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Cast float tensors (default: keep the checkpoint's dtype).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize linear layers and the embedding.")
@@ -41,6 +56,7 @@ def _mode_defaults(key: str) -> str:
 def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, mask_id,
                     max_shard_size, force, allow_nonfinite, upload_repo):
     """Convert an HF checkpoint (iLLaDA or LLaDA layout) into an MLX model directory."""
+    quantize = _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe)
     s = convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits) if q_bits else None,
                 q_group_size=int(q_group_size) if q_group_size else None, q_mode=q_mode, q_recipe=q_recipe,
                 mask_id=mask_id, force=force, max_shard_bytes=max(1, int(max_shard_size * 2**30)),

@@ -94,6 +94,9 @@ def convert(
     check_apart_from_source(dst, src)
     cfg = load_config(src)
     args = resolve_special_ids(args_from_config(cfg), src, mask_id)
+    if not (src / "tokenizer.json").exists():  # the loader needs it: refused before anything is written
+        raise IlladaError(f"{src}: no tokenizer.json, without which the converted model cannot be loaded; put the "
+                          "model's tokenizer files in the source directory (or convert from the hub id)")
     ck = inspect_checkpoint(src, args)  # validates every header before anything is written
     side = [check_file(src, src / n) for n in SIDE_FILES if (src / n).exists() or (src / n).is_symlink()]
     target = DTYPES[dtype] if dtype else None

@@ -273,7 +273,7 @@ def messages(body: dict) -> list[dict]:
         extra = sorted(k for k in set(m) - {"role", "content", "name"} if m[k] not in (None, []))
         if extra:
             raise ApiError(400, f"{where}.{extra[0]} is not supported", param=f"{where}.{extra[0]}")
-        if m.get("role") not in ROLES:
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # a list or object is not hashable
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
         out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"{where}.content")})
     if not any(m["role"] == "user" for m in out):

@@ -73,7 +73,9 @@ def _one(model, prompt, spec) -> dict:
     crc = zlib.crc32(np.array(g.tokens[0], dtype=np.int64).tobytes())  # what was written, to compare runs
     out = max(st.output_tokens, 1)
     # ideal: every forward runs one block (block_length tokens) and nothing else
-    return {"tokens_per_s": out / st.wall_s, "nfe": st.nfe, "output_tokens": st.output_tokens,
+    # a run that wrote nothing has no tokens/s (not 1 / wall, which reads as a slow run)
+    return {"tokens_per_s": st.output_tokens / st.wall_s if st.output_tokens else None, "nfe": st.nfe,
+            "output_tokens": st.output_tokens,
             "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
             "processed_vs_ideal": st.processed / max(st.nfe * spec.block_length, 1),
             "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
@@ -118,7 +120,8 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
                  rule=spec.rule, canvas=spec.canvas)
         rows.append(r)
         log(f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
-            f"{r['tokens_per_s']:8.2f} tok/s  nfe {r['nfe']:4d}  {r['tokens_per_forward']:.2f} tok/fwd  "
+            f"{format(r['tokens_per_s'], '8.2f') if r['tokens_per_s'] else '       -'} tok/s  nfe {r['nfe']:4d}  "
+            f"{r['tokens_per_forward']:.2f} tok/fwd  "
             f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
             f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
             f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
@@ -130,7 +133,7 @@ def table(runs: list[dict]) -> str:
     row against the mode's first full-refresh row) on the same prompt and length."""
     head = ("gen", "mode", "cache", "refresh", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out",
             "vs ideal", "ms/fwd", "1st blk s", "peak MB")
-    lines = ["".join(f"{h:>10s}" for h in head)]
+    lines = [" ".join(f"{h:>10s}" for h in head)]  # a space between cells: a 10-letter mode stays apart
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in runs:
         peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None
@@ -139,14 +142,15 @@ def table(runs: list[dict]) -> str:
                  num(r["tokens_per_s"], ".2f"), r["nfe"], num(r["tokens_per_forward"], ".2f"),
                  num(r["processed_per_output_token"], ".1f"), num(r.get("processed_vs_ideal"), ".2f"),
                  num(r["ms_per_forward"], ".1f"), num(r.get("time_to_first_block_s"), ".2f"), num(peak, ".0f"))
-        lines.append("".join(f"{str(c):>10s}" for c in cells))
+        lines.append(" ".join(f"{str(c):>10s}" for c in cells))
     same = lambda a, b: a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]  # noqa
     for r in runs:
         base = next((x for x in runs if x["mode"] == "exact" and same(x, r)), None)
         if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh"):
             base = next((x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)),
                         None)
-        if base is not None and base is not r and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar"):
+        if base is not None and base is not r and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") \
+                and r["tokens_per_s"] and base["tokens_per_s"]:  # a row that wrote nothing has no ratio
             what = "exact" if base["mode"] == "exact" else f"{base['mode']} {base['cache']} full refresh"
             lines.append(f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
                          f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
@@ -219,6 +223,21 @@ def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Op
     return r
 
 
+BASELINE_NEEDS = {"torch": ("torch", "PyTorch", "illada-mlx[torch]"), "ar": ("mlx_lm", "mlx-lm", "mlx-lm")}
+
+
+def require_baselines(names: list[str]) -> None:
+    """Each baseline's package importable, or a one-line refusal (before any work) naming what to install."""
+    import importlib
+
+    for name in names:
+        module, what, pip = BASELINE_NEEDS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise IlladaError(f"--baselines {name} needs {what}: pip install '{pip}' (or leave {name} out)")
+
+
 def require_matplotlib():
     """matplotlib, or a one-line refusal naming the extra that installs it."""
     try:
@@ -238,7 +257,7 @@ def plot(result: dict, path: str):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_forward", "processed_per_output_token"),
                               ("tokens / s (to EOS)", "tokens per forward", "processed tokens per output token")):
-        ax.bar(range(len(runs)), [r[key] for r in runs], color="#4c72b0")
+        ax.bar(range(len(runs)), [r[key] or 0 for r in runs], color="#4c72b0")
         ax.set_xticks(range(len(runs)), names, rotation=60, fontsize=7)
         ax.set_title(title)
         if key == "processed_per_output_token":

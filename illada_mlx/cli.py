@@ -90,6 +90,12 @@ def sampler_options(f):
                      help="0 = greedy (default)."),
         click.option("--rule", type=click.Choice(list(RULES)), default=None,
                      help="Commit rule of the adaptive modes (default: the model's; threshold without one)."),
+        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=None,
+                     help="At temperature > 0: sample from the smallest set of candidates with this mass, in (0, 1]."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="At temperature > 0: sample from the k most likely candidates (0: all)."),
+        click.option("--min-p", type=FiniteFloat(0, 1), default=None,
+                     help="At temperature > 0: drop candidates below this fraction of the most likely, in [0, 1]."),
         click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
                      help="Threshold rule: commit tokens with confidence ≥ τ (0.9), in (0, 1]; asks for that rule."),
         click.option("--error-bound", type=FiniteFloat(0, 32, min_open=True), default=None,
@@ -135,6 +141,24 @@ def stats_block(r) -> str:
             f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
             f"({what})\n"
             f"Peak memory: {r.peak_memory:.3f} GB")
+
+
+def settings_text(sp) -> str:
+    """chat's /settings: the decode settings a person chooses, one topic per line."""
+    commits = f"threshold {sp.threshold}" if sp.rule == "threshold" else f"{sp.rule} ({sp.remasking})"
+    sampling = "temperature 0 (greedy)" if sp.temperature == 0 else (
+        f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
+    seed = "none" if sp.seed is None else sp.seed
+    cache = f"{sp.cache}, block refresh {sp.block_refresh}" if sp.cache != "none" else "none"
+    ends = ", ".join(f"{n} {t}" for n, t in (("EOS", sp.eos_id), ("EoT", sp.eot_id)) if t is not None)
+    stops = ", ".join(repr(x) for x in sp.stop) or "none"
+    lines = [f"mode: {sp.mode} ({sp.canvas} canvas, budget {sp.max_tokens} tokens)",
+             f"blocks: {sp.block_length} tokens, {sp.steps_per_block} steps each",
+             f"commits: {commits}", f"sampling: {sampling}; seed {seed}", f"cache: {cache}",
+             f"ends: {ends or 'none'}; stop strings: {stops}"]
+    if sp.think_boost or sp.cfg_scale:
+        lines.append(f"extras: think boost {sp.think_boost}, cfg scale {sp.cfg_scale}")
+    return "\n".join(lines)
 
 
 class Progress:
@@ -234,6 +258,12 @@ def decode_utf8(data: bytes, what: str) -> str:
                           "fix its encoding")
 
 
+def stdin_prompt() -> str:
+    """The prompt piped on stdin, less the one line end that `echo` or a file's last line adds."""
+    text = decode_utf8(sys.stdin.buffer.read(), "stdin")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def prompt_ids(tok, msgs, raw=False) -> list[int]:
     """build_prompt, with a chat template that fails reported as one line."""
     from jinja2 import TemplateError
@@ -263,7 +293,7 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     if prompt == "-" and g.size() > 1:
         raise IlladaError("--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
                           "prompt as --prompt TEXT")
-    prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
+    prompt = stdin_prompt() if prompt == "-" else utf8_text(prompt, "--prompt")
     system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id, group=g)
     kw["seed"] = dist.shared_seed(g, kw.get("seed"))
@@ -376,7 +406,7 @@ def chat(system, visual, model_path, mask_id, **kw):
         if line.strip() == "/settings":
             spec = last_spec or make_spec(model, tok, len(prompt_ids(tok, history + [{"role": "user", "content": ""}])),
                                           **settings)
-            click.echo(" ".join(f"{k}={v}" for k, v in spec.as_dict().items()), err=True)
+            click.echo(settings_text(spec), err=True)
             continue
         history.append({"role": "user", "content": line})
         try:
@@ -431,8 +461,8 @@ def check_listen(host: str, port: int) -> None:
               help="A request running longer ends with finish_reason time_limit.")
 @click.option("--api-key", envvar="ILLADA_MLX_API_KEY", default=None, help="Require Authorization: Bearer KEY "
               "(also from ILLADA_MLX_API_KEY).")
-@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted (default: the "
-              "bound host; localhost names on loopback).")
+@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted, or '*' for any "
+              "(default: the bound host; localhost names on loopback).")
 @click.option("--allowed-origins", default="", help="Comma list of origins allowed by CORS (default: none).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="info: one line per request.")
@@ -447,7 +477,14 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
     from . import distributed as dist
     from .server import Engine, Options, follow, serve as run
 
+    import os
+
+    from .listen import check_api_key, host_names
+
     g = ranks()
+    if api_key is None and os.environ.get("ILLADA_MLX_API_KEY") == "":  # click reads an empty variable as unset
+        api_key = ""
+    api_key, hosts = check_api_key(api_key, "--api-key (or ILLADA_MLX_API_KEY)"), host_names(allowed_hosts)
     if dist.is_main(g):
         check_listen(host, port)
     names = lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()) if v else None  # noqa: E731
@@ -457,7 +494,7 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
         return
     name = Path(str(model_path)).name if model_path else "illada-demo"
     engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
-    opts = Options(api_key=api_key or None, allowed_hosts=names(allowed_hosts),
+    opts = Options(api_key=api_key, allowed_hosts=hosts,
                    allowed_origins=names(allowed_origins) or ())
     run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
 
@@ -509,7 +546,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     from . import bench as B
     from . import distributed as dist
 
-    from .files import check_output_file
+    from .files import check_output_file, check_writable
 
     g = ranks()
     tensor = parallel == "tensor" and g.size() > 1
@@ -518,8 +555,13 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     gens = gen_lengths
     json_path = check_output_file(json_out, "--json") if json_out is not None else None
     plot_path = check_output_file(plot_out, "--plot") if plot_out is not None else None
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_writable(path, option)  # before the runs, not after them
     policies = _names(refreshes, REFRESHES, "refresh policy")
     cache_list = _names(caches, CACHES[1:], "cache") if caches else (None,)
+    base = _names(baselines, B.BASELINE_NEEDS, "baseline") if baselines else []
+    B.require_baselines(base)
     if plot_out:
         B.require_matplotlib()
     tok = None
@@ -547,7 +589,9 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
                          group=g if g.size() > 1 and not tensor else None)
     if not dist.is_main(g):
         return
-    base = [b for b in baselines.split(",") if b]
+    if any(r["output_tokens"] == 0 for r in runs):
+        log("note: rows with out 0 wrote nothing (the model ended its reply at once, as a trained model does "
+            "after random tokens): their tok/s is '-'; --prompt-lengths auto or --shape measure whole replies")
     first_prompt = next(iter(prompts.values()))
     for gen in gens:
         if "torch" in base and tensor:
@@ -571,20 +615,41 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 
 
 # ------------------------------------------------------------------------------------------ eval
+def _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, json_out) -> None:
+    """What eval can refuse before it loads a model or scores anything."""
+    import os
+
+    from .files import check_output_file, check_writable
+
+    if bool(tasks) == bool(compare):
+        raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
+    if compare and not data:
+        raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
+    if mc_num % batch_size:
+        raise IlladaError(f"--mc-num ({mc_num}) must be a multiple of batch_size (--batch-size {batch_size}), as "
+                          "in the official estimator")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise IlladaError(f"--include-path {include_path} is not a directory; name the folder of task YAMLs")
+    if json_out is not None:
+        check_writable(check_output_file(json_out, "--json"), "--json")
+
+
 @main.command("eval")
 @click.option("--model", "model_path", default=None, help="Model for --tasks (default: the demo model).")
 @click.option("--tasks", default=None, help="Comma list of lm-eval tasks (needs the `eval` extra).")
 @click.option("--include-path", default=None, help="A folder of local lm-eval task YAMLs.")
-@click.option("--limit", type=int, default=None, help="At most this many documents per task.")
-@click.option("--num-fewshot", type=int, default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(0, 1024), default=None)
 @click.option("--apply-chat-template", is_flag=True, help="Put each task prompt through the chat template.")
 @click.option("--compare", nargs=2, default=None, metavar="A B", help="Two model dirs to compare on --data.")
 @click.option("--data", default=None, help="JSONL of {\"prompt\", \"answer\"} for --compare.")
 @click.option("--raw", is_flag=True, help="--compare: prompts as they are, no chat template.")
-@click.option("--mc-num", type=int, default=128, show_default=True, help="Monte-Carlo samples per answer.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per forward (and mask group).")
-@click.option("--cfg-scale", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mc-num", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="Monte-Carlo samples per answer (a multiple of --batch-size).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Rows per forward (and mask group).")
+@click.option("--cfg-scale", type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="0 to 2**32-1.")
 @click.option("--greedy-check/--no-greedy-check", default=True, show_default=True,
               help="--tasks: also run the official greedy check (is_greedy) per request; multiple-choice "
                    "metrics do not use it, and skipping it about halves their time.")
@@ -602,17 +667,15 @@ def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_templa
     g = ranks()
     tensor = parallel == "tensor" and g.size() > 1
     shard, share = (g if tensor else None), (g if g.size() > 1 and not tensor else None)
-    if bool(tasks) == bool(compare):
-        raise IlladaError("give either --tasks (lm-eval tasks) or --compare A B --data FILE")
+    _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, json_out)
     if compare:
         from tqdm import tqdm
 
-        if not data:
-            raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
+        parsed = E.parse_items(data)  # every line checked before a model loads
         (ma, ta), (mb, tb) = load_model(compare[0], group=shard), load_model(compare[1], group=shard)
         if ta.get_vocab() != tb.get_vocab():
             raise IlladaError("the two models have different tokenizers; compare conversions of one model")
-        items = E.read_items(data, ta, raw=raw)
+        items = E.encode_items(parsed, ta, raw=raw)
         with tqdm(total=len(items), desc="comparing", unit="item", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
             r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update, group=share)

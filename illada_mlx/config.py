@@ -207,7 +207,8 @@ def check_args(a: "ModelArgs") -> None:
 
 
 def check_special_ids(args: "ModelArgs") -> None:
-    """Every special id set lies inside the vocabulary."""
+    """Every special id set lies inside the vocabulary, and the mask id is none of the ids that end or pad a
+    text (a decode would commit masks as EOS, or never see a mask at all)."""
     for attr in ID_FIELDS:
         v = getattr(args, attr)
         if v is not None and not 0 <= v < args.vocab_size:
@@ -215,6 +216,11 @@ def check_special_ids(args: "ModelArgs") -> None:
                 f"{attr}={v} is outside the vocabulary (size {args.vocab_size}); the tokenizer does not "
                 "match this model, or pass the right --mask-id"
             )
+    mask = args.mask_token_id
+    for attr in ID_FIELDS[1:]:
+        if mask is not None and getattr(args, attr) == mask:
+            raise IlladaError(f"mask token id {mask} is also the model's {attr} (a decode would write garbage); "
+                              "pass the model's own mask token as --mask-id (iLLaDA uses 5)")
 
 
 def detect_layout(cfg: dict) -> str:

@@ -18,32 +18,63 @@ import numpy as np
 
 from .config import IlladaError
 from .engine import build_prompt
+from .files import read_user_file
 from .likelihood import chunk_size, greedy_answers, log_likelihoods
+
+
+MAX_DATA_BYTES = 64 << 20  # a --data file: far beyond any comparison's items, far below a memory problem
 
 
 def read_items(path: str, tokenizer, raw: bool = False) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) from a JSONL file of {"prompt": text, "answer": text} (or "messages" for
     the prompt); a text prompt goes through the chat template as a user turn unless raw."""
-    items = []
+    return encode_items(parse_items(path), tokenizer, raw)
+
+
+def encode_items(parsed: list[tuple[str, list[dict]]], tokenizer, raw: bool = False) -> list[tuple[list, list]]:
+    """(prompt ids, answer ids) of parse_items' (answer, messages)."""
+    return [(build_prompt(tokenizer, msgs, raw=raw), tokenizer.encode(answer, add_special_tokens=False))
+            for answer, msgs in parsed]
+
+
+def parse_items(path: str) -> list[tuple[str, list[dict]]]:
+    """(answer, messages) per line of a JSONL file, every line checked (before any model is loaded). The
+    file must be a regular file of at most MAX_DATA_BYTES of UTF-8."""
+    data = read_user_file(path, "--data", MAX_DATA_BYTES)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise IlladaError(f"{path}: cannot be read ({e}); pass a JSONL file of prompt/answer objects")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            answer = obj["answer"]
-            msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise IlladaError(f"{path}:{n}: expected a JSON object with \"prompt\" (or \"messages\") and \"answer\"")
-        if not isinstance(answer, str) or not answer:
-            raise IlladaError(f"{path}:{n}: \"answer\" must be a non-empty string")
-        items.append((build_prompt(tokenizer, msgs, raw=raw), tokenizer.encode(answer, add_special_tokens=False)))
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise IlladaError(f"--data {path}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); fix its "
+                          "encoding")
+    items = [_item(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     if not items:
         raise IlladaError(f"{path}: no items")
     return items
+
+
+def _item(line: str, where: str) -> tuple[str, list[dict]]:
+    """(answer, messages) of one JSONL line, every field checked."""
+    shape = f"{where}: expected a JSON object with \"prompt\" (or \"messages\") and \"answer\" strings"
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise IlladaError(f"{where}: JSON nested too deeply to be an item; fix the line")
+    except json.JSONDecodeError:
+        raise IlladaError(shape)
+    if not isinstance(obj, dict) or "answer" not in obj:
+        raise IlladaError(shape)
+    answer, msgs = obj["answer"], obj.get("messages")
+    if not isinstance(answer, str) or not answer:
+        raise IlladaError(f"{where}: \"answer\" must be a non-empty string")
+    if msgs is None:
+        if not isinstance(obj.get("prompt"), str):
+            raise IlladaError(shape)
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+    if not ok:
+        raise IlladaError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} strings")
+    return answer, msgs
 
 
 def compare(model_a, model_b, items, mc_num: int = 32, batch_size: int = 32, cfg_scale: float = 0.0,

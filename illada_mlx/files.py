@@ -89,6 +89,43 @@ def read_json_object(root: Path, name: str) -> dict:
     return parse_json_object(read_bytes(root, path), path)
 
 
+def read_user_file(path: str, option: str, limit: int) -> bytes:
+    """The bytes of a file an option names: a regular file of at most `limit` bytes. It is opened without
+    blocking and checked on the open descriptor, so a FIFO, device or directory is refused unread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise IlladaError(f"{option} {path}: cannot be read ({e.strerror}); check the path")
+    mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise IlladaError(f"{option} {path} is {kind}; pass a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise IlladaError(f"{option} {path} holds more than {limit} bytes, more than this command reads; "
+                          "pass a smaller file")
+    return data
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, before any work, a file that could not be written at the end: an existing file is opened for
+    appending (nothing written), a new one tried as a temporary file in its nearest existing folder."""
+    import tempfile
+
+    try:
+        if path.exists():
+            with open(path, "ab"):
+                pass
+            return
+        folder = next(p for p in path.parents if p.exists())
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise IlladaError(f"{option} {path} cannot be written ({e.strerror}); name a file in a writable folder")
+
+
 def check_output_file(path: str, option: str) -> Path:
     """A file a command is asked to write: a new path or an existing regular file (overwritten); never a
     directory, a symlink, a FIFO or device, or an empty name."""

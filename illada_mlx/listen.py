@@ -9,6 +9,7 @@ each request's headers and a cap on open connections.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import socket
 import time
@@ -33,22 +34,57 @@ class Options:
     max_prompt_chars: Optional[int] = None  # None: 16 characters per position of the model
     body_seconds: float = 30.0  # to read a request's body
     api_key: Optional[str] = None
-    allowed_hosts: Optional[tuple] = None  # None: any Host header
+    allowed_hosts: Optional[tuple] = None  # None or ("*",): any Host header (exposure() fills in None)
     allowed_origins: tuple = ()  # CORS; empty: off
 
 
-def _host_name(host: str) -> str:
-    """The Host header without its port."""
+def _host_name(host: str) -> Optional[str]:
+    """The Host header without its port; None when the port is not a number in 1..65535 (`localhost:abc`)."""
     if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        end = host.find("]")
+        name, rest = (host[: end + 1], host[end + 1:]) if end > 0 else (host, "")
+        if rest and not rest.startswith(":"):
+            return None
+        port = rest[1:] if rest else None
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    else:
+        name, port = host, None
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    return name
+
+
+def check_api_key(key: Optional[str], where: str = "--api-key") -> Optional[str]:
+    """A key a client can send in an Authorization header: printable ASCII without spaces. An empty one
+    (which would start an open server without a word) and one no client can send are refused at start."""
+    if key is None:
+        return None
+    if not key:
+        raise IlladaError(f"{where} is empty, which would leave the server open; give a key, or leave it unset")
+    bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
+    if bad is not None:
+        raise IlladaError(f"{where} holds {bad!r}, which no client can send in an Authorization header; use "
+                          "printable ASCII without spaces (letters, digits, punctuation)")
+    return key
+
+
+def host_names(value: Optional[str]) -> Optional[tuple]:
+    """--allowed-hosts as a tuple of lower-case names: None (the bound host's names) when not given, ("*",)
+    for any Host; a list that names no host (`,,,`) is refused."""
+    if value is None:
+        return None
+    names = tuple(x.strip().lower() for x in value.split(",") if x.strip())
+    if not names:
+        raise IlladaError(f"--allowed-hosts {value!r} names no host; give a comma list of names, or '*' for any")
+    return ("*",) if "*" in names else names
 
 
 def public(scope) -> bool:
-    """Paths served without the API key: /health and the web chat page's files (the page asks for the key
+    """Paths served without the API key: /health and the web chat page's files and icon (the page asks for the key
     and sends it with its API calls)."""
     path, reading = scope["path"], scope["method"] in ("GET", "HEAD")
-    return path == "/health" or (reading and (path == "/" or path.startswith("/static/")))
+    return path == "/health" or (reading and (path in ("/", "/favicon.ico") or path.startswith("/static/")))
 
 
 class Guard:
@@ -62,8 +98,12 @@ class Guard:
 
     def _refuse(self, scope) -> Optional[ApiError]:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host = _host_name(headers.get("host", "")).lower()
-        if self.opts.allowed_hosts is not None and host not in self.opts.allowed_hosts:
+        host = _host_name(headers.get("host", ""))
+        if host is None:
+            return ApiError(400, "the Host header's port is not a number in 1..65535", code="invalid_host")
+        host = host.lower()
+        allowed = self.opts.allowed_hosts
+        if allowed is not None and "*" not in allowed and host not in allowed:
             return ApiError(400, f"Host {host!r} is not served here; start the server with --allowed-hosts to "
                                  "allow it", code="invalid_host")
         key = self.opts.api_key
@@ -82,11 +122,13 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [0]
+        t0, status, reason = time.perf_counter(), [0], [""]
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and status[0] >= 400 and not reason[0]:
+                reason[0] = _reason(message.get("body", b""))
             await send(message)
 
         refused = self._refuse(scope)
@@ -97,9 +139,21 @@ class Guard:
                 await self.app(scope, receive, sending)
         except (ClientDisconnect, ConnectionError) as e:
             log.info("%s %s: client disconnected (%s)", scope["method"], scope["path"], type(e).__name__)
+        if scope.get(MALFORMED):
+            reason[0] = "malformed HTTP body (bad chunked encoding); answered 400 and closed"
         tokens = scope.get("state", {}).get("tokens")
-        log.info("%s %s %s%s %.0f ms", scope["method"], scope["path"], status[0] or "-",
-                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0))
+        log.info("%s %s %s%s %.0f ms%s", scope["method"], scope["path"], status[0] or "-",
+                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0),
+                 f": {reason[0]}" if reason[0] else "")
+
+
+def _reason(body: bytes) -> str:
+    """An error response's message (OpenAI's shape), for the log line; "" when the body is not one."""
+    try:
+        err = json.loads(body[:4096])["error"]
+        return f"{err['message']}" + (f" ({err['param']})" if err.get("param") else "")
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 class Protocol(H11Protocol):
@@ -111,6 +165,7 @@ class Protocol(H11Protocol):
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.logger = _ConnectionLog(self.logger, self)
         self.opened = self.loop.time()
         self._waiting_for = None
         self._arm()
@@ -146,6 +201,67 @@ class Protocol(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
+
+
+MALFORMED = "illada.malformed"  # set in a request's scope when its body broke HTTP framing
+
+
+class _ConnectionLog:
+    """uvicorn's logger for one connection, less its warning about a malformed request while the app reads
+    that request's body (a bad chunk): the request's own log line says it, so it is one line, not two."""
+
+    def __init__(self, logger, conn):
+        self._logger, self._conn = logger, conn
+
+    def warning(self, msg, *args, **kw):
+        cycle = self._conn.cycle
+        if str(msg).startswith("Invalid HTTP request") and cycle is not None and not cycle.response_complete:
+            cycle.scope[MALFORMED] = True
+            return
+        self._logger.warning(msg, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._logger, name)
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files toward what a burst of connections needs (a burst is accepted
+    before the connection cap closes the surplus: about 8 fds per allowed connection), within the hard
+    limit; returns the soft limit now. macOS starts processes at 256."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, 8 * max_connections + 1024)
+    want = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class LoopErrors:
+    """The event loop's exception handler: running out of file descriptors while accepting (a burst of
+    connections) is one warning per burst (no traceback per refused accept); anything else goes to the
+    default handler."""
+
+    def __init__(self, quiet_seconds: float = 10.0):
+        self.quiet_seconds, self.last, self.count = quiet_seconds, float("-inf"), 0
+
+    def __call__(self, loop, context):
+        if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        self.count += 1
+        if now - self.last > self.quiet_seconds:
+            err = context.get("exception")
+            log.warning("a burst of connections reached the open-file limit (%s): new connections wait until "
+                        "some close (this line repeats at most every %.0f s)", getattr(err, "strerror", err),
+                        self.quiet_seconds)
+        self.last = now
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",

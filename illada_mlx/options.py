@@ -49,6 +49,9 @@ class IntList(click.ParamType):
         return out
 
 
+# a bare command's usage screen (click >= 8.2 raises it; 8.1 prints the help itself)
+NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 SEED = click.IntRange(0, 2**32 - 1)
 
 
@@ -66,6 +69,9 @@ class OneLineErrors:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as e:  # a bare command: its usage screen, as `-h` shows it
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
             hint = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
             sys.stderr.write(f"error: {one_line(e.format_message())}{hint}\n")

@@ -9,7 +9,8 @@ One worker thread owns the model. Requests whose decode settings are compatible 
 same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
 joins the running batch at the next block boundary and its rows leave when they are done (`max_batch`
 rows at most); any other request is decoded alone when the batch is empty. `n` choices are rows of one
-batch. A client that disconnects cancels its rows at the next block; a request that runs past
+batch. A client that disconnects cancels its request within a step when no other request shares its
+decode, else its rows leave at the next block; a request that runs past
 `max_request_seconds` ends with finish_reason "time_limit".
 
 A request is read and checked by api.py (limits, then field by field: a bad one gets one 400 naming the
@@ -57,13 +58,18 @@ from .batch import Batch, LogprobTracker, Row, _row, batch_key
 from .config import ContextError, IlladaError, one_line
 from .decode import Step
 from .engine import build_prompt, stream_generate
-from .listen import Guard, Options, bind, exposure, make_server
+from .listen import Guard, LoopErrors, Options, bind, exposure, make_server, raise_fd_limit
 from .spec import PRESETS, DecodeSpec, make_spec
 from .text import ReplyText
 
 log = logging.getLogger("illada_mlx.server")
 
 # ------------------------------------------------------------------------------------------ the worker
+class Cancelled(Exception):
+    """Every request of the running decode was cancelled (its clients went away): it stops at the step it
+    is on instead of its block's end."""
+
+
 @dataclass
 class Job:
     prompt_ids: list
@@ -154,6 +160,12 @@ class Engine:
                 self._drop(batch)
                 if batch.size:
                     self._block(batch)
+            except Cancelled:  # mid-block: the batch's state is half a block on, so it goes as a whole
+                log.info("batch of %d rows cancelled mid-block (every client went away)", batch.size)
+                for row in batch.rows + batch.joining:
+                    self._done(row.handle)
+                batch = None
+                continue
             except Exception as e:  # our bug: the batch's requests get an error, the worker goes on
                 log.exception("decode failed")
                 for row in batch.rows + batch.joining:
@@ -207,7 +219,7 @@ class Engine:
             if not c.job.cancel.is_set():
                 c.reply.finish()
                 c.job.emit("text", c.index, (c.reply.take(), None))
-                c.job.emit("done", c.index, self._info("time_limit", c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+                c.job.emit("done", c.index, self._info("time_limit", c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
             self._done(c)
 
     def _block(self, batch: Batch):
@@ -215,7 +227,13 @@ class Engine:
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
         bl = batch.spec.block_length
 
+        jobs = [r.handle.job for r in batch.rows + batch.joining]
+
         def on_step(ev):
+            if all(job.cancel.is_set() for job in jobs):
+                raise Cancelled
+            if not steps:
+                return
             want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
             got = self._step_tokens(ev) if want else None
             for j, r in want:
@@ -223,8 +241,7 @@ class Engine:
 
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker,
-                                                     on_step if steps else None):
+        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step):
             c = row.handle
             c.tokens += len(toks)
             if reason is not None:
@@ -233,7 +250,7 @@ class Engine:
             if text or toks:
                 c.job.emit("text", c.index, (text, self._logprobs(toks, lp, row.top_logprobs)))
             if reason is not None:
-                c.job.emit("done", c.index, self._info(reason, c.tokens, batch.row_stats(row, c.tokens), batch.spec))
+                c.job.emit("done", c.index, self._info(reason, c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
                 self._done(c)
 
     def _done(self, c: Choice):
@@ -262,6 +279,8 @@ class Engine:
         tracker = LogprobTracker(job.top_logprobs) if job.top_logprobs >= 0 else None
 
         def on_step(ev):
+            if self.group is None and job.cancel.is_set():  # one process: stop at this step (ranks stop in step)
+                raise Cancelled
             if tracker is not None:
                 if ev.step == 0:
                     lo = P + ev.block * bl
@@ -276,6 +295,14 @@ class Engine:
         if self.group is not None:  # the other ranks' `follow` runs the same decode (one seed for sampling)
             run = replace(spec, seed=spec.seed if spec.seed is not None else time.time_ns() % 2**31)
             dist.broadcast(self.group, {"ids": job.prompt_ids, "spec": run.as_dict()})
+        try:
+            return self._decode_choice(job, i, spec, run, on_step, tracker)
+        except Cancelled:
+            log.info("request cancelled mid-block")
+            return False
+
+    def _decode_choice(self, job: Job, i: int, spec: DecodeSpec, run: DecodeSpec, on_step, tracker) -> bool:
+        """Choice i through the engine, a message per block; False when it ended early (cancel, time)."""
         tokens, r = 0, None
         for r in stream_generate(self.model, self.tok, job.prompt_ids, spec=run, on_step=on_step):
             tokens += len(r.tokens)
@@ -319,8 +346,8 @@ class Engine:
 
     @staticmethod
     def _info(reason, tokens, stats, spec) -> dict:
-        return {"finish_reason": reason, "completion_tokens": tokens,
-                "stats": stats.as_dict() if stats is not None else None, "spec": spec.as_dict()}
+        stats = stats if stats is None or isinstance(stats, dict) else stats.as_dict()
+        return {"finish_reason": reason, "completion_tokens": tokens, "stats": stats, "spec": spec.as_dict()}
 
     def _logprobs(self, toks, lp, k) -> Optional[list]:
         """OpenAI's logprobs content entries for a block's tokens."""
@@ -337,6 +364,16 @@ class Engine:
             e["top_logprobs"] = [entry(a, v) for a, v in zip(lp.top_ids[j], lp.top[j])][:k] if k else []
             out.append(e)
         return out
+
+
+def _row_stats(batch: Batch, row: Row, tokens: int) -> dict:
+    """A batched row's diffusion_stats: what is measured per row (forwards while it was in the batch, its
+    tokens, blocks, time); the figures a batch shares and does not split per row (the prompt's time and
+    tokens/s, the tokens processed) are null rather than zeros; peak memory is the process's."""
+    d = batch.row_stats(row, tokens).as_dict()
+    d.update(prompt_s=None, prompt_tps=None, processed=None, processed_per_output_token=None,
+             peak_memory_bytes=mx.get_peak_memory())
+    return d
 
 
 def _one_line(e: Exception) -> str:
@@ -415,6 +452,7 @@ class Answer:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far (text_offset)
 
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -422,21 +460,28 @@ class Answer:
     def usage(self, tokens: int) -> dict:
         return {"prompt_tokens": self.P, "completion_tokens": tokens, "total_tokens": self.P + tokens}
 
-    def logprobs(self, entries: Optional[list]) -> Optional[dict]:
+    def logprobs(self, entries: Optional[list], i: int = 0) -> Optional[dict]:
+        """Chat: {"content": entries}. Completions: the legacy lists; text_offset is each token's character
+        offset in choice i's text, counted on across a stream's chunks."""
         if entries is None:
             return None
         if self.chat:
             return {"content": entries}
+        offsets, at = [], self.offsets.get(i, 0)
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        self.offsets[i] = at
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": []}
+                "text_offset": offsets}
 
     def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp), "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp, i), "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp), "finish_reason": finish}
+            choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp, i), "finish_reason": finish}
         c = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [choice]}
         if self.include_usage:
             c["usage"] = None
@@ -502,7 +547,7 @@ class Answer:
         out = []
         for i in range(job.n):
             c = {"index": i, "finish_reason": infos[i]["finish_reason"],
-                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None)}
+                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None, i)}
             if self.chat:
                 c["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:
@@ -541,7 +586,8 @@ async def model(request):
 async def defaults(request):
     """What a request without diffusion options gets, per mode (the web page's settings panel): the
     default mode and each mode's block length, steps per block, commit rule, threshold, budget
-    (max_tokens, before it is cut to the room a prompt leaves), temperature and cache; and the ids that end
+    (max_tokens, before it is cut to the room a prompt leaves), temperature, cache and block refresh; and the
+    ids that end
     a reply (EOS, EoT), which the page draws apart on the canvas."""
     e: Engine = request.app.state.engine
     shown = ("block_length", "steps_per_block", "rule", "threshold", "error_bound", "max_tokens", "temperature", "cache",
@@ -579,6 +625,12 @@ async def static(request):
     return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=PAGE_HEADERS)
 
 
+async def favicon(request):
+    """The page's icon (also what a browser asks for by itself), so that no page load logs a 404."""
+    return Response((WEB / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                    headers={**PAGE_HEADERS, "cache-control": "max-age=86400"})
+
+
 async def not_found(request, exc):
     return ApiError(404, f"no route {request.url.path}", code="not_found").response()
 
@@ -597,12 +649,14 @@ def make_app(engine: Engine, opts: Optional[Options] = None):
 
     @asynccontextmanager
     async def lifespan(app):
+        asyncio.get_running_loop().set_exception_handler(LoopErrors())  # an fd-limit burst: one line
         yield
         await asyncio.to_thread(engine.close)  # several ranks: the others end when the server stops
 
     app = Starlette(lifespan=lifespan, routes=[
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/illada/defaults", defaults, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
@@ -623,6 +677,7 @@ def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = 
     """Bind, say where, serve until interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(log_level.upper())
+    raise_fd_limit(max_connections)
     sock = bind(host, port)
     for line in exposure(host, opts):
         echo(line)

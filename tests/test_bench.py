@@ -78,3 +78,48 @@ def test_bench_refuses_bad_lists():
                  ["--caches", "none"]):
         r = CliRunner().invoke(main, ["bench", "--shape", "tiny", *args])
         assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+
+
+def test_bench_refuses_a_baseline_it_cannot_run_before_running(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact", "--baselines", "torch",
+                                  "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 1 and "illada-mlx[torch]" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "b.json").exists()
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--baselines", "gpu"])
+    assert r.exit_code == 1 and "unknown baseline 'gpu'" in r.output
+
+
+def test_a_row_that_wrote_nothing_has_no_tokens_per_s_and_cells_stay_apart():
+    from illada_mlx.bench import table
+
+    row = {"gen_length": 64, "mode": "fast_fixed", "cache": "dual", "block_refresh": "window", "prompt_tokens": 16,
+           "output_tokens": 0, "tokens_per_s": None, "nfe": 2, "tokens_per_forward": 0.0,
+           "processed_per_output_token": 96.0, "processed_vs_ideal": 1.0, "ms_per_forward": 3.0,
+           "time_to_first_block_s": 0.1, "peak_memory_bytes": 2**20}
+    cells = table([row]).splitlines()[1].split()
+    assert cells[:7] == ["64", "fast_fixed", "dual", "window", "16", "0", "-"]
+
+
+def test_rows_that_wrote_nothing_get_a_note(monkeypatch):
+    from illada_mlx import bench as B
+
+    real = B.bench_modes
+
+    def nothing(*a, **kw):
+        rows = real(*a, **kw)
+        return [dict(r, output_tokens=0, tokens_per_s=None) for r in rows]
+
+    monkeypatch.setattr(B, "bench_modes", nothing)
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "fast", "--gen-length", "16",
+                                  "--block-length", "16", "--prompt-lengths", "8"])
+    assert r.exit_code == 0, r.output
+    assert "rows with out 0 wrote nothing" in r.stderr and r.stdout.splitlines()[1].split()[5:7] == ["0", "-"]
+
+
+def test_bench_refuses_an_unwritable_output_before_running():
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--modes", "exact", "--json", "/proc/illada/b.json"])
+    assert r.exit_code == 1 and r.output.startswith("error: --json /proc/illada/b.json cannot be written")
+    assert r.output.count("\n") == 1

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from illada_mlx.cache import BlockCache
 from illada_mlx.cli import main
 from illada_mlx.engine import generate_text
-from illada_mlx.spec import PRESETS
+from illada_mlx.spec import PRESETS, make_spec
 
 FAST = ["--mode", "fast", "--max-tokens", "32"]
 
@@ -94,9 +94,14 @@ def test_chat_two_turns_reset_and_settings(demo):
     second = generate_text(model, tok, history, prompt_cache=cache, **s)
     third = generate_text(model, tok, user("reverse pq"), prompt_cache=BlockCache(), **s)  # after /reset
     assert r.stdout.split("\n")[:3] == [first, second, third]
-    # /settings reports what ran: the mode's cache and rule, the asked-for budget
-    assert "history cleared" in r.stderr and "mode=fast" in r.stderr and "cache=token" in r.stderr
-    assert "max_tokens=32" in r.stderr and r.stderr.count("tokens-per-sec") == 6
+    # /settings reports what ran, a topic per line: the mode's cache and rule, the asked-for budget
+    spec = make_spec(model, tok, 10, **s)
+    lines = r.stderr.splitlines()
+    assert "history cleared" in r.stderr and f"mode: fast ({spec.canvas} canvas, budget 32 tokens)" in lines
+    assert f"cache: {spec.cache}, block refresh {spec.block_refresh}" in lines
+    assert f"commits: threshold {spec.threshold}" in lines and "sampling: temperature 0 (greedy); seed none" in lines
+    assert not any(len(ln) > 100 for ln in lines if ln.startswith(("mode:", "ends:")))
+    assert r.stderr.count("tokens-per-sec") == 6
 
 
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
@@ -251,3 +256,77 @@ def test_chat_answers_three_piped_questions(mode):
     r = CliRunner().invoke(main, ["chat", *mode], input="reverse hello\nsort 3 1 2\n57+68=\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.split("\n")[:3] == ["olleh", "1 2 3", "125"]
+
+
+def test_a_piped_prompt_loses_its_line_end(direct):
+    # `echo "reverse abc" | illada-mlx generate -p -` asks what `-p "reverse abc"` asks
+    for piped in ("reverse abc\n", "reverse abc\r\n", "reverse abc"):
+        r = CliRunner().invoke(main, ["generate", "-p", "-", *FAST], input=piped.encode())
+        assert r.exit_code == 0, r.output
+        assert r.stdout == direct(user("reverse abc")) + "\n"
+
+
+def test_a_bare_command_prints_its_usage_screen():
+    bare, helped = CliRunner().invoke(main, []), CliRunner().invoke(main, ["-h"])
+    assert bare.exit_code == 0 and bare.stdout == helped.stdout and "Commands:" in bare.stdout
+    assert bare.stderr == ""
+
+
+@pytest.mark.parametrize("cut", [["--top-k", "1"], ["--top-p", "1e-9"], ["--min-p", "1"]])
+def test_generate_top_k_top_p_min_p_keep_only_the_argmax_at_their_extremes(direct, cut):
+    # each cuts the candidates to the most likely one: sampling at T = 1 gives the greedy answer
+    r = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--temp", "1", "--seed", "5", *cut, *FAST])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == direct(user("reverse abc")) + "\n"
+
+
+@pytest.mark.parametrize("bad", [["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"], ["--min-p", "nan"]])
+def test_generate_sampler_cuts_out_of_range_are_refused(bad):
+    r = CliRunner().invoke(main, ["generate", "-p", "x", *bad])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and bad[0] in r.output and r.output.count("\n") == 1
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `illada-mlx ...` command in the README's bash blocks (after a pipe or mlx.launch's own
+    arguments, continuation lines joined, comments dropped), as argv without the program name."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    command = re.compile(r"(?:^|\s)(?:\S*/)?illada-mlx\s+((?:generate|chat|serve|bench|eval|convert)\b.*)$"
+                         r"|^python -m illada_mlx (.*)$")
+    out, lang, joined = [], None, ""
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            lang = None if lang is not None else (line[3:] or "text")
+            continue
+        if lang != "bash":
+            continue
+        joined += line.lstrip("$ ")
+        if joined.endswith("\\"):
+            joined = joined[:-1] + " "
+            continue
+        m = command.search(joined)
+        if m:
+            out.append(shlex.split(m.group(1) or m.group(2), comments=True))
+        joined = ""
+    return out
+
+
+def test_every_readme_command_parses():
+    # the README's commands name only options that exist, with values of their types
+    cmds = readme_commands()
+    assert len(cmds) >= 15 and ["generate", "-p", "57+68="] in cmds
+    for args in cmds:
+        ctx = main.make_context("illada-mlx", list(args))
+        name, cmd, rest = main.resolve_command(ctx, ctx._protected_args + ctx.args)
+        if "-h" not in rest:
+            cmd.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value
+    # a command that needs an extra comes after the README's line that installs it
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for flag in ("--plot", "--baselines torch"):
+        first = re.search(rf"^.*illada-mlx bench.*{flag}.*$", text, re.M)
+        assert first and 0 <= text.find('pip install -e ".[bench]"') < first.start(), flag

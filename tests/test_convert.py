@@ -167,9 +167,11 @@ def _broken(tmp_path, how):
         cfg["intermediate_size"] = 96
     elif how == "unknown_arch":
         cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
-    elif how == "no_mask_id":
-        (src / "tokenizer.json").unlink()
-        (src / "tokenizer_config.json").unlink()
+    elif how == "no_mask_id":  # the mask's id 5 named as an ordinary token
+        from fixtures import ILLADA_SPECIALS, ILLADA_TEMPLATE, build_tokenizer
+
+        specials = {("<unused5>" if k == "<[MASK]>" else k): v for k, v in ILLADA_SPECIALS.items()}
+        build_tokenizer(src, specials, ILLADA_TEMPLATE, "<s>", "</s>", "</s>")
     elif how == "layer_count":
         cfg["num_hidden_layers"] = 3
     (src / "config.json").write_text(json.dumps(cfg)) if how != "missing_config" else None
@@ -221,6 +223,7 @@ def test_wrong_mask_id_flag_is_refused_and_right_one_used(tmp_path):
     r = run_convert("--hf-path", src, "--mlx-path", out, "--mask-id", "5")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["mask_token_id"] == 5
+    assert load(str(out))[0].args.mask_token_id == 5  # what was written can be loaded
 
 
 def test_non_empty_destination_needs_force_and_force_replaces_only_a_conversion(ckpt_factory, tmp_path):
@@ -577,3 +580,22 @@ def test_ensure_demo_model_converts_once_and_says_so(tmp_path, monkeypatch):
         out.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
     assert out.keys() == src.keys()
     assert all(np.array_equal(out[k], src[k]) for k in src)
+
+
+def test_mlx_path_defaults_to_mlx_model_as_in_mlx_lm(ckpt_factory, tmp_path, monkeypatch):
+    src, _ = ckpt_factory(ILLADA)
+    monkeypatch.chdir(tmp_path)
+    r = run_convert("--hf-path", src)
+    assert r.exit_code == 0, r.output
+    assert load(str(tmp_path / "mlx_model"))[0].args.mask_token_id == 5
+
+
+def test_a_recipe_says_it_quantizes_and_quant_flags_without_q_are_refused(ckpt_factory, tmp_path):
+    src, _ = ckpt_factory(ILLADA)
+    r = run_convert("--hf-path", src, "--mlx-path", tmp_path / "r", "--q-recipe", "mixed_4_8")
+    assert r.exit_code == 0 and "note: --q-recipe mixed_4_8 quantizes the model (-q implied)" in r.stderr
+    assert "quantization" in json.loads((tmp_path / "r" / "config.json").read_text())
+    for flags in (["--q-bits", "8"], ["--q-group-size", "32"], ["--q-mode", "mxfp4"]):
+        r = run_convert("--hf-path", src, "--mlx-path", tmp_path / "x", *flags)
+        assert r.exit_code == 1 and r.output.startswith(f"error: {flags[0]} takes effect only when quantizing")
+        assert not (tmp_path / "x").exists()

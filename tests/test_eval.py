@@ -3,6 +3,7 @@ from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by bench/m
 comparison of two conversions."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,84 @@ def test_compare_reports_what_a_conversion_cost(tmp_path):
     lo, hi = res["ci95"]
     assert res["items"] == len(items) and res["greedy_exact_a"] > res["greedy_exact_b"]
     assert lo > 0 and res["greedy_agreement"] < 1 and "greedy answers agree" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ hostile input
+def _hostile(tmp: Path) -> list:
+    """(what, extra eval args, a needle of the one error line): every input --compare reads, made bad."""
+    def data(name, content):
+        p = tmp / name
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(p)
+
+    fifo = tmp / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    ok = data("ok.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    demo = ["--compare", "A", "B"]
+    return [
+        ("a device", [*demo, "--data", "/dev/zero"], "not a regular file"),
+        ("a FIFO", [*demo, "--data", str(fifo)], "not a regular file"),
+        ("a directory", [*demo, "--data", str(tmp)], "is a directory"),
+        ("missing", [*demo, "--data", str(tmp / "nope.jsonl")], "cannot be read"),
+        ("batch size 0", [*demo, "--data", ok, "--batch-size", "0"], "--batch-size"),
+        ("seed -1", [*demo, "--data", ok, "--seed", "-1"], "--seed"),
+        ("mc-num huge", [*demo, "--data", ok, "--mc-num", "1000000000000"], "--mc-num"),
+        ("mc-num not a multiple", [*demo, "--data", ok, "--mc-num", "10", "--batch-size", "4"], "multiple"),
+        ("cfg nan", [*demo, "--data", ok, "--cfg-scale", "nan"], "--cfg-scale"),
+        ("cfg negative", [*demo, "--data", ok, "--cfg-scale", "-1"], "--cfg-scale"),
+        ("limit 0", ["--tasks", "x", "--limit", "0"], "--limit"),
+        ("fewshot -1", ["--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot"),
+        ("no include dir", ["--tasks", "x", "--include-path", str(tmp / "none")], "--include-path"),
+        ("include is a file", ["--tasks", "x", "--include-path", ok], "--include-path"),
+        ("json unwritable", [*demo, "--data", ok, "--json", "/proc/illada/out.json"], "cannot be written"),
+        ("json a directory", [*demo, "--data", ok, "--json", str(tmp)], "--json"),
+    ]
+
+
+HOSTILE_DATA = [  # (what, the --data file's content, a needle) for lines read from a regular file
+    ("deep JSON", "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+    ("not UTF-8", b'{"prompt": "\xff", "answer": "2"}\n', "not UTF-8"),
+    ("not an object", "[1, 2]\n", "expected a JSON object"),
+    ("prompt a number", '{"prompt": 5, "answer": "2"}\n', "expected a JSON object"),
+    ("empty answer", '{"prompt": "x", "answer": ""}\n', "non-empty string"),
+    ("messages a number", '{"messages": 5, "answer": "2"}\n', "\"messages\" must be"),
+    ("messages of lists", '{"messages": [["user", "x"]], "answer": "2"}\n', "\"messages\" must be"),
+    ("role unhashable", '{"messages": [{"role": ["user"], "content": "x"}], "answer": "2"}\n', "\"messages\" must be"),
+    ("no items", "\n\n", "no items"),
+    ("not JSON", "{oops\n", "expected a JSON object"),
+]
+
+
+def test_eval_refuses_hostile_options_and_files_before_any_work(tmp_path):
+    from fixtures import deadline
+
+    for what, args, needle in _hostile(tmp_path):
+        with deadline(20):
+            r = CliRunner().invoke(main, ["eval", *args])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, (what, r.output)
+        assert needle in r.output and "Traceback" not in r.output, (what, r.output)
+    assert not Path("/proc/illada").exists()
+
+
+@pytest.mark.parametrize("what,content,needle", HOSTILE_DATA, ids=[h[0] for h in HOSTILE_DATA])
+def test_eval_data_lines_are_checked(what, content, needle, tmp_path, demo):
+    from illada_mlx.config import IlladaError
+    from illada_mlx.evaluate import read_items
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(IlladaError, match=needle.replace("(", r"\(")) as e:
+        read_items(str(p), demo[1])
+    assert "\n" not in str(e.value)
+
+
+def test_eval_data_over_the_size_bound_is_refused_unread(tmp_path, monkeypatch, demo):
+    from illada_mlx import evaluate as E
+    from illada_mlx.config import IlladaError
+
+    monkeypatch.setattr(E, "MAX_DATA_BYTES", 100)
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 10)
+    with pytest.raises(IlladaError, match="more than 100 bytes"):
+        E.read_items(str(p), demo[1])

@@ -749,3 +749,20 @@ def test_tracebacks_only_with_debug(monkeypatch, tmp_path):
     assert isinstance(r.exception, TypeError)
     r = CliRunner(env={"ILLADA_MLX_DEBUG": "1"}).invoke(main, args)
     assert isinstance(r.exception, TypeError)
+
+
+# ------------------------------------------------------------------------------------------ issue 32
+def test_a_source_without_tokenizer_json_is_refused_before_converting(own, tmp_path):
+    (own / "tokenizer.json").unlink()
+    out = tmp_path / "out" / "mlx"
+    r = run_convert("--hf-path", str(own), "--mlx-path", str(out), "--mask-id", "5")
+    one_error_line(r, "no tokenizer.json")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("mask_id", [1, 2])  # the demo model's BOS, EOS (= pad)
+def test_a_mask_id_that_ends_or_pads_a_text_is_refused(mask_id):
+    r = CliRunner().invoke(main, ["generate", "-p", "hi", "--mask-id", str(mask_id), "--max-tokens", "32"])
+    lines = [ln for ln in on_screen(r.output) if not ln.startswith("converting the bundled demo model")]
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert lines[0].startswith(f"error: mask token id {mask_id} is also the model's")

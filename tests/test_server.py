@@ -423,10 +423,13 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
                 lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))), lambda: "",
                 lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
                 lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
-                lambda: [{"role": str(rng.choice(["user", "system", "developer", "assistant", "x"])),
-                          "content": value(depth + 1)}],
-                lambda: {"mode": str(rng.choice(["fast", "exact", "zz"])), "block_length": int(rng.integers(-2, 40))},
+                lambda: [{"role": enum(["user", "system", "developer", "assistant", "x"]), "content": value(depth + 1)}],
+                lambda: {"mode": enum(["fast", "exact", "zz"]), "cache": enum(["token", "none"]),
+                         "block_refresh": enum(["window", "full"]), "block_length": int(rng.integers(-2, 40))},
                 ][kind]()
+
+    def enum(names):  # an enumerated field: one of its names, or a value of another JSON type
+        return [str(rng.choice(names)), [str(rng.choice(names))], {"a": 1}, 1, 2.5, True, None][rng.integers(0, 7)]
 
     statuses, t0 = {}, time.time()
     with httpx.Client(base_url=demo_server.url, timeout=60) as h:
@@ -436,6 +439,11 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
             body = dict(base)
             for _ in range(rng.integers(1, 4)):
                 body[str(rng.choice(names))] = value()
+            if rng.random() < 0.2:  # the enumerated fields, each a name or a value of another JSON type
+                body["messages"] = [{"role": enum(["user", "system", "developer", "assistant"]), "content": "hi"}]
+            if rng.random() < 0.2:
+                body["diffusion"] = {k: enum(v) for k, v in (("mode", ["fast"]), ("cache", ["token"]),
+                                                              ("block_refresh", ["window"])) if rng.random() < 0.5}
             if rng.random() < 0.1:
                 body = value()
             path = "/chat/completions" if rng.random() < 0.8 else "/completions"
@@ -670,3 +678,238 @@ def test_a_client_gone_mid_body_is_one_line(demo_server, caplog):
     with httpx.Client(base_url=demo_server.url, timeout=10) as h:
         assert h.get("/models").status_code == 200
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+# ------------------------------------------------------------------------------------------ enumerated fields
+WRONG_TYPES = [["user"], {"a": 1}, 1, 1.5, True, "zz"]  # JSON types an enumerated field must not take
+ENUMERATED = {  # where the field sits in a request that is otherwise valid -> the body with that value
+    "messages[0].role": lambda v: {"messages": [{"role": v, "content": "hi"}]},
+    "messages[0].content[0].type": lambda v: {"messages": [{"role": "user", "content": [{"type": v, "text": "x"}]}]},
+    "diffusion.mode": lambda v: {"messages": USER, "diffusion": {"mode": v}},
+    "diffusion.cache": lambda v: {"messages": USER, "diffusion": {"cache": v}},
+    "diffusion.block_refresh": lambda v: {"messages": USER, "diffusion": {"block_refresh": v}},
+    "tool_choice": lambda v: {"messages": USER, "tool_choice": v},
+    "function_call": lambda v: {"messages": USER, "function_call": v},
+    "response_format.type": lambda v: {"messages": USER, "response_format": {"type": v}},
+    "modalities[0]": lambda v: {"messages": USER, "modalities": [v]},
+}
+
+
+@pytest.mark.parametrize("where", ENUMERATED)
+def test_enumerated_fields_of_a_wrong_json_type_get_a_400(demo_server, where):
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        for v in WRONG_TYPES:
+            body = {"max_tokens": 8, **ENUMERATED[where](v)}
+            r = h.post("/chat/completions", json=body)
+            assert r.status_code == 400, (where, v, r.text)
+            assert "\n" not in r.json()["error"]["message"]
+
+
+def test_a_refusal_is_logged_with_its_reason(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="illada_mlx.server")
+    with httpx.Client(base_url=demo_server.url, timeout=30) as h:
+        r = h.post("/chat/completions", json={"messages": [{"role": ["user"], "content": "hi"}]})
+    want = f"{r.json()['error']['message']} ({r.json()['error']['param']})"
+    t0 = time.time()
+    while time.time() - t0 < 5:
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "illada_mlx.server"]
+        if any(m.startswith("POST /v1/chat/completions 400") for m in lines):
+            break
+        time.sleep(0.05)
+    assert any(m.startswith("POST /v1/chat/completions 400") and m.endswith(want) for m in lines), lines
+
+
+@pytest.mark.parametrize("host", ["localhost:abc", "localhost:", "localhost:99999", "[::1]x", "127.0.0.1:-1"])
+def test_a_host_header_with_a_malformed_port_is_refused(demo_server, host):
+    with httpx.Client(base_url=demo_server.url, timeout=10) as h:
+        r = h.get("/models", headers={"host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", r.text
+        assert h.get("/models", headers={"host": "localhost:8080"}).status_code == 200
+
+
+def test_allowed_hosts_star_means_any_and_a_list_of_nothing_is_refused():
+    from illada_mlx.config import IlladaError
+    from illada_mlx.listen import Guard, host_names
+
+    assert host_names("*") == ("*",) and host_names("a.example, B.example") == ("a.example", "b.example")
+    for empty in (",,,", "", " , "):
+        with pytest.raises(IlladaError, match="names no host"):
+            host_names(empty)
+    guard = Guard(None, Options(allowed_hosts=host_names("*")))
+    scope = {"headers": [(b"host", b"evil.example:80")], "method": "GET", "path": "/health"}
+    assert guard._refuse(scope) is None
+    guard = Guard(None, Options(allowed_hosts=host_names("ok.example")))
+    assert guard._refuse(scope).code == "invalid_host"
+
+
+@pytest.mark.parametrize("key,env", [("", None), (None, ""), ("has space", None), ("line\nbreak", None),
+                                     ("clé", None), ("tab\t", None)])
+def test_serve_refuses_an_api_key_no_client_can_send(key, env, monkeypatch):
+    from click.testing import CliRunner
+
+    from illada_mlx.cli import main
+
+    monkeypatch.delenv("ILLADA_MLX_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("ILLADA_MLX_API_KEY", env)
+    r = CliRunner().invoke(main, ["serve", "--port", str(_free_port())] + (["--api-key", key] if key is not None else []))
+    assert r.exit_code == 1 and r.output.startswith("error: --api-key") and r.output.count("\n") == 1, r.output
+
+
+def test_a_malformed_chunked_body_is_one_log_line(demo_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    uv = logging.getLogger("uvicorn.error")
+    uv.addHandler(caplog.handler)  # uvicorn's loggers do not reach the root logger
+    level, uv.level = uv.level, logging.INFO
+    try:
+        with socket.create_connection(("127.0.0.1", demo_server.port)) as s:
+            s.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+            time.sleep(0.2)  # the app is reading the body when the bad chunk comes
+            s.sendall(b"zz\r\nabc\r\n0\r\n\r\n")
+            assert _status(s) == b"HTTP/1.1 400 Bad Request"
+        t0 = time.time()
+        while time.time() - t0 < 5 and not any("malformed" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        uv.removeHandler(caplog.handler)
+        uv.level = level
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and lines[0].startswith("POST /v1/chat/completions 400") and "malformed" in lines[0], lines
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def _counting(model) -> list:
+    """Count the model's forwards (a list that grows by one per call)."""
+    calls, base = [], type(model)
+
+    def call(self, *a, **kw):
+        calls.append(1)
+        return base.__call__(self, *a, **kw)
+
+    model.__class__ = type("Counting" + base.__name__, (base,), {"__call__": call})
+    return calls
+
+
+@pytest.mark.parametrize("mode,stream", [("variable", True), ("exact", True), ("variable", False)])
+def test_a_request_whose_client_left_stops_within_a_step(ckpt_factory, mode, stream):
+    # one block of 256 steps: a client gone after its first step must not cost the other 255 forwards,
+    # batched (variable) or decoded alone (exact)
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    model, tok = load(str(d))
+    calls = _counting(model)
+    srv = Server(model, tok, "tiny")
+    try:
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 256, "stream": stream,
+                "diffusion": {"mode": mode, "block_length": 256, "steps_per_block": 256}}
+        with httpx.Client(base_url=srv.url, timeout=30) as h:
+            if stream:
+                with h.stream("POST", "/chat/completions", json=body) as r:
+                    lines = r.iter_lines()  # held: a dropped iterator closes the response
+                    next(lines)
+                    t0 = time.time()
+                    while len(calls) < 2 and time.time() - t0 < 10:
+                        time.sleep(0.01)
+                    assert len(calls) >= 2, "no forward ran"
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    h.post("/chat/completions", json=body, timeout=0.3)
+        t0 = time.time()
+        while srv.engine.served < 1 and time.time() - t0 < 30:
+            time.sleep(0.02)
+        gone = len(calls)
+        assert srv.engine.served == 1 and gone < 64, gone  # not the block's 256 (non-streamed: polled every 0.5 s)
+        time.sleep(0.3)
+        assert len(calls) == gone  # nothing more runs
+    finally:
+        srv.stop()
+
+
+def test_diffusion_stats_say_only_what_was_measured(demo_server):
+    # a batched reply (fast) and one decoded alone (exact): no figure is a zero or 1/0 standing for "unknown"
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        batched = h.post("/chat/completions", json={"messages": USER, "diffusion": FAST}).json()["diffusion_stats"]
+        alone = h.post("/chat/completions", json={"messages": USER, "diffusion": {"mode": "exact"},
+                                                  "max_tokens": 32}).json()["diffusion_stats"]
+    for st in (batched, alone):
+        assert st["nfe"] > 0 and st["output_tokens"] > 0 and 0 < st["peak_memory_bytes"] < 2**40
+        assert st["prompt_tps"] is None or 0 < st["prompt_tps"] < 1e8
+    assert batched["prompt_tps"] is None and batched["processed"] is None and batched["prompt_s"] is None
+    assert alone["processed"] > 0 and alone["prompt_s"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_text_offset_points_at_each_token(demo_server, stream):
+    prompt = "<|im_start|>user\nreverse abcdef<|im_end|>\n<|im_start|>assistant\n"
+    body = {"prompt": prompt, "max_tokens": 64, "logprobs": 0, "stream": stream, "n": 2,
+            "diffusion": {"mode": "fast", "block_length": 4}}
+    with httpx.Client(base_url=demo_server.url, timeout=60) as h:
+        r = h.post("/completions", json=body)
+    texts, toks, offs = {}, {}, {}
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")] if stream else [r.json()]
+    for c in chunks:
+        for ch in c["choices"]:
+            i = ch["index"]
+            texts[i] = texts.get(i, "") + ch["text"]
+            if ch["logprobs"]:
+                toks.setdefault(i, []).extend(ch["logprobs"]["tokens"])
+                offs.setdefault(i, []).extend(ch["logprobs"]["text_offset"])
+    assert sorted(texts) == [0, 1] and all(len(toks[i]) > 1 for i in texts)
+    for i, text in texts.items():
+        assert len(offs[i]) == len(toks[i]) and offs[i][0] == 0
+        for t, o in zip(toks[i], offs[i]):
+            assert text[o:o + len(t)] == t, (text, t, o)
+
+
+def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, client):
+    # the README: the demo model answers a raw prompt with nothing, its template with the chat answer
+    raw = client.completions.create(model="illada-demo", prompt="57+68=", max_tokens=64)
+    templated = client.completions.create(model="illada-demo", max_tokens=64,
+                                          prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n")
+    chat = ask(client, [{"role": "user", "content": "57+68="}], max_tokens=64, extra_body={})
+    assert raw.choices[0].text == "" and raw.choices[0].finish_reason == "stop"
+    assert templated.choices[0].text == chat.choices[0].message.content == "125"
+
+
+def test_a_burst_at_the_open_file_limit_is_one_log_line(caplog):
+    import errno
+    import logging
+
+    from illada_mlx.listen import LoopErrors
+
+    caplog.set_level(logging.INFO)
+    handler, loop = LoopErrors(quiet_seconds=60), None
+
+    class Loop:  # what the handler uses of the loop: its default handler, for anything else
+        seen = []
+
+        def default_exception_handler(self, context):
+            self.seen.append(context["message"])
+
+    loop = Loop()
+    full = OSError(errno.EMFILE, "Too many open files")
+    for _ in range(1858):  # the issue's burst: one refused accept() each
+        handler(loop, {"message": "socket.accept() out of system resource", "exception": full})
+    handler(loop, {"message": "something else"})
+    lines = [r for r in caplog.records if r.name == "illada_mlx.server"]
+    assert len(lines) == 1 and "open-file limit (Too many open files)" in lines[0].getMessage()
+    assert not lines[0].exc_info and handler.count == 1858 and loop.seen == ["something else"]
+
+
+def test_serve_raises_the_open_file_limit_for_a_burst():
+    import resource
+
+    from illada_mlx.listen import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))  # macOS's default
+        got = raise_fd_limit(256)
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(8 * 256 + 1024, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

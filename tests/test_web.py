@@ -44,6 +44,20 @@ def test_the_page_and_its_files_are_served_with_their_types(demo_server):
         assert page.headers["content-security-policy"].startswith("default-src 'self'")
 
 
+def test_the_page_has_an_icon_so_no_load_gets_a_404(demo):
+    from xml.etree import ElementTree
+
+    s = Server(*demo, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1",)))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{s.port}", timeout=10) as h:
+            assert '<link rel="icon" href="/favicon.ico"' in h.get("/").text
+            r = h.get("/favicon.ico")  # public, as the page is: a browser sends no key for it
+            assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
+            assert ElementTree.fromstring(r.content).tag == "{http://www.w3.org/2000/svg}svg"
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("path", ["/static/../server.py", "/static/..%2Fserver.py", "/static/%2e%2e/server.py",
                                   "/static/index.html", "/static/", "/static/APP.JS",
                                   "/static/web/app.js", "/web/app.js", "/index.html", "/static/..%5Cserver.py"])
@@ -76,6 +90,8 @@ def test_defaults_are_the_model_defaults_per_mode(demo_server, demo):
     want = make_spec(model, tok, 0, mode="fast")  # the bundled model's own rule (diffusion_config.json)
     assert (fast["rule"], fast["error_bound"], fast["block_refresh"]) == (want.rule, want.error_bound, "drift")
     assert fast["block_length"] == want.block_length
+    for name, m in d["modes"].items():  # the settings panel's block refresh
+        assert m["block_refresh"] == make_spec(model, tok, 0, mode=name).block_refresh
     assert d["end_tokens"] == [model.args.eos_token_id, model.args.eot_token_id]
 
 
@@ -278,12 +294,21 @@ def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
         time.sleep(0.5)
         assert page.evaluate("window.illadaSteps") == drawn  # nothing is drawn after Stop
 
-        page.click("#new-chat")
+        # stopped before any text, the question stays in the conversation the page shows and sends next
         page.select_option("#mode", "fast")  # the server answers the next request at once
+        page.select_option("#block_refresh", "full")
         t0 = time.time()
         ask_page(page, "reverse hello")
-        assert last_reply(page, timeout=20_000) == "olleh" and time.time() - t0 < 20
+        assert last_reply(page, timeout=20_000) is not None and time.time() - t0 < 20
+        assert [m["content"] for m in sent[-1]["messages"]] == ["reverse hello world", "reverse hello"]
+        assert sent[-1]["diffusion"]["block_refresh"] == "full"
+
+        page.click("#new-chat")
+        page.select_option("#block_refresh", "window")  # the fast mode's default: not sent
+        ask_page(page, "reverse hello")
+        assert last_reply(page, timeout=20_000) == "olleh"
         assert page.locator(".msg").count() == 2 and len(sent[-1]["messages"]) == 1
+        assert "block_refresh" not in sent[-1]["diffusion"]
     finally:
         context.close()
         srv.stop()

@@ -1,7 +1,7 @@
 // The web chat page of `illada-mlx serve`. It sends the whole conversation to /v1/chat/completions as a
 // stream with diffusion.steps, draws the block being denoised (the canvas) from the step chunks, and
 // appends each block's text to the reply when its content chunk arrives. Stop aborts the fetch; the
-// server cancels the generation at the end of the block it is on.
+// server cancels the generation at the step it is on.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -90,6 +90,8 @@ function fillDefaults() {
   const d = defaults.modes[$("mode").value];
   for (const f of NUMBERS) $(f).value = d[f];
   $("threshold").disabled = d.rule !== "threshold";
+  $("block_refresh").value = d.block_refresh;
+  $("block_refresh").disabled = d.cache === "none";  // only a cached mode recomputes at a block start
 }
 
 function requestBody() {
@@ -102,6 +104,9 @@ function requestBody() {
     if (raw === "" || Number(raw) === d[f] || $(f).disabled) continue;
     if (f === "max_tokens" || f === "temperature") body[f] = Number(raw);
     else diffusion[f] = Number(raw);
+  }
+  if (!$("block_refresh").disabled && $("block_refresh").value !== d.block_refresh) {
+    diffusion.block_refresh = $("block_refresh").value;
   }
   return body;
 }
@@ -175,7 +180,7 @@ function statsLine(stats, settings, finish) {
 
 async function send(text) {
   conversation.push({ role: "user", content: text });
-  addMessage("user", text);
+  const question = addMessage("user", text);
   const msg = addMessage("assistant", "");
   msg.classList.add("writing");
   const body = msg.querySelector(".text");
@@ -215,9 +220,14 @@ async function send(text) {
   msg.classList.remove("writing");
   info.textContent = failed || statsLine(stats, settings, finish);
   if (failed) msg.classList.add("failed");
-  // a reply that produced text stays in the conversation (stopped too); one without text drops its question
+  // a reply that produced text stays in the conversation (stopped too); a question stopped before any text
+  // stays too (it is on the page, so it is sent); a failure without text leaves its question out, and says so
   if (reply) conversation.push({ role: "assistant", content: reply });
-  else conversation.pop();
+  else if (failed !== "stopped") {
+    conversation.pop();
+    question.classList.add("dropped");
+    info.textContent += " (the question is left out of the conversation)";
+  }
   running = null;
   busy(false);
 }
