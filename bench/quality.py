@@ -44,10 +44,14 @@ SAMPLERS = {
     # what a user gets: the model's own defaults (diffusion_config.json), else the fast mode's
     "default": (None, dict(max_tokens=64)),
     # the fast mode's mechanisms one at a time over the plain threshold rule (on their own)
-    "fast_t0.9_token_drift": ("fast", dict(max_tokens=64, rule="threshold", threshold=0.9, eos_fill=False)),
-    "fast_error0.05_token_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.05,
+    "fast_t0.9_token_drift": ("fast", dict(max_tokens=64, rule="threshold", threshold=0.9, cache="token",
+                                           eos_fill=False)),
+    "fast_error0.04_token_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04, cache="token",
+                                                 block_refresh="window", eos_fill=False)),
+    "fast_error0.04_token_drift": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04, cache="token",
+                                                eos_fill=False)),
+    "fast_error0.04_prefix_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04,
                                                   block_refresh="window", eos_fill=False)),
-    "fast_error0.05_token_drift": ("fast", dict(max_tokens=64, rule="error", error_bound=0.05, eos_fill=False)),
     "exact": ("exact", dict(max_tokens=32)),
     "exact_random_remask": ("exact", dict(max_tokens=32, remasking="random", seed=0)),
     # the same with other draws of the random order (run on their own: how much the seed moves it)
