@@ -1,6 +1,7 @@
 """Quality against speed: one table (and, with the plot extra, one plot) over the yardstick's result files.
 
-    python bench/pareto.py bench/results/quality_default_{tasks,turns,long}.json --out bench/results/pareto
+    python bench/pareto.py bench/results/quality_default_{tasks,turns,long}.json \
+        --official bench/results/quality_demo_{tasks,turns}.json bench/results/quality_demo_long_n30.json
 
 Per family (the five tasks, turns 2-4, long answers) and per row (weights, sampler) of bench/quality.py's
 JSON: accuracy, tokens per row forward (TPF: output tokens / the forwards each row needed; the official
@@ -94,9 +95,13 @@ def plot(lines: list[dict], path: Path) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="bench/quality.py JSON files")
+    ap.add_argument("--official", nargs="*", default=[],
+                    help="result files to take only the official rows from (float32 variable / exact)")
     ap.add_argument("--out", default="bench/results/pareto", help="writes OUT.md, OUT.json and (plot extra) OUT.png")
     a = ap.parse_args()
     rows = [r for f in a.results for r in json.loads(Path(f).read_text())["rows"]]
+    rows += [r for f in a.official for r in json.loads(Path(f).read_text())["rows"]
+             if r["sampler"] in OFFICIAL and r.get("weights") == "float32"]
     lines = table(rows)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
