@@ -87,7 +87,7 @@ def _median(runs: list[dict]) -> dict:
 
 
 def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeats: int, tokenizer=None,
-                block_length: int = 32, log=print, refreshes=("window",), ban_eos: bool = False,
+                block_length: int = 32, log=print, refreshes=("drift",), ban_eos: bool = False,
                 caches=(None,), group=None) -> list[dict]:
     """Every (gen length, mode, cache, block refresh policy, prompt) with the mode's preset at
     `block_length`, one step per token in a block. The caches (None: the preset's) and refresh policies

@@ -145,11 +145,13 @@ def stats_block(r) -> str:
 
 def settings_text(sp) -> str:
     """chat's /settings: the decode settings a person chooses, one topic per line."""
-    commits = f"threshold {sp.threshold}" if sp.rule == "threshold" else f"{sp.rule} ({sp.remasking})"
+    number = {"threshold": sp.threshold, "error": sp.error_bound, "factor": sp.factor, "entropy": sp.entropy_gamma}
+    commits = f"{sp.rule} {number[sp.rule]}" if sp.rule in number else f"{sp.rule} ({sp.remasking})"
     sampling = "temperature 0 (greedy)" if sp.temperature == 0 else (
         f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
     seed = "none" if sp.seed is None else sp.seed
     cache = f"{sp.cache}, block refresh {sp.block_refresh}" if sp.cache != "none" else "none"
+    cache += f" (drift threshold {sp.drift_threshold})" if sp.cache != "none" and sp.block_refresh == "drift" else ""
     ends = ", ".join(f"{n} {t}" for n, t in (("EOS", sp.eos_id), ("EoT", sp.eot_id)) if t is not None)
     stops = ", ".join(repr(x) for x in sp.stop) or "none"
     lines = [f"mode: {sp.mode} ({sp.canvas} canvas, budget {sp.max_tokens} tokens)",
@@ -525,7 +527,7 @@ def _modes(value: str) -> list[str]:
 @click.option("--prompt-lengths", type=IntList(allow_auto=True), default="auto", show_default=True,
               help="Comma list of prompt lengths (random tokens), or auto: demo prompts / 16,128.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--refresh", "refreshes", default="window", show_default=True,
+@click.option("--refresh", "refreshes", default="drift", show_default=True,
               help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).")
 @click.option("--caches", default="", help=f"Comma list of caches for the cached modes ({','.join(CACHES[1:])}; "
               "default: each mode's own).")

@@ -25,7 +25,7 @@ def test_bench_json_has_every_field(tmp_path):
     exact, fast = res["runs"][0], res["runs"][2]
     assert exact["nfe"] == 32 and exact["processed_per_output_token"] == 8 + 32  # whole canvas every step
     assert fast["processed_per_output_token"] < exact["processed_per_output_token"]
-    assert "fast token window vs exact" in r.stdout
+    assert "fast prefix drift vs exact" in r.stdout
 
 
 def test_bench_rejects_unknown_mode():

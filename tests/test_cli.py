@@ -98,8 +98,8 @@ def test_chat_two_turns_reset_and_settings(demo):
     spec = make_spec(model, tok, 10, **s)
     lines = r.stderr.splitlines()
     assert "history cleared" in r.stderr and f"mode: fast ({spec.canvas} canvas, budget 32 tokens)" in lines
-    assert f"cache: {spec.cache}, block refresh {spec.block_refresh}" in lines
-    assert f"commits: threshold {spec.threshold}" in lines and "sampling: temperature 0 (greedy); seed none" in lines
+    assert f"cache: {spec.cache}, block refresh {spec.block_refresh} (drift threshold {spec.drift_threshold})" in lines
+    assert f"commits: error {spec.error_bound}" in lines and "sampling: temperature 0 (greedy); seed none" in lines
     assert not any(len(ln) > 100 for ln in lines if ln.startswith(("mode:", "ends:")))
     assert r.stderr.count("tokens-per-sec") == 6
 

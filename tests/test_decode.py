@@ -573,19 +573,31 @@ def test_probes_spread_over_each_rows_tokens():
 
 @pytest.mark.parametrize("cache", ["prefix", "token"])
 def test_drift_refresh_at_threshold_zero_is_the_full_refresh(tiny, cache):
-    # probes that moved at all recompute the canvas: every block start then is a full refresh, whose
-    # logits are the step's, so the tokens are those of the full policy (the probe forward comes on top)
+    # probes that moved at all recompute the canvas: over three blocks (starts 1 and 2, both allowed by the
+    # doubling limit) every block start then is a full refresh, whose logits are the step's, so the tokens
+    # are those of the full policy (the probe forward comes on top)
     from illada_mlx.decode import decode, run
 
     model, _, _, mask = tiny
     rows = prompts(2, 6, 21).tolist()
-    kw = dict(max_tokens=32, cache=cache, rule="threshold", threshold=0.5, logits_eos_inf=True)
+    kw = dict(max_tokens=24, cache=cache, rule="threshold", threshold=0.5, logits_eos_inf=True)
     full = run(decode(model, rows, _growing(mask, block_refresh="full", **kw)))
     drift = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=0.0, **kw)))
     assert drift.tokens == full.tokens
-    assert drift.stats.drift_refreshes == 2 * 3 and drift.stats.nfe == full.stats.nfe + 3  # rows x block starts
+    assert drift.stats.drift_refreshes == 2 * 2 and drift.stats.nfe == full.stats.nfe + 2  # rows x block starts
     never = run(decode(model, rows, _growing(mask, block_refresh="drift", drift_threshold=2.0, **kw)))
     assert never.stats.drift_refreshes == 0 and 0 < never.stats.max_drift < 1
+
+
+def test_drift_refresh_runs_at_most_once_each_time_the_reply_doubles(tiny):
+    # nine blocks of 8 at threshold 0: the starts of blocks 1, 2, 4 and 8 (8, 16, 32 and 64 tokens written)
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    spec = _growing(mask, max_tokens=72, cache="prefix", rule="threshold", threshold=0.5, logits_eos_inf=True,
+                    block_refresh="drift", drift_threshold=0.0)
+    g = run(decode(model, [prompts(1, 6, 23)[0].tolist()], spec))
+    assert g.stats.drift_refreshes == 4
 
 
 def test_drift_refresh_every_step_is_identical_to_no_cache(tiny):
