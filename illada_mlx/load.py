@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import FLOAT_DTYPES, find_shards, inspect_checkpoint, iter_shards, safetensors_header
+from .checkpoint import FLOAT_DTYPES, Checkpoint, find_shards, inspect_checkpoint, iter_shards, safetensors_header
 from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
                      resolve_special_ids)
 from .backend import cast_floats, preferred_dtype
@@ -181,22 +181,22 @@ def load_mlx_weights(path: Path) -> tuple[list[WeightGroup], dict]:
     return groups, headers
 
 
-def hf_weights(path: Path, args: ModelArgs) -> tuple[list[WeightGroup], Footprint]:
-    """An HF checkpoint's weights, one group per shard (the tied head's copy dropped), and its footprint
-    (from the safetensors headers; a PyTorch checkpoint's from its file sizes)."""
-    ck = inspect_checkpoint(path, args)
+def hf_footprint(ck: Checkpoint) -> Footprint:
+    """An HF checkpoint's footprint: from the safetensors headers, or a PyTorch checkpoint's file sizes."""
     if ck.kind == "safetensors":
         headers = {}
         for shard in ck.shards:
-            headers.update(safetensors_header(path, shard))
-        fp = footprint(headers)
-    else:
-        total = sum(ck.sizes.values())
-        fp = Footprint(stored_bytes=total, float_bytes=total, float_elements=total // 2, parameters=total // 2)
-    groups = [WeightGroup(shard.name, ck.sizes[shard],
-                          {k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
-              for shard, tensors in iter_shards(ck)]
-    return groups, fp
+            headers.update(safetensors_header(ck.root, shard))
+        return footprint(headers)
+    total = sum(ck.sizes.values())
+    return Footprint(stored_bytes=total, float_bytes=total, float_elements=total // 2, parameters=total // 2)
+
+
+def hf_weights(ck: Checkpoint) -> list[WeightGroup]:
+    """An HF checkpoint's weights, one group per shard (the tied head's copy dropped); safetensors lazily,
+    PyTorch shards read."""
+    return [WeightGroup(shard.name, ck.sizes[shard], {k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
+            for shard, tensors in iter_shards(ck)]
 
 
 @dataclass
@@ -234,9 +234,11 @@ def load_model(path: Path, mask_id: Optional[int] = None, group=None, opts: Opti
         fp = footprint(headers)
     else:
         args = resolve_special_ids(args_from_config(cfg), path, mask_id)
-        groups, fp = hf_weights(path, args)
+        ck = inspect_checkpoint(path, args)
+        fp = hf_footprint(ck)
     ranks = group.size() if group is not None else 1
     plan = plan_load(fp, preferred_dtype(opts.compute_dtype), str(path), ranks)
+    groups = groups if mlx_dir else hf_weights(ck)  # (a PyTorch checkpoint is read here: after the check)
     note = None if mlx_dir else hf_note(fp, path, plan.need_bytes)
     for msg in plan.notes + ([note] if note else []):
         _notify(opts, msg)

@@ -35,7 +35,6 @@ class Footprint:
     float_bytes: int = 0  # the float tensors' share of stored_bytes (norms, float layers, scales, biases)
     float_elements: int = 0
     parameters: int = 0  # elements of the float weights (quantized weights counted unpacked)
-    files: list = field(default_factory=list)  # (name, bytes) of each weight file
 
     def resident(self, dtype: Optional[mx.Dtype]) -> int:
         """Bytes in memory once the float tensors are cast to `dtype` (None: as stored)."""
