@@ -598,6 +598,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 
     from . import bench as B
     from . import distributed as dist
+    from .backend import backend_name, compute_dtype
 
     from .files import check_output_file
 
@@ -651,7 +652,8 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
               "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs,
               "ranks": g.size(), "parallel": parallel if g.size() > 1 else None,
-              "parameter_bytes_per_rank": B.parameter_bytes(model)}
+              "parameter_bytes_per_rank": B.parameter_bytes(model), "compute_dtype": compute_dtype(model),
+              "backend": backend_name()}
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
