@@ -208,7 +208,8 @@ def rehearse(layout: str, a) -> list[dict]:
     """Write, then per recipe convert and decode; one row per stage."""
     work = Path(a.workdir) / f"{layout}-{a.size}"
     src = work / "hf"
-    rows = [{"layout": layout, "stage": "write", "recipe": "bf16 source", **run_stage(["write", str(src), layout, a.size])}]
+    written = run_stage(["write", str(src), layout, a.size])
+    rows = [{"layout": layout, "stage": "write", "recipe": "bf16 source", **written}]
     for recipe in a.recipes:
         dst = work / f"mlx-{recipe}"
         rows.append({"layout": layout, "stage": "convert", "recipe": recipe,

@@ -14,7 +14,6 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .errors import IlladaError
 
@@ -51,10 +50,6 @@ def preferred_dtype(requested: Optional[str] = None) -> Optional[mx.Dtype]:
     return mx.float32 if on_cpu() else None
 
 
-def _is_float(_, value) -> bool:
-    return isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating)
-
-
 def cast_floats(module: nn.Module, dtype: mx.Dtype) -> None:
     """Cast every float parameter of `module` (lazily) to `dtype`; packed quantized weights stay."""
     if dtype is not None:
@@ -64,8 +59,3 @@ def cast_floats(module: nn.Module, dtype: mx.Dtype) -> None:
 def compute_dtype(model) -> str:
     """The dtype the model's activations have: that of its final norm's weight (norms stay float)."""
     return str(model.model.norm.weight.dtype).rsplit(".", 1)[-1]
-
-
-def float_bytes(model) -> int:
-    """Bytes of the model's float parameters (what a cast changes)."""
-    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if _is_float(k, v))

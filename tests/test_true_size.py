@@ -3,7 +3,6 @@ loading, progress a log can show, one size unit, honest prompt figures, a line o
 come from the files themselves (numpy / safetensors), not from the code under test."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from illada_mlx import memory, progress
 from illada_mlx.backend import on_cpu
 from illada_mlx.cli import main
 from illada_mlx.engine import stream_generate
-from illada_mlx.errors import IlladaError, IlladaWarning
+from illada_mlx.errors import IlladaWarning
 from illada_mlx.load import load
 from illada_mlx_convert import convert
 from test_convert import params_from_mlx_dir
