@@ -134,7 +134,7 @@ def plan_load(fp: Footprint, preferred: Optional[mx.Dtype], source: str, ranks: 
     if preferred is not None and need > limit.bytes and share(fp.stored_bytes) < need:
         stored = share(fp.stored_bytes)
         name = str(preferred).rsplit(".", 1)[-1]
-        notes.append(f"computing in the stored dtype: {name} would need {format_bytes(need)} of "
+        notes.append(f"computing in the dtype the files store: {name} would need {format_bytes(need)} of "
                      f"{format_bytes(limit.bytes)} ({limit.what}); quantize the model "
                      f"(`illada-mlx convert -q`) for a fast float32 compute on the CPU")
         dtype, need = None, stored
@@ -156,7 +156,8 @@ def hf_note(fp: Footprint, source: Path, need: int) -> Optional[str]:
     q4 = int(fp.parameters * Q4_BITS_PER_WEIGHT / 8)
     src = shlex.quote(str(source))
     dst = shlex.quote(f"{str(source).rstrip('/')}-4bit")
+    cast = f" ({format_bytes(need)} once cast for compute)" if need != fp.stored_bytes else ""
     return (f"{source} is an unconverted HF checkpoint: loading reads all {format_bytes(fp.stored_bytes)} into "
-            f"memory ({format_bytes(need)} as computed here); `illada-mlx convert --hf-path {src} --mlx-path {dst} "
+            f"memory{cast}; `illada-mlx convert --hf-path {src} --mlx-path {dst} "
             f"-q` makes a ~{format_bytes(q4)} model that loads memory-mapped (saves "
             f"~{format_bytes(max(0, need - q4))})")

@@ -113,7 +113,7 @@ def test_float32_that_does_not_fit_keeps_the_stored_dtype(ckpt_factory):
     assert as_f32 == 2 * stored  # a bf16 checkpoint
     plan = memory.plan_load(fp, mx.float32, "m", limit=memory.Limit(int(stored * 1.5), "x"))
     assert plan.dtype is None and plan.need_bytes == stored
-    assert len(plan.notes) == 1 and "stored dtype: float32 would need" in plan.notes[0]
+    assert len(plan.notes) == 1 and "the files store: float32 would need" in plan.notes[0]
 
 
 def test_an_unconverted_hf_dir_gets_the_convert_note(ckpt_factory, monkeypatch):
