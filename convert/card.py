@@ -6,10 +6,12 @@ import shlex
 from importlib import metadata
 from typing import Optional
 
+from illada_mlx.progress import format_bytes
+
 
 def format_size(n: int) -> str:
-    """Bytes as GB (2**30) from 1 GB up, else MB (2**20)."""
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+    """Bytes as decimal GB (10^9) from 1 GB up, else MB (10^6): the one unit every message uses."""
+    return format_bytes(n)
 
 
 def describe_quantization(record: Optional[dict], recipe: Optional[str]) -> str:

@@ -49,7 +49,7 @@ def _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe) -> bool:
               help="Mixed precision: body bits_embedding/head bits (3/2-bit recipes also keep sensitive layers at 6).")
 @click.option("--mask-id", type=click.IntRange(min=0), default=None, help="Override the mask token id (iLLaDA: 5).")
 @click.option("--max-shard-size", type=FiniteFloat(0, 1024, min_open=True), default=2.0, show_default=True,
-              help="Output shard size in GB.")
+              help="Output shard size in GB (10^9 bytes).")
 @click.option("--force", is_flag=True, help="Replace a destination that holds a converted model.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights holding NaN / infinity (refused by default).")
 @click.option("--upload-repo", default=None, help="After converting, upload the directory to this hub repo.")
@@ -59,7 +59,7 @@ def convert_command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_
     quantize = _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe)
     s = convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits) if q_bits else None,
                 q_group_size=int(q_group_size) if q_group_size else None, q_mode=q_mode, q_recipe=q_recipe,
-                mask_id=mask_id, force=force, max_shard_bytes=max(1, int(max_shard_size * 2**30)),
+                mask_id=mask_id, force=force, max_shard_bytes=max(1, int(max_shard_size * 1e9)),
                 upload_repo=upload_repo, allow_nonfinite=allow_nonfinite)
     click.echo(f"wrote {s['path']} ({s['layout']} layout, {s['output_shards']} shard(s), "
                f"{format_size(s['output_bytes'])}, {s['bits_per_weight']:.3f} bits per weight) "

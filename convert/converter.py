@@ -25,6 +25,7 @@ from illada_mlx.config import IlladaError, args_from_config, load_config, one_li
 from illada_mlx.files import check_file
 from illada_mlx.load import NONFINITE_KEY, SIDE_FILES, resolve_source
 from illada_mlx.spec import DIFFUSION_CONFIG, FALLBACK_DEFAULTS
+from illada_mlx.progress import Progress
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
 
 from .card import describe_quantization, model_card
@@ -70,7 +71,7 @@ def convert(
     q_recipe: Optional[str] = None,
     mask_id: Optional[int] = None,
     force: bool = False,
-    max_shard_bytes: int = 2 << 30,
+    max_shard_bytes: int = 2_000_000_000,
     progress: bool = True,
     upload_repo: Optional[str] = None,
     allow_nonfinite: bool = False,
@@ -161,8 +162,6 @@ def _save(out: Path, name: str, arrays: dict) -> None:
 
 
 def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, progress, allow_nonfinite) -> dict:
-    from tqdm import tqdm
-
     record = dict(default_q) if default_q else None
     buf: dict[str, mx.array] = {}
     shards: list[dict[str, str]] = []
@@ -179,14 +178,16 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
             buf = {}
             stop_hook("shard")
 
-    bar = tqdm(total=sum(ck.sizes.values()), unit="B", unit_scale=True, desc="converting",
-               disable=not progress, file=sys.stderr)
-    try:
+    bar = Progress("converting", sum(ck.sizes.values()), f"{ck.root} ({len(ck.names)} tensors)", enabled=progress)
+    with bar:  # moves by each tensor's source bytes (a shard's header with its last tensor)
         for shard, tensors in iter_shards(ck):
+            left = ck.sizes[shard]
             for name in sorted(tensors):
                 w = tensors[name]
+                left -= w.nbytes
                 if name == "lm_head.weight(tied)":
                     head_fp = _fingerprint(w)
+                    bar.update(w.nbytes)
                     continue
                 if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
                     embed_fp = _fingerprint(w)
@@ -208,20 +209,16 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
                     mx.eval(v)
                     buf[k] = v
                     total += v.nbytes
+                bar.update(source.nbytes)
                 if sum(v.nbytes for v in buf.values()) >= max_shard_bytes:
                     flush()
             del tensors
-            bar.update(ck.sizes[shard])
+            bar.update(left)
         flush()
         if head_fp is not None and embed_fp is not None and not all(
                 abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
             raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
                               "set tie_word_embeddings to false")
-    except BaseException:
-        bar.leave = False  # the bar erases itself: the error is the line that stays
-        bar.close()
-        raise
-    bar.close()
     n = len(shards)
     weight_map = {}
     for i, s in enumerate(shards):

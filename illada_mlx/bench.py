@@ -124,7 +124,7 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
             f"{r['tokens_per_forward']:.2f} tok/fwd  "
             f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
             f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
-            f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+            f"peak {r['peak_memory_bytes'] / 1e6:.0f} MB")
     return rows if group is None else gather(group, rows)
 
 
@@ -136,7 +136,7 @@ def table(runs: list[dict]) -> str:
     lines = [" ".join(f"{h:>10s}" for h in head)]  # a space between cells: a 10-letter mode stays apart
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in runs:
-        peak = r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None
+        peak = r["peak_memory_bytes"] / 1e6 if r.get("peak_memory_bytes") else None
         cells = (r["gen_length"], r["mode"], r.get("cache") or "-", r.get("block_refresh") or "-", r["prompt_tokens"],
                  r["output_tokens"],
                  num(r["tokens_per_s"], ".2f"), r["nfe"], num(r["tokens_per_forward"], ".2f"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
@@ -63,7 +64,8 @@ def load_model(model_path, mask_id=None, group=None):
             if dist.is_main(g) == turn:
                 model_path = ensure_demo_model(notice=lambda m: click.echo(m, err=True))
             dist.barrier(g)
-    return load(str(model_path), mask_id=mask_id, group=group)
+    return load(str(model_path), mask_id=mask_id, group=group, progress=True,
+                notice=lambda m: click.echo(f"warning: {m}", err=True))
 
 
 PARALLEL = click.option("--parallel", type=click.Choice(["data", "tensor"]), default="data", show_default=True,
@@ -127,8 +129,17 @@ def _settings(kw: dict) -> dict:
     return s
 
 
-def stats_block(r) -> str:
-    """mlx-lm's stats block, plus the diffusion figures and what ran."""
+def prompt_line(r) -> str:
+    """The prompt's figures: a diffusion model has no prompt-only pass, so the rate is the first forward's,
+    which runs the prompt and the masks together, labelled as such."""
+    if r.first_forward_positions:
+        return (f"Prompt: {r.prompt_tokens} tokens; first forward (prompt + masks): {r.first_forward_positions} "
+                f"positions in {r.first_forward_s:.3f} s, {r.prompt_tps:.3f} positions-per-sec")
+    return f"Prompt: {r.prompt_tokens} tokens; first forward: {r.first_forward_s:.3f} s"
+
+
+def stats_block(r, compute: str = "") -> str:
+    """mlx-lm's stats block, plus the diffusion figures, what ran and the compute dtype (`compute`)."""
     sp, st = r.spec, r.stats
     what = (f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
             f"{sp.steps_per_block} steps/block, rule {sp.rule}"
@@ -136,11 +147,18 @@ def stats_block(r) -> str:
             + f", cache {sp.cache}" + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
             + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else ""))
     return ("==========\n"
-            f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"{prompt_line(r)}\n"
             f"Generation: {r.generation_tokens} tokens, {st.tokens_per_s:.3f} tokens-per-sec\n"
             f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
             f"({what})\n"
-            f"Peak memory: {r.peak_memory:.3f} GB")
+            f"Peak memory: {r.peak_memory:.3f} GB" + (f"\nCompute: {compute}" if compute else ""))
+
+
+def compute_note(model) -> str:
+    """'float32 on cpu': the dtype the model computes in, on which backend (backend.py chose it)."""
+    from .backend import backend_name, compute_dtype
+
+    return f"{compute_dtype(model)} on {backend_name()}"
 
 
 def settings_text(sp) -> str:
@@ -214,16 +232,45 @@ class Progress:
         self.msg = ""
 
 
+def first_forward_log(model, prompt_tokens: int, progress: Progress):
+    """The wait before the first forward ends (minutes for a big model on a CPU): a status on a terminal;
+    in a log, for a model of progress.LOG_BELOW bytes or more, a line when it starts and one when it ends.
+    Returns the step hook that ends it (None when there is nothing to end)."""
+    from .bench import parameter_bytes
+    from .progress import LOG_BELOW
+
+    what = f"first forward: the prompt ({prompt_tokens} tokens) and the masks"
+    t0 = time.perf_counter()
+    if progress.on:
+        progress.status(f"{what} ...", force=True)
+        return None
+    if sys.stderr.isatty() or parameter_bytes(model) < LOG_BELOW:
+        return None
+    click.echo(f"{what} ...", err=True)
+    done = []
+
+    def end(ev):
+        if not done:
+            done.append(True)
+            positions = ev.canvas.shape[0] * ev.canvas.shape[1]
+            click.echo(f"first forward done: {positions} positions in {time.perf_counter() - t0:.1f} s", err=True)
+
+    return end
+
+
 def stream_reply(model, tok, ids, settings, progress: Progress, cache=None, on_step=None, show_text=True):
     """Stream one reply to stdout (show_text) with a progress status; returns (last Response, text, tokens)."""
     from .engine import stream_generate
 
     t0 = time.perf_counter()
     n, total = [0], [0]
+    log = first_forward_log(model, len(ids), progress)
 
     def step(ev):
         if on_step is not None:
             on_step(ev)
+        if log is not None:
+            log(ev)
         if total[0]:
             tps = n[0] / max(time.perf_counter() - t0, 1e-9)
             progress.status(f"block {ev.block + 1}/{total[0]}, step {ev.step + 1}, {n[0]} tokens, {tps:.1f} tok/s")
@@ -286,10 +333,19 @@ def prompt_ids(tok, msgs, raw=False) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @sampler_options
 def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
-    """Generate a reply to one prompt, streamed block by block; stats on stderr."""
+    """Generate a reply to one prompt, streamed block by block; stats on stderr. SIGTERM or SIGHUP ends it
+    with one line (`interrupted (signal N)`), even in the middle of a forward."""
+    with ending_on_signals():
+        generate_reply(prompt, system, raw, as_json, model_path, mask_id, **kw)
+
+
+def generate_reply(prompt, system, raw, as_json, model_path, mask_id, **kw):
+    """The generate command's work (signals handled by the caller)."""
     import json
 
     from . import distributed as dist
+    from .backend import backend_name, compute_dtype
+
 
     g = ranks()
     if prompt == "-" and g.size() > 1:
@@ -305,10 +361,55 @@ def generate(prompt, system, raw, as_json, model_path, mask_id, **kw):
     if as_json:
         click.echo(json.dumps({"text": text, "tokens": tokens, "finish_reason": r.finish_reason,
                                "prompt_tokens": r.prompt_tokens, "settings": r.spec.as_dict(),
-                               "stats": r.stats.as_dict()}))
+                               "stats": {**r.stats.as_dict(), "prompt_tps": r.prompt_tps,
+                                         "first_forward_s": r.first_forward_s,
+                                         "first_forward_positions": r.first_forward_positions,
+                                         "compute_dtype": compute_dtype(model), "backend": backend_name()}}))
     else:
         click.echo()
-        click.echo(stats_block(r), err=True)
+        click.echo(stats_block(r, compute_note(model)), err=True)
+
+
+@contextmanager
+def ending_on_signals():
+    """While the block runs, SIGTERM and SIGHUP end the command with one line on stderr and exit code
+    128 + N. A watcher thread reads the signal from Python's wakeup fd and exits, so the line comes at once
+    even while the main thread is inside a long MLX computation (Python runs signal handlers only when it
+    returns). Nothing is left to clean up: generate writes only to stdout. The previous handlers and wakeup
+    fd come back after the block (the commands also run in-process, under click's test runner)."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    previous = {s: signal.signal(s, lambda *_: None) for s in wanted}  # Python writes the fd; the watcher acts
+
+    def watch():
+        while data := os.read(r, 64):
+            hit = next((b for b in data if b in wanted), None)
+            if hit is not None:
+                sys.stdout.flush()
+                lead = "\n" if sys.stdout.isatty() else ""  # off the streamed text's line
+                os.write(2, f"{lead}interrupted (signal {hit})\n".encode())
+                os._exit(128 + hit)
+        os.close(r)
+
+    watcher = threading.Thread(target=watch, daemon=True, name="illada-signals")
+    watcher.start()
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(w)  # the watcher reads the end and stops
+        watcher.join(1.0)
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -429,7 +530,7 @@ def chat(system, visual, model_path, mask_id, **kw):
             view.finish(reply)
         else:
             click.echo()
-        click.echo(stats_block(r), err=True)
+        click.echo(stats_block(r, compute_note(model)), err=True)
         last_spec = r.spec
         history.append({"role": "assistant", "content": reply})
 
@@ -547,6 +648,7 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
 
     from . import bench as B
     from . import distributed as dist
+    from .backend import backend_name, compute_dtype
 
     from .files import check_output_file, check_writable
 
@@ -607,7 +709,8 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
               "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs,
               "ranks": g.size(), "parallel": parallel if g.size() > 1 else None,
-              "parameter_bytes_per_rank": B.parameter_bytes(model)}
+              "parameter_bytes_per_rank": B.parameter_bytes(model), "compute_dtype": compute_dtype(model),
+              "backend": backend_name()}
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))

@@ -30,7 +30,7 @@ class Response:
     text: str  # new text since the previous response (may be empty)
     tokens: list[int]  # the block's new tokens, cut at EOS
     prompt_tokens: int
-    prompt_tps: float  # prompt tokens / time of the first forward (which reads the whole prompt)
+    prompt_tps: float  # positions / s of the first forward, which reads the prompt and the masks (0: unknown)
     generation_tokens: int  # so far
     generation_tps: float  # generated tokens / time since the start, first forward included
     peak_memory: float  # GB, like mlx-lm
@@ -41,6 +41,8 @@ class Response:
     finish_reason: Optional[str] = None  # "stop" or "length" on the last response
     stats: Optional[Stats] = None
     spec: Optional[DecodeSpec] = None
+    first_forward_s: float = 0.0  # time to the end of the first forward (set from the first block on)
+    first_forward_positions: Optional[int] = None  # positions it ran (None: a reused cache ran fewer)
 
 
 def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
@@ -101,16 +103,23 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSp
     stop_fn = (lambda row, toks: reply.add(toks)) if reply is not None else None
     t0 = time.perf_counter()
     produced = 0
+    reused = prompt_cache is not None and prompt_cache.reuse > 0
+    first: list[int] = []  # the positions the first forward ran: rows (CFG's copies too) × canvas
 
     def response(text, tokens, st: Stats, blocks_done, **end):
         wall = time.perf_counter() - t0
-        return Response(text, tokens, len(ids), st.prompt_tps, produced, produced / max(wall, 1e-9),
-                        _peak_gb(), st.nfe, produced / max(st.nfe, 1), blocks_done, spec.n_blocks, **end)
+        positions = first[0] if first and not reused else None
+        tps = positions / max(st.prompt_s, 1e-9) if positions and st.prompt_s else 0.0
+        return Response(text, tokens, len(ids), tps, produced, produced / max(wall, 1e-9), _peak_gb(), st.nfe,
+                        produced / max(st.nfe, 1), blocks_done, spec.n_blocks, **end,
+                        first_forward_s=st.prompt_s, first_forward_positions=positions)
 
     events = decode(model, [ids], spec, stop_fn=stop_fn, cache=prompt_cache)
     try:
         for ev in events:
             if isinstance(ev, Step):
+                if not first:
+                    first.append(ev.canvas.shape[0] * ev.canvas.shape[1] * (2 if spec.cfg_scale > 0 else 1))
                 if on_step is not None:
                     on_step(ev)
             elif isinstance(ev, BlockDone):

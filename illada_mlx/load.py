@@ -4,18 +4,24 @@ turns a local dir or a hub repo id into a directory (the converter uses it too).
 from __future__ import annotations
 
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import FLOAT_DTYPES, find_shards, inspect_checkpoint, iter_shards, safetensors_header
+from .checkpoint import FLOAT_DTYPES, Checkpoint, find_shards, inspect_checkpoint, iter_shards, safetensors_header
 from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
                      resolve_special_ids)
+from .backend import cast_floats, preferred_dtype
 from .distributed import all_objects, check_same
+from .errors import IlladaWarning
 from .files import check_file
+from .memory import Footprint, footprint, hf_note, plan_load
 from .model import Model
+from .progress import Progress
 from .quant import apply_quantization
 from .spec import DIFFUSION_CONFIG, model_defaults
 
@@ -77,27 +83,62 @@ def check_finite(weights: dict[str, mx.array], group=None) -> None:
                           "re-download or re-convert the model")
 
 
-def _build(args: ModelArgs, weights: dict[str, mx.array], allow_nonfinite: bool = False, group=None) -> Model:
+@dataclass
+class WeightGroup:
+    """The (lazy) tensors of one weight file, with the file's name and bytes (progress is by file)."""
+    name: str
+    nbytes: int
+    tensors: dict
+
+
+@dataclass
+class BuildOptions:
+    dtype: Optional[mx.Dtype] = None  # the compute dtype (None: as stored)
+    allow_nonfinite: bool = False
+    group: object = None  # the tensor-parallel group
+    progress: Optional[Progress] = None
+
+
+def _build(args: ModelArgs, groups: list[WeightGroup], opts: BuildOptions) -> Model:
+    group = opts.group
     sharded = group is not None and group.size() > 1
-    if not allow_nonfinite and not sharded:
-        check_finite(weights)
     model = Model(args)
     if args.quantization:
-        apply_quantization(model, args.quantization, weights.keys())
+        names = [k for g in groups for k in g.tensors]
+        apply_quantization(model, args.quantization, names)
     try:
-        model.load_weights(list(weights.items()), strict=True)
+        model.load_weights([kv for g in groups for kv in g.tensors.items()], strict=True)
     except ValueError as e:
         raise IlladaError(f"weights do not match config.json ({describe_mismatch(e)}); re-convert the model")
+    files = [(g.name, g.nbytes, list(g.tensors)) for g in groups]
+    for g in groups:
+        g.tensors.clear()  # the model holds the only references to the (lazy) tensors now
     if sharded:
-        weights.clear()  # the model holds the only references to the (lazy) whole tensors now
         model.shard(group)
+        cast_floats(model, opts.dtype)
         for part in (model.model.embed_tokens, *model.layers, model):  # one layer's whole tensors at a time
             mx.eval(part.parameters())
-        if not allow_nonfinite:
+        if not opts.allow_nonfinite:
             check_finite(dict(tree_flatten(model.parameters())), group)
+    else:
+        cast_floats(model, opts.dtype)
+        _read_by_file(model, files, opts)
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _read_by_file(model: Model, files: list[tuple], opts: BuildOptions) -> None:
+    """Read (and cast) the model's tensors one weight file at a time, each checked finite, the progress
+    moving by the file's bytes."""
+    params = dict(tree_flatten(model.parameters()))
+    for _, nbytes, names in files:
+        arrays = {n: params[n] for n in names if n in params}
+        mx.eval(arrays)
+        if not opts.allow_nonfinite:
+            check_finite(arrays)
+        if opts.progress is not None:
+            opts.progress.update(nbytes)
 
 
 def check_mlx_dtypes(headers: dict[str, dict]) -> None:
@@ -124,40 +165,89 @@ def mlx_weight_files(path: Path) -> list[Path]:
     return [check_file(path, f) for f in files]
 
 
-def load_mlx_weights(path: Path) -> dict[str, mx.array]:
-    """The (memory-mapped) weights of an MLX directory, every header checked first."""
+def load_mlx_weights(path: Path) -> tuple[list[WeightGroup], dict]:
+    """The (memory-mapped) weights of an MLX directory, one group per file, and every file's header
+    entries (all checked before any tensor is read)."""
     files = mlx_weight_files(path)
     headers = {}
     for f in files:
         headers.update(safetensors_header(path, f))
     check_mlx_dtypes(headers)
-    weights = {}
+    groups = []
     for f in files:
         try:
-            weights.update(mx.load(str(f)))  # memory-mapped, read lazily
+            groups.append(WeightGroup(f.name, f.stat().st_size, mx.load(str(f))))  # memory-mapped, read lazily
         except Exception as e:  # MLX reports a bad file as RuntimeError / ValueError
             raise IlladaError(f"{f.name}: cannot be read ({one_line(e)}); the file is corrupt, convert again")
-    return weights
+    return groups, headers
 
 
-def load_model(path: Path, mask_id: Optional[int] = None, group=None) -> Model:
+def hf_footprint(ck: Checkpoint) -> Footprint:
+    """An HF checkpoint's footprint: from the safetensors headers, or a PyTorch checkpoint's file sizes."""
+    if ck.kind == "safetensors":
+        headers = {}
+        for shard in ck.shards:
+            headers.update(safetensors_header(ck.root, shard))
+        return footprint(headers)
+    total = sum(ck.sizes.values())
+    return Footprint(stored_bytes=total, float_bytes=total, float_elements=total // 2, parameters=total // 2)
+
+
+def hf_weights(ck: Checkpoint) -> list[WeightGroup]:
+    """An HF checkpoint's weights, one group per shard (the tied head's copy dropped); safetensors lazily,
+    PyTorch shards read."""
+    return [WeightGroup(shard.name, ck.sizes[shard], {k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
+            for shard, tensors in iter_shards(ck)]
+
+
+@dataclass
+class LoadOptions:
+    """How a model is loaded: the compute dtype ("auto": float32 on the CPU, as stored on a GPU; "stored";
+    or "float32" / "bfloat16" / "float16"), a progress display on stderr, and where warnings go (default:
+    Python's warnings, as IlladaWarning)."""
+    compute_dtype: str = "auto"
+    progress: bool = False
+    notice: Optional[Callable[[str], None]] = None
+
+
+def _notify(opts: LoadOptions, msg: str) -> None:
+    if opts.notice is not None:
+        opts.notice(msg)
+    else:
+        warnings.warn(msg, IlladaWarning, stacklevel=4)
+
+
+def load_model(path: Path, mask_id: Optional[int] = None, group=None, opts: Optional[LoadOptions] = None) -> Model:
     """The model in an MLX dir (memory-mapped) or an HF dir (read whole into memory through the checkpoint
     reader: fine for small models, `illada-mlx convert` for big ones). Config, headers and dtypes are
-    checked before anything is read; NaN or infinite weights are refused (unless the MLX dir's config.json
-    says `convert --allow-nonfinite` made it)."""
-    path = Path(path)
+    checked, and the resident size estimated against the machine's memory (memory.py), before anything is
+    read; NaN or infinite weights are refused (unless the MLX dir's config.json says `convert
+    --allow-nonfinite` made it)."""
+    path, opts = Path(path), opts or LoadOptions()
     cfg = load_config(path)
-    if cfg.get("illada_mlx_format"):
+    mlx_dir = bool(cfg.get("illada_mlx_format"))
+    if mlx_dir:
         args = args_from_config(cfg)
         if mask_id is not None:
             args.mask_token_id = mask_id
         check_special_ids(args)
-        return _build(args, load_mlx_weights(path), allow_nonfinite=cfg.get(NONFINITE_KEY) is True, group=group)
-    args = resolve_special_ids(args_from_config(cfg), path, mask_id)
-    weights = {}
-    for _, tensors in iter_shards(inspect_checkpoint(path, args)):
-        weights.update({k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
-    return _build(args, weights, group=group)
+        groups, headers = load_mlx_weights(path)
+        fp = footprint(headers)
+    else:
+        args = resolve_special_ids(args_from_config(cfg), path, mask_id)
+        ck = inspect_checkpoint(path, args)
+        fp = hf_footprint(ck)
+    ranks = group.size() if group is not None else 1
+    plan = plan_load(fp, preferred_dtype(opts.compute_dtype), str(path), ranks)
+    groups = groups if mlx_dir else hf_weights(ck)  # (a PyTorch checkpoint is read here: after the check)
+    note = None if mlx_dir else hf_note(fp, path, plan.need_bytes)
+    for msg in plan.notes + ([note] if note else []):
+        _notify(opts, msg)
+    build = BuildOptions(dtype=plan.dtype, allow_nonfinite=mlx_dir and cfg.get(NONFINITE_KEY) is True, group=group)
+    total = sum(g.nbytes for g in groups)
+    with Progress("loading", total, f"{path} ({len(groups)} file(s))", enabled=opts.progress) as bar:
+        build.progress = bar
+        return _build(args, groups, build)
 
 
 def load_tokenizer(path: Path, args: ModelArgs):
@@ -199,10 +289,12 @@ def model_files(path: Path) -> dict[str, bytes]:
     return {"config.json": (path / "config.json").read_bytes(), "the list of files (names, sizes)": repr(files).encode()}
 
 
-def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None):
+def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None, compute_dtype: str = "auto",
+         progress: bool = False, notice: Optional[Callable[[str], None]] = None):
     """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model's HF
     checkpoint, read in memory. With a `group` of several ranks (mlx.launch) the model is tensor-parallel
-    (Model.shard): every rank checks that the others load the same files, then keeps its slice only."""
+    (Model.shard): every rank checks that the others load the same files, then keeps its slice only.
+    compute_dtype, progress, notice: see LoadOptions."""
     if path is None:
         from .demo import bundled
 
@@ -211,6 +303,6 @@ def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None):
         root = resolve_source(str(path))
     if group is not None and group.size() > 1:
         check_same(group, model_files(root), "model")
-    model = load_model(root, mask_id, group)
+    model = load_model(root, mask_id, group, LoadOptions(compute_dtype, progress, notice))
     model.decode_defaults = model_defaults(root)
     return model, load_tokenizer(root, model.args)
