@@ -211,6 +211,8 @@ def model_defaults(path) -> dict:
             raise IlladaError(f"{where}: rule {v!r} is not one of {', '.join(RULES)}; fix or delete the file")
         elif k != "rule" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise IlladaError(f"{where}: {k} must be a number, not {v!r}; fix or delete the file")
+        elif k == "drift_probes" and not isinstance(v, int):
+            raise IlladaError(f"{where}: drift_probes must be a whole number, not {v!r}; fix or delete the file")
     return d
 
 

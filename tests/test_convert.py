@@ -375,7 +375,8 @@ def test_decode_defaults_are_written_or_copied_and_loaded(ckpt_factory, tmp_path
 
 @pytest.mark.parametrize("content,needle", [('{"mode": "warp"}', "mode 'warp'"), ('{"temperature": 1}', "'temperature'"),
                                             ('{"threshold": "high"}', "must be a number"),
-                                            ('{"rule": "guess"}', "rule 'guess'"), ('[1]', "not an object")])
+                                            ('{"rule": "guess"}', "rule 'guess'"), ('[1]', "not an object"),
+                                            ('{"drift_probes": 2.5}', "whole number")])
 def test_a_bad_decode_defaults_file_is_one_line(ckpt_factory, tmp_path, content, needle):
     from illada_mlx.errors import IlladaError
 
