@@ -253,10 +253,13 @@ def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
         page.wait_for_selector("#mode option", state="attached", timeout=10_000)
         assert page.input_value("#mode") == make_spec(model, tok, 0).mode
 
+        # the official decode, one token a step, so masks show (the default fills this block in one step)
+        page.select_option("#mode", "variable")
         ask_page(page, "reverse hello")
         page.wait_for_selector(".msg.assistant .canvas .cell.mask", timeout=30_000)  # masks, step by step
         assert last_reply(page) == "olleh"
         assert "forwards" in page.locator(".msg.assistant .stats").last.inner_text()
+        page.select_option("#mode", make_spec(model, tok, 0).mode)  # back to the default for what follows
 
         other = context.new_page()  # a second tab: the key is kept, it is not asked again
         other.goto(f"http://127.0.0.1:{srv.port}/")
@@ -304,7 +307,7 @@ def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
         assert sent[-1]["diffusion"]["block_refresh"] == "full"
 
         page.click("#new-chat")
-        page.select_option("#block_refresh", "window")  # the fast mode's default: not sent
+        page.select_option("#block_refresh", "drift")  # the fast mode's default: not sent
         ask_page(page, "reverse hello")
         assert last_reply(page, timeout=20_000) == "olleh"
         assert page.locator(".msg").count() == 2 and len(sent[-1]["messages"]) == 1
