@@ -159,12 +159,8 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
         return _run_positions(model, st, spec, query, mx.arange(pos.shape[1]))
     if kind == "drift":
         return _probed_refresh(model, st, spec, pos, lo, hi)
-    kv = None if st.key_valid is None else st.key_valid[:, :L]
-    xin, at = x, pos
-    if spec.cfg_scale > 0:
-        xin = mx.concatenate([x, mx.where(st.prompt_mask[:, :L], spec.mask_id, x)])
-        kv = None if kv is None else mx.concatenate([kv, kv])
-        at = mx.concatenate([pos, pos])
+    xin, kv = _cfg_inputs(st, spec)
+    at = mx.concatenate([pos, pos]) if spec.cfg_scale > 0 else pos
     end = step_window(spec.cache, lo, hi, L)[1]
     if cache is None:
         wlo, end = 0, L
@@ -182,14 +178,23 @@ def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, ki
     return _tally(st, spec, logits, B, xin.shape[0] * (end - wlo))
 
 
+def _cfg_inputs(st: DecodeState, spec: DecodeSpec):
+    """The canvas and key mask a forward runs: with CFG, each row followed by its unconditional copy (the
+    prompt's tokens masked)."""
+    x, L = st.x, st.x.shape[1]
+    kv = None if st.key_valid is None else st.key_valid[:, :L]
+    if spec.cfg_scale <= 0:
+        return x, kv
+    x = mx.concatenate([x, mx.where(st.prompt_mask[:, :L], spec.mask_id, x)])
+    return x, None if kv is None else mx.concatenate([kv, kv])
+
+
 def _run_positions(model, st: DecodeState, spec: DecodeSpec, query, logits_at):
     """Logits at `logits_at` (entries of `query`) from a forward of the canvas positions `query` (B, Q),
     whose keys/values are written over the cache's, with CFG."""
-    x, kv = st.x, None if st.key_valid is None else st.key_valid[:, :st.x.shape[1]]
-    B = x.shape[0]
+    B = st.x.shape[0]
+    x, kv = _cfg_inputs(st, spec)
     if spec.cfg_scale > 0:
-        x = mx.concatenate([x, mx.where(st.prompt_mask[:, :x.shape[1]], spec.mask_id, x)])
-        kv = None if kv is None else mx.concatenate([kv, kv])
         query = mx.concatenate([query, query])
         logits_at = logits_at if logits_at.ndim == 1 else mx.concatenate([logits_at, logits_at])
     ids = mx.take_along_axis(x, query, axis=1)
