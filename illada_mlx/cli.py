@@ -143,7 +143,7 @@ def stats_block(r, compute: str = "") -> str:
     sp, st = r.spec, r.stats
     what = (f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
             f"{sp.steps_per_block} steps/block, rule {sp.rule}"
-            + (f" {sp.threshold}" if sp.rule == "threshold" else "") + (f" {sp.error_bound}" if sp.rule == "error" else "")
+            + (f" {sp.rule_number}" if sp.rule_number is not None else "")
             + f", cache {sp.cache}" + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
             + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else ""))
     return ("==========\n"
@@ -163,8 +163,7 @@ def compute_note(model) -> str:
 
 def settings_text(sp) -> str:
     """chat's /settings: the decode settings a person chooses, one topic per line."""
-    number = {"threshold": sp.threshold, "error": sp.error_bound, "factor": sp.factor, "entropy": sp.entropy_gamma}
-    commits = f"{sp.rule} {number[sp.rule]}" if sp.rule in number else f"{sp.rule} ({sp.remasking})"
+    commits = f"{sp.rule} {sp.rule_number}" if sp.rule_number is not None else f"{sp.rule} ({sp.remasking})"
     sampling = "temperature 0 (greedy)" if sp.temperature == 0 else (
         f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
     seed = "none" if sp.seed is None else sp.seed

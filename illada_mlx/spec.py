@@ -94,6 +94,12 @@ class DecodeSpec:
         return self.canvas == "growing"
 
     @property
+    def rule_number(self) -> Optional[float]:
+        """The number the commit rule reads (threshold τ, error bound ε, ...); None for the schedule."""
+        knob = {rule: knob for knob, rule in RULE_KNOBS.items()}.get(self.rule)
+        return None if knob is None else getattr(self, knob)
+
+    @property
     def pad(self) -> int:
         """The left-padding token: pad, else EOS, else 0 (padded keys are hidden from attention anyway)."""
         return self.pad_id if self.pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
