@@ -17,7 +17,7 @@ order (B, block), the Gumbel uniforms the positions whose logits are computed (B
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -117,7 +117,9 @@ class DecodeState:
     key: mx.array  # split once per step
     stats: Stats
     t0: float
-    refreshed: int = 0  # the drift policy: reply tokens before the block whose start last recomputed the canvas
+    # the drift policy, per active row: the reply tokens before the block whose start last recomputed its
+    # canvas (0: never; rows appended later are padded with 0)
+    refreshed: list[int] = field(default_factory=list)
 
     def keep(self, idx: list[int], cfg: bool) -> None:
         """Drop every active row not in idx (positions in the active batch); the cache keeps its rows
@@ -127,6 +129,7 @@ class DecodeState:
         self.x, self.prompt_mask = self.x[i], self.prompt_mask[i]
         self.key_valid = None if self.key_valid is None else self.key_valid[i]
         self.rows = [self.rows[j] for j in idx]
+        self.refreshed = [self.refreshed[j] for j in idx if j < len(self.refreshed)]
         if self.cache is not None:
             self.cache.keep(mx.array(idx + [j + n for j in idx]) if cfg else i)
 
@@ -215,18 +218,33 @@ def probe_positions(key_valid: Optional[mx.array], rows: int, end: int, n: int) 
     return (start[:, None] + (i[None] * span[:, None] + n - 1) // n - 1).astype(mx.int32)
 
 
+def may_refresh(st: DecodeState, lo: int) -> list[int]:
+    """The active rows the drift policy may recompute at the block starting at `lo`: at most once each
+    time the reply doubles, per row (blocks 1, 2, 4, 8, ... of it), so the work stays linear in the reply."""
+    st.refreshed += [0] * (st.x.shape[0] - len(st.refreshed))
+    written = lo - st.prompt_len
+    return [j for j, r in enumerate(st.refreshed) if written > 0 and written >= 2 * r]
+
+
 def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int):
     """The drift policy's block start: the window (the finished block once more, and the new one) runs with
     probes spread over the positions before it, whose cached keys were computed while the rest of the reply
     was masks or absent. The rows whose probes moved more than spec.drift_threshold (cache.drift) have
     their whole canvas recomputed (a second forward, for those rows alone: a row decodes as it does alone),
-    and those logits are theirs."""
+    and those logits are theirs. Only the rows that may refresh (`may_refresh`) probe: the others' probes
+    repeat the window's first position (a repeat writes what the window writes), so each row decodes as
+    it does alone, and a block start where no row may refresh runs the plain window."""
     cache, B = st.cache, st.x.shape[0]
     wlo = lo - spec.block_length
     end = step_window(spec.cache, lo, hi, st.x.shape[1])[1]
-    probes = probe_positions(st.key_valid, B, wlo, spec.drift_probes)
+    eligible = may_refresh(st, lo)
+    probes = probe_positions(st.key_valid, B, wlo, spec.drift_probes) if eligible else None
     if probes is None:
         return _forward(model, st, spec, pos, lo, hi, "window")
+    if len(eligible) < B:
+        probing = mx.zeros((B, 1), dtype=mx.bool_)
+        probing[mx.array(eligible)] = True
+        probes = mx.where(probing, probes, wlo)
     n = probes.shape[1]
     query = mx.concatenate([probes, mx.broadcast_to(mx.arange(wlo, end, dtype=mx.int32), (B, end - wlo))], axis=1)
     cache.probe(n)
@@ -235,13 +253,13 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
     if spec.cfg_scale > 0:  # a row and its unconditional copy refresh together
         drift = mx.maximum(drift[:B], drift[B:])
     drift = drift.tolist()
-    st.stats.max_drift = max([st.stats.max_drift] + drift)
+    st.stats.max_drift = max([st.stats.max_drift] + [drift[j] for j in eligible])
     cache.settled = lo
-    written = lo - st.prompt_len
-    moved = [j for j, d in enumerate(drift) if d > spec.drift_threshold]
-    if not moved or written < 2 * st.refreshed:  # at most once each time the reply doubles
+    moved = [j for j in eligible if drift[j] > spec.drift_threshold]
+    if not moved:
         return logits
-    st.refreshed = written
+    for j in moved:
+        st.refreshed[j] = lo - st.prompt_len
     st.stats.drift_refreshes += len(moved)
     if len(moved) == B:
         return _forward(model, st, spec, pos, lo, hi, "full")

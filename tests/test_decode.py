@@ -589,6 +589,27 @@ def test_drift_refresh_at_threshold_zero_is_the_full_refresh(tiny, cache):
     assert never.stats.drift_refreshes == 0 and 0 < never.stats.max_drift < 1
 
 
+def test_probes_run_only_where_a_refresh_may_follow(tiny):
+    # nine blocks of 8: at drift threshold 0 the refreshes at blocks 1, 2, 4 and 8 are the only block
+    # starts that probe (the doubling limit forbids the others); never refreshing, blocks 1 to 8 all may
+    from illada_mlx.cache import BlockCache
+    from illada_mlx.decode import decode, run
+
+    class Counting(BlockCache):
+        def probe(self, n):
+            self.calls = getattr(self, "calls", 0) + 1
+            super().probe(n)
+
+    model, _, _, mask = tiny
+    rows = [prompts(1, 6, 23)[0].tolist()]
+    kw = dict(max_tokens=72, cache="prefix", rule="threshold", threshold=0.5, logits_eos_inf=True,
+              block_refresh="drift")
+    for threshold, probed, refreshes in ((0.0, 4, 4), (2.0, 8, 0)):
+        cache = Counting()
+        g = run(decode(model, rows, _growing(mask, drift_threshold=threshold, **kw), cache=cache))
+        assert (cache.calls, g.stats.drift_refreshes) == (probed, refreshes)
+
+
 def test_drift_refresh_runs_at_most_once_each_time_the_reply_doubles(tiny):
     # nine blocks of 8 at threshold 0: the starts of blocks 1, 2, 4 and 8 (8, 16, 32 and 64 tokens written)
     from illada_mlx.decode import decode, run
@@ -649,7 +670,9 @@ def test_drift_refresh_rows_decode_together_as_alone(tiny):
 
     model, _, _, mask = tiny
     rows = [prompts(1, n, 50 + n)[0].tolist() for n in (6, 9)]
-    base = dict(max_tokens=24, cache="token", rule="threshold", threshold=0.5, logits_eos_inf=True,
+    # five blocks: the doubling limit counts per row (the row that refreshed at blocks 1 and 2 waits for
+    # block 4, the other may refresh at block 3)
+    base = dict(max_tokens=40, cache="token", rule="threshold", threshold=0.5, logits_eos_inf=True,
                 block_refresh="drift", drift_probes=4)
     alone = [run(decode(model, [r], _growing(mask, **base))) for r in rows]
     drifts = sorted(a.stats.max_drift for a in alone)
