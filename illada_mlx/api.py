@@ -16,9 +16,8 @@ from typing import Optional
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from .cache import CACHES, REFRESHES
-from .rules import RULES
-from .spec import PRESETS
+from .config import IlladaError
+from .settings import request_settings, setting
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32  # JSON nesting
@@ -57,8 +56,7 @@ NEUTRAL = {
     "best_of": (_number_is(1), "1"),
     "suffix": (lambda v: v == "", '""'),
 }
-DIFFUSION_FIELDS = {"mode", "block_length", "steps_per_block", "rule", "threshold", "error_bound", "cache",
-                    "refresh_every", "block_refresh", "drift_threshold", "think_boost", "steps"}
+DIFFUSION_FIELDS = {x.name for x in request_settings("diffusion")} | {"think_boost", "steps"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -187,18 +185,30 @@ def _bool(body, name, where=""):
     return bool(v)
 
 
+def _setting(d: dict, name: str, where: str = "", key: Optional[str] = None):
+    """A registry setting (settings.py) read from a request object (at `key`, default its name), None when
+    absent; a 400 naming the field when refused."""
+    key = key or name
+    v = d.get(key)
+    if v is None:
+        return None
+    try:
+        return setting(name).check(v, label=where + key)
+    except IlladaError as e:
+        raise ApiError(400, str(e), param=where + key)
+
+
 def settings(a, body: dict) -> dict:
     """The request's decode settings (make_spec keywords) for a model of ModelArgs `a`; unset ones keep the
-    model's defaults."""
+    model's defaults. Each one's type and range are the registry's (settings.py); the budget is also bounded
+    by the model's positions."""
     limit = a.max_position_embeddings
-    mt = _num(body, "max_tokens", int, 1, limit)
-    mt = mt if mt is not None else _num(body, "max_completion_tokens", int, 1, limit)
-    s = dict(max_tokens=mt, default_cap=512,  # none asked for: up to 512, cut to fit
-             temperature=_num(body, "temperature", float, 0.0, 2.0), seed=_num(body, "seed", int, 0, 2**31 - 1),
-             top_p=_num(body, "top_p", float, 0.0, 1.0), top_k=_num(body, "top_k", int, 0, a.vocab_size),
-             min_p=_num(body, "min_p", float, 0.0, 1.0))
-    if s["top_p"] == 0.0:
-        raise ApiError(400, "top_p must be a number in (0, 1]", param="top_p")
+    s = {x.name: _setting(body, x.name) for x in request_settings("body")}
+    if s["max_tokens"] is None:
+        s["max_tokens"] = _setting(body, "max_tokens", key="max_completion_tokens")
+    if s["max_tokens"] is not None and s["max_tokens"] > limit:
+        raise ApiError(400, f"max_tokens must be at most the model's {limit} positions", param="max_tokens")
+    s["default_cap"] = 512  # none asked for: up to 512, cut to fit
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
@@ -212,17 +222,7 @@ def settings(a, body: dict) -> dict:
     bad = sorted(set(d) - DIFFUSION_FIELDS)
     if bad:
         raise ApiError(400, f"unknown diffusion option {bad[0]!r}", param=f"diffusion.{bad[0]}", code="unknown_field")
-    for name, allowed in (("mode", PRESETS), ("rule", RULES), ("cache", CACHES), ("block_refresh", REFRESHES)):
-        if d.get(name) is not None:
-            if not isinstance(d[name], str) or d[name] not in allowed:
-                raise ApiError(400, f"diffusion.{name} must be one of {', '.join(allowed)}", param=f"diffusion.{name}")
-            s[name] = d[name]
-    s["block_length"] = _num(d, "block_length", int, 1, 1024, where="diffusion.")
-    s["steps_per_block"] = _num(d, "steps_per_block", int, 1, 1024, where="diffusion.")
-    s["threshold"] = _num(d, "threshold", float, 1e-6, 1.0, where="diffusion.")
-    s["error_bound"] = _num(d, "error_bound", float, 1e-6, 32.0, where="diffusion.")
-    s["drift_threshold"] = _num(d, "drift_threshold", float, 0.0, 2.0, where="diffusion.")
-    s["refresh_every"] = _num(d, "refresh_every", int, 0, 1024, where="diffusion.")
+    s.update({x.name: _setting(d, x.name, "diffusion.") for x in request_settings("diffusion")})
     s["think_boost"] = _bool(d, "think_boost", where="diffusion.")
     return s
 

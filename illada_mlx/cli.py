@@ -16,7 +16,7 @@ import click
 from .cache import CACHES, REFRESHES
 from .config import IlladaError, one_line
 from .options import SEED, FiniteFloat, Group, IntList
-from .rules import RULES
+from .settings import SETTINGS
 from .spec import PRESETS
 
 
@@ -76,42 +76,25 @@ PARALLEL = click.option("--parallel", type=click.Choice(["data", "tensor"]), def
 MODE_HELP = "; ".join(f"{name} = {p.about}" for name, p in PRESETS.items())
 
 
+def setting_option(s):
+    """The click option of a registry setting (settings.py): its flags, a type that checks its range, its help."""
+    if s.kind is str:
+        kind = click.Choice(list(s.choices))
+    elif s.kind is int:
+        kind = click.IntRange(s.lo, s.hi)
+    else:
+        kind = FiniteFloat(s.lo, s.hi, min_open=s.lo_open)
+    about = f" {MODE_HELP}." if s.name == "mode" else ""
+    return click.option(*s.flags, s.name, type=kind, default=None, help=s.usage(accepts=False) + about)
+
+
 def sampler_options(f):
-    """The decoding options generate/chat share. Unset ones take the model's defaults (see --help)."""
-    opts = [
-        click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the bundled demo model)."),
-        click.option("--mode", type=click.Choice(list(PRESETS)), default=None,
-                     help=f"Default: the model's own (its diffusion_config.json), else fast. {MODE_HELP}."),
-        click.option("-m", "--max-tokens", type=click.IntRange(min=1), default=None,
-                     help="Budget. Default: a fixed canvas 128 tokens (the official one); the growing canvas 1024 "
-                          "(base) / 2048 (chat model), cut to the context. A given budget that does not fit is refused."),
-        click.option("--block-length", type=click.IntRange(min=1), default=None, help="Block size (default 32)."),
-        click.option("--steps-per-block", type=click.IntRange(min=1), default=None,
-                     help="Denoising steps per block (default 32)."),
-        click.option("--temperature", "--temp", "temperature", type=FiniteFloat(min=0), default=None,
-                     help="0 = greedy (default)."),
-        click.option("--rule", type=click.Choice(list(RULES)), default=None,
-                     help="Commit rule of the adaptive modes (default: the model's; threshold without one)."),
-        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=None,
-                     help="At temperature > 0: sample from the smallest set of candidates with this mass, in (0, 1]."),
-        click.option("--top-k", type=click.IntRange(min=0), default=None,
-                     help="At temperature > 0: sample from the k most likely candidates (0: all)."),
-        click.option("--min-p", type=FiniteFloat(0, 1), default=None,
-                     help="At temperature > 0: drop candidates below this fraction of the most likely, in [0, 1]."),
-        click.option("--threshold", type=FiniteFloat(0, 1, min_open=True), default=None,
-                     help="Threshold rule: commit tokens with confidence ≥ τ (0.9), in (0, 1]; asks for that rule."),
-        click.option("--error-bound", type=FiniteFloat(0, 32, min_open=True), default=None,
-                     help="Error rule: commit the most confident tokens while Σ (1 − confidence) ≤ ε; asks for "
-                          "that rule."),
-        click.option("--cache", type=click.Choice(list(CACHES)), default=None,
-                     help="Block KV cache (default: the mode's: fast token, fast_fixed dual, else none)."),
-        click.option("--block-refresh", type=click.Choice(list(REFRESHES)), default=None,
-                     help="What a cached mode recomputes at a block start: window = the finished block and the new "
-                          "one, full = the whole canvas, drift = the window and probes of the positions before it, then "
-                          "the whole canvas if their keys moved more than --drift-threshold (fast's default)."),
-        click.option("--drift-threshold", type=FiniteFloat(0, 2), default=None,
-                     help="Drift refresh: the probes' key drift (1 − cosine) above which the canvas is recomputed."),
-        click.option("--seed", type=SEED, default=None, help="0 to 2**32-1."),
+    """The decoding options generate/chat share: the registry's settings that have CLI flags, and the model,
+    stop strings, the think boost and the mask id. Unset ones take the model's defaults (see --help)."""
+    opts = [click.option("--model", "model_path", default=None,
+                         help="MLX dir, HF dir or hub id (default: the bundled demo model).")]
+    opts += [setting_option(s) for s in SETTINGS if s.flags]
+    opts += [
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--think-boost/--no-think-boost", default=None, help="iLLaDA-Instruct end-of-thinking boost."),
         click.option("--mask-id", type=click.IntRange(min=0), default=None, help="Override the mask token id."),

@@ -31,9 +31,19 @@ from .config import IlladaError
 from .distributed import gather, split
 from .engine import generate_text
 from .likelihood import chunk_size, greedy_answers, log_likelihoods
+from .settings import BY_NAME
 
-_INT = {"mc_num", "batch_size", "max_tokens", "block_length", "steps_per_block", "seed"}
-_FLOAT = {"cfg_scale", "threshold", "temperature"}
+_INT = {"mc_num", "batch_size"}  # the likelihood's own args; decode args and the seed are the registry's
+_FLOAT = {"cfg_scale"}
+
+
+def decode_arg(key: str, value):
+    """A decode model arg, typed and checked by its registry setting (settings.py); other keys go to
+    make_spec as they are (which refuses unknown ones)."""
+    if key not in BY_NAME:
+        return value
+    label = f"model arg {key}"
+    return BY_NAME[key].parse(value, label) if isinstance(value, str) else BY_NAME[key].check(value, label)
 
 
 def _typed(key: str, value):
@@ -57,17 +67,18 @@ class IlladaLM(LM):
                  cfg_scale: float = 0.0, greedy_check: bool = True, seed: int = 0, group=None, **decode):
         super().__init__()
         self.group = group if group is not None and group.size() > 1 else None
+        self.decode = {k: decode_arg(k, v) for k, v in decode.items() if v is not None}  # before any loading
+        self.seed = decode_arg("seed", seed)
         if model is None:
             from .load import load
 
             model, tokenizer = load(path)
         kw = {k: _typed(k, v) for k, v in dict(mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
-                                                greedy_check=greedy_check, seed=seed).items()}
+                                                greedy_check=greedy_check).items()}
         self.model, self.tok = model, tokenizer
         self.mc_num, self.batch, self.cfg = kw["mc_num"], kw["batch_size"], kw["cfg_scale"]
-        self.greedy, self.seed = kw["greedy_check"], kw["seed"]
+        self.greedy = kw["greedy_check"]
         self.templated = False  # set once lm-eval renders a prompt through the chat template
-        self.decode = {k: _typed(k, v) for k, v in decode.items() if v is not None}
         if self.mc_num % self.batch:
             raise IlladaError(f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch})")
 

@@ -14,6 +14,7 @@ import sys
 import click
 
 from .config import one_line, one_line_errors
+from .settings import SEED_MAX
 
 
 class FiniteFloat(click.FloatRange):
@@ -52,7 +53,7 @@ class IntList(click.ParamType):
 # a bare command's usage screen (click >= 8.2 raises it; 8.1 prints the help itself)
 NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
-SEED = click.IntRange(0, 2**32 - 1)
+SEED = click.IntRange(0, SEED_MAX)
 
 
 class OneLineErrors:

@@ -59,6 +59,7 @@ from .config import ContextError, IlladaError, one_line
 from .decode import Step
 from .engine import build_prompt, stream_generate
 from .listen import Guard, LoopErrors, Options, bind, exposure, make_server, raise_fd_limit
+from .settings import as_json as settings_registry
 from .spec import PRESETS, DecodeSpec, make_spec
 from .text import ReplyText
 
@@ -588,7 +589,8 @@ async def defaults(request):
     default mode and each mode's block length, steps per block, commit rule, threshold, budget
     (max_tokens, before it is cut to the room a prompt leaves), temperature, cache and block refresh; and the
     ids that end
-    a reply (EOS, EoT), which the page draws apart on the canvas."""
+    a reply (EOS, EoT), which the page draws apart on the canvas; and the registry of settings (settings.py:
+    each one's type, range or choices, help and where a request carries it)."""
     e: Engine = request.app.state.engine
     shown = ("block_length", "steps_per_block", "rule", "threshold", "error_bound", "max_tokens", "temperature", "cache",
              "block_refresh", "drift_threshold")
@@ -598,7 +600,8 @@ async def defaults(request):
         modes[name] = {k: getattr(spec, k) for k in shown}
     spec = make_spec(e.model, e.tok, 0)
     ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
-    return JSONResponse({"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends})
+    return JSONResponse({"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends,
+                         "settings": settings_registry()})
 
 
 async def health(request):

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 from .cache import CACHES, REFRESHES
 from .config import THINK_END_TEXT, ContextError, IlladaError
 from .rules import RULES
+from .settings import MODES, SETTINGS, setting
 
 CANVASES = ("fixed", "growing")
 REMASKING = ("low_confidence", "random")
@@ -23,7 +24,7 @@ DEFAULT_MODE = "fast"  # for a model whose directory names none (diffusion_confi
 DIFFUSION_CONFIG = "diffusion_config.json"  # a model dir's own decode defaults (`model_defaults`)
 # what a model's diffusion_config.json may set: its default mode and the numbers of the adaptive modes that
 # depend on the model (the official modes, `exact` and `variable`, take none of them)
-TUNABLE = ("rule", "threshold", "factor", "entropy_gamma", "error_bound", "drift_threshold", "drift_probes")
+TUNABLE = tuple(s.name for s in SETTINGS if s.model_file)
 # written by the converter for a model without its own file: Fast-dLLM's published setting for LLaDA-8B
 # (threshold commits at 0.9) with the fast mode's model-independent mechanisms
 FALLBACK_DEFAULTS = {"mode": DEFAULT_MODE, "rule": "threshold", "threshold": 0.9}
@@ -48,6 +49,7 @@ PRESETS = {
     "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
                          dict(canvas="fixed", rule="threshold", cache="dual")),
 }
+assert tuple(PRESETS) == MODES
 
 
 @dataclass(frozen=True)
@@ -140,28 +142,22 @@ class DecodeSpec:
                                      ("logits_at", self.logits_at, LOGITS_AT)):
             if value not in allowed:
                 raise IlladaError(f"{name} {value!r}: use one of {', '.join(allowed)}")
-        if self.block_length < 1 or self.steps_per_block < 1 or self.max_tokens < 1:
-            raise IlladaError("max_tokens, block_length and steps_per_block must be at least 1")
+        for ranged in SETTINGS:  # every setting's own range (settings.py)
+            value = getattr(self, ranged.name)
+            if value is not None or ranged.name not in ("mode", "seed"):
+                ranged.check(value)
         if not self.growing and self.max_tokens % self.block_length:
             raise IlladaError(f"gen_length {self.max_tokens} is not a multiple of block_length {self.block_length}")
         if prompt_len + self.max_tokens > positions:
             raise ContextError(f"prompt ({prompt_len}) + generation ({self.max_tokens}) = "
                                f"{prompt_len + self.max_tokens} tokens is more than the model's {positions} "
                                "positions; shorten the prompt or max tokens")
-        if self.temperature < 0 or self.cfg_scale < 0:
-            raise IlladaError("temperature and cfg_scale must be ≥ 0")
-        if not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:
-            raise IlladaError("top_p must be in (0, 1], top_k ≥ 0 and min_p in [0, 1]")
-        if not 0 < self.threshold <= 1:
-            raise IlladaError(f"threshold {self.threshold} must be in (0, 1]")
+        if self.cfg_scale < 0:
+            raise IlladaError("cfg_scale must be ≥ 0")
         if self.remasking == "random" and self.rule != "schedule":
             raise IlladaError("random remasking has no confidence to threshold: use rule='schedule'")
         if self.cache == "token" and self.logits_at != "masked":
             raise IlladaError("the token cache runs only the block's masked positions: use logits_at='masked'")
-        if not 0 < self.error_bound <= 32 or not 0 <= self.drift_threshold <= 2 or not 1 <= self.drift_probes <= 256:
-            raise IlladaError("error_bound must be in (0, 32], drift_threshold in [0, 2] and drift_probes in 1..256")
-        if self.refresh_every < 0 or self.full_refresh_every < 0:
-            raise IlladaError("refresh_every and full_refresh_every must be ≥ 0 (0: never)")
 
 
 def default_budget(model, tokenizer, canvas: str) -> int:
@@ -207,18 +203,13 @@ def model_defaults(path) -> dict:
     d = read_json_object(root, DIFFUSION_CONFIG)
     where = f"{root / DIFFUSION_CONFIG}"
     for k, v in d.items():
-        if k == "mode":
-            if v not in PRESETS:
-                raise IlladaError(f"{where}: mode {v!r} is not one of {', '.join(PRESETS)}; fix or delete the file")
-        elif k not in TUNABLE:
+        if k != "mode" and k not in TUNABLE:
             raise IlladaError(f"{where}: {k!r} is not a setting it may hold ({', '.join(('mode',) + TUNABLE)}); "
                               "fix or delete the file")
-        elif k == "rule" and v not in RULES:
-            raise IlladaError(f"{where}: rule {v!r} is not one of {', '.join(RULES)}; fix or delete the file")
-        elif k != "rule" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise IlladaError(f"{where}: {k} must be a number, not {v!r}; fix or delete the file")
-        elif k == "drift_probes" and not isinstance(v, int):
-            raise IlladaError(f"{where}: drift_probes must be a whole number, not {v!r}; fix or delete the file")
+        try:
+            setting(k).check(v)
+        except IlladaError as e:
+            raise IlladaError(f"{where}: {e}; fix or delete the file") from None
     return d
 
 
