@@ -9,8 +9,8 @@ One worker thread owns the model. Requests whose decode settings are compatible 
 same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
 joins the running batch at the next block boundary and its rows leave when they are done (`max_batch`
 rows at most); any other request is decoded alone when the batch is empty. `n` choices are rows of one
-batch. A client that disconnects cancels its request within a step when no other request shares its
-decode, else its rows leave at the next block; a request that runs past
+batch. A client that disconnects cancels its request within a step: alone, its decode stops; batched, its
+rows leave the batch at the next step and the other rows decode on unchanged; a request that runs past
 `max_request_seconds` ends with finish_reason "time_limit".
 
 A request is read and checked by api.py (limits, then field by field: a bad one gets one 400 naming the
@@ -66,8 +66,8 @@ log = logging.getLogger("illada_mlx.server")
 
 # ------------------------------------------------------------------------------------------ the worker
 class Cancelled(Exception):
-    """Every request of the running decode was cancelled (its clients went away): it stops at the step it
-    is on instead of its block's end."""
+    """The request decoded alone was cancelled (its client went away): it stops at the step it is on
+    instead of its block's end."""
 
 
 @dataclass
@@ -110,7 +110,8 @@ class Engine:
         self.max_queue = max_queue
         self.jobs: queue.Queue = queue.Queue()  # submitted; the worker moves them to `waiting`
         self.waiting: deque = deque()
-        self.served = 0
+        self.served = 0  # requests ended, finished or cancelled
+        self.cancelled = 0  # of them, those whose client went away first (no finish reported)
         self.batch_sizes: list[int] = []  # rows in each batched block (reports and tests)
         self.created = int(time.time())
         self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
@@ -160,12 +161,6 @@ class Engine:
                 self._drop(batch)
                 if batch.size:
                     self._block(batch)
-            except Cancelled:  # mid-block: the batch's state is half a block on, so it goes as a whole
-                log.info("batch of %d rows cancelled mid-block (every client went away)", batch.size)
-                for row in batch.rows + batch.joining:
-                    self._done(row.handle)
-                batch = None
-                continue
             except Exception as e:  # our bug: the batch's requests get an error, the worker goes on
                 log.exception("decode failed")
                 for row in batch.rows + batch.joining:
@@ -227,11 +222,7 @@ class Engine:
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
         bl = batch.spec.block_length
 
-        jobs = [r.handle.job for r in batch.rows + batch.joining]
-
         def on_step(ev):
-            if all(job.cancel.is_set() for job in jobs):
-                raise Cancelled
             if not steps:
                 return
             want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
@@ -241,8 +232,14 @@ class Engine:
 
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step):
+        blocks = batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step,
+                                 leave=lambda r: r.handle.job.cancel.is_set())  # a client gone: out at this step
+        for row, toks, reason, lp in blocks:
             c = row.handle
+            if reason == "cancelled":
+                log.info("a request's row left its batch mid-block (its client went away)")
+                self._done(c)
+                continue
             c.tokens += len(toks)
             if reason is not None:
                 c.reply.finish()
@@ -254,9 +251,14 @@ class Engine:
                 self._done(c)
 
     def _done(self, c: Choice):
-        """Count a request served (finished or cancelled) with its last choice."""
+        """Count a request served (finished or cancelled) with its last choice, and cancelled when its
+        client went away first."""
         if c.index == c.job.n - 1:
-            self.served += 1
+            self._ended(c.job)
+
+    def _ended(self, job: Job):
+        self.served += 1
+        self.cancelled += job.cancel.is_set()
 
     def _alone(self, job: Job):
         """A request that shares no batch: its choices one after another through the engine."""
@@ -272,7 +274,7 @@ class Engine:
                 log.error("the ranks are out of step after a failed decode; exiting")
                 logging.shutdown()
                 os._exit(1)
-        self.served += 1
+        self._ended(job)
 
     def _alone_choice(self, job: Job, i: int, spec: DecodeSpec) -> bool:
         P, bl, end = len(job.prompt_ids), spec.block_length, len(job.prompt_ids) + spec.max_tokens

@@ -913,3 +913,55 @@ def test_serve_raises_the_open_file_limit_for_a_burst():
         assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(8 * 256 + 1024, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
+    # two streamed requests share a batch; the second's client leaves mid-block: its row goes at the next
+    # step (not the block's 128), and the first's reply is the one it gets decoded without the server
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    model, tok = load(str(d))
+    rows, base = [], type(model)
+
+    def call(self, *a, **kw):
+        rows.append(a[0].shape[0])  # the rows of this forward
+        return base.__call__(self, *a, **kw)
+
+    model.__class__ = type("Rows" + base.__name__, (base,), {"__call__": call})
+    srv = Server(model, tok, "tiny")
+    settings = {"mode": "variable", "block_length": 128, "steps_per_block": 128}
+    stay = [{"role": "user", "content": "stay"}]
+    body = {"max_tokens": 256, "stream": True, "diffusion": settings}
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=srv.url, timeout=60) as h:
+            def read(messages):
+                text = ""
+                with h.stream("POST", "/chat/completions", json={**body, "messages": messages}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                return text
+
+            first = pool.submit(read, stay)
+            while not rows:
+                time.sleep(0.005)
+            with httpx.Client(base_url=srv.url, timeout=60) as h2:
+                with h2.stream("POST", "/chat/completions", json={**body, "messages": [{"role": "user", "content": "go"}]}) as r:
+                    lines = r.iter_lines()  # held: a dropped iterator closes the response
+                    next(lines)
+                    t0 = time.time()
+                    while 2 not in rows and time.time() - t0 < 30:
+                        time.sleep(0.002)
+                    assert 2 in rows, "the second request never joined the first's batch"
+                    shared = rows.count(2)
+            text = first.result(timeout=60)
+        t0 = time.time()
+        while srv.engine.served < 2 and time.time() - t0 < 30:
+            time.sleep(0.02)
+        after = rows.count(2) - shared
+        assert srv.engine.served == 2 and srv.engine.cancelled == 1
+        assert after < 64, after  # the row left at a step, not at its block's end (128 steps)
+        assert text == reply(model, tok, stay, max_tokens=256, **settings)[0]
+    finally:
+        srv.stop()
