@@ -9,7 +9,9 @@ well-behaved client streams a 2-block reply (32 tokens) again and again; a leave
 (`--alone-seconds`), then beside the leavers. Reported: the well-behaved clients' time to their first
 block (p50 / p90 / max) alone and beside the leavers, their requests per second, the leavers' requests,
 and, once every client has stopped at the end, the forwards the server still ran for requests nobody
-reads any more (the model's forwards are counted).
+reads any more (the model's forwards are counted); per row dropped mid-decode, whether the step it left
+after began after its client had gone (server.Engine.late_steps: 0 means it stopped within the step it
+was on), and the time between forwards.
 """
 
 from __future__ import annotations
@@ -124,11 +126,15 @@ def main():
     beside, beside_rps, leavers, end = phase(url, a.seconds, a.steady, a.leavers)
     time.sleep(3)  # whatever still runs for nobody
     after = [t for t in model.times if t > end]
+    steps = [b - a for a, b in zip(model.times, model.times[1:]) if b - a < 5]  # a forward's time, idle gaps out
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "mlx": mx.__version__},
            "first_block_s": {"alone": pct(alone), "beside_leavers": pct(beside)},
            "steady_replies_per_s": {"alone": round(alone_rps, 3), "beside_leavers": round(beside_rps, 3)},
-           "leaver_requests": leavers, "forwards_after_every_client_stopped": len(after)}
+           "leaver_requests": leavers, "forwards_after_every_client_stopped": len(after),
+           "dropped_mid_decode": {"rows": len(engine.late_steps), "steps_begun_after_the_client_left": {
+               "max": max(engine.late_steps, default=0), "rows_with_one": sum(engine.late_steps)}},
+           "step_s": pct(steps)}
     print(json.dumps(out, indent=2))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))

@@ -81,12 +81,18 @@ class Job:
     steps: bool = False  # send a "step" event per denoising step (diffusion.steps)
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
+    cancelled_at: float = float("inf")  # time.monotonic() when its client went away
 
     def emit(self, kind, index, payload=None):
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
         except RuntimeError:  # the server's event loop has closed (it stopped): nobody reads on
-            self.cancel.set()
+            self.stop()
+
+    def stop(self):
+        """Its client went away: the worker drops it at the step it is on."""
+        self.cancelled_at = min(self.cancelled_at, time.monotonic())
+        self.cancel.set()
 
 
 @dataclass(eq=False)
@@ -112,6 +118,8 @@ class Engine:
         self.waiting: deque = deque()
         self.served = 0  # requests ended, finished or cancelled
         self.cancelled = 0  # of them, those whose client went away first (no finish reported)
+        self.late_steps: list[int] = []  # per row dropped mid-decode: 1 if the step it left after began after its
+        # client had gone (it ran a whole step for nobody), else 0
         self.batch_sizes: list[int] = []  # rows in each batched block (reports and tests)
         self.created = int(time.time())
         self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
@@ -222,7 +230,10 @@ class Engine:
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
         bl = batch.spec.block_length
 
+        clock = [time.monotonic()] * 2  # when the step that just ran began, when it ended
+
         def on_step(ev):
+            clock[:] = clock[1], time.monotonic()
             if not steps:
                 return
             want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
@@ -233,7 +244,7 @@ class Engine:
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
         blocks = batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step,
-                                 leave=lambda r: r.handle.job.cancel.is_set())  # a client gone: out at this step
+                                 leave=lambda r: self._gone(r.handle.job, clock[0]))  # a client gone: out now
         for row, toks, reason, lp in blocks:
             c = row.handle
             if reason == "cancelled":
@@ -249,6 +260,14 @@ class Engine:
             if reason is not None:
                 c.job.emit("done", c.index, self._info(reason, c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
                 self._done(c)
+
+    def _gone(self, job: Job, began: float) -> bool:
+        """Whether the job's client went away; if so, notes whether the step just run (begun at `began`)
+        began after that (late_steps)."""
+        if not job.cancel.is_set():
+            return False
+        self.late_steps.append(int(job.cancelled_at < began))
+        return True
 
     def _done(self, c: Choice):
         """Count a request served (finished or cancelled) with its last choice, and cancelled when its
@@ -279,9 +298,11 @@ class Engine:
     def _alone_choice(self, job: Job, i: int, spec: DecodeSpec) -> bool:
         P, bl, end = len(job.prompt_ids), spec.block_length, len(job.prompt_ids) + spec.max_tokens
         tracker = LogprobTracker(job.top_logprobs) if job.top_logprobs >= 0 else None
+        clock = [time.monotonic()]  # when the step now ending began
 
         def on_step(ev):
-            if self.group is None and job.cancel.is_set():  # one process: stop at this step (ranks stop in step)
+            began, clock[0] = clock[0], time.monotonic()
+            if self.group is None and self._gone(job, began):  # one process: stop at this step (ranks: in step)
                 raise Cancelled
             if tracker is not None:
                 if ev.step == 0:
@@ -523,7 +544,7 @@ class Answer:
             request.state.tokens = (self.P, tokens)
         finally:
             if done < job.n:
-                job.cancel.set()  # the worker drops its rows at the next block
+                job.stop()  # the worker drops its rows at the step it is on
 
     async def reply(self, job: Job, request: Request) -> Response:
         """The whole response once every choice is done; a client gone meanwhile cancels the job."""
@@ -533,7 +554,7 @@ class Answer:
                 kind, i, payload = await asyncio.wait_for(job.out.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel.set()
+                    job.stop()
                     log.info("client disconnected: %s cancelled", self.id)
                     return Response(status_code=499)
                 continue
@@ -544,7 +565,7 @@ class Answer:
             elif kind == "done":
                 infos[i] = payload
             else:
-                job.cancel.set()
+                job.stop()
                 return ApiError(500, payload, kind="server_error").response()
         out = []
         for i in range(job.n):

@@ -961,6 +961,7 @@ def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
             time.sleep(0.02)
         after = rows.count(2) - shared
         assert srv.engine.served == 2 and srv.engine.cancelled == 1
+        assert srv.engine.late_steps == [0]  # no step began after its client had gone
         assert after < 64, after  # the row left at a step, not at its block's end (128 steps)
         assert text == reply(model, tok, stay, max_tokens=256, **settings)[0]
     finally:
