@@ -70,7 +70,7 @@ class Cancelled(Exception):
     instead of its block's end."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt_ids: list
     spec: DecodeSpec  # resolved and validated when the request came in
@@ -116,6 +116,8 @@ class Engine:
         self.max_queue = max_queue
         self.jobs: queue.Queue = queue.Queue()  # submitted; the worker moves them to `waiting`
         self.waiting: deque = deque()
+        self.queued: set = set()  # submitted and not yet taken by the worker (the queue limit counts the live ones)
+        self.queue_lock = threading.Lock()
         self.served = 0  # requests ended, finished or cancelled
         self.cancelled = 0  # of them, those whose client went away first (no finish reported)
         self.late_steps: list[int] = []  # per row dropped mid-decode: 1 if the step it left after began after its
@@ -130,12 +132,27 @@ class Engine:
         self.worker.start()
 
     def submit(self, job: Job):
-        """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted)."""
+        """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted, nor the
+        requests whose client went away while they waited: the worker skips them when it comes to them)."""
         job.deadline = time.monotonic() + self.max_request_seconds
-        if self.jobs.qsize() + len(self.waiting) >= self.max_queue:
-            raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
-                           kind="rate_limit_error")
+        with self.queue_lock:
+            self.queued = {j for j in self.queued if not j.cancel.is_set()}
+            if len(self.queued) >= self.max_queue:
+                raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
+                               kind="rate_limit_error")
+            self.queued.add(job)
         self.jobs.put_nowait(job)
+
+    def queue_length(self) -> int:
+        """Requests waiting whose client is still there."""
+        with self.queue_lock:
+            return sum(not j.cancel.is_set() for j in self.queued)
+
+    def _take(self, job: Optional[Job]) -> Optional[Job]:
+        """The worker takes a job off the queue (to decode it, or to skip it)."""
+        with self.queue_lock:
+            self.queued.discard(job)
+        return job
 
     def encode(self, chat: bool, prompt) -> list[int]:
         if chat:
@@ -150,7 +167,7 @@ class Engine:
         while True:
             self._collect(wait=batch is None and not self.waiting)
             if batch is None:
-                job = self.waiting.popleft() if self.waiting else None
+                job = self._take(self.waiting.popleft()) if self.waiting else None
                 if job is None or job.cancel.is_set():
                     continue
                 if batch_key(job.spec) is None:
@@ -162,7 +179,7 @@ class Engine:
             while self.waiting and (self.waiting[0].cancel.is_set() or (
                     batch_key(self.waiting[0].spec) == key and batch.size + self.waiting[0].n <= self.max_batch
                     and batch.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens))):
-                job = self.waiting.popleft()
+                job = self._take(self.waiting.popleft())
                 if not job.cancel.is_set():
                     self._admit(batch, job)
             try:
@@ -183,7 +200,7 @@ class Engine:
         other ranks what to run); at close() the other ranks are told to end (`follow` returns)."""
         while True:
             with dist.idle():  # no request may come for long: the watchdog waits
-                job = self.jobs.get()
+                job = self._take(self.jobs.get())
             if job is None:
                 dist.broadcast(self.group, None)
                 return
@@ -626,7 +643,7 @@ async def defaults(request):
 
 async def health(request):
     e: Engine = request.app.state.engine
-    return JSONResponse({"status": "ok", "model": e.name, "queued": e.jobs.qsize() + len(e.waiting)})
+    return JSONResponse({"status": "ok", "model": e.name, "queued": e.queue_length()})
 
 
 # ------------------------------------------------------------------------------------------ the web chat page

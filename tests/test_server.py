@@ -657,12 +657,45 @@ def test_a_full_queue_answers_429(tiny_model):
                 next(lines)  # running: the batch is full (max_batch 1)
                 queued = ex.submit(h2.post, "/chat/completions", json=short)
                 t0 = time.time()
-                while srv.engine.jobs.qsize() + len(srv.engine.waiting) < 1 and time.time() - t0 < 20:
+                while srv.engine.queue_length() < 1 and time.time() - t0 < 20:
                     time.sleep(0.05)
                 with httpx.Client(base_url=srv.url, timeout=60) as h3:
                     busy = h3.post("/chat/completions", json=short)
                 assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
             assert queued.result().status_code == 200  # the stream closed: its rows left, the queued one ran
+    finally:
+        ex.shutdown()
+        srv.stop()
+
+
+def test_a_queued_request_whose_client_left_does_not_hold_a_queue_place(tiny_model):
+    # max_queue 1: a queued stream whose client closed leaves its place to the next request at once, though
+    # the worker (mid-block in a long decode) has not come to it yet
+    srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
+    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
+            "diffusion": {"block_length": 240, "steps_per_block": 240}}
+    short = dict(long, stream=False, max_tokens=8, diffusion={"block_length": 8, "steps_per_block": 8})
+    ex = ThreadPoolExecutor(1)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as h, httpx.Client(base_url=srv.url, timeout=60) as h2:
+            with h.stream("POST", "/chat/completions", json=long) as r:
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+                next(lines)
+                t0 = time.time()
+                while not srv.engine.batch_sizes and time.time() - t0 < 10:
+                    time.sleep(0.01)  # running: the batch is full (max_batch 1)
+                with h2.stream("POST", "/chat/completions", json=long) as q:
+                    kept = q.iter_lines()
+                    next(kept)  # queued (its role chunk comes at once)
+                    assert q.status_code == 200 and srv.engine.queue_length() == 1
+                while srv.engine.queue_length() and time.time() - t0 < 10:
+                    time.sleep(0.002)  # the server has seen its client go
+                blocks = len(srv.engine.batch_sizes)
+                third = ex.submit(h2.post, "/chat/completions", json=short)
+                while srv.engine.queue_length() < 1 and not third.done() and time.time() - t0 < 20:
+                    time.sleep(0.01)
+                assert len(srv.engine.batch_sizes) == blocks  # still the long decode's block: nothing taken
+            assert third.result().status_code == 200  # queued, not refused; it ran once the long one went
     finally:
         ex.shutdown()
         srv.stop()
