@@ -5,17 +5,21 @@
 The model is the `bench --shape small` dimensions with random weights and the demo's tokenizer (soak.py's
 `small_model`): it never says EOS, so every request writes its whole budget, one token per forward. A
 well-behaved client streams a 2-block reply (32 tokens) again and again; a leaver asks for 8 blocks
-(128 tokens) and closes its connection after a random 0..2 s. First the well-behaved clients run alone
-(`--alone-seconds`), then beside the leavers. Reported: the well-behaved clients' time to their first
+(128 tokens) and closes its connection after a random 0..2 s (the leavers run in a process of their own,
+as other clients would: their threads do not take the server's interpreter). First the well-behaved
+clients run alone (`--alone-seconds`), then beside the leavers. Reported: the well-behaved clients' time to their first
 block (p50 / p90 / max) alone and beside the leavers, their requests per second, the leavers' requests,
 and, once every client has stopped at the end, the forwards the server still ran for requests nobody
-reads any more (the model's forwards are counted).
+reads any more (the model's forwards are counted); per row dropped mid-decode, whether the step it left
+after began after its client had gone (server.Engine.late_steps: 0 means it stopped within the step it
+was on), and the time between forwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import random
 import socket
@@ -66,25 +70,54 @@ def steady(url, stop, first_blocks, done):
 
 
 def leaver(url, stop, seed, count):
-    """Ask for 8 blocks, read for a random 0..2 s, close; again until `stop`."""
+    """Ask for 8 blocks, read for a random 0..2 s, close; again until `stop`. The read timeout is the time
+    left, so that it leaves on time while no chunk comes (queued, or mid-block)."""
     rng = random.Random(seed)
     body = {"messages": [{"role": "user", "content": "sort 3 1 2"}], **LEAVER}
-    while not stop.is_set():
-        leave = time.perf_counter() + rng.uniform(0, 2)
-        try:
-            with httpx.Client(timeout=5) as h, h.stream("POST", f"{url}/chat/completions", json=body) as r:
-                lines = r.iter_lines()
-                while time.perf_counter() < leave and next(lines, None) is not None:
-                    pass
-        except httpx.HTTPError:
-            pass
-        count.append(1)
+    with httpx.Client() as h:  # one client (its TLS set-up) per leaver; a closed stream closes its connection
+        while not stop.is_set():
+            wait = rng.uniform(0, 2)
+            leave = time.perf_counter() + wait
+            how = "left"
+            try:
+                with h.stream("POST", f"{url}/chat/completions", json=body,
+                              timeout=httpx.Timeout(5, read=max(wait, 0.01))) as r:
+                    lines = r.iter_lines()
+                    while time.perf_counter() < leave:
+                        if next(lines, None) is None:
+                            how = f"ended ({r.status_code})"
+                            break
+            except httpx.ReadTimeout:
+                pass
+            except httpx.HTTPError as e:
+                how = type(e).__name__
+            count.append(how)
+
+
+def leavers(url, n, seconds, ready, out):
+    """In a process of their own (the server's process keeps its interpreter to itself): n leavers for
+    `seconds` once `ready` is set here."""
+    stop, left = threading.Event(), []
+    threads = [threading.Thread(target=leaver, args=(url, stop, i, left)) for i in range(n)]
+    ready.set()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    out.put({how: left.count(how) for how in sorted(set(left))})
 
 
 def phase(url, seconds, n_steady, n_leavers):
-    stop, first, done, left = threading.Event(), [], [], []
+    stop, first, done = threading.Event(), [], []
     threads = [threading.Thread(target=steady, args=(url, stop, first, done)) for _ in range(n_steady)]
-    threads += [threading.Thread(target=leaver, args=(url, stop, i, left)) for i in range(n_leavers)]
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=leavers, args=(url, n_leavers, seconds, ready, out)) if n_leavers else None
+    if child is not None:
+        child.start()
+        ready.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -92,7 +125,10 @@ def phase(url, seconds, n_steady, n_leavers):
     stop.set()
     for t in threads:
         t.join()
-    return first, len(done) / (time.perf_counter() - t0), len(left), time.perf_counter()
+    left = out.get() if child is not None else {}
+    if child is not None:
+        child.join()
+    return first, len(done) / (time.perf_counter() - t0), left, time.perf_counter()
 
 
 def pct(xs):
@@ -124,11 +160,15 @@ def main():
     beside, beside_rps, leavers, end = phase(url, a.seconds, a.steady, a.leavers)
     time.sleep(3)  # whatever still runs for nobody
     after = [t for t in model.times if t > end]
+    steps = [b - a for a, b in zip(model.times, model.times[1:]) if b - a < 5]  # a forward's time, idle gaps out
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "mlx": mx.__version__},
            "first_block_s": {"alone": pct(alone), "beside_leavers": pct(beside)},
            "steady_replies_per_s": {"alone": round(alone_rps, 3), "beside_leavers": round(beside_rps, 3)},
-           "leaver_requests": leavers, "forwards_after_every_client_stopped": len(after)}
+           "leaver_requests": sum(leavers.values()), "leaver_outcomes": leavers, "forwards_after_every_client_stopped": len(after),
+           "dropped_mid_decode": {"rows": len(engine.late_steps), "steps_begun_after_the_client_left": {
+               "max": max(engine.late_steps, default=0), "rows_with_one": sum(engine.late_steps)}},
+           "step_s": pct(steps)}
     print(json.dumps(out, indent=2))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))

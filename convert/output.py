@@ -5,23 +5,20 @@ A destination is replaced only when it is empty or recognizably a converted mode
 `illada_mlx_format` and nothing but the files convert writes); never a symlink, a filesystem root, the
 current or home directory or one of their parents, the source, a parent of the source or a directory
 inside it. Output is written into `.NAME.tmp-XXXXXXXX` beside the destination; a replaced destination
-is first moved into `.NAME.old-XXXXXXXX`. Each such directory is flock()ed by the run that made it
-(the lock dies with the process, SIGKILL included), and made under a lock on the parent, so a later run
-tells a dead run's leftovers from a live run's work: it removes them, or moves a moved-aside destination
-back when the run died before putting the new one in its place. During a conversion SIGTERM and SIGHUP
+is first moved into `.NAME.old-XXXXXXXX` (illada_mlx.workdirs: each is marked as ours and flock()ed by
+the run that made it, so a later convert into the same parent, or a load of a model there, tells a dead
+run's leftovers from a live run's work and from a user's files: it removes them, or moves a moved-aside
+destination back when the run died before putting the new one in its place). During a conversion SIGTERM and SIGHUP
 are handled like Ctrl-C (the temp dir is removed), and all three wait while the destination is swapped.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import re
 import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +26,11 @@ from typing import Callable, Optional
 
 from illada_mlx.config import IlladaError
 from illada_mlx.files import parse_json_object
-from illada_mlx.load import SIDE_FILES
+from illada_mlx.load import CONVERTED_FILES
+from illada_mlx.workdirs import MARKER, SHARD, WorkDir, unmark
+from illada_mlx.workdirs import sweep as sweep_workdirs
 
-WRITTEN = {"config.json", "README.md", "model.safetensors.index.json", *SIDE_FILES}
-SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-IN_PROGRESS = re.compile(r"^model-\d{5}\.safetensors$")  # shards before their final names
-LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")
+WRITTEN = {*CONVERTED_FILES, MARKER}  # the marker stays in a destination only when a kill came just after its rename
 SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
@@ -176,80 +172,9 @@ def check_apart_from_source(dst: Path, src: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ temp dirs, sweep
-@contextmanager
-def parent_locked(parent: Path):
-    """An exclusive flock on the parent directory while temp dirs are made or swept (no lock where the
-    directory cannot be opened for reading)."""
-    try:
-        fd = os.open(parent, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _lock(path: Path, wait: bool) -> Optional[int]:
-    """An fd holding an exclusive flock on directory `path`, or None when another process holds it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-class WorkDir:
-    """A `.NAME.KIND-XXXXXXXX` directory beside the destination, locked by this process until closed."""
-
-    def __init__(self, dst: Path, kind: str):
-        with parent_locked(dst.parent):
-            self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{kind}-", dir=dst.parent))
-            self.fd = _lock(self.path, wait=True)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _is_leftover(path: Path, kind: str) -> bool:
-    if kind == "tmp":
-        return all(e in WRITTEN or SHARD.match(e) or IN_PROGRESS.match(e) for e in os.listdir(path))
-    return os.listdir(path) in ([], ["x"])
-
-
 def sweep(parent: Path, notice: Callable[[str], None]) -> None:
-    """Remove dead runs' `.NAME.tmp-*` / `.NAME.old-*` directories in `parent`, moving a moved-aside
-    destination back when its new version never arrived; one notice line saying what was done."""
-    if not parent.is_dir():
-        return
-    removed, restored = [], []
-    with parent_locked(parent):
-        for entry in sorted(os.listdir(parent)):
-            m = LEFTOVER.match(entry)
-            path = parent / entry
-            if not m or path.is_symlink() or not path.is_dir() or not _is_leftover(path, m["kind"]):
-                continue
-            fd = _lock(path, wait=False)
-            if fd is None:
-                continue  # a live conversion's
-            try:
-                target = parent / m["name"]
-                if m["kind"] == "old" and (path / "x").is_dir() and not os.path.lexists(target):
-                    os.replace(path / "x", target)
-                    restored.append(m["name"])
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(entry)
-            finally:
-                os.close(fd)
-    if removed:
-        back = f"; moved {', '.join(restored)} back into place" if restored else ""
-        notice(f"removed what an interrupted conversion left in {parent}: {', '.join(removed)}{back}")
+    """Remove dead runs' `.NAME.tmp-*` / `.NAME.old-*` directories in `parent` (illada_mlx.workdirs)."""
+    sweep_workdirs(parent, WRITTEN, notice)
 
 
 def stderr_notice(msg: str) -> None:
@@ -263,6 +188,7 @@ def swap_in(tmp: WorkDir, dst: Path) -> None:
     with signals_deferred():
         if not os.path.lexists(dst):
             os.replace(tmp.path, dst)
+            unmark(dst)
             return
         old = WorkDir(dst, "old")
         try:
@@ -273,6 +199,7 @@ def swap_in(tmp: WorkDir, dst: Path) -> None:
             except BaseException:
                 os.replace(old.path / "x", dst)
                 raise
+            unmark(dst)
             shutil.rmtree(old.path, ignore_errors=True)
         finally:
             old.close()

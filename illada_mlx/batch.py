@@ -15,6 +15,10 @@ With a block cache the join block's first forward is two forwards: the running r
 block start recomputes (cache.refresh_kind), the joining rows their whole canvas, as they would alone;
 their cache rows are then one cache. So each row's tokens at temperature 0 are those it gets decoded
 alone, up to the float rounding of a different batch shape. `batch_key` says which specs can share a batch.
+
+A row can also leave mid-block (run_block's `leave`, asked after every step: a client that went away): its
+canvas, key mask and cache rows are dropped there (DecodeState.keep, BlockCache.keep) and the block goes on
+for the others, which decode as they would have without it.
 """
 
 from __future__ import annotations
@@ -197,11 +201,13 @@ class Batch:
         return mx.concatenate([a, b])
 
     def run_block(self, stop_fn: Optional[StopFn] = None, logprobs: Optional[LogprobTracker] = None,
-                  on_step: Optional[Callable[[Step], None]] = None):
+                  on_step: Optional[Callable[[Step], None]] = None, leave: Optional[Callable[[Row], bool]] = None):
         """Join the waiting rows, denoise one block for every row, and drop the finished ones. Returns
         (row, its new tokens cut at a stop, finish reason or None, BlockLogprobs row or None) per row.
         on_step: called with every denoising Step (row j of the Step is self.rows[j], the block starts at
-        canvas position self.lo)."""
+        canvas position self.lo). leave: asked after every step for each row; the rows it names leave the
+        batch there (the others decode on as they would without them) and come back with finish reason
+        "cancelled" and no tokens."""
         self._join()
         st, spec = self.st, self.spec
         lo = st.x.shape[1]
@@ -214,11 +220,20 @@ class Batch:
         index, self._fresh = (0 if self._fresh else 1), False  # 0: every row starts here (a full forward)
         if logprobs is not None:
             logprobs.start(B, lo, hi - lo)
+        left: list[Row] = []
         for ev in _denoise_block(self.model, st, spec, index, lo, hi, 0.0, forward=self._forward):
             if logprobs is not None:
                 logprobs.step(ev)
             if on_step is not None:
                 on_step(ev)
+            if leave is not None and self._leave(leave, logprobs, left) == 0:
+                break  # nobody is left: the block ends here
+        gone = [(r, [], "cancelled", None) for r in left]
+        return gone + (self._block_end(stop_fn, logprobs, lo, hi) if self.rows else [])
+
+    def _block_end(self, stop_fn: Optional[StopFn], logprobs: Optional[LogprobTracker], lo: int, hi: int) -> list:
+        """The block's tokens per row, cut at a stop, and its finish reason; the finished rows leave."""
+        st, spec, B = self.st, self.spec, len(self.rows)
         self.blocks += 1
         self.stats.blocks += 1
         new = st.x[:, lo:hi].tolist()
@@ -238,6 +253,16 @@ class Batch:
             if logprobs is not None and keep:
                 logprobs.keep(keep)
         return out
+
+    def _leave(self, leave: Callable[[Row], bool], logprobs: Optional[LogprobTracker], left: list) -> int:
+        """Mid-block: the rows `leave` names go (appended to `left`); returns how many rows stay."""
+        keep = [j for j, r in enumerate(self.rows) if not leave(r)]
+        if len(keep) < len(self.rows):
+            left += [r for j, r in enumerate(self.rows) if j not in keep]
+            self._keep(keep)
+            if logprobs is not None and keep:
+                logprobs.keep(keep)
+        return len(keep)
 
     def row_stats(self, r: Row, output_tokens: int) -> Stats:
         """A row's figures: the forwards the batch ran while it was in it, its tokens and time."""

@@ -327,8 +327,9 @@ def fill_after_eos(x0, transfer, is_mask, pos, block: mx.array, lo: int, spec: D
 
 def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float,
                    forward=None):
-    """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events. forward: what computes the logits,
-    with `_forward`'s arguments (default `_forward`)."""
+    """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events; while it holds one, the consumer may
+    drop rows (st.keep) and the block goes on with the others, as it would have without them. forward: what
+    computes the logits, with `_forward`'s arguments (default `_forward`)."""
     forward = forward or _forward
     size = hi - lo
     steps = min(spec.steps_per_block, size)
@@ -387,9 +388,26 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         if st.stats.nfe == 1:  # the first forward read the prompt: its time is the prompt's
             mx.eval(st.x)
             st.stats.prompt_s = time.perf_counter() - st.t0
+        before = st.rows
         yield Step(index, t, st.x, pos, transfer, st.rows, logits)
+        if len(st.rows) < len(before):  # the consumer dropped rows (DecodeState.keep): the rest go on
+            prev, prev_mask, remaining = _rows_left(st, before, prev, prev_mask, remaining, bool(counts), lo, hi,
+                                                    spec.mask_id)
         t += 1
     st.stats.committed += size * st.x.shape[0]  # a block always ends fully committed
+
+
+def _rows_left(st: DecodeState, before: list[int], prev, prev_mask, remaining: int, counted: bool, lo: int,
+               hi: int, mask_id: int):
+    """After rows left mid-block (st.rows, a subset of `before`): the previous step's positions and mask flags
+    of the rows still there, and the most masks any of them has left in the block (what the step's count
+    would have been without the others; a schedule's count is the same for every row and stays)."""
+    if not st.rows:
+        return prev, prev_mask, 0
+    idx = mx.array([before.index(r) for r in st.rows], dtype=mx.int32)
+    if not counted:
+        remaining = int(mx.max((st.x[:, lo:hi] == mask_id).sum(axis=1)))
+    return prev[idx], prev_mask[idx], remaining
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -24,12 +24,14 @@ from .model import Model
 from .progress import Progress
 from .quant import apply_quantization
 from .spec import DIFFUSION_CONFIG, model_defaults
+from .workdirs import sweep
 
 NONFINITE_KEY = "illada_mlx_allow_nonfinite"  # config.json: written by `convert --allow-nonfinite`
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json", DIFFUSION_CONFIG)  # what a model dir holds beside config and weights
+CONVERTED_FILES = ("config.json", "README.md", "model.safetensors.index.json", *SIDE_FILES)  # convert writes them beside the shards
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
 
 
@@ -294,15 +296,19 @@ def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None, 
     """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model's HF
     checkpoint, read in memory. With a `group` of several ranks (mlx.launch) the model is tensor-parallel
     (Model.shard): every rank checks that the others load the same files, then keeps its slice only.
-    compute_dtype, progress, notice: see LoadOptions."""
+    compute_dtype, progress, notice: see LoadOptions. Loading a local directory removes what a killed
+    `convert` left beside it (workdirs.sweep: only its own marked work dirs whose run is dead), with a notice."""
     if path is None:
         from .demo import bundled
 
         root = bundled()
     else:
         root = resolve_source(str(path))
+    opts = LoadOptions(compute_dtype, progress, notice)
+    if path is not None and Path(path).expanduser().is_dir():  # a killed conversion's leftovers beside it go
+        sweep(root.parent, CONVERTED_FILES, lambda msg: _notify(opts, msg))
     if group is not None and group.size() > 1:
         check_same(group, model_files(root), "model")
-    model = load_model(root, mask_id, group, LoadOptions(compute_dtype, progress, notice))
+    model = load_model(root, mask_id, group, opts)
     model.decode_defaults = model_defaults(root)
     return model, load_tokenizer(root, model.args)

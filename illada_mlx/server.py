@@ -9,8 +9,8 @@ One worker thread owns the model. Requests whose decode settings are compatible 
 same DecodeSpec apart from seed, stop strings and budget, on the growing canvas) share a batch: a request
 joins the running batch at the next block boundary and its rows leave when they are done (`max_batch`
 rows at most); any other request is decoded alone when the batch is empty. `n` choices are rows of one
-batch. A client that disconnects cancels its request within a step when no other request shares its
-decode, else its rows leave at the next block; a request that runs past
+batch. A client that disconnects cancels its request within a step: alone, its decode stops; batched, its
+rows leave the batch at the next step and the other rows decode on unchanged; a request that runs past
 `max_request_seconds` ends with finish_reason "time_limit".
 
 A request is read and checked by api.py (limits, then field by field: a bad one gets one 400 naming the
@@ -67,11 +67,11 @@ log = logging.getLogger("illada_mlx.server")
 
 # ------------------------------------------------------------------------------------------ the worker
 class Cancelled(Exception):
-    """Every request of the running decode was cancelled (its clients went away): it stops at the step it
-    is on instead of its block's end."""
+    """The request decoded alone was cancelled (its client went away): it stops at the step it is on
+    instead of its block's end."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt_ids: list
     spec: DecodeSpec  # resolved and validated when the request came in
@@ -82,12 +82,18 @@ class Job:
     steps: bool = False  # send a "step" event per denoising step (diffusion.steps)
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
+    cancelled_at: float = float("inf")  # time.monotonic() when its client went away
 
     def emit(self, kind, index, payload=None):
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
         except RuntimeError:  # the server's event loop has closed (it stopped): nobody reads on
-            self.cancel.set()
+            self.stop()
+
+    def stop(self):
+        """Its client went away: the worker drops it at the step it is on."""
+        self.cancelled_at = min(self.cancelled_at, time.monotonic())
+        self.cancel.set()
 
 
 @dataclass(eq=False)
@@ -111,7 +117,12 @@ class Engine:
         self.max_queue = max_queue
         self.jobs: queue.Queue = queue.Queue()  # submitted; the worker moves them to `waiting`
         self.waiting: deque = deque()
-        self.served = 0
+        self.queued: set = set()  # submitted and not yet taken by the worker (the queue limit counts the live ones)
+        self.queue_lock = threading.Lock()
+        self.served = 0  # requests ended, finished or cancelled
+        self.cancelled = 0  # of them, those whose client went away first (no finish reported)
+        self.late_steps: list[int] = []  # per row dropped mid-decode: 1 if the step it left after began after its
+        # client had gone (it ran a whole step for nobody), else 0
         self.batch_sizes: list[int] = []  # rows in each batched block (reports and tests)
         self.created = int(time.time())
         self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
@@ -122,12 +133,27 @@ class Engine:
         self.worker.start()
 
     def submit(self, job: Job):
-        """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted)."""
+        """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted, nor the
+        requests whose client went away while they waited: the worker skips them when it comes to them)."""
         job.deadline = time.monotonic() + self.max_request_seconds
-        if self.jobs.qsize() + len(self.waiting) >= self.max_queue:
-            raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
-                           kind="rate_limit_error")
+        with self.queue_lock:
+            self.queued = {j for j in self.queued if not j.cancel.is_set()}
+            if len(self.queued) >= self.max_queue:
+                raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
+                               kind="rate_limit_error")
+            self.queued.add(job)
         self.jobs.put_nowait(job)
+
+    def queue_length(self) -> int:
+        """Requests waiting whose client is still there."""
+        with self.queue_lock:
+            return sum(not j.cancel.is_set() for j in self.queued)
+
+    def _take(self, job: Optional[Job]) -> Optional[Job]:
+        """The worker takes a job off the queue (to decode it, or to skip it)."""
+        with self.queue_lock:
+            self.queued.discard(job)
+        return job
 
     def encode(self, chat: bool, prompt) -> list[int]:
         if chat:
@@ -142,7 +168,7 @@ class Engine:
         while True:
             self._collect(wait=batch is None and not self.waiting)
             if batch is None:
-                job = self.waiting.popleft() if self.waiting else None
+                job = self._take(self.waiting.popleft()) if self.waiting else None
                 if job is None or job.cancel.is_set():
                     continue
                 if batch_key(job.spec) is None:
@@ -154,19 +180,13 @@ class Engine:
             while self.waiting and (self.waiting[0].cancel.is_set() or (
                     batch_key(self.waiting[0].spec) == key and batch.size + self.waiting[0].n <= self.max_batch
                     and batch.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens))):
-                job = self.waiting.popleft()
+                job = self._take(self.waiting.popleft())
                 if not job.cancel.is_set():
                     self._admit(batch, job)
             try:
                 self._drop(batch)
                 if batch.size:
                     self._block(batch)
-            except Cancelled:  # mid-block: the batch's state is half a block on, so it goes as a whole
-                log.info("batch of %d rows cancelled mid-block (every client went away)", batch.size)
-                for row in batch.rows + batch.joining:
-                    self._done(row.handle)
-                batch = None
-                continue
             except Exception as e:  # our bug: the batch's requests get an error, the worker goes on
                 log.exception("decode failed")
                 for row in batch.rows + batch.joining:
@@ -181,7 +201,7 @@ class Engine:
         other ranks what to run); at close() the other ranks are told to end (`follow` returns)."""
         while True:
             with dist.idle():  # no request may come for long: the watchdog waits
-                job = self.jobs.get()
+                job = self._take(self.jobs.get())
             if job is None:
                 dist.broadcast(self.group, None)
                 return
@@ -228,11 +248,10 @@ class Engine:
         tracker = LogprobTracker(max(ks)) if max(ks) >= 0 else None
         bl = batch.spec.block_length
 
-        jobs = [r.handle.job for r in batch.rows + batch.joining]
+        clock = [time.monotonic()] * 2  # when the step that just ran began, when it ended
 
         def on_step(ev):
-            if all(job.cancel.is_set() for job in jobs):
-                raise Cancelled
+            clock[:] = clock[1], time.monotonic()
             if not steps:
                 return
             want = [(j, r) for j, r in enumerate(batch.rows) if r.handle.job.steps]
@@ -242,8 +261,14 @@ class Engine:
 
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        for row, toks, reason, lp in batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step):
+        blocks = batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step,
+                                 leave=lambda r: self._gone(r.handle.job, clock[0]))  # a client gone: out now
+        for row, toks, reason, lp in blocks:
             c = row.handle
+            if reason == "cancelled":
+                log.info("a request's row left its batch mid-block (its client went away)")
+                self._done(c)
+                continue
             c.tokens += len(toks)
             if reason is not None:
                 c.reply.finish()
@@ -254,10 +279,23 @@ class Engine:
                 c.job.emit("done", c.index, self._info(reason, c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
                 self._done(c)
 
+    def _gone(self, job: Job, began: float) -> bool:
+        """Whether the job's client went away; if so, notes whether the step just run (begun at `began`)
+        began after that (late_steps)."""
+        if not job.cancel.is_set():
+            return False
+        self.late_steps.append(int(job.cancelled_at < began))
+        return True
+
     def _done(self, c: Choice):
-        """Count a request served (finished or cancelled) with its last choice."""
+        """Count a request served (finished or cancelled) with its last choice, and cancelled when its
+        client went away first."""
         if c.index == c.job.n - 1:
-            self.served += 1
+            self._ended(c.job)
+
+    def _ended(self, job: Job):
+        self.served += 1
+        self.cancelled += job.cancel.is_set()
 
     def _alone(self, job: Job):
         """A request that shares no batch: its choices one after another through the engine."""
@@ -273,14 +311,16 @@ class Engine:
                 log.error("the ranks are out of step after a failed decode; exiting")
                 logging.shutdown()
                 os._exit(1)
-        self.served += 1
+        self._ended(job)
 
     def _alone_choice(self, job: Job, i: int, spec: DecodeSpec) -> bool:
         P, bl, end = len(job.prompt_ids), spec.block_length, len(job.prompt_ids) + spec.max_tokens
         tracker = LogprobTracker(job.top_logprobs) if job.top_logprobs >= 0 else None
+        clock = [time.monotonic()]  # when the step now ending began
 
         def on_step(ev):
-            if self.group is None and job.cancel.is_set():  # one process: stop at this step (ranks stop in step)
+            began, clock[0] = clock[0], time.monotonic()
+            if self.group is None and self._gone(job, began):  # one process: stop at this step (ranks: in step)
                 raise Cancelled
             if tracker is not None:
                 if ev.step == 0:
@@ -522,7 +562,7 @@ class Answer:
             request.state.tokens = (self.P, tokens)
         finally:
             if done < job.n:
-                job.cancel.set()  # the worker drops its rows at the next block
+                job.stop()  # the worker drops its rows at the step it is on
 
     async def reply(self, job: Job, request: Request) -> Response:
         """The whole response once every choice is done; a client gone meanwhile cancels the job."""
@@ -532,7 +572,7 @@ class Answer:
                 kind, i, payload = await asyncio.wait_for(job.out.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel.set()
+                    job.stop()
                     log.info("client disconnected: %s cancelled", self.id)
                     return Response(status_code=499)
                 continue
@@ -543,7 +583,7 @@ class Answer:
             elif kind == "done":
                 infos[i] = payload
             else:
-                job.cancel.set()
+                job.stop()
                 return ApiError(500, payload, kind="server_error").response()
         out = []
         for i in range(job.n):
@@ -606,7 +646,7 @@ async def defaults(request):
 
 async def health(request):
     e: Engine = request.app.state.engine
-    return JSONResponse({"status": "ok", "model": e.name, "queued": e.jobs.qsize() + len(e.waiting)})
+    return JSONResponse({"status": "ok", "model": e.name, "queued": e.queue_length()})
 
 
 # ------------------------------------------------------------------------------------------ the web chat page

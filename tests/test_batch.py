@@ -105,3 +105,55 @@ def test_batch_key_separates_what_cannot_share_a_batch(tiny):
     for other in (replace(s, canvas="fixed"), replace(s, max_tokens=12), replace(s, temperature=0.5, seed=1),
                   replace(s, think_boost=(1.0, 1.0))):
         assert batch_key(other) is None
+
+
+def serve_leaving(model, spec, arrivals, leaves):
+    """serve(), with rows that leave mid-block: leaves {name: (block number, step)}, the row goes after that
+    step of that block. Returns (tokens, how each row ended, rows in each step's Step event)."""
+    batch, got, ended, shapes, t = Batch(model, spec), {}, {}, [], 0
+    at = {"step": None}
+    while t <= max(arrivals) or batch.size:
+        for name, ids, budget in arrivals.get(t, []):
+            batch.add(Row(name, ids, budget))
+            got[name] = []
+
+        def on_step(ev, t=t):
+            at["step"] = (t, ev.step)
+            shapes.append((t, ev.step, ev.canvas.shape[0]))
+
+        out = batch.run_block(on_step=on_step, leave=lambda r: leaves.get(r.handle) == at["step"])
+        for row, toks, reason, _ in out:
+            got[row.handle] += toks
+            ended[row.handle] = reason
+        t += 1
+    return got, ended, shapes
+
+
+@pytest.mark.parametrize("kw", [dict(cache="none", rule="schedule"), dict(cache="prefix", rule="threshold"),
+                                dict(cache="dual", rule="threshold", steps_per_block=4),
+                                dict(cache="token", rule="threshold", steps_per_block=6),
+                                dict(cache="prefix", rule="threshold", block_refresh="drift")])
+def test_a_row_that_leaves_mid_block_goes_at_that_step_and_the_others_are_unchanged(tiny, kw):
+    # the oracle: the same batch run without the leaving rows at all, and each row decoded alone
+    spec = spec_for(tiny, eot_id=None, **kw)  # no row stops early
+    rng = np.random.default_rng(5)
+    p = {n: rng.integers(8, 250, size).tolist() for n, size in (("a", 6), ("b", 4), ("c", 11), ("d", 5))}
+    arrivals = {0: [("a", p["a"], 24), ("b", p["b"], 16), ("c", p["c"], 24)], 1: [("d", p["d"], 16)]}
+    leaves = {"c": (1, 1), "d": (1, 0)}  # c after step 1 of the second block; d at its join block's first step
+    got, ended, shapes = serve_leaving(tiny, spec, arrivals, leaves)
+    without = serve(tiny, spec, {0: [("a", p["a"], 24), ("b", p["b"], 16)]})
+    assert got["a"] == without["a"] == alone(tiny, p["a"], spec, 24)
+    assert got["b"] == without["b"] == alone(tiny, p["b"], spec, 16)
+    assert ended["c"] == ended["d"] == "cancelled" and got["d"] == []
+    assert got["c"] == alone(tiny, p["c"], spec, 8)  # its first block, nothing of the block it left in
+    assert ended["a"] == ended["b"] == "length"
+    rows = {(b, s): n for b, s, n in shapes}
+    assert rows[(1, 0)] == 4 and rows[(1, 1)] == 3 and rows[(1, 2)] == 2  # one row fewer at each next step
+
+
+def test_when_every_row_leaves_the_block_ends_at_that_step(tiny):
+    spec = spec_for(tiny, eot_id=None, cache="prefix", rule="threshold")
+    got, ended, shapes = serve_leaving(tiny, spec, {0: [("a", [5, 6, 7], 24), ("b", [8, 9], 24)]},
+                                       {"a": (0, 2), "b": (0, 2)})
+    assert ended == {"a": "cancelled", "b": "cancelled"} and got == {"a": [], "b": []}
+    assert [s for _, s, _ in shapes] == [0, 1, 2]  # no step after the one they left at

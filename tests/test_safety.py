@@ -284,6 +284,52 @@ def test_a_users_directory_with_our_naming_is_left_alone(tmp_path):
     assert (d / "holiday.jpg").read_bytes() == b"jpg" and notices == []
 
 
+def test_a_killed_conversions_leftovers_go_at_a_load_or_convert_beside_them(src, converted, tmp_path):
+    """SIGKILL leaves `.a.tmp-*`; loading another model in the same parent removes it (one notice), and so
+    does a convert into another destination there."""
+    for sweeper in ("load", "convert"):
+        parent = tmp_path / sweeper
+        parent.mkdir()
+        rc, _ = killed_run(src, parent / "a", "written", signal.SIGKILL, force=False)
+        assert rc == -signal.SIGKILL and len(leftovers(parent)) == 1
+        notices = []
+        if sweeper == "load":
+            shutil.copytree(converted, parent / "b")
+            load(str(parent / "b"), notice=notices.append)
+        else:
+            convert(str(src), str(parent / "c"), progress=False, notice=notices.append)
+        assert leftovers(parent) == [] and len(notices) == 1, notices
+        assert notices[0].startswith(f"removed what an interrupted conversion left in {parent}: .a.tmp-")
+        assert not [p for p in parent.rglob(".illada-mlx-convert")]  # no marker in the finished models
+
+
+def test_a_directory_that_looks_like_ours_without_our_marker_is_left_alone(converted, tmp_path):
+    """Our naming and only file names convert writes, but nothing proves a conversion made it: kept."""
+    d = tmp_path / ".notes.tmp-abcdefgh"
+    d.mkdir()
+    (d / "config.json").write_text('{"mine": true}')
+    (d / "README.md").write_text("my notes")
+    shutil.copytree(converted, tmp_path / "b")
+    before = snapshot(d)
+    notices = []
+    load(str(tmp_path / "b"), notice=notices.append)
+    assert snapshot(d) == before and notices == []
+
+
+def test_a_live_conversions_work_dir_is_not_swept_by_a_load(converted, tmp_path):
+    from illada_mlx_convert.output import WorkDir
+
+    live = WorkDir(tmp_path / "other", "tmp")
+    (live.path / "config.json").write_text("{}")
+    shutil.copytree(converted, tmp_path / "b")
+    notices = []
+    load(str(tmp_path / "b"), notice=notices.append)
+    assert (live.path / "config.json").exists() and notices == []
+    live.close()
+    load(str(tmp_path / "b"), notice=notices.append)
+    assert not live.path.exists() and len(notices) == 1
+
+
 # ------------------------------------------------------------------------------------------ reading the source
 def test_a_tokenizer_file_linking_out_of_the_source_is_refused(own, tmp_path):
     secret = tmp_path / "secret.json"

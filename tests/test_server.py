@@ -657,12 +657,45 @@ def test_a_full_queue_answers_429(tiny_model):
                 next(lines)  # running: the batch is full (max_batch 1)
                 queued = ex.submit(h2.post, "/chat/completions", json=short)
                 t0 = time.time()
-                while srv.engine.jobs.qsize() + len(srv.engine.waiting) < 1 and time.time() - t0 < 20:
+                while srv.engine.queue_length() < 1 and time.time() - t0 < 20:
                     time.sleep(0.05)
                 with httpx.Client(base_url=srv.url, timeout=60) as h3:
                     busy = h3.post("/chat/completions", json=short)
                 assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
             assert queued.result().status_code == 200  # the stream closed: its rows left, the queued one ran
+    finally:
+        ex.shutdown()
+        srv.stop()
+
+
+def test_a_queued_request_whose_client_left_does_not_hold_a_queue_place(tiny_model):
+    # max_queue 1: a queued stream whose client closed leaves its place to the next request at once, though
+    # the worker (mid-block in a long decode) has not come to it yet
+    srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
+    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
+            "diffusion": {"block_length": 240, "steps_per_block": 240}}
+    short = dict(long, stream=False, max_tokens=8, diffusion={"block_length": 8, "steps_per_block": 8})
+    ex = ThreadPoolExecutor(1)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as h, httpx.Client(base_url=srv.url, timeout=60) as h2:
+            with h.stream("POST", "/chat/completions", json=long) as r:
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+                next(lines)
+                t0 = time.time()
+                while not srv.engine.batch_sizes and time.time() - t0 < 10:
+                    time.sleep(0.01)  # running: the batch is full (max_batch 1)
+                with h2.stream("POST", "/chat/completions", json=long) as q:
+                    kept = q.iter_lines()
+                    next(kept)  # queued (its role chunk comes at once)
+                    assert q.status_code == 200 and srv.engine.queue_length() == 1
+                while srv.engine.queue_length() and time.time() - t0 < 10:
+                    time.sleep(0.002)  # the server has seen its client go
+                blocks = len(srv.engine.batch_sizes)
+                third = ex.submit(h2.post, "/chat/completions", json=short)
+                while srv.engine.queue_length() < 1 and not third.done() and time.time() - t0 < 20:
+                    time.sleep(0.01)
+                assert len(srv.engine.batch_sizes) == blocks  # still the long decode's block: nothing taken
+            assert third.result().status_code == 200  # queued, not refused; it ran once the long one went
     finally:
         ex.shutdown()
         srv.stop()
@@ -913,3 +946,56 @@ def test_serve_raises_the_open_file_limit_for_a_burst():
         assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(8 * 256 + 1024, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
+    # two streamed requests share a batch; the second's client leaves mid-block: its row goes at the next
+    # step (not the block's 128), and the first's reply is the one it gets decoded without the server
+    from fixtures import Spec
+
+    d, _ = ckpt_factory(Spec(seed=31))
+    model, tok = load(str(d))
+    rows, base = [], type(model)
+
+    def call(self, *a, **kw):
+        rows.append(a[0].shape[0])  # the rows of this forward
+        return base.__call__(self, *a, **kw)
+
+    model.__class__ = type("Rows" + base.__name__, (base,), {"__call__": call})
+    srv = Server(model, tok, "tiny")
+    settings = {"mode": "variable", "block_length": 128, "steps_per_block": 128}
+    stay = [{"role": "user", "content": "stay"}]
+    body = {"max_tokens": 256, "stream": True, "diffusion": settings}
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=srv.url, timeout=60) as h:
+            def read(messages):
+                text = ""
+                with h.stream("POST", "/chat/completions", json={**body, "messages": messages}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                return text
+
+            first = pool.submit(read, stay)
+            while not rows:
+                time.sleep(0.005)
+            with httpx.Client(base_url=srv.url, timeout=60) as h2:
+                with h2.stream("POST", "/chat/completions", json={**body, "messages": [{"role": "user", "content": "go"}]}) as r:
+                    lines = r.iter_lines()  # held: a dropped iterator closes the response
+                    next(lines)
+                    t0 = time.time()
+                    while 2 not in rows and time.time() - t0 < 30:
+                        time.sleep(0.002)
+                    assert 2 in rows, "the second request never joined the first's batch"
+                    shared = rows.count(2)
+            text = first.result(timeout=60)
+        t0 = time.time()
+        while srv.engine.served < 2 and time.time() - t0 < 30:
+            time.sleep(0.02)
+        after = rows.count(2) - shared
+        assert srv.engine.served == 2 and srv.engine.cancelled == 1
+        assert srv.engine.late_steps == [0]  # no step began after its client had gone
+        assert after < 64, after  # the row left at a step, not at its block's end (128 steps)
+        assert text == reply(model, tok, stay, max_tokens=256, **settings)[0]
+    finally:
+        srv.stop()
