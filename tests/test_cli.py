@@ -125,9 +125,6 @@ def test_fixed_canvas_default_is_the_official_128_tokens(mode):
 
 
 def test_mode_and_cache_names_come_from_the_one_table():
-    import sys
-    from pathlib import Path
-
     from illada_mlx import api
     from illada_mlx.cache import CACHES, REFRESHES
     from illada_mlx.cli import _modes
@@ -156,11 +153,10 @@ def test_mode_and_cache_names_come_from_the_one_table():
     for bad in ({"mode": "warp"}, {"cache": "full"}, {"block_refresh": "never"}):
         with pytest.raises(api.ApiError):
             api.settings(args, {"diffusion": bad})
-    # bench/quality.py's sampler rows are presets with overrides
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import quality
+    # the yardstick's sampler rows (bench/quality.py) are presets with overrides
+    from training.yardstick import SAMPLERS
 
-    assert {mode for mode, _ in quality.SAMPLERS.values()} <= set(PRESETS) | {None}  # None: the model's default
+    assert {mode for mode, _ in SAMPLERS.values()} <= set(PRESETS) | {None}  # None: the model's default
 
 
 def test_python_m_and_mlx_lm_aliases(tmp_path):

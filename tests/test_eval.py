@@ -1,6 +1,6 @@
 """`illada-mlx eval` and the lm-eval model on the bundled demo model, offline: a multiple-choice task built
-from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by bench/mc_task.py), and the
-comparison of two conversions."""
+from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by `python -m training.mc_task --n 5
+--out tests/data/demo_mc.jsonl`), and the comparison of two conversions."""
 
 import json
 import os

@@ -1,16 +1,13 @@
 """The demo model really decodes: a fast subset of the held-out quality suite (the full table is
 bench/quality.py -> bench/results/quality.json)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from demo_tasks import held_out_set  # noqa: E402
-from quality import evaluate  # noqa: E402
-
-from illada_mlx.engine import build_prompt  # noqa: E402
+from illada_mlx.engine import build_prompt
+from training.demo_tasks import held_out_set
+from training.yardstick import evaluate
 
 ITEMS = held_out_set(6, seed=777)  # 30 held-out prompts, 6 per task, never drawn in training
 
@@ -87,7 +84,7 @@ def test_variable_mode_writes_a_long_answer_across_blocks_and_stops_in_its_block
     # count to a round hundred: 17-64 numbers, 67-255 tokens, 3-8 blocks of 32. The growing canvas adds a
     # block at a time, each continuing the ones before, and must stop (EOS) in the block where the answer
     # ends: not earlier, not at the budget. The oracle is the integers themselves
-    from quality import score_long
+    from training.yardstick import score_long
 
     items = held_out_set(3, seed=777, tasks=("countround",))
     for _, prompt, answer in items:
@@ -136,6 +133,7 @@ def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, lis
     # --recipe NAME scores a mixed-precision conversion, --q-mode MODE a 4-bit float-format one (the affine
     # 4-bit row is always there); a name that is not one of them is refused before any work
     import subprocess
+    import sys
 
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     r = subprocess.run([sys.executable, str(script), flag, value, "--json", "/nonexistent/q.json"],
@@ -149,7 +147,7 @@ def test_first_wrong_is_the_length_of_the_common_prefix():
     import os.path
     import random
 
-    from quality import first_wrong
+    from training.yardstick import first_wrong
 
     rng = random.Random(0)
     for _ in range(500):
@@ -162,8 +160,8 @@ def test_first_wrong_is_the_length_of_the_common_prefix():
 def test_multi_turn_and_long_rows_score_their_items(demo):
     # the yardstick's issue-17 rows: a conversation item is decoded from its whole chat (the prompt is
     # longer than the last turn alone), and a long item on a 256-token budget reports where it goes wrong
-    from demo_tasks import held_out_conversations
-    from quality import score_long
+    from training.demo_tasks import held_out_conversations
+    from training.yardstick import score_long
 
     model, tok = demo
     conv = held_out_conversations(2, turns=(3,))
@@ -181,8 +179,8 @@ def test_multi_turn_and_long_rows_score_their_items(demo):
 def test_chat_rows_carry_the_cache_across_turns(demo):
     # a conversation scored as a chat session: the last turn reuses what earlier turns computed, so it runs
     # fewer tokens than the same conversation decoded from scratch
-    from demo_tasks import held_out_conversations
-    from quality import evaluate_chat
+    from training.demo_tasks import held_out_conversations
+    from training.yardstick import evaluate_chat
 
     model, tok = demo
     conv = held_out_conversations(2, turns=(3,))
