@@ -96,7 +96,7 @@ def main():
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--max-batch", default="1,8")
-    ap.add_argument("--json", default="bench/results/soak.json")
+    ap.add_argument("--json", default="bench/results/soak_demo.json")
     a = ap.parse_args()
     model, tok = load()
     if a.model == "small":

@@ -1,5 +1,5 @@
 """The demo model really decodes: a fast subset of the held-out quality suite (the full table is
-bench/quality.py -> bench/results/quality.json)."""
+bench/quality.py; its figures are in bench/README.md)."""
 
 from pathlib import Path
 
