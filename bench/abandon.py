@@ -1,4 +1,4 @@
-"""Clients that leave: streaming clients that disconnect at random beside well-behaved ones (issue 32).
+"""Clients that leave: streaming clients that disconnect at random beside well-behaved ones.
 
     python bench/abandon.py --seconds 60 --leavers 50 --steady 5 --json bench/results/abandon.json
 
