@@ -115,7 +115,7 @@ def test_chat_visual_renders_when_forced(monkeypatch, direct):
     assert r.stdout.endswith(direct(user("reverse abc"), mode="variable") + "\n")
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast_fixed"])
+@pytest.mark.parametrize("mode", [pytest.param("exact", marks=pytest.mark.slow), "fast_fixed"])  # exact: 128 forwards
 def test_fixed_canvas_default_is_the_official_128_tokens(mode):
     # without --max-tokens a fixed canvas is 128 tokens (never one sized to the context), so it finishes
     r = CliRunner().invoke(main, ["generate", "-p", "57+68=", "--mode", mode, "--json"])

@@ -85,6 +85,7 @@ def train_tiny(out, *args):
         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     pytest.importorskip("torch")
     from illada_mlx.load import load
@@ -103,6 +104,7 @@ def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     assert model.args.mask_token_id == 5 and model.args.eos_token_id == 2
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_with_no_steps_only_probes(tmp_path):
     # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
     pytest.importorskip("torch")
@@ -117,6 +119,7 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
         "end", "not_end", "same_last_digit", "decided_right", "stops_at_last_digit"}
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_refuses_an_unknown_task(tmp_path):
     pytest.importorskip("torch")
     r = subprocess.run([sys.executable, "-m", "training.train_demo", "--out", str(tmp_path / "x"),

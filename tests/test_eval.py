@@ -37,6 +37,7 @@ def task_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # lm-eval end to end
 def test_lm_eval_multiple_choice_on_the_demo_model(task_dir, tmp_path, monkeypatch):
     # likelihood (the official Monte-Carlo bound) picks the correct answer among 4 of the same family
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -75,6 +76,7 @@ def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
         assert r.output.count("\n") == 1
 
 
+@pytest.mark.slow  # two conversions, scored end to end
 def test_compare_reports_what_a_conversion_cost(tmp_path):
     # float against a 2-bit conversion of the demo model, the same masks on both: the 2-bit model's answers
     # are worse, and the per-token log-likelihood difference's interval excludes 0
