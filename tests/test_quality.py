@@ -17,18 +17,21 @@ def exact(demo):
     return evaluate(*demo, ITEMS, "exact", batch=30)
 
 
+@pytest.mark.slow  # the exact-mode suite: 30 prompts
 def test_suite_scores_every_task(exact):
     assert exact["n"] == 30 and set(exact["per_task"]) == {"add", "sort", "reverse", "recall", "parity"}
     assert exact["forwards"] == 32  # exact mode: one token per step over a 32-token canvas
     assert 0.0 <= exact["accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # the exact-mode suite
 @pytest.mark.parametrize("task", ["add", "sort", "reverse"])
 def test_exact_mode_solves_held_out_prompts(exact, task):
     # addition with carries, sorting, reversal: learned (bench: 96-100% on 50 held-out prompts each)
     assert exact["per_task"][task] >= 5 / 6, exact
 
 
+@pytest.mark.slow  # the exact-mode suite
 def test_exact_mode_recalls_values(exact):
     # key -> value recall, an induction-style lookup (find the key asked for, read the value two tokens
     # later): bench/quality.py measures 80% on 25 prompts, where answering a random value of the prompt
@@ -36,6 +39,7 @@ def test_exact_mode_recalls_values(exact):
     assert exact["per_task"]["recall"] >= 0.6, exact
 
 
+@pytest.mark.slow  # one forward per token
 def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
     # the yardstick's AR-order row: 32 one-token blocks of one step each. On the tasks the model answers
     # from the prompt in one forward it scores like low-confidence remasking (bench: 94-100% on both)
@@ -49,7 +53,7 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
     # why the commit order matters on parity: each answer bit is its right-hand neighbour XOR one list bit,
     # and the leftmost is the parity of all 12, which the model gets far more often once the other
     # answer bits are on the canvas than from the prompt alone. Low-confidence remasking therefore commits
-    # it late; left to right commits it first (bench/README.md has the rows)
+    # it late; left to right commits it first (bench/quality.py's rows measure both)
     import mlx.core as mx
 
     model, tok = demo
@@ -74,12 +78,14 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
     assert hits["neighbours_visible"] >= hits["all_masked"] + 0.1, hits
 
 
+@pytest.mark.slow  # against the exact-mode suite
 def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
     fast = evaluate(*demo, ITEMS, "fast_t0.9_prefix", batch=30)
     assert fast["accuracy"] >= exact["accuracy"] - 1 / 30, (fast, exact)
     assert fast["forwards"] <= exact["forwards"] / 2, (fast, exact)
 
 
+@pytest.mark.slow  # three long answers, one token per forward
 def test_variable_mode_writes_a_long_answer_across_blocks_and_stops_in_its_block(demo):
     # count to a round hundred: 17-64 numbers, 67-255 tokens, 3-8 blocks of 32. The growing canvas adds a
     # block at a time, each continuing the ones before, and must stop (EOS) in the block where the answer
@@ -95,10 +101,10 @@ def test_variable_mode_writes_a_long_answer_across_blocks_and_stops_in_its_block
     assert r["forwards"] == 32 * max(-(-(n + 1) // 32) for n in r["answer_tokens"]["countround"])  # a block a step
 
 
+@pytest.mark.slow  # a conversion and the exact-mode suite
 def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
-    # a 4-bit float format with an 8-bit embedding (README's convert section: `-q --q-mode nvfp4 --q-recipe
-    # mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers: bench -3.6 points on 250
-    # prompts, where plain nvfp4 loses 5.6
+    # a 4-bit float format with an 8-bit embedding (docs/convert.md: `-q --q-mode nvfp4 --q-recipe
+    # mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
     from illada_mlx_convert import convert
@@ -109,6 +115,7 @@ def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
     assert q["accuracy"] >= exact["accuracy"] - 2 / 30, (q, exact)
 
 
+@pytest.mark.slow  # 64 and 128 forwards
 @pytest.mark.parametrize("max_tokens", [64, 128])
 def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
     # `generate --mode exact --max-tokens 128` (the official defaults' canvas: blocks of 32, one token per

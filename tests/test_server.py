@@ -867,7 +867,7 @@ def test_completions_text_offset_points_at_each_token(demo_server, stream):
 
 
 def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, client):
-    # the README: the demo model answers a raw prompt with nothing, its template with the chat answer
+    # docs/server.md: the demo model answers a raw prompt with nothing, its template with the chat answer
     raw = client.completions.create(model="illada-demo", prompt="57+68=", max_tokens=64)
     templated = client.completions.create(model="illada-demo", max_tokens=64,
                                           prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n")
