@@ -65,6 +65,7 @@ def test_generate_json_is_one_object(direct):
     assert (s["error_bound"], s["block_refresh"], s["eos_fill"]) == (0.04, "drift", True)
 
 
+@pytest.mark.slow  # an exact-mode decode through the CLI
 def test_generate_exact_mode_and_help_shows_defaults(direct):
     r = CliRunner().invoke(main, ["generate", "-p", "reverse xyz", "--mode", "exact", "--max-tokens", "32", "--json"])
     assert r.exit_code == 0, r.output
@@ -104,6 +105,7 @@ def test_chat_two_turns_reset_and_settings(demo):
     assert r.stderr.count("==========\nPrompt: ") == 3  # a stats block per reply
 
 
+@pytest.mark.slow  # one token per step, every frame drawn
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
     monkeypatch.setenv("ILLADA_MLX_FORCE_VISUAL", "1")
     # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)

@@ -49,6 +49,7 @@ def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
     assert all(v >= 5 / 6 for v in l2r["per_task"].values()), l2r
 
 
+@pytest.mark.slow  # teacher-forced probes over 30 prompts
 def test_parity_leftmost_bit_needs_its_neighbours(demo):
     # why the commit order matters on parity: each answer bit is its right-hand neighbour XOR one list bit,
     # and the leftmost is the parity of all 12, which the model gets far more often once the other
