@@ -66,6 +66,7 @@ def test_a_chat_templated_context_keeps_its_trailing_newline(demo):
     assert ctx == build_prompt(tok, msgs) and cont == tok.encode("158", add_special_tokens=False)
 
 
+@pytest.mark.slow  # lm-eval indexes every task it ships to find one
 def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
     for args, needle in ((["--tasks", "no_such_task", "--include-path", str(task_dir)], "unknown task"),
                          (["--tasks", "illada_demo_mc", "--mc-num", "10", "--batch-size", "4",
