@@ -107,7 +107,9 @@ def test_chat_two_turns_reset_and_settings(demo):
 
 @pytest.mark.slow  # one token per step, every frame drawn
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
-    monkeypatch.setenv("ILLADA_MLX_FORCE_VISUAL", "1")
+    import illada_mlx.cli
+
+    monkeypatch.setattr(illada_mlx.cli, "_stdout_is_terminal", lambda: True)
     # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)
     r = CliRunner().invoke(main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"],
                            input="reverse abc\n")
