@@ -1,4 +1,4 @@
-"""Clients that leave: streaming clients that disconnect at random beside well-behaved ones (issue 32).
+"""Clients that leave: streaming clients that disconnect at random beside well-behaved ones.
 
     python bench/abandon.py --seconds 60 --leavers 50 --steady 5 --json bench/results/abandon.json
 
@@ -32,11 +32,10 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import small_model  # noqa: E402
+from soak import small_model  # bench/soak.py, beside this script
 
-from illada_mlx.load import load  # noqa: E402
-from illada_mlx.server import Engine, make_app, make_server  # noqa: E402
+from illada_mlx.load import load
+from illada_mlx.server import Engine, make_app, make_server
 
 STEADY = {"max_tokens": 32, "stream": True, "diffusion": {"mode": "fast", "block_length": 16}}
 LEAVER = {"max_tokens": 128, "stream": True, "diffusion": {"mode": "fast", "block_length": 16}}

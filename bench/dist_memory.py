@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from illada_mlx import distributed as dist  # noqa: E402
-from illada_mlx.bench import SHAPES, machine, parameter_bytes, random_model  # noqa: E402
+from illada_mlx import distributed as dist
+from illada_mlx.bench import SHAPES, machine, parameter_bytes, random_model
 
 
 def make(path: Path, shape: str, dtype: str) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What converting the demo model costs, measured with `illada-mlx eval`: the multiple-choice task
-# (bench/tasks/demo_mc50.yaml) on float32 / 8-bit / 4-bit conversions, then --compare float vs each.
+# (training/tasks/demo_mc50.yaml) on float32 / 8-bit / 4-bit conversions, then --compare float vs each.
 # Usage: bash bench/eval_demo.sh [MC_NUM [N_PROMPTS]]     (default 16, 25; results in bench/results/eval_*.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,11 @@ convert(str(BUNDLED), f"{d}/mixed_4_8", quantize=True, q_recipe="mixed_4_8", pro
 PY
 python -c "
 import json
-rows = [json.loads(l) for l in open('bench/results/demo_mc50.jsonl')][:$LIMIT]
+rows = [json.loads(l) for l in open('training/tasks/demo_mc50.jsonl')][:$LIMIT]
 open('$T/answers.jsonl', 'w').write(''.join(json.dumps({'prompt': r['prompt'], 'answer': r['choices'][r['gold']]}) + '\n' for r in rows))"
 export HF_DATASETS_OFFLINE=1
 for w in float32 8bit 4bit mixed_4_8; do
-  illada-mlx eval --model "$T/$w" --tasks illada_demo_mc50 --include-path bench/tasks --apply-chat-template --limit "$LIMIT" \
+  illada-mlx eval --model "$T/$w" --tasks illada_demo_mc50 --include-path training/tasks --apply-chat-template --limit "$LIMIT" \
     --mc-num "$MC" --batch-size "$MC" --no-greedy-check --json "bench/results/eval_mc50_$w.json"
 done
 [ "${TASKS_ONLY:-}" ] && exit 0  # the multiple-choice rows only

@@ -12,11 +12,12 @@ N=${2:-30}
 N_TURNS=${3:-20}
 N_LONG=${4:-10}
 PY=${PYTHON:-.venv/bin/python}
+LOGS=$(mktemp -d)  # each job's progress lines, printed at the end
 Q="--q-sampler fast_t0.9_token --recipe mixed_4_8"
 run() {  # name, then quality.py's arguments
   local name=$1; shift
   $PY bench/quality.py --model "$MODEL" $Q "$@" --json "bench/results/quality_demo_$name.json" \
-    > "bench/results/quality_demo_$name.log" 2>&1
+    > "$LOGS/quality_demo_$name.log" 2>&1
 }
 run tasks --n "$N" --tasks add,sort,reverse,recall,parity \
   --samplers exact,exact_random_remask,variable,fast_t0.9_token &
@@ -27,5 +28,5 @@ second=$!
 rc=0
 wait $first || rc=$?
 wait $second || rc=$?
-cat bench/results/quality_demo_{tasks,turns,long}.log
+cat "$LOGS"/quality_demo_{tasks,turns,long}.log
 exit $rc

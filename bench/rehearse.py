@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "illada_mlx" / "demo_model"  # its tokenizer files go beside the random weights
 
-# the true shapes (spec: shared/spec/illada.md; LLaDA's from its released config.json)
+# the true shapes (from the released config.json of iLLaDA-8B and LLaDA-8B)
 SIZES = {
     "8b": {
         "illada": dict(d=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=155136, tied=True),

@@ -30,15 +30,13 @@ from pathlib import Path
 import mlx.core as mx
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import held_out_set  # noqa: E402
-
-from illada_mlx.bench import SHAPES  # noqa: E402
-from illada_mlx.config import ModelArgs  # noqa: E402
-from illada_mlx.engine import generate_text  # noqa: E402
-from illada_mlx.load import load  # noqa: E402
-from illada_mlx.model import Model  # noqa: E402
-from illada_mlx.server import Engine, make_app, make_server  # noqa: E402
+from illada_mlx.bench import SHAPES
+from illada_mlx.config import ModelArgs
+from illada_mlx.engine import generate_text
+from illada_mlx.load import load
+from illada_mlx.model import Model
+from illada_mlx.server import Engine, make_app, make_server
+from training.demo_tasks import held_out_set
 
 
 def small_model(demo_args) -> Model:
@@ -98,7 +96,7 @@ def main():
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--max-batch", default="1,8")
-    ap.add_argument("--json", default="bench/results/soak.json")
+    ap.add_argument("--json", default="bench/results/soak_demo.json")
     a = ap.parse_args()
     model, tok = load()
     if a.model == "small":

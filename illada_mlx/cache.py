@@ -23,7 +23,7 @@ stop being final ("extend"). Under bidirectional attention a state depends on wh
   - `turn_delay` = 1 (the default): a turn's own prompt and reply were computed as the conversation's last
     turn, followed by masks, which no later turn sees. The next call recomputes them, with its new user
     turn after them (dKV-Cache's delayed caching, a turn at a time), and reuses what the calls before
-    computed; 0 reuses the last turn too, up to `settled` (bench/README.md measures both).
+    computed; 0 reuses the last turn too, up to `settled` (docs/decoding.md says what each costs).
 """
 
 from __future__ import annotations

@@ -308,6 +308,11 @@ def prompt_ids(tok, msgs, raw=False) -> list[int]:
                           "chat_template in the model's tokenizer_config.json")
 
 
+def _stdout_is_terminal() -> bool:
+    """`chat --visual` draws frames only on a terminal (a test replaces this to see them)."""
+    return sys.stdout.isatty()
+
+
 @main.command()
 @click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin); UTF-8 text.")
 @click.option("--system", "--system-prompt", "system", default=None, help="System text (merged into the first user turn).")
@@ -457,8 +462,6 @@ def chat(system, visual, model_path, mask_id, **kw):
     """Multi-turn chat. /reset clears the history, /settings shows the decoding settings, /quit ends.
     Ctrl-C interrupts a reply, not the session (under mlx.launch it ends the session). A line that is not
     UTF-8, or that the chat template refuses, gets one `error:` line and is skipped."""
-    import os
-
     from . import distributed as dist
     from .cache import BlockCache
     from .spec import make_spec
@@ -469,7 +472,7 @@ def chat(system, visual, model_path, mask_id, **kw):
     kw["seed"] = dist.shared_seed(g, kw.get("seed"))
     settings = _settings(kw)
     make_spec(model, tok, None, **settings)  # refuse bad options before the first question
-    visual = visual and (sys.stdout.isatty() or os.environ.get("ILLADA_MLX_FORCE_VISUAL") == "1")
+    visual = visual and _stdout_is_terminal()
     history = [{"role": "system", "content": system}] if system else []
     cache = BlockCache()  # reused across turns when the mode has a cache on
     last_spec = None

@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from fixtures import Spec, write_checkpoint  # noqa: E402
+from fixtures import Spec, write_checkpoint  # tests/ is on the path: pyproject's pytest `pythonpath`
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from illada_mlx import distributed as dist  # noqa: E402
-from illada_mlx.config import IlladaError  # noqa: E402
+from illada_mlx import distributed as dist
+from illada_mlx.config import IlladaError
 
 
 class Request:  # what lm-eval hands a model: `.args`

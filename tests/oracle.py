@@ -1,4 +1,5 @@
-"""Independent references written from the spec (../shared/spec/illada.md §1, §4), in numpy float64.
+"""Independent references in numpy float64, written from the models' published description (the architecture,
+the masked-diffusion objective and its decoding) and the official ML-GSAI/LLaDA code.
 
 `forward` is the model; `official_generate` re-derives the official fixed-canvas decoding loop.
 Nothing here imports illada_mlx.

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from illada_mlx.cli import main
@@ -51,6 +52,7 @@ def test_bench_refuses_plot_before_running_without_matplotlib(monkeypatch, tmp_p
     assert not (tmp_path / "b.json").exists()  # refused before the benchmark ran
 
 
+@pytest.mark.slow  # a bench run of several budgets
 def test_bench_rows_per_length_and_refresh_policy(tmp_path):
     # one run, side by side: each budget, each block refresh policy of a cached mode; random weights write
     # the whole budget (EOS banned), so the rows compare equal outputs

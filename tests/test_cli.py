@@ -65,6 +65,7 @@ def test_generate_json_is_one_object(direct):
     assert (s["error_bound"], s["block_refresh"], s["eos_fill"]) == (0.04, "drift", True)
 
 
+@pytest.mark.slow  # an exact-mode decode through the CLI
 def test_generate_exact_mode_and_help_shows_defaults(direct):
     r = CliRunner().invoke(main, ["generate", "-p", "reverse xyz", "--mode", "exact", "--max-tokens", "32", "--json"])
     assert r.exit_code == 0, r.output
@@ -104,8 +105,11 @@ def test_chat_two_turns_reset_and_settings(demo):
     assert r.stderr.count("==========\nPrompt: ") == 3  # a stats block per reply
 
 
+@pytest.mark.slow  # one token per step, every frame drawn
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
-    monkeypatch.setenv("ILLADA_MLX_FORCE_VISUAL", "1")
+    import illada_mlx.cli
+
+    monkeypatch.setattr(illada_mlx.cli, "_stdout_is_terminal", lambda: True)
     # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)
     r = CliRunner().invoke(main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"],
                            input="reverse abc\n")
@@ -115,7 +119,7 @@ def test_chat_visual_renders_when_forced(monkeypatch, direct):
     assert r.stdout.endswith(direct(user("reverse abc"), mode="variable") + "\n")
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast_fixed"])
+@pytest.mark.parametrize("mode", [pytest.param("exact", marks=pytest.mark.slow), "fast_fixed"])  # exact: 128 forwards
 def test_fixed_canvas_default_is_the_official_128_tokens(mode):
     # without --max-tokens a fixed canvas is 128 tokens (never one sized to the context), so it finishes
     r = CliRunner().invoke(main, ["generate", "-p", "57+68=", "--mode", mode, "--json"])
@@ -125,9 +129,6 @@ def test_fixed_canvas_default_is_the_official_128_tokens(mode):
 
 
 def test_mode_and_cache_names_come_from_the_one_table():
-    import sys
-    from pathlib import Path
-
     from illada_mlx import api
     from illada_mlx.cache import CACHES, REFRESHES
     from illada_mlx.cli import _modes
@@ -156,11 +157,10 @@ def test_mode_and_cache_names_come_from_the_one_table():
     for bad in ({"mode": "warp"}, {"cache": "full"}, {"block_refresh": "never"}):
         with pytest.raises(api.ApiError):
             api.settings(args, {"diffusion": bad})
-    # bench/quality.py's sampler rows are presets with overrides
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import quality
+    # the yardstick's sampler rows (bench/quality.py) are presets with overrides
+    from training.yardstick import SAMPLERS
 
-    assert {mode for mode, _ in quality.SAMPLERS.values()} <= set(PRESETS) | {None}  # None: the model's default
+    assert {mode for mode, _ in SAMPLERS.values()} <= set(PRESETS) | {None}  # None: the model's default
 
 
 def test_python_m_and_mlx_lm_aliases(tmp_path):

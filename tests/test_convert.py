@@ -523,6 +523,7 @@ def test_malformed_upload_repo_is_refused_before_converting(fake_hub, ckpt_facto
 
 
 # ------------------------------------------------------------------------------------------ streaming
+@pytest.mark.slow  # a 200 MB conversion
 def test_streaming_peak_memory_stays_near_one_shard(tmp_path):
     """≥ 200 MB of shards: the converter's RSS growth stays under 2× (largest shard + output shard)."""
     spec = Spec(d=512, layers=12, heads=8, kv_heads=8, ffn=2048, shards=4, seed=16)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from training.demo_tasks import (COUNTS, CURRICULUM, EXTRA, LONG, TASKS, conversations, examples, held_out,
+                                 held_out_conversations, held_out_set)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from demo_tasks import (COUNTS, CURRICULUM, EXTRA, LONG, TASKS, conversations, examples, held_out,  # noqa: E402
-                        held_out_conversations, held_out_set)
 
 DEMO = ROOT / "illada_mlx" / "demo_model"
 
@@ -77,14 +77,15 @@ def test_held_out_prompts_never_reach_training():
 
 
 def train_tiny(out, *args):
-    """bench/train_demo.py on a 1-layer, d-32 model with the bundled tokenizer."""
+    """training/train_demo.py on a 1-layer, d-32 model with the bundled tokenizer."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(out), "--d", "32", "--layers", "1",
+        [sys.executable, "-m", "training.train_demo", "--out", str(out), "--d", "32", "--layers", "1",
          "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0", "--workers", "0",
          "--tokenizer", str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"), *args],
         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     pytest.importorskip("torch")
     from illada_mlx.load import load
@@ -103,6 +104,7 @@ def test_trainer_writes_a_checkpoint_the_converter_takes(tmp_path):
     assert model.args.mask_token_id == 5 and model.args.eos_token_id == 2
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_with_no_steps_only_probes(tmp_path):
     # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
     pytest.importorskip("torch")
@@ -117,9 +119,10 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
         "end", "not_end", "same_last_digit", "decided_right", "stops_at_last_digit"}
 
 
+@pytest.mark.slow  # trains (a subprocess)
 def test_trainer_refuses_an_unknown_task(tmp_path):
     pytest.importorskip("torch")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_demo.py"), "--out", str(tmp_path / "x"),
+    r = subprocess.run([sys.executable, "-m", "training.train_demo", "--out", str(tmp_path / "x"),
                         "--tasks", "add,divide"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown task(s) ['divide']" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
@@ -129,7 +132,7 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
     # --max-area: each batch's answer area (answer, one EOS, EOS padding) has a length drawn from
     # [block / 2, max_area]; the prompt keeps its place and only the area is answer-maskable
     from tokenizers import Tokenizer
-    from train_rows import EOS, batches
+    from training.train_rows import EOS, batches
 
     tok = Tokenizer.from_file(str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"))
     areas = set()
@@ -158,7 +161,7 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight,
     torch = pytest.importorskip("torch")
     import numpy as np
     import oracle
-    from train_demo import EOS, MASK, loss_fn
+    from training.train_demo import EOS, MASK, loss_fn
 
     V = 24
     x = torch.tensor([[10, 11, 12, 20, 21, EOS, EOS, EOS],
@@ -243,7 +246,7 @@ def test_training_rows_are_the_runtime_prompt_plus_the_answer():
     # All conversations (multi_turn 1) or all single turns: one kind of row, so batches keep draw order.
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from train_rows import EOS, TEMPLATE, batches, draw_items
+    from training.train_rows import EOS, TEMPLATE, batches, draw_items
 
     from illada_mlx.engine import build_prompt
 
@@ -267,7 +270,7 @@ def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
     # answer taking its last block; the prompt and written blocks are never masked
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from train_rows import EOS, batches, draw_items
+    from training.train_rows import EOS, batches, draw_items
 
     from illada_mlx.engine import build_prompt
 
@@ -301,7 +304,7 @@ def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
     # (schedule rule, 32 steps per block) on the bundled weights: the same tokens up to the first EOS
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
-    from train_demo import EOS, TorchIllada, variable_generate
+    from training.train_demo import EOS, TorchIllada, variable_generate
 
     from illada_mlx.decode import decode, run
     from illada_mlx.engine import build_prompt
@@ -325,7 +328,7 @@ def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_bl
     # first_block 1: every row is the answer's first block after the bare prompt; last_block 1: every row is
     # the block holding the answer's own EOS (the written blocks before it in place)
     from tokenizers import Tokenizer
-    from train_rows import EOS, batches, draw_items, render
+    from training.train_rows import EOS, batches, draw_items, render
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     items = draw_items(1, LONG)
@@ -345,7 +348,7 @@ def test_end_rows_cut_after_a_number_half_at_the_end():
     # answer's EOS when that number is the prompt's b, else a space. Half are cut at the end; some of the
     # others after a number ending in b's last digit (a last-digit match alone would stop there)
     from tokenizers import Tokenizer
-    from train_rows import EOS, batches, draw_items, render
+    from training.train_rows import EOS, batches, draw_items, render
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     tasks = ("count", "countby", "countend")
@@ -373,7 +376,7 @@ def test_loss_masks_an_end_rows_area_from_its_cut():
     # masked_from >= 0: the area is masked from that index on and visible before it, whatever t is drawn;
     # -1: random masking as before
     torch = pytest.importorskip("torch")
-    from train_demo import MASK, loss_fn
+    from training.train_demo import MASK, loss_fn
 
     seen = {}
 

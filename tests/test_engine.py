@@ -39,6 +39,7 @@ class CountingTokenizer:
         return d
 
 
+@pytest.mark.slow  # a reply of several blocks, EOS banned
 def test_decoding_work_is_linear_in_the_reply(demo):
     # EOS banned: the reply fills a budget of several blocks; each token passes through the detokenizer once
     model, tok = demo
@@ -75,6 +76,7 @@ def test_python_api_trims_a_default_budget_like_the_cli(demo):
     assert rs[-1].spec.max_tokens == model.args.max_position_embeddings - rs[-1].prompt_tokens
 
 
+@pytest.mark.slow  # an exact-mode decode of 128 tokens
 def test_stopping_the_iteration_stops_the_decode(demo):
     model, tok = demo
     it = stream_generate(model, tok, [{"role": "user", "content": "reverse hello"}], mode="exact", max_tokens=128)

@@ -1,6 +1,6 @@
 """`illada-mlx eval` and the lm-eval model on the bundled demo model, offline: a multiple-choice task built
-from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by bench/mc_task.py), and the
-comparison of two conversions."""
+from the demo mix's held-out split (tests/data/demo_mc.jsonl, written by `python -m training.mc_task --n 5
+--out tests/data/demo_mc.jsonl`), and the comparison of two conversions."""
 
 import json
 import os
@@ -37,6 +37,7 @@ def task_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # lm-eval end to end
 def test_lm_eval_multiple_choice_on_the_demo_model(task_dir, tmp_path, monkeypatch):
     # likelihood (the official Monte-Carlo bound) picks the correct answer among 4 of the same family
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -65,6 +66,7 @@ def test_a_chat_templated_context_keeps_its_trailing_newline(demo):
     assert ctx == build_prompt(tok, msgs) and cont == tok.encode("158", add_special_tokens=False)
 
 
+@pytest.mark.slow  # lm-eval indexes every task it ships to find one
 def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
     for args, needle in ((["--tasks", "no_such_task", "--include-path", str(task_dir)], "unknown task"),
                          (["--tasks", "illada_demo_mc", "--mc-num", "10", "--batch-size", "4",
@@ -75,6 +77,7 @@ def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
         assert r.output.count("\n") == 1
 
 
+@pytest.mark.slow  # two conversions, scored end to end
 def test_compare_reports_what_a_conversion_cost(tmp_path):
     # float against a 2-bit conversion of the demo model, the same masks on both: the 2-bit model's answers
     # are worse, and the per-token log-likelihood difference's interval excludes 0

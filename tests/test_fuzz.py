@@ -20,6 +20,8 @@ from illada_mlx.config import IlladaError
 from illada_mlx.load import load
 from illada_mlx_convert import convert
 
+pytestmark = pytest.mark.slow  # many mutated checkpoints, each converted and loaded
+
 SETTINGS = settings(max_examples=60, deadline=timedelta(seconds=30), derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 PER_EXAMPLE_S = 60

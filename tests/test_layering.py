@@ -46,3 +46,12 @@ def test_library_modules_do_not_import_the_converter():
     offenders = [str(f.relative_to(LIBRARY)) for f in files
                  if any(m.split(".")[0] == "illada_mlx_convert" for m in imported_modules(ast.parse(f.read_text())))]
     assert offenders == []
+
+
+def test_neither_the_library_nor_the_converter_imports_training():
+    # training/ (the demo model's trainer and yardstick) is a lab: the runtime never depends on it
+    converter = Path(illada_mlx.__file__).parents[1] / "convert"
+    files = sorted(LIBRARY.rglob("*.py")) + sorted(converter.rglob("*.py"))
+    offenders = [f.name for f in files
+                 if any(m.split(".")[0] == "training" for m in imported_modules(ast.parse(f.read_text())))]
+    assert len(files) > 10 and offenders == []

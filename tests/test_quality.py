@@ -1,16 +1,13 @@
 """The demo model really decodes: a fast subset of the held-out quality suite (the full table is
-bench/quality.py -> bench/results/quality.json)."""
+bench/quality.py; its figures are in bench/README.md)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from demo_tasks import held_out_set  # noqa: E402
-from quality import evaluate  # noqa: E402
-
-from illada_mlx.engine import build_prompt  # noqa: E402
+from illada_mlx.engine import build_prompt
+from training.demo_tasks import held_out_set
+from training.yardstick import evaluate
 
 ITEMS = held_out_set(6, seed=777)  # 30 held-out prompts, 6 per task, never drawn in training
 
@@ -20,18 +17,21 @@ def exact(demo):
     return evaluate(*demo, ITEMS, "exact", batch=30)
 
 
+@pytest.mark.slow  # the exact-mode suite: 30 prompts
 def test_suite_scores_every_task(exact):
     assert exact["n"] == 30 and set(exact["per_task"]) == {"add", "sort", "reverse", "recall", "parity"}
     assert exact["forwards"] == 32  # exact mode: one token per step over a 32-token canvas
     assert 0.0 <= exact["accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # the exact-mode suite
 @pytest.mark.parametrize("task", ["add", "sort", "reverse"])
 def test_exact_mode_solves_held_out_prompts(exact, task):
     # addition with carries, sorting, reversal: learned (bench: 96-100% on 50 held-out prompts each)
     assert exact["per_task"][task] >= 5 / 6, exact
 
 
+@pytest.mark.slow  # the exact-mode suite
 def test_exact_mode_recalls_values(exact):
     # key -> value recall, an induction-style lookup (find the key asked for, read the value two tokens
     # later): bench/quality.py measures 80% on 25 prompts, where answering a random value of the prompt
@@ -39,6 +39,7 @@ def test_exact_mode_recalls_values(exact):
     assert exact["per_task"]["recall"] >= 0.6, exact
 
 
+@pytest.mark.slow  # one forward per token
 def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
     # the yardstick's AR-order row: 32 one-token blocks of one step each. On the tasks the model answers
     # from the prompt in one forward it scores like low-confidence remasking (bench: 94-100% on both)
@@ -48,11 +49,12 @@ def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
     assert all(v >= 5 / 6 for v in l2r["per_task"].values()), l2r
 
 
+@pytest.mark.slow  # teacher-forced probes over 30 prompts
 def test_parity_leftmost_bit_needs_its_neighbours(demo):
     # why the commit order matters on parity: each answer bit is its right-hand neighbour XOR one list bit,
     # and the leftmost is the parity of all 12, which the model gets far more often once the other
     # answer bits are on the canvas than from the prompt alone. Low-confidence remasking therefore commits
-    # it late; left to right commits it first (bench/README.md has the rows)
+    # it late; left to right commits it first (bench/quality.py's rows measure both)
     import mlx.core as mx
 
     model, tok = demo
@@ -77,17 +79,19 @@ def test_parity_leftmost_bit_needs_its_neighbours(demo):
     assert hits["neighbours_visible"] >= hits["all_masked"] + 0.1, hits
 
 
+@pytest.mark.slow  # against the exact-mode suite
 def test_fast_mode_keeps_quality_with_half_the_forwards(demo, exact):
     fast = evaluate(*demo, ITEMS, "fast_t0.9_prefix", batch=30)
     assert fast["accuracy"] >= exact["accuracy"] - 1 / 30, (fast, exact)
     assert fast["forwards"] <= exact["forwards"] / 2, (fast, exact)
 
 
+@pytest.mark.slow  # three long answers, one token per forward
 def test_variable_mode_writes_a_long_answer_across_blocks_and_stops_in_its_block(demo):
     # count to a round hundred: 17-64 numbers, 67-255 tokens, 3-8 blocks of 32. The growing canvas adds a
     # block at a time, each continuing the ones before, and must stop (EOS) in the block where the answer
     # ends: not earlier, not at the budget. The oracle is the integers themselves
-    from quality import score_long
+    from training.yardstick import score_long
 
     items = held_out_set(3, seed=777, tasks=("countround",))
     for _, prompt, answer in items:
@@ -98,10 +102,10 @@ def test_variable_mode_writes_a_long_answer_across_blocks_and_stops_in_its_block
     assert r["forwards"] == 32 * max(-(-(n + 1) // 32) for n in r["answer_tokens"]["countround"])  # a block a step
 
 
+@pytest.mark.slow  # a conversion and the exact-mode suite
 def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
-    # a 4-bit float format with an 8-bit embedding (README's convert section: `-q --q-mode nvfp4 --q-recipe
-    # mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers: bench -3.6 points on 250
-    # prompts, where plain nvfp4 loses 5.6
+    # a 4-bit float format with an 8-bit embedding (docs/convert.md: `-q --q-mode nvfp4 --q-recipe
+    # mixed_4_8`, nvfp4 body, embedding and head affine 8-bit) still answers
     from illada_mlx.demo import BUNDLED
     from illada_mlx.load import load
     from illada_mlx_convert import convert
@@ -112,6 +116,7 @@ def test_nvfp4_with_an_8bit_embedding_keeps_the_answers(exact, tmp_path):
     assert q["accuracy"] >= exact["accuracy"] - 2 / 30, (q, exact)
 
 
+@pytest.mark.slow  # 64 and 128 forwards
 @pytest.mark.parametrize("max_tokens", [64, 128])
 def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
     # `generate --mode exact --max-tokens 128` (the official defaults' canvas: blocks of 32, one token per
@@ -136,6 +141,7 @@ def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, lis
     # --recipe NAME scores a mixed-precision conversion, --q-mode MODE a 4-bit float-format one (the affine
     # 4-bit row is always there); a name that is not one of them is refused before any work
     import subprocess
+    import sys
 
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     r = subprocess.run([sys.executable, str(script), flag, value, "--json", "/nonexistent/q.json"],
@@ -149,7 +155,7 @@ def test_first_wrong_is_the_length_of_the_common_prefix():
     import os.path
     import random
 
-    from quality import first_wrong
+    from training.yardstick import first_wrong
 
     rng = random.Random(0)
     for _ in range(500):
@@ -162,8 +168,8 @@ def test_first_wrong_is_the_length_of_the_common_prefix():
 def test_multi_turn_and_long_rows_score_their_items(demo):
     # the yardstick's issue-17 rows: a conversation item is decoded from its whole chat (the prompt is
     # longer than the last turn alone), and a long item on a 256-token budget reports where it goes wrong
-    from demo_tasks import held_out_conversations
-    from quality import score_long
+    from training.demo_tasks import held_out_conversations
+    from training.yardstick import score_long
 
     model, tok = demo
     conv = held_out_conversations(2, turns=(3,))
@@ -181,8 +187,8 @@ def test_multi_turn_and_long_rows_score_their_items(demo):
 def test_chat_rows_carry_the_cache_across_turns(demo):
     # a conversation scored as a chat session: the last turn reuses what earlier turns computed, so it runs
     # fewer tokens than the same conversation decoded from scratch
-    from demo_tasks import held_out_conversations
-    from quality import evaluate_chat
+    from training.demo_tasks import held_out_conversations
+    from training.yardstick import evaluate_chat
 
     model, tok = demo
     conv = held_out_conversations(2, turns=(3,))

@@ -32,6 +32,7 @@ def test_the_llada_names_are_the_released_index(rehearse):
     assert set(rehearse.tensor_shapes("llada", rehearse.SIZES["8b"]["llada"])) == set(json.loads(index.read_text()))
 
 
+@pytest.mark.slow  # write, convert, load and decode, each stage a process
 def test_a_tiny_rehearsal_runs_every_stage(rehearse, tmp_path, capsys):
     out = tmp_path / "r.json"
     rehearse.main(["--size", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out)])

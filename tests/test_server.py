@@ -98,6 +98,7 @@ def test_completions_endpoint_with_stop(client, demo):
     assert r.choices[0].text == (full[: full.find(stop)] if stop in full else full)
 
 
+@pytest.mark.slow  # concurrent requests through the whole server
 def test_concurrent_requests_all_complete_correctly(client, demo):
     model, tok = demo
     prompts = ["reverse abc", "reverse xyz", "sort 2 1", "a=4 b=8 ; b?"]
@@ -116,6 +117,7 @@ def test_concurrent_requests_all_complete_correctly(client, demo):
     assert all(text == expected[p] for p, text in results)
 
 
+@pytest.mark.slow  # a 1000-token prompt through the whole server
 def test_long_prompt_without_max_tokens_gets_the_room_left(client):
     # the server's default budget (512) does not fit beside a ~1000-token prompt in the demo's 1024
     # positions: with no max_tokens asked for it is cut to the room left, as OpenAI's servers do
@@ -627,6 +629,7 @@ def test_binding_beyond_loopback_without_a_key_warns():
     assert exposure("127.0.0.1", opts) == [] and "localhost" in opts.allowed_hosts
 
 
+@pytest.mark.slow  # concurrent requests through the whole server
 def test_compatible_concurrent_requests_share_a_batch(demo_server, client, demo):
     before = len(demo_server.engine.batch_sizes)
     test_concurrent_requests_all_complete_correctly(client, demo)
@@ -863,6 +866,7 @@ def test_a_request_whose_client_left_stops_within_a_step(ckpt_factory, mode, str
         srv.stop()
 
 
+@pytest.mark.slow  # an exact-mode request through the whole server
 def test_diffusion_stats_say_only_what_was_measured(demo_server):
     # a batched reply (fast) and one decoded alone (exact): no figure is a zero or 1/0 standing for "unknown"
     with httpx.Client(base_url=demo_server.url, timeout=60) as h:
@@ -900,7 +904,7 @@ def test_completions_text_offset_points_at_each_token(demo_server, stream):
 
 
 def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, client):
-    # the README: the demo model answers a raw prompt with nothing, its template with the chat answer
+    # docs/server.md: the demo model answers a raw prompt with nothing, its template with the chat answer
     raw = client.completions.create(model="illada-demo", prompt="57+68=", max_tokens=64)
     templated = client.completions.create(model="illada-demo", max_tokens=64,
                                           prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n")

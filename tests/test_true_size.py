@@ -186,6 +186,7 @@ def test_sizes_are_decimal_gb():
 
 
 # ------------------------------------------------------------------------------------------ prompt figures
+@pytest.mark.slow  # an exact-mode decode of 64 tokens
 def test_the_prompt_rate_is_the_first_forwards_over_what_it_ran(demo):
     model, tok = demo
     ids = tok.encode("sort 9 3 7", add_special_tokens=False)

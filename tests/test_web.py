@@ -232,6 +232,7 @@ def last_reply(page, timeout=60_000):
     return page.locator(".msg.assistant .text").last.inner_text()
 
 
+@pytest.mark.slow  # a browser
 def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
     """Against a server with an API key: the page asks for the key once, shows masks on the canvas, answers
     `reverse hello` with `olleh`, answers a second question with the whole conversation sent, a second tab

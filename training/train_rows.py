@@ -1,18 +1,16 @@
 """The demo model's training rows, laid out as the runtime decodes them (no PyTorch here, so the tests that
-hold the rows to the runtime's prompts run wherever the runtime does; bench/train_demo.py turns them into
+hold the rows to the runtime's prompts run wherever the runtime does; training/train_demo.py turns them into
 tensors)."""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, conversations, examples  # noqa: E402
+from training.demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, conversations, examples
 
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it

@@ -2,7 +2,8 @@
 correct answer and three wrong ones from the same task family (a changed sum, another order of the same
 digits, another arrangement of the same letters, another value, flipped bits).
 
-    python bench/mc_task.py --n 10 --out tests/data/demo_mc.jsonl
+    python -m training.mc_task --n 5 --out tests/data/demo_mc.jsonl            # what tests/test_eval.py reads
+    python -m training.mc_task --n 10 --out training/tasks/demo_mc50.jsonl     # the eval yardstick's task
 
 Each line: {"task", "prompt" (the user's text), "choices", "gold" (index of the correct one)}.
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tasks import TASKS, held_out_set  # noqa: E402
+from training.demo_tasks import TASKS, held_out_set
 
 
 def distractors(task: str, prompt: str, answer: str, rng: random.Random, n: int = 3) -> list[str]:
@@ -50,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10, help="held-out prompts per task")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tests/data/demo_mc.jsonl")
+    ap.add_argument("--out", required=True, help="the JSONL file to write")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     lines = []

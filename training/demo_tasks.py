@@ -7,14 +7,14 @@ and "parity", the order-sensitive one: suffix parities of 12 bits in list order 
 the list bit in its own place, while the leftmost is the parity of all 12 bits, which small transformers
 find hard to compute in one pass: committing right to left is easy, left to right is not. Two-digit
 addition turned out not to separate decoding orders: the demo model computes every digit of the sum from
-the prompt in one forward (bench/README.md). The list has a fixed length so that every bit a position
+the prompt in one forward (training/README.md). The list has a fixed length so that every bit a position
 needs sits at a fixed distance from it; with 5-10 bits the CPU runs did not learn past the last two bits.
 
 EXTRA tasks are drawn only when asked for (train_demo.py --tasks, quality.py --tasks) and are not on the
 yardstick. "sums": running sums mod 10 listed last first ("sums 3 1 4 1 5" -> "4 9 8 4 3", the totals
 3 4 8 9 14 mod 10 from the last back), an order-sensitive task the bundled model has not learned.
 "recall_abcd" is recall with keys from a, b, c, d only: a training curriculum for recall's key match,
-not a task of its own (bench/README.md says what it did for the bundled model). "countend" is count with
+not a task of its own (training/README.md says what it does for the bundled model). "countend" is count with
 2-8 numbers, one block: a curriculum for where a long count stops (the number just written against the
 prompt's b), with every row's end in view; "countmid" the same with 9-16 numbers (two blocks), a step
 between it and count's 3-8 blocks. Their prompts never equal a count prompt (b - a < 16). "countbyend" is
@@ -27,12 +27,12 @@ them. "count" counts from a to b ("count 137 to 202" -> "137 138 ... 202": each 
 neighbour plus one, the end comes from the prompt). "countround" is count to a round hundred ("count 137
 to 200"): its end is the first number ending in 00, a check on the number just written that needs no
 comparison with the prompt's b (the tens of that comparison are what count has not learned,
-bench/README.md). "countby" counts in steps of 2-9 given by the prompt ("count 137 to 290 by 9" -> "137
+training/README.md). "countby" counts in steps of 2-9 given by the prompt ("count 137 to 290 by 9" -> "137
 146 ... 290"), so every number needs the prompt as well as its neighbour. "countbyround" is countby to a
 round hundred in steps of 2-6 ("count 712 to 800 by 4" -> "712 716 ... 800", 17-50 numbers, all above the
 hundred before): its step comes from the prompt and its end, as countround's, is the first number ending
 in 00. "succ" (each digit of a 33-128 digit list from the prompt plus one mod 10, "succ 3 9 0" -> "4 0 1"
-shown short) is kept for the record: in 30 CPU minutes the model did not learn it (bench/README.md). They
+shown short) is kept for the record: in 30 CPU minutes the model did not learn it (training/README.md). They
 are EXTRA tasks too.
 
 Multi-turn conversations (`conversations`, `held_out_conversations`): 1-4 earlier user / assistant
@@ -53,7 +53,7 @@ YARDSTICK_LONG = ("count", "countround", "countby", "countbyround")  # the long 
 LONG = YARDSTICK_LONG + ("succ",)
 CURRICULUM = ("countend", "countmid", "countbyend")  # shorter counts, for training only
 EXTRA = ("sums", "recall_abcd") + LONG + CURRICULUM
-BLOCKWISE = LONG + CURRICULUM  # tasks whose rows are laid out block by block (bench/train_rows.py)
+BLOCKWISE = LONG + CURRICULUM  # tasks whose rows are laid out block by block (training/train_rows.py)
 COUNTS = YARDSTICK_LONG + CURRICULUM  # three-digit numbers a space apart
 NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
 ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-hand neighbour plus one list item

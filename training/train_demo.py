@@ -1,10 +1,10 @@
 """Train the bundled demo model: a small iLLaDA-layout masked-diffusion model (PyTorch) on the synthetic mix.
 
-    pip install -e ".[train]"; python bench/train_demo.py --out /tmp/demo --minutes 6     (CUDA if present)
+    pip install -e ".[train]"; python -m training.train_demo --out /tmp/demo --minutes 6     (CUDA if present)
 
-The bundled model was trained in several runs of this script (the commands, seeds, times, losses and probe
-accuracies are in illada_mlx/demo_model/train_log.json and bench/results/demo_train_sweep.json; how and why
-in bench/README.md). `--init DIR` continues from a checkpoint.
+The bundled model is a chain of runs of this script, each from the one before (`--init DIR` continues from
+a checkpoint); the commands, seeds, times, losses and probe accuracies are in
+illada_mlx/demo_model/train_log.json, and training/README.md says how to reproduce it.
 PyTorch because the released model is PyTorch too; the model is written from the spec in torch_ref.py
 with iLLaDA's tensor names, so the checkpoint is exactly what the real model's checkpoints look like to
 the converter.
@@ -13,7 +13,7 @@ Objective (spec §4): t ~ U(ε, 1), mask every token with probability t, cross-e
 positions (weighted 1/t with --inv-t; see loss_fn for why the default is the plain mean). iLLaDA SFT
 style: prompt and answer are both maskable (a share of rows mask the answer only, --answer-only); one
 example per row, ending with EOS and EOS-padded (LLaDA's SFT), so that a masked answer never has to find
-which of several prompts in its row is its own (bench/README.md).
+which of several prompts in its row is its own (training/README.md).
 Writes an HF-format iLLaDA checkpoint (config.json with iLLaDA's keys, fp32 safetensors with iLLaDA's
 tensor names, a BPE tokenizer.json with <[MASK]> = 5 and EOS = 2, tokenizer_config.json with a chat
 template) plus train_log.json (command, seed, time, losses, held-out probe accuracy per task).
@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render, same_last_digit_cuts  # noqa: E402,F401
-from demo_tasks import (BLOCKWISE, COUNTS, EXTRA, NUMBER_TOKENS, ORDERED, TASKS, examples,  # noqa: E402
-                        held_out_conversations, held_out_set)
+from training.demo_tasks import (BLOCKWISE, COUNTS, EXTRA, NUMBER_TOKENS, ORDERED, TASKS, examples,
+                                 held_out_conversations, held_out_set)
+from training.train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render, same_last_digit_cuts  # noqa: F401
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
@@ -218,7 +217,7 @@ def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_on
     tiny scale the plain mean over masked tokens learned measurably faster (recall 38% vs ~20% one-shot
     after 400 vs 1000 steps), so it is the default here. `pad_weight` weighs the EOS padding after an
     answer's own EOS (LLaDA's SFT: 1, like any token); with t_min = 1 and pad_weight = 0 a row is the
-    answer-from-prompt classification a one-digit answer needs to leave its plateau (bench/README.md).
+    answer-from-prompt classification a one-digit answer needs to leave its plateau (training/README.md).
     `eos_weight` weighs the answer's own EOS (the one place a long answer learns where it ends).
     `masked_from` (per row, -1: random masking): rows whose answer area is masked from this index on and
     visible before it (train_rows' end decisions)."""
@@ -327,7 +326,7 @@ def main():
     }
     model = TorchIllada(config)
     init_weights(model, a.seed)
-    if a.init:  # a second phase starts from an earlier run's checkpoint (train_log.json records both)
+    if a.init:  # a run of the chain starts from an earlier run's checkpoint (train_log.json records both)
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(Path(a.init) / "model.safetensors")))
