@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx
 import mlx.core as mx
-
 from soak import small_model  # bench/soak.py, beside this script
 
 from illada_mlx.load import load
@@ -79,8 +78,9 @@ def leaver(url, stop, seed, count):
             leave = time.perf_counter() + wait
             how = "left"
             try:
-                with h.stream("POST", f"{url}/chat/completions", json=body,
-                              timeout=httpx.Timeout(5, read=max(wait, 0.01))) as r:
+                with h.stream(
+                    "POST", f"{url}/chat/completions", json=body, timeout=httpx.Timeout(5, read=max(wait, 0.01))
+                ) as r:
                     lines = r.iter_lines()
                     while time.perf_counter() < leave:
                         if next(lines, None) is None:
@@ -132,8 +132,16 @@ def phase(url, seconds, n_steady, n_leavers):
 
 def pct(xs):
     xs = sorted(xs)
-    return {"n": len(xs), "p50": round(statistics.median(xs), 3), "p90": round(xs[int(0.9 * len(xs)) - 1], 3),
-            "max": round(xs[-1], 3)} if xs else {"n": 0}
+    return (
+        {
+            "n": len(xs),
+            "p50": round(statistics.median(xs), 3),
+            "p90": round(xs[int(0.9 * len(xs)) - 1], 3),
+            "max": round(xs[-1], 3),
+        }
+        if xs
+        else {"n": 0}
+    )
 
 
 def main():
@@ -160,14 +168,24 @@ def main():
     time.sleep(3)  # whatever still runs for nobody
     after = [t for t in model.times if t > end]
     steps = [b - a for a, b in zip(model.times, model.times[1:]) if b - a < 5]  # a forward's time, idle gaps out
-    out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-           "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "mlx": mx.__version__},
-           "first_block_s": {"alone": pct(alone), "beside_leavers": pct(beside)},
-           "steady_replies_per_s": {"alone": round(alone_rps, 3), "beside_leavers": round(beside_rps, 3)},
-           "leaver_requests": sum(leavers.values()), "leaver_outcomes": leavers, "forwards_after_every_client_stopped": len(after),
-           "dropped_mid_decode": {"rows": len(engine.late_steps), "steps_begun_after_the_client_left": {
-               "max": max(engine.late_steps, default=0), "rows_with_one": sum(engine.late_steps)}},
-           "step_s": pct(steps)}
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "mlx": mx.__version__},
+        "first_block_s": {"alone": pct(alone), "beside_leavers": pct(beside)},
+        "steady_replies_per_s": {"alone": round(alone_rps, 3), "beside_leavers": round(beside_rps, 3)},
+        "leaver_requests": sum(leavers.values()),
+        "leaver_outcomes": leavers,
+        "forwards_after_every_client_stopped": len(after),
+        "dropped_mid_decode": {
+            "rows": len(engine.late_steps),
+            "steps_begun_after_the_client_left": {
+                "max": max(engine.late_steps, default=0),
+                "rows_with_one": sum(engine.late_steps),
+            },
+        },
+        "step_s": pct(steps),
+    }
     print(json.dumps(out, indent=2))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))

@@ -28,8 +28,15 @@ FULL_LAYERS = 32
 
 
 def quantized_model(layers: int) -> Model:
-    args = ModelArgs(**{**SHAPES["8b"], "num_hidden_layers": layers}, max_position_embeddings=8192,
-                     rope_theta=500000.0, tie_word_embeddings=True, mask_token_id=5, eos_token_id=2, pad_token_id=2)
+    args = ModelArgs(
+        **{**SHAPES["8b"], "num_hidden_layers": layers},
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        mask_token_id=5,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     mx.random.seed(0)
     model = Model(args)
     model.set_dtype(mx.bfloat16)
@@ -62,8 +69,12 @@ def measure(model: Model, positions: int, repeats: int) -> dict:
     t_layers, t_head = timed(layers, repeats), timed(head, repeats)
     per_layer = t_layers / len(model.layers) / positions
     per_head = t_head / positions
-    return {"compute_dtype": compute_dtype(model), "layer_s_per_position": per_layer,
-            "head_s_per_position": per_head, "model_s_per_position": FULL_LAYERS * per_layer + per_head}
+    return {
+        "compute_dtype": compute_dtype(model),
+        "layer_s_per_position": per_layer,
+        "head_s_per_position": per_head,
+        "model_s_per_position": FULL_LAYERS * per_layer + per_head,
+    }
 
 
 def main():
@@ -81,13 +92,23 @@ def main():
     after = measure(model, a.positions, a.repeats)
     print(f"auto on {backend_name()}:", json.dumps(after), flush=True)
     speedup = before["model_s_per_position"] / after["model_s_per_position"]
-    print(f"8B 4-bit forward per token position: {before['model_s_per_position']:.2f} s -> "
-          f"{after['model_s_per_position']:.2f} s ({speedup:.1f}x)")
+    print(
+        f"8B 4-bit forward per token position: {before['model_s_per_position']:.2f} s -> "
+        f"{after['model_s_per_position']:.2f} s ({speedup:.1f}x)"
+    )
     if a.json:
-        result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "backend": backend_name(),
-                  "layers_run": a.layers, "positions": a.positions, "repeats": a.repeats,
-                  "quantization": "affine 4-bit, group 64, bfloat16 scales", "before": before, "after": after,
-                  "speedup": speedup}
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),
+            "backend": backend_name(),
+            "layers_run": a.layers,
+            "positions": a.positions,
+            "repeats": a.repeats,
+            "quantization": "affine 4-bit, group 64, bfloat16 scales",
+            "before": before,
+            "after": after,
+            "speedup": speedup,
+        }
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -32,8 +32,9 @@ from illada_mlx.spec import make_spec
 PROMPTS = ("reverse hello", "sort 3 1 2", "57+68=", "count 137 to 200", "count 712 to 800 by 4")
 SETTINGS = {
     "default": dict(mode=None),
-    "fast_before": dict(mode="fast", rule="threshold", threshold=0.9, cache="token", block_refresh="window",
-                        eos_fill=False),
+    "fast_before": dict(
+        mode="fast", rule="threshold", threshold=0.9, cache="token", block_refresh="window", eos_fill=False
+    ),
     "variable": dict(mode="variable"),
 }
 
@@ -43,9 +44,14 @@ def one(model, tok, ids: list[int], setting: str) -> dict:
     t0 = time.perf_counter()
     g = run(decode(model, [ids], spec))
     wall = time.perf_counter() - t0
-    return {"text": tok.decode(g.tokens[0]), "tokens": g.stats.output_tokens, "forwards": g.stats.nfe,
-            "processed": g.stats.processed, "tokens_per_s": g.stats.output_tokens / wall,
-            "drift_refreshes": g.stats.drift_refreshes}
+    return {
+        "text": tok.decode(g.tokens[0]),
+        "tokens": g.stats.output_tokens,
+        "forwards": g.stats.nfe,
+        "processed": g.stats.processed,
+        "tokens_per_s": g.stats.output_tokens / wall,
+        "drift_refreshes": g.stats.drift_refreshes,
+    }
 
 
 def shape_rows(shape: str, gen: int, reps: int) -> list[dict]:
@@ -64,13 +70,25 @@ def shape_rows(shape: str, gen: int, reps: int) -> list[dict]:
             g = run(decode(model, [ids], spec))
             runs.append((g.stats, time.perf_counter() - t0))
         st = runs[0][0]
-        r = {"shape": shape, "gen": gen, "setting": name, "tokens": st.output_tokens, "forwards": st.nfe,
-             "processed": st.processed, "vs_ideal": st.processed / (st.nfe * spec.block_length),
-             "drift_refreshes": st.drift_refreshes, "cache": spec.cache, "block_refresh": spec.block_refresh,
-             "tokens_per_s": statistics.median(st.output_tokens / w for st, w in runs)}
+        r = {
+            "shape": shape,
+            "gen": gen,
+            "setting": name,
+            "tokens": st.output_tokens,
+            "forwards": st.nfe,
+            "processed": st.processed,
+            "vs_ideal": st.processed / (st.nfe * spec.block_length),
+            "drift_refreshes": st.drift_refreshes,
+            "cache": spec.cache,
+            "block_refresh": spec.block_refresh,
+            "tokens_per_s": statistics.median(st.output_tokens / w for st, w in runs),
+        }
         rows.append(r)
-        print(f"{shape} gen {gen} {name:12s} {r['forwards']} forwards, processed {r['vs_ideal']:.2f}x ideal, "
-              f"{r['drift_refreshes']} whole-canvas refreshes, {r['tokens_per_s']:.2f} tok/s", flush=True)
+        print(
+            f"{shape} gen {gen} {name:12s} {r['forwards']} forwards, processed {r['vs_ideal']:.2f}x ideal, "
+            f"{r['drift_refreshes']} whole-canvas refreshes, {r['tokens_per_s']:.2f} tok/s",
+            flush=True,
+        )
     return rows
 
 
@@ -86,8 +104,12 @@ def main():
         rows = shape_rows(a.shape, a.gen, a.reps)
     else:
         rows = prompt_rows(a.model, a.reps)
-    out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-           "machine": platform.platform(), "rows": rows}
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "rows": rows,
+    }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
 
@@ -105,8 +127,11 @@ def prompt_rows(path, reps: int) -> list[dict]:
         for name, rs in runs.items():
             r = {**rs[0], "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs)}
             rows.append({"prompt": prompt, "setting": name, **r})
-            print(f"{prompt:24s} {name:12s} {r['tokens']:4d} tokens {r['forwards']:4d} forwards "
-                  f"{r['tokens_per_s']:8.1f} tok/s  {r['text'][:40]!r}", flush=True)
+            print(
+                f"{prompt:24s} {name:12s} {r['tokens']:4d} tokens {r['forwards']:4d} forwards "
+                f"{r['tokens_per_s']:8.1f} tok/s  {r['text'][:40]!r}",
+                flush=True,
+            )
     return rows
 
 

@@ -35,8 +35,12 @@ def measure(path: Path, out) -> None:
     g = dist.group()
     mx.reset_peak_memory()
     model = load_model(path, group=g)
-    mine = {"rank": g.rank(), "parameter_bytes": parameter_bytes(model), "active_bytes": mx.get_active_memory(),
-            "peak_bytes_during_load": mx.get_peak_memory()}
+    mine = {
+        "rank": g.rank(),
+        "parameter_bytes": parameter_bytes(model),
+        "active_bytes": mx.get_active_memory(),
+        "peak_bytes_during_load": mx.get_peak_memory(),
+    }
     ranks = dist.all_objects(g, mine)
     if g.rank() == 0:
         result = {"model": str(path), "ranks": ranks, "size": g.size(), "machine": machine()}

@@ -42,8 +42,10 @@ def main():
     kind = backend()
     if kind:
         lg = mx.random.normal((32, 155136)).astype(mx.bfloat16)
-        res["candidates_ms"] = {"reference": timed(lambda: candidates_reference(lg)[1]),
-                                kind: timed(lambda: candidates_kernel(lg, kind)[1])}
+        res["candidates_ms"] = {
+            "reference": timed(lambda: candidates_reference(lg)[1]),
+            kind: timed(lambda: candidates_kernel(lg, kind)[1]),
+        }
         print("candidates (32 x 155136):", res["candidates_ms"])
     for q in (None, 4):
         model = random_model(a.shape, mx.bfloat16)
@@ -59,17 +61,28 @@ def main():
             mx.eval(cache.state())
             at = mx.arange(0, 32)
             pos = mx.arange(ctx, L, 2)[None]  # a token-cache step: half the block (its average query)
-            steps = {"block": lambda: model(ids[:, ctx:], cache=cache, offset=ctx, logits_at=at),
-                     "token16": lambda: model(mx.take_along_axis(ids, pos, axis=1), cache=cache, offset=pos,
-                                              logits_at=mx.arange(16))}
+            steps = {
+                "block": lambda: model(ids[:, ctx:], cache=cache, offset=ctx, logits_at=at),
+                "token16": lambda: model(
+                    mx.take_along_axis(ids, pos, axis=1), cache=cache, offset=pos, logits_at=mx.arange(16)
+                ),
+            }
             roof = 1000 * wbytes / (bw * 1e9)
             for step, forward in steps.items():
                 ms = timed(forward)
-                row = {"weights": "bf16" if q is None else f"{q}bit", "context": ctx, "block": 32, "step": step,
-                       "ms_per_forward": ms, "weight_bytes": wbytes, "roofline_ms": roof, "x_roofline": ms / roof}
+                row = {
+                    "weights": "bf16" if q is None else f"{q}bit",
+                    "context": ctx,
+                    "block": 32,
+                    "step": step,
+                    "ms_per_forward": ms,
+                    "weight_bytes": wbytes,
+                    "roofline_ms": roof,
+                    "x_roofline": ms / roof,
+                }
                 res["rows"].append(row)
                 print(row, flush=True)
-        del model
+        model = None  # free it before the next precision's copy
         mx.clear_cache()
     with open(a.json, "w") as f:
         json.dump(res, f, indent=2)

@@ -54,9 +54,19 @@ def table(rows: list[dict]) -> list[dict]:
         for r in mine:
             rho = tpf(r)
             ppo = r.get("processed_per_output_token")
-            out.append({"family": fam, "weights": r.get("weights", "float32"), "sampler": r["sampler"], "n": r["n"],
-                        "accuracy": r["accuracy"], "tpf": rho, "processed_per_output_token": ppo,
-                        "forwards": r["forwards"], "aup": aup(r["accuracy"], rho, y_off, y_max)})
+            out.append(
+                {
+                    "family": fam,
+                    "weights": r.get("weights", "float32"),
+                    "sampler": r["sampler"],
+                    "n": r["n"],
+                    "accuracy": r["accuracy"],
+                    "tpf": rho,
+                    "processed_per_output_token": ppo,
+                    "forwards": r["forwards"],
+                    "aup": aup(r["accuracy"], rho, y_off, y_max),
+                }
+            )
     return out
 
 
@@ -65,8 +75,10 @@ def markdown(lines: list[dict]) -> str:
     body = []
     for x in lines:
         ppo = x["processed_per_output_token"]
-        body.append(f"| {x['family']} | {x['weights']} | {x['sampler']} | {x['n']} | {100 * x['accuracy']:.1f}% | "
-                    f"{x['tpf']:.2f} | {'-' if ppo is None else f'{ppo:.1f}'} | {x['forwards']} | {x['aup']:.2f} |\n")
+        body.append(
+            f"| {x['family']} | {x['weights']} | {x['sampler']} | {x['n']} | {100 * x['accuracy']:.1f}% | "
+            f"{x['tpf']:.2f} | {'-' if ppo is None else f'{ppo:.1f}'} | {x['forwards']} | {x['aup']:.2f} |\n"
+        )
     return head + "".join(body)
 
 
@@ -85,8 +97,11 @@ def plot(lines: list[dict], path: Path) -> bool:
             size = 20 + 4 * (x["processed_per_output_token"] or 0)
             ax.scatter(x["tpf"], 100 * x["accuracy"], s=size, alpha=0.6)
             ax.annotate(f"{x['sampler']} ({x['weights']})", (x["tpf"], 100 * x["accuracy"]), fontsize=6)
-        ax.set(title=f"{fam} (marker size: processed tokens per output token)", xlabel="tokens per row forward",
-               ylabel="exact match (%)")
+        ax.set(
+            title=f"{fam} (marker size: processed tokens per output token)",
+            xlabel="tokens per row forward",
+            ylabel="exact match (%)",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -95,13 +110,21 @@ def plot(lines: list[dict], path: Path) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="bench/quality.py JSON files")
-    ap.add_argument("--official", nargs="*", default=[],
-                    help="result files to take only the official rows from (float32 variable / exact)")
+    ap.add_argument(
+        "--official",
+        nargs="*",
+        default=[],
+        help="result files to take only the official rows from (float32 variable / exact)",
+    )
     ap.add_argument("--out", default="bench/results/pareto", help="writes OUT.md, OUT.json and (plot extra) OUT.png")
     a = ap.parse_args()
     rows = [r for f in a.results for r in json.loads(Path(f).read_text())["rows"]]
-    rows += [r for f in a.official for r in json.loads(Path(f).read_text())["rows"]
-             if r["sampler"] in OFFICIAL and r.get("weights") == "float32"]
+    rows += [
+        r
+        for f in a.official
+        for r in json.loads(Path(f).read_text())["rows"]
+        if r["sampler"] in OFFICIAL and r.get("weights") == "float32"
+    ]
     lines = table(rows)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

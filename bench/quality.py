@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from training.demo_tasks import EXTRA, LONG, TASKS, YARDSTICK_LONG, held_out_conversations, held_out_set
-from training.yardstick import (DEFAULT_ROWS, SAMPLERS, TURNS, evaluate, evaluate_chat, sampler_spec,
-                                score_long)
+from training.yardstick import DEFAULT_ROWS, SAMPLERS, TURNS, evaluate, evaluate_chat, sampler_spec, score_long
 
 
 def main():
@@ -43,24 +42,46 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the bundled demo model)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per task")
-    ap.add_argument("--tasks", default=",".join(TASKS),
-                    help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)}; all: the "
-                         f"five, {','.join(TURNS)} and {','.join(YARDSTICK_LONG)})")
-    ap.add_argument("--samplers", default=",".join(DEFAULT_ROWS),
-                    help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when --q-sampler is one)")
+    ap.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"held-out tasks (extra: {','.join(EXTRA)}; multi-turn: {','.join(TURNS)}; all: the "
+        f"five, {','.join(TURNS)} and {','.join(YARDSTICK_LONG)})",
+    )
+    ap.add_argument(
+        "--samplers",
+        default=",".join(DEFAULT_ROWS),
+        help=f"float32 rows, from {','.join(SAMPLERS)} (the 8/4-bit rows run when --q-sampler is one)",
+    )
     ap.add_argument("--float-only", action="store_true", help="skip the 8/4-bit rows")
-    ap.add_argument("--recipe", action="append", default=[], metavar="NAME",
-                    help="also score a mixed-precision conversion (illada_mlx.quant.RECIPES; body 4-bit g32) in "
-                         "exact mode; repeatable")
-    ap.add_argument("--q-mode", action="append", default=[], metavar="MODE",
-                    help="also score a 4-bit conversion in this mode (mxfp4, nvfp4; at the mode's group size) in "
-                         "exact mode, and each --recipe with this mode's body; repeatable")
-    ap.add_argument("--q-sampler", default="exact",
-                    help="the sampler of the conversions' rows (exact: long answers in variable mode)")
-    ap.add_argument("--chat", action="store_true",
-                    help="also score the multi-turn items as a chat session per conversation, the cross-turn cache "
-                         "carried from turn to turn (rows <sampler>_chat and, reusing the previous turn too, "
-                         "<sampler>_chat_delay0; float32, samplers with a cache)")
+    ap.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score a mixed-precision conversion (illada_mlx.quant.RECIPES; body 4-bit g32) in "
+        "exact mode; repeatable",
+    )
+    ap.add_argument(
+        "--q-mode",
+        action="append",
+        default=[],
+        metavar="MODE",
+        help="also score a 4-bit conversion in this mode (mxfp4, nvfp4; at the mode's group size) in "
+        "exact mode, and each --recipe with this mode's body; repeatable",
+    )
+    ap.add_argument(
+        "--q-sampler",
+        default="exact",
+        help="the sampler of the conversions' rows (exact: long answers in variable mode)",
+    )
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="also score the multi-turn items as a chat session per conversation, the cross-turn cache "
+        "carried from turn to turn (rows <sampler>_chat and, reusing the previous turn too, "
+        "<sampler>_chat_delay0; float32, samplers with a cache)",
+    )
     ap.add_argument("--json", default="bench/results/quality.json")
     a = ap.parse_args()
     src = a.model or str(BUNDLED)
@@ -69,8 +90,9 @@ def main():
         every = (*TASKS, *TURNS, *YARDSTICK_LONG)
         tasks = list(dict.fromkeys(t for x in tasks for t in (every if x == "all" else (x,))))
     if set(tasks) - set(TASKS + EXTRA + TURNS):
-        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA + TURNS))}: use "
-                 f"{','.join(TASKS + EXTRA + TURNS)}")
+        ap.error(
+            f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA + TURNS))}: use {','.join(TASKS + EXTRA + TURNS)}"
+        )
     samplers = a.samplers.split(",")
     if a.q_sampler not in SAMPLERS:
         ap.error(f"unknown --q-sampler {a.q_sampler!r}: use one of {','.join(SAMPLERS)}")
@@ -91,33 +113,50 @@ def main():
         # name: the conversion's options; affine 4-bit at group 32 as the yardstick has always used, the float
         # formats at their own group size
         q4 = dict(quantize=True, q_bits=4, q_group_size=32)
-        variants = {"float32": {}, **({"8bit": {**q4, "q_bits": 8}, "4bit": q4} if quantized else {}),
-                    **{r: {**q4, "q_recipe": r} for r in a.recipe},
-                    **{f"4bit_{m}": dict(quantize=True, q_mode=m) for m in a.q_mode},
-                    **{f"{r}_{m}": dict(quantize=True, q_mode=m, q_recipe=r) for r in a.recipe for m in a.q_mode}}
+        variants = {
+            "float32": {},
+            **({"8bit": {**q4, "q_bits": 8}, "4bit": q4} if quantized else {}),
+            **{r: {**q4, "q_recipe": r} for r in a.recipe},
+            **{f"4bit_{m}": dict(quantize=True, q_mode=m) for m in a.q_mode},
+            **{f"{r}_{m}": dict(quantize=True, q_mode=m, q_recipe=r) for r in a.recipe for m in a.q_mode},
+        }
         for name, options in variants.items():
             dst = Path(tmp) / name
             convert(src, str(dst), progress=False, **options)
             model, tok = load(str(dst))
             # a conversion's rows: --q-sampler (exact mode; long answers then in variable mode, where their
             # target is set)
-            for sampler in (samplers if name == "float32" else [a.q_sampler]):
+            for sampler in samplers if name == "float32" else [a.q_sampler]:
                 long_sampler = "variable" if name != "float32" and sampler == "exact" else sampler
                 chat = [it for it in items if it[0] in TURNS] if a.chat and name == "float32" else []
                 if chat and sampler_spec(model, tok, sampler).cache == "none":
                     chat = []  # no cache to carry across turns: the plain row says it all
-                for r in ([evaluate(model, tok, items, sampler)] if items else []) + (
-                        [evaluate_chat(model, tok, chat, sampler, d) for d in (1, 0)] if chat else []) + (
-                        [score_long(model, tok, long_items, long_sampler)] if long_items else []):
+                for r in (
+                    ([evaluate(model, tok, items, sampler)] if items else [])
+                    + ([evaluate_chat(model, tok, chat, sampler, d) for d in (1, 0)] if chat else [])
+                    + ([score_long(model, tok, long_items, long_sampler)] if long_items else [])
+                ):
                     r["weights"] = name
                     rows.append(r)
-                    print(f"{name:8s} {r['sampler']:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards "
-                          f"{r['forwards']}" + (f" eos in its block {r['eos_in_its_block']} tokens/row forward "
-                                                   f"{r['tokens_per_row_forward']:.2f}" if "gen" in r else ""),
-                          flush=True)
-    out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-           "model": src, "items": len(items) + len(long_items), "rows": rows}
+                    print(
+                        f"{name:8s} {r['sampler']:22s} acc {r['accuracy']:.3f} {r['per_task']} forwards "
+                        f"{r['forwards']}"
+                        + (
+                            f" eos in its block {r['eos_in_its_block']} tokens/row forward "
+                            f"{r['tokens_per_row_forward']:.2f}"
+                            if "gen" in r
+                            else ""
+                        ),
+                        flush=True,
+                    )
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "model": src,
+        "items": len(items) + len(long_items),
+        "rows": rows,
+    }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
 

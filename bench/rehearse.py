@@ -44,6 +44,8 @@ EOS_ID = {"illada": 2, "llada": 126081}
 def special(ids: dict, layout: str, s: dict) -> int:
     """The layout's id, or the demo tokenizer's (mask 5, EOS 2) where the vocabulary is too small for it."""
     return ids[layout] if ids[layout] < s["vocab"] else {id(MASK_ID): 5, id(EOS_ID): 2}[id(ids)]
+
+
 RECIPES = {  # name -> convert() keyword arguments
     "bf16": {},
     "8bit": dict(quantize=True, q_bits=8),
@@ -60,16 +62,35 @@ def tensor_shapes(layout: str, s: dict) -> dict[str, tuple]:
     q, kv = s["heads"] * hd, s["kv_heads"] * hd
     if layout == "illada":
         out = {"model.embed_tokens.weight": (V, d)}
-        block = {"input_layernorm": (d,), "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
-                 "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q), "post_attention_layernorm": (d,),
-                 "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+        block = {
+            "input_layernorm": (d,),
+            "self_attn.q_proj": (q, d),
+            "self_attn.k_proj": (kv, d),
+            "self_attn.v_proj": (kv, d),
+            "self_attn.o_proj": (d, q),
+            "post_attention_layernorm": (d,),
+            "mlp.gate_proj": (f, d),
+            "mlp.up_proj": (f, d),
+            "mlp.down_proj": (d, f),
+        }
         prefix, top = "model.layers", {"model.norm.weight": (d,)}
     else:
         out = {"model.transformer.wte.weight": (V, d)}
-        block = {"attn_norm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "attn_out": (d, q),
-                 "ff_norm": (d,), "ff_proj": (f, d), "up_proj": (f, d), "ff_out": (d, f)}
-        prefix, top = "model.transformer.blocks", {"model.transformer.ln_f.weight": (d,),
-                                                   "model.transformer.ff_out.weight": (V, d)}
+        block = {
+            "attn_norm": (d,),
+            "q_proj": (q, d),
+            "k_proj": (kv, d),
+            "v_proj": (kv, d),
+            "attn_out": (d, q),
+            "ff_norm": (d,),
+            "ff_proj": (f, d),
+            "up_proj": (f, d),
+            "ff_out": (d, f),
+        }
+        prefix, top = (
+            "model.transformer.blocks",
+            {"model.transformer.ln_f.weight": (d,), "model.transformer.ff_out.weight": (V, d)},
+        )
     for i in range(s["layers"]):
         out.update({f"{prefix}.{i}.{k}.weight": v for k, v in block.items()})
     out.update(top)
@@ -79,19 +100,48 @@ def tensor_shapes(layout: str, s: dict) -> dict[str, tuple]:
 def config_for(layout: str, s: dict) -> dict:
     """The layout's config.json: iLLaDA's HF keys, LLaDA's OLMo keys (values of the released config)."""
     if layout == "illada":
-        return {"architectures": ["ILLaDAForCausalLM"], "model_type": "illada", "hidden_size": s["d"],
-                "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-                "num_key_value_heads": s["kv_heads"], "intermediate_size": s["ffn"], "vocab_size": s["vocab"],
-                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-                "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-                "torch_dtype": "bfloat16"}
-    return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": s["d"], "n_heads": s["heads"],
-            "n_kv_heads": s["kv_heads"], "n_layers": s["layers"], "mlp_hidden_size": s["ffn"],
-            "vocab_size": s["vocab"], "embedding_size": s["vocab"], "max_sequence_length": 4096,
-            "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "weight_tying": False, "activation_type": "silu",
-            "block_type": "llama", "layer_norm_type": "rms", "include_bias": False,
-            "mask_token_id": special(MASK_ID, layout, s), "eos_token_id": special(EOS_ID, layout, s),
-            "pad_token_id": special(EOS_ID, layout, s), "precision": "amp_bf16"}
+        return {
+            "architectures": ["ILLaDAForCausalLM"],
+            "model_type": "illada",
+            "hidden_size": s["d"],
+            "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"],
+            "num_key_value_heads": s["kv_heads"],
+            "intermediate_size": s["ffn"],
+            "vocab_size": s["vocab"],
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            "torch_dtype": "bfloat16",
+        }
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "d_model": s["d"],
+        "n_heads": s["heads"],
+        "n_kv_heads": s["kv_heads"],
+        "n_layers": s["layers"],
+        "mlp_hidden_size": s["ffn"],
+        "vocab_size": s["vocab"],
+        "embedding_size": s["vocab"],
+        "max_sequence_length": 4096,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "weight_tying": False,
+        "activation_type": "silu",
+        "block_type": "llama",
+        "layer_norm_type": "rms",
+        "include_bias": False,
+        "mask_token_id": special(MASK_ID, layout, s),
+        "eos_token_id": special(EOS_ID, layout, s),
+        "pad_token_id": special(EOS_ID, layout, s),
+        "precision": "amp_bf16",
+    }
 
 
 def write_checkpoint(out: Path, layout: str, size: str) -> dict:
@@ -116,9 +166,10 @@ def write_checkpoint(out: Path, layout: str, size: str) -> dict:
         shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         part = {}
         for name in names:
-            shape, a = shapes[name], 0.02 * 3 ** 0.5
-            part[name] = mx.ones(shape, mx.bfloat16) if len(shape) == 1 else \
-                mx.random.uniform(-a, a, shape, dtype=mx.bfloat16)
+            shape, a = shapes[name], 0.02 * 3**0.5
+            part[name] = (
+                mx.ones(shape, mx.bfloat16) if len(shape) == 1 else mx.random.uniform(-a, a, shape, dtype=mx.bfloat16)
+            )
             mx.eval(part[name])
         mx.save_safetensors(str(out / shard), part, metadata={"format": "pt"})
         weight_map.update({n: shard for n in names})
@@ -168,12 +219,20 @@ def stage_decode(path: Path, prompt: int, block: int, steps: int) -> dict:
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(10, model.args.vocab_size - 10, prompt).tolist()
     t1 = time.perf_counter()
-    last = list(stream_generate(model, None, ids, mode="exact", max_tokens=block, block_length=block,
-                                steps_per_block=steps))[-1]
-    return {"load_s": load_s, "resident_bytes": parameter_bytes(model), "compute_dtype": compute_dtype(model),
-            "decode_s": time.perf_counter() - t1, "first_forward_s": last.first_forward_s,
-            "forwards": last.stats.nfe, "positions": prompt + block, "tokens": last.generation_tokens,
-            "mlx_peak_bytes": mx.get_peak_memory()}
+    last = list(
+        stream_generate(model, None, ids, mode="exact", max_tokens=block, block_length=block, steps_per_block=steps)
+    )[-1]
+    return {
+        "load_s": load_s,
+        "resident_bytes": parameter_bytes(model),
+        "compute_dtype": compute_dtype(model),
+        "decode_s": time.perf_counter() - t1,
+        "first_forward_s": last.first_forward_s,
+        "forwards": last.stats.nfe,
+        "positions": prompt + block,
+        "tokens": last.generation_tokens,
+        "mlx_peak_bytes": mx.get_peak_memory(),
+    }
 
 
 def run_stage(argv: list[str]) -> dict:
@@ -212,10 +271,22 @@ def rehearse(layout: str, a) -> list[dict]:
     rows = [{"layout": layout, "stage": "write", "recipe": "bf16 source", **written}]
     for recipe in a.recipes:
         dst = work / f"mlx-{recipe}"
-        rows.append({"layout": layout, "stage": "convert", "recipe": recipe,
-                     **run_stage(["convert", str(src), str(dst), layout, recipe])})
-        rows.append({"layout": layout, "stage": "load + decode", "recipe": recipe,
-                     **run_stage(["decode", str(dst), str(a.prompt), str(a.block), str(a.steps)])})
+        rows.append(
+            {
+                "layout": layout,
+                "stage": "convert",
+                "recipe": recipe,
+                **run_stage(["convert", str(src), str(dst), layout, recipe]),
+            }
+        )
+        rows.append(
+            {
+                "layout": layout,
+                "stage": "load + decode",
+                "recipe": recipe,
+                **run_stage(["decode", str(dst), str(a.prompt), str(a.block), str(a.steps)]),
+            }
+        )
         if not a.keep:
             shutil.rmtree(dst, ignore_errors=True)
     if not a.keep:
@@ -229,12 +300,17 @@ def table(rows: list[dict]) -> str:
 
     size = lambda r, k: format_bytes(r[k]) if r.get(k) is not None else "–"  # noqa: E731
     secs = lambda r, k: f"{r[k]:.1f}" if k in r else "–"  # noqa: E731
-    out = ["| layout | stage | recipe | wall s | peak RSS | files | resident | compute | load s | first forward s "
-           "| decode s |", "|" + "---|" * 11]
+    out = [
+        "| layout | stage | recipe | wall s | peak RSS | files | resident | compute | load s | first forward s "
+        "| decode s |",
+        "|" + "---|" * 11,
+    ]
     for r in rows:
-        out.append(f"| {r['layout']} | {r['stage']} | {r['recipe']} | {r['wall_s']:.1f} | {size(r, 'peak_rss_bytes')} "
-                   f"| {size(r, 'bytes')} | {size(r, 'resident_bytes')} | {r.get('compute_dtype', '–')} | "
-                   f"{secs(r, 'load_s')} | {secs(r, 'first_forward_s')} | {secs(r, 'decode_s')} |")
+        out.append(
+            f"| {r['layout']} | {r['stage']} | {r['recipe']} | {r['wall_s']:.1f} | {size(r, 'peak_rss_bytes')} "
+            f"| {size(r, 'bytes')} | {size(r, 'resident_bytes')} | {r.get('compute_dtype', '–')} | "
+            f"{secs(r, 'load_s')} | {secs(r, 'first_forward_s')} | {secs(r, 'decode_s')} |"
+        )
     return "\n".join(out)
 
 
@@ -266,9 +342,17 @@ def main(argv=None):
     rows = [r for layout in a.layouts for r in rehearse(layout, a)]
     from illada_mlx.bench import machine
 
-    result = {"date": time.strftime("%Y-%m-%d"), "size": a.size, "machine": machine(), "prompt": a.prompt,
-              "block": a.block, "steps": a.steps, "command": "python bench/rehearse.py " + " ".join(argv),
-              "total_s": time.perf_counter() - t0, "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "size": a.size,
+        "machine": machine(),
+        "prompt": a.prompt,
+        "block": a.block,
+        "steps": a.steps,
+        "command": "python bench/rehearse.py " + " ".join(argv),
+        "total_s": time.perf_counter() - t0,
+        "rows": rows,
+    }
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows))

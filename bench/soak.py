@@ -42,9 +42,16 @@ from training.demo_tasks import held_out_set
 def small_model(demo_args) -> Model:
     """The small bench shape with random weights, sized to the demo tokenizer's vocabulary and ids."""
     a = demo_args
-    args = ModelArgs(**{**SHAPES["small"], "vocab_size": a.vocab_size}, max_position_embeddings=a.max_position_embeddings,
-                     rope_theta=500000.0, tie_word_embeddings=True, mask_token_id=a.mask_token_id,
-                     eos_token_id=a.eos_token_id, eot_token_id=a.eot_token_id, pad_token_id=a.pad_token_id)
+    args = ModelArgs(
+        **{**SHAPES["small"], "vocab_size": a.vocab_size},
+        max_position_embeddings=a.max_position_embeddings,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        mask_token_id=a.mask_token_id,
+        eos_token_id=a.eos_token_id,
+        eot_token_id=a.eot_token_id,
+        pad_token_id=a.pad_token_id,
+    )
     mx.random.seed(0)
     model = Model(args)
     mx.eval(model.parameters())
@@ -66,11 +73,16 @@ def run(model, tok, items, expected, settings, max_batch, concurrency, requests)
     def one(i):
         p = items[i % len(items)]
         t0 = time.perf_counter()
-        kw = dict(model="soak", messages=[{"role": "user", "content": p}], max_tokens=settings["max_tokens"],
-                  extra_body={"diffusion": settings["diffusion"]})
+        kw = dict(
+            model="soak",
+            messages=[{"role": "user", "content": p}],
+            max_tokens=settings["max_tokens"],
+            extra_body={"diffusion": settings["diffusion"]},
+        )
         if i % 2:
-            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
-                           if c.choices)
+            text = "".join(
+                c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices
+            )
         else:
             text = client.chat.completions.create(**kw).choices[0].message.content
         return time.perf_counter() - t0, text == expected[p]
@@ -83,11 +95,21 @@ def run(model, tok, items, expected, settings, max_batch, concurrency, requests)
     thread.join(timeout=10)
     lat = sorted(r[0] for r in res)
     sizes = engine.batch_sizes
-    return {"max_batch": max_batch, "concurrency": concurrency, "requests": requests, "correct": sum(r[1] for r in res),
-            "wall_s": round(wall, 2), "requests_per_s": round(requests / wall, 3),
-            "latency_s": {"p50": round(statistics.median(lat), 3), "p90": round(lat[int(0.9 * len(lat)) - 1], 3),
-                          "max": round(lat[-1], 3)},
-            "blocks_run": len(sizes), "mean_rows_per_block": round(sum(sizes) / max(len(sizes), 1), 2)}
+    return {
+        "max_batch": max_batch,
+        "concurrency": concurrency,
+        "requests": requests,
+        "correct": sum(r[1] for r in res),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(requests / wall, 3),
+        "latency_s": {
+            "p50": round(statistics.median(lat), 3),
+            "p90": round(lat[int(0.9 * len(lat)) - 1], 3),
+            "max": round(lat[-1], 3),
+        },
+        "blocks_run": len(sizes),
+        "mean_rows_per_block": round(sum(sizes) / max(len(sizes), 1), 2),
+    }
 
 
 def main():
@@ -105,18 +127,32 @@ def main():
     else:
         settings = {"max_tokens": 32, "diffusion": {"mode": "fast"}}
     items = [p for _, p, _ in held_out_set(5)]
-    expected = {p: generate_text(model, tok, [{"role": "user", "content": p}], max_tokens=settings["max_tokens"],
-                                 **settings["diffusion"]) for p in items}
+    expected = {
+        p: generate_text(
+            model, tok, [{"role": "user", "content": p}], max_tokens=settings["max_tokens"], **settings["diffusion"]
+        )
+        for p in items
+    }
     runs = []
     for c in [int(x) for x in a.concurrency.split(",")]:
         for b in [int(x) for x in a.max_batch.split(",")]:
             r = run(model, tok, items, expected, settings, b, c, a.requests)
             print(json.dumps(r), file=sys.stderr, flush=True)
             runs.append(r)
-    out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-           "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
-                       "mlx": mx.__version__, "device": str(mx.default_device())},
-           "model": a.model, "settings": settings, "prompts": len(items), "runs": runs}
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": __import__("os").cpu_count(),
+            "mlx": mx.__version__,
+            "device": str(mx.default_device()),
+        },
+        "model": a.model,
+        "settings": settings,
+        "prompts": len(items),
+        "runs": runs,
+    }
     print(json.dumps(out, indent=2))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))

@@ -29,8 +29,16 @@ def _version() -> str:
         return "(source tree)"
 
 
-def model_card(name: str, ref: str, source: str, hub_source: bool, layout: str, quantization: str,
-               bits_per_weight: float, size_bytes: int) -> str:
+def model_card(
+    name: str,
+    ref: str,
+    source: str,
+    hub_source: bool,
+    layout: str,
+    quantization: str,
+    bits_per_weight: float,
+    size_bytes: int,
+) -> str:
     """The card's markdown: hub metadata, what was converted how, and how to run it.
 
     `name` heads the card, `ref` is what `--model` / `load()` is given (the upload repo or the output path),
@@ -39,16 +47,34 @@ def model_card(name: str, ref: str, source: str, hub_source: bool, layout: str, 
     if hub_source:
         meta.append(f"base_model: {source}")
     origin = f"[{source}](https://huggingface.co/{source})" if hub_source else f"the local checkpoint `{source}`"
-    return "\n".join([
-        "---", *meta, "---", "",
-        f"# {name}", "",
-        f"Converted to MLX from {origin} with illada-mlx {_version()}.", "",
-        "| | |", "|---|---|",
-        f"| source layout | {layout} |",
-        f"| quantization | {quantization} |",
-        f"| bits per weight | {bits_per_weight:.3f} |",
-        f"| size | {format_size(size_bytes)} |", "",
-        "## Use with illada-mlx", "",
-        "```bash", f'illada-mlx generate --model {shlex.quote(ref)} -p "Why is the sky blue?"', "```", "",
-        "```python", "from illada_mlx import load", "", f'model, tokenizer = load("{ref}")', "```", "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            *meta,
+            "---",
+            "",
+            f"# {name}",
+            "",
+            f"Converted to MLX from {origin} with illada-mlx {_version()}.",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| source layout | {layout} |",
+            f"| quantization | {quantization} |",
+            f"| bits per weight | {bits_per_weight:.3f} |",
+            f"| size | {format_size(size_bytes)} |",
+            "",
+            "## Use with illada-mlx",
+            "",
+            "```bash",
+            f'illada-mlx generate --model {shlex.quote(ref)} -p "Why is the sky blue?"',
+            "```",
+            "",
+            "```python",
+            "from illada_mlx import load",
+            "",
+            f'model, tokenizer = load("{ref}")',
+            "```",
+            "",
+        ]
+    )

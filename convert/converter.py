@@ -24,14 +24,23 @@ from illada_mlx.checkpoint import inspect_checkpoint, iter_shards, safetensors_h
 from illada_mlx.config import IlladaError, args_from_config, load_config, one_line, resolve_special_ids
 from illada_mlx.files import check_file
 from illada_mlx.load import NONFINITE_KEY, SIDE_FILES, resolve_source
-from illada_mlx.spec import DIFFUSION_CONFIG, FALLBACK_DEFAULTS
 from illada_mlx.progress import Progress
 from illada_mlx.quant import check_params, layer_params, quantize_tensor
+from illada_mlx.spec import DIFFUSION_CONFIG, FALLBACK_DEFAULTS
 
 from .card import describe_quantization, model_card
 from .hub import check_repo_id, upload_to_hub
-from .output import (WorkDir, check_apart_from_source, check_destination, check_replaceable, signals_as_interrupts,
-                     stderr_notice, stop_hook, swap_in, sweep)
+from .output import (
+    WorkDir,
+    check_apart_from_source,
+    check_destination,
+    check_replaceable,
+    signals_as_interrupts,
+    stderr_notice,
+    stop_hook,
+    swap_in,
+    sweep,
+)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -96,8 +105,10 @@ def convert(
     cfg = load_config(src)
     args = resolve_special_ids(args_from_config(cfg), src, mask_id)
     if not (src / "tokenizer.json").exists():  # the loader needs it: refused before anything is written
-        raise IlladaError(f"{src}: no tokenizer.json, without which the converted model cannot be loaded; put the "
-                          "model's tokenizer files in the source directory (or convert from the hub id)")
+        raise IlladaError(
+            f"{src}: no tokenizer.json, without which the converted model cannot be loaded; put the "
+            "model's tokenizer files in the source directory (or convert from the hub id)"
+        )
     ck = inspect_checkpoint(src, args)  # validates every header before anything is written
     side = [check_file(src, src / n) for n in SIDE_FILES if (src / n).exists() or (src / n).is_symlink()]
     target = DTYPES[dtype] if dtype else None
@@ -121,20 +132,34 @@ def convert(
             (out / "config.json").write_text(json.dumps(config, indent=2))
             hub_source = not Path(hf_path).expanduser().is_dir()  # resolve_source took it as a repo id
             quantization = describe_quantization(config.get("quantization"), q_recipe)
-            (out / "README.md").write_text(model_card(
-                name=upload_repo or dst.name, ref=upload_repo or str(dst), source=hf_path if hub_source else src.name,
-                hub_source=hub_source, layout=args.source_layout, quantization=quantization,
-                bits_per_weight=summary["bits_per_weight"], size_bytes=summary["output_bytes"]))
+            (out / "README.md").write_text(
+                model_card(
+                    name=upload_repo or dst.name,
+                    ref=upload_repo or str(dst),
+                    source=hf_path if hub_source else src.name,
+                    hub_source=hub_source,
+                    layout=args.source_layout,
+                    quantization=quantization,
+                    bits_per_weight=summary["bits_per_weight"],
+                    size_bytes=summary["output_bytes"],
+                )
+            )
             os.chmod(out, 0o777 & ~_umask())  # mkdtemp made it 0700; the result is an ordinary directory
             stop_hook("written")
             swap_in(tmp, dst)
         finally:
             tmp.close()
             shutil.rmtree(tmp.path, ignore_errors=True)  # gone already when it became dst
-    summary.update(path=str(dst), source=str(src), layout=args.source_layout,
-                   source_bytes=sum(ck.sizes.values()), largest_source_shard=max(ck.sizes.values()),
-                   peak_rss_bytes=peak_rss_bytes(), rss_growth_bytes=peak_rss_bytes() - rss_at_start,
-                   mlx_peak_bytes=mx.get_peak_memory())
+    summary.update(
+        path=str(dst),
+        source=str(src),
+        layout=args.source_layout,
+        source_bytes=sum(ck.sizes.values()),
+        largest_source_shard=max(ck.sizes.values()),
+        peak_rss_bytes=peak_rss_bytes(),
+        rss_growth_bytes=peak_rss_bytes() - rss_at_start,
+        mlx_peak_bytes=mx.get_peak_memory(),
+    )
     if upload_repo is not None:
         summary["uploaded"] = upload_to_hub(dst, upload_repo)
     return summary
@@ -145,10 +170,13 @@ def _check_finite(name: str, w: mx.array, source: mx.array) -> None:
     if bool(mx.all(mx.isfinite(w))):
         return
     if w is not source and bool(mx.all(mx.isfinite(source))):
-        raise IlladaError(f"{name}: values overflow {w.dtype} (infinite after the cast); choose another --dtype "
-                          "(bfloat16 or float32)")
-    raise IlladaError(f"{name}: NaN or infinite values in the checkpoint; re-download it, or pass "
-                      "--allow-nonfinite to convert them as they are")
+        raise IlladaError(
+            f"{name}: values overflow {w.dtype} (infinite after the cast); choose another --dtype (bfloat16 or float32)"
+        )
+    raise IlladaError(
+        f"{name}: NaN or infinite values in the checkpoint; re-download it, or pass "
+        "--allow-nonfinite to convert them as they are"
+    )
 
 
 def _save(out: Path, name: str, arrays: dict) -> None:
@@ -157,8 +185,9 @@ def _save(out: Path, name: str, arrays: dict) -> None:
         mx.save_safetensors(str(out / name), arrays, metadata={"format": "mlx"})
         safetensors_header(out, out / name)
     except (RuntimeError, ValueError, IlladaError) as e:
-        raise IlladaError(f"could not write {name} in {out.parent} ({one_line(e)}); free some space or choose "
-                          "another --mlx-path")
+        raise IlladaError(
+            f"could not write {name} in {out.parent} ({one_line(e)}); free some space or choose another --mlx-path"
+        )
 
 
 def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, progress, allow_nonfinite) -> dict:
@@ -194,8 +223,11 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
                 source, w = w, w.astype(target) if target is not None else w
                 if not allow_nonfinite:
                     _check_finite(name, w, source)
-                params = layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe) \
-                    if default_q and name.endswith(".weight") else None
+                params = (
+                    layer_params(name[: -len(".weight")], args.num_hidden_layers, default_q, recipe)
+                    if default_q and name.endswith(".weight")
+                    else None
+                )
                 q = quantize_tensor(w, params) if params else None
                 if q is not None:
                     base = name[: -len(".weight")]
@@ -215,21 +247,33 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
             del tensors
             bar.update(left)
         flush()
-        if head_fp is not None and embed_fp is not None and not all(
-                abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp)):
-            raise IlladaError("lm_head differs from the embedding but config.json says the head is tied; "
-                              "set tie_word_embeddings to false")
+        if (
+            head_fp is not None
+            and embed_fp is not None
+            and not all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(head_fp, embed_fp))
+        ):
+            raise IlladaError(
+                "lm_head differs from the embedding but config.json says the head is tied; "
+                "set tie_word_embeddings to false"
+            )
     n = len(shards)
     weight_map = {}
     for i, s in enumerate(shards):
         final = shard_name(i, n)
         os.replace(out / next(iter(s.values())), out / final)
         weight_map.update({k: final for k in s})
-    index = {"metadata": {"total_size": total, "total_parameters": parameters},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": total, "total_parameters": parameters},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"output_bytes": total, "output_shards": n, "parameters": parameters,
-            "bits_per_weight": total * 8 / parameters, "quantization": record}
+    return {
+        "output_bytes": total,
+        "output_shards": n,
+        "parameters": parameters,
+        "bits_per_weight": total * 8 / parameters,
+        "quantization": record,
+    }
 
 
 def shard_name(i: int, n: int) -> str:

@@ -34,8 +34,10 @@ def ensure_demo_model(notice: Optional[Callable[[str], None]] = None) -> Path:
         if problem is None:
             return dst
         if not has_only_our_names(dst):
-            raise IlladaError(f"{dst} does not load ({problem}) and holds files convert does not write; remove it "
-                              "or set ILLADA_MLX_CACHE to another directory")
+            raise IlladaError(
+                f"{dst} does not load ({problem}) and holds files convert does not write; remove it "
+                "or set ILLADA_MLX_CACHE to another directory"
+            )
         say(f"the demo model in {dst} is corrupt ({problem}); converting it again")
         shutil.rmtree(dst)
     else:

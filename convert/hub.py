@@ -31,6 +31,8 @@ def upload_to_hub(path: Path, repo: str) -> str:
         url = api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
     except Exception as e:  # network, authentication, permissions: the hub's errors have many types
-        raise IlladaError(f"upload to {repo} failed ({type(e).__name__}: {_first_line(e)}); the converted model is "
-                          f"in {path}: log in (`hf auth login`) and upload it with `hf upload {repo} {path}`")
+        raise IlladaError(
+            f"upload to {repo} failed ({type(e).__name__}: {_first_line(e)}); the converted model is "
+            f"in {path}: log in (`hf auth login`) and upload it with `hf upload {repo} {path}`"
+        )
     return str(url)

@@ -137,8 +137,10 @@ def check_destination(mlx_path: str) -> Path:
         raise IlladaError("--mlx-path is empty; name a new directory for the converted model")
     raw = Path(mlx_path).expanduser()
     if raw.is_symlink():
-        raise IlladaError(f"{raw} is a symlink; convert writes only to a real directory: pass the path it points "
-                          "to, or another --mlx-path")
+        raise IlladaError(
+            f"{raw} is a symlink; convert writes only to a real directory: pass the path it points "
+            "to, or another --mlx-path"
+        )
     dst = Path(os.path.realpath(raw))
     why = _protected(dst)
     if why:
@@ -156,8 +158,10 @@ def check_replaceable(dst: Path, force: bool) -> None:
         return
     why = _describe(dst)
     if why:
-        raise IlladaError(f"{dst} is not empty and not a converted model ({why}); --force replaces only "
-                          "convert's own output: choose another --mlx-path")
+        raise IlladaError(
+            f"{dst} is not empty and not a converted model ({why}); --force replaces only "
+            "convert's own output: choose another --mlx-path"
+        )
     if not force:
         raise IlladaError(f"{dst} exists and is not empty; choose another --mlx-path or pass --force to replace it")
 

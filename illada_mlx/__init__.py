@@ -7,5 +7,18 @@ from .load import load
 from .model import Model
 from .spec import PRESETS, DecodeSpec, make_spec
 
-__all__ = ["DecodeSpec", "IlladaError", "Model", "ModelArgs", "PRESETS", "Response", "build_prompt", "generate",
-           "generate_text", "load", "make_spec", "stream_generate", "var_generate"]
+__all__ = [
+    "DecodeSpec",
+    "IlladaError",
+    "Model",
+    "ModelArgs",
+    "PRESETS",
+    "Response",
+    "build_prompt",
+    "generate",
+    "generate_text",
+    "load",
+    "make_spec",
+    "stream_generate",
+    "var_generate",
+]

@@ -25,8 +25,21 @@ MAX_NUMBER_CHARS = 40  # digits of one JSON number
 MAX_TOP_LOGPROBS = 20
 
 # fields with a meaning here; the request's own are added per endpoint
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "stream",
-          "stream_options", "n", "logprobs", "diffusion"}
+COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "n",
+    "logprobs",
+    "diffusion",
+}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -61,17 +74,25 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self):
         """The OpenAI-shaped error; a body refused unread (413, 408) closes the connection."""
         close = {"connection": "close"} if self.status in (408, 413) else None
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=close)
-
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
+            status_code=self.status,
+            headers=close,
+        )
 
 
 def _int(s: str):
@@ -122,8 +143,12 @@ def _check_values(body: dict) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(400, f"{where or 'a key'} holds an invalid character (a lone surrogate)",
-                               param=where or None, code="invalid_string")
+                raise ApiError(
+                    400,
+                    f"{where or 'a key'} holds an invalid character (a lone surrogate)",
+                    param=where or None,
+                    code="invalid_string",
+                )
         elif isinstance(v, dict):
             for k, x in v.items():
                 stack.append((k, depth, where))
@@ -164,8 +189,12 @@ def check_fields(body: dict, allowed: set) -> None:
             raise ApiError(400, f"unknown field {name!r}", param=name, code="unknown_field")
         ok, neutral = NEUTRAL[name]
         if body[name] is not None and not ok(body[name]):
-            raise ApiError(400, f"{name} is not supported by this model's server; send {neutral} or leave it out",
-                           param=name, code="unsupported_parameter")
+            raise ApiError(
+                400,
+                f"{name} is not supported by this model's server; send {neutral} or leave it out",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def _num(body, name, kind, lo, hi, default=None, where=""):
@@ -173,8 +202,11 @@ def _num(body, name, kind, lo, hi, default=None, where=""):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not lo <= v <= hi:
-        raise ApiError(400, f"{where}{name} must be a{'n integer' if kind is int else ' number'} in [{lo}, {hi}]",
-                       param=where + name)
+        raise ApiError(
+            400,
+            f"{where}{name} must be a{'n integer' if kind is int else ' number'} in [{lo}, {hi}]",
+            param=where + name,
+        )
     return kind(v)
 
 
@@ -232,8 +264,9 @@ def step_events(body: dict, stream: bool) -> bool:
     stream: true. Read after settings(), which checked that diffusion is an object."""
     steps = _bool(body.get("diffusion") or {}, "steps", where="diffusion.")
     if steps and not stream:
-        raise ApiError(400, "diffusion.steps needs stream: true (the steps are sent as stream chunks)",
-                       param="diffusion.steps")
+        raise ApiError(
+            400, "diffusion.steps needs stream: true (the steps are sent as stream chunks)", param="diffusion.steps"
+        )
     return steps
 
 
@@ -277,8 +310,9 @@ def messages(body: dict) -> list[dict]:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
         out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"{where}.content")})
     if not any(m["role"] == "user" for m in out):
-        raise ApiError(400, "messages has no user turn: a conversation needs at least one user message",
-                       param="messages")
+        raise ApiError(
+            400, "messages has no user turn: a conversation needs at least one user message", param="messages"
+        )
     return out
 
 
@@ -289,8 +323,9 @@ def _content(c, where: str) -> str:
         texts = []
         for j, part in enumerate(c):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}}",
-                               param=f"{where}[{j}]")
+                raise ApiError(
+                    400, f'{where}[{j}] must be a text part {{"type": "text", "text": ...}}', param=f"{where}[{j}]"
+                )
             texts.append(part["text"])
         return "\n".join(texts)
     raise ApiError(400, f"{where} must be a string or a list of text parts", param=where)

@@ -44,8 +44,10 @@ def preferred_dtype(requested: Optional[str] = None) -> Optional[mx.Dtype]:
         return None
     if requested not in (None, "auto"):
         if requested not in COMPUTE_DTYPES:
-            raise IlladaError(f"compute dtype {requested!r} is not one of auto, stored, {', '.join(COMPUTE_DTYPES)}; "
-                              "choose one of those")
+            raise IlladaError(
+                f"compute dtype {requested!r} is not one of auto, stored, {', '.join(COMPUTE_DTYPES)}; "
+                "choose one of those"
+            )
         return COMPUTE_DTYPES[requested]
     return mx.float32 if on_cpu() else None
 

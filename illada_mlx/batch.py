@@ -38,9 +38,14 @@ def batch_key(spec: DecodeSpec) -> Optional[DecodeSpec]:
     """What requests must share to decode in one batch: the spec apart from seed, stop strings and budget.
     None for a spec that is decoded alone: a fixed canvas, CFG, the think boost, periodic full refreshes,
     a budget that is not whole blocks, or random draws with a seed (they depend on the batch)."""
-    if (not spec.growing or spec.cfg_scale > 0 or spec.think_boost or spec.full_refresh_every
-            or spec.max_tokens % spec.block_length
-            or ((spec.temperature > 0 or spec.remasking == "random") and spec.seed is not None)):
+    if (
+        not spec.growing
+        or spec.cfg_scale > 0
+        or spec.think_boost
+        or spec.full_refresh_every
+        or spec.max_tokens % spec.block_length
+        or ((spec.temperature > 0 or spec.remasking == "random") and spec.seed is not None)
+    ):
         return None
     return replace(spec, seed=None, stop=(), max_tokens=spec.block_length)
 
@@ -61,6 +66,7 @@ class Row:
 class BlockLogprobs:
     """Per row, per position of the block: the log-probability of its token at the step that committed it
     (the model's log-softmax over the candidate logits), and the k most likely tokens there."""
+
     token: list  # (rows, block) floats
     top_ids: Optional[list] = None  # (rows, block, k)
     top: Optional[list] = None
@@ -101,8 +107,9 @@ class LogprobTracker:
             self.ids, self.top = self.ids[i], self.top[i]
 
     def result(self) -> BlockLogprobs:
-        return BlockLogprobs(self.lp.tolist(), self.ids.tolist() if self.k else None,
-                             self.top.tolist() if self.k else None)
+        return BlockLogprobs(
+            self.lp.tolist(), self.ids.tolist() if self.k else None, self.top.tolist() if self.k else None
+        )
 
 
 StopFn = Callable[[Row, list[int]], bool]
@@ -129,8 +136,7 @@ class Batch:
         """Whether a row with this prompt and budget can join at the next block."""
         if self.st is None:
             width = max([len(r.ids) for r in self.joining] + [prompt_len])
-            return all(width + r.budget <= self.positions for r in self.joining + [Row(None, [0] * prompt_len,
-                                                                                      budget)])
+            return all(width + r.budget <= self.positions for r in self.joining + [Row(None, [0] * prompt_len, budget)])
         width = self.st.x.shape[1]
         return prompt_len <= width and width + budget <= self.positions
 
@@ -168,8 +174,9 @@ class Batch:
         if self.st is None:
             cache = None if spec.cache == "none" else BlockCache()
             seed = spec.seed if spec.seed is not None else time.time_ns() % 2**31
-            self.st = DecodeState(x, valid, x != spec.mask_id, width, [], cache, mx.random.key(seed), self.stats,
-                                  time.perf_counter())
+            self.st = DecodeState(
+                x, valid, x != spec.mask_id, width, [], cache, mx.random.key(seed), self.stats, time.perf_counter()
+            )
             self._split, self._fresh = None, True
         else:
             st = self.st
@@ -188,20 +195,35 @@ class Batch:
         n, self._split = self._split, None
         if n is None or n == 0:
             return _forward(model, st, spec, pos, lo, hi, kind, query)
-        old = DecodeState(st.x[:n], st.key_valid[:n], st.prompt_mask[:n], st.prompt_len, st.rows[:n], st.cache,
-                          st.key, st.stats, st.t0)
+        old = DecodeState(
+            st.x[:n],
+            st.key_valid[:n],
+            st.prompt_mask[:n],
+            st.prompt_len,
+            st.rows[:n],
+            st.cache,
+            st.key,
+            st.stats,
+            st.t0,
+        )
         fresh = BlockCache()
         fresh.reserve(st.cache.capacity)
         fresh.reuse = min(lo - len(r.ids) for r in self.rows[n:])  # the joining rows' padding: not run
-        new = DecodeState(st.x[n:], st.key_valid[n:], st.prompt_mask[n:], st.prompt_len, st.rows[n:], fresh,
-                          st.key, st.stats, st.t0)
+        new = DecodeState(
+            st.x[n:], st.key_valid[n:], st.prompt_mask[n:], st.prompt_len, st.rows[n:], fresh, st.key, st.stats, st.t0
+        )
         a = _forward(model, old, spec, pos[:n], lo, hi, kind)
         b = _forward(model, new, spec, pos[n:], lo, hi, "full")
         st.cache = _merge(st.cache, fresh)
         return mx.concatenate([a, b])
 
-    def run_block(self, stop_fn: Optional[StopFn] = None, logprobs: Optional[LogprobTracker] = None,
-                  on_step: Optional[Callable[[Step], None]] = None, leave: Optional[Callable[[Row], bool]] = None):
+    def run_block(
+        self,
+        stop_fn: Optional[StopFn] = None,
+        logprobs: Optional[LogprobTracker] = None,
+        on_step: Optional[Callable[[Step], None]] = None,
+        leave: Optional[Callable[[Row], bool]] = None,
+    ):
         """Join the waiting rows, denoise one block for every row, and drop the finished ones. Returns
         (row, its new tokens cut at a stop, finish reason or None, BlockLogprobs row or None) per row.
         on_step: called with every denoising Step (row j of the Step is self.rows[j], the block starts at
@@ -266,8 +288,14 @@ class Batch:
 
     def row_stats(self, r: Row, output_tokens: int) -> Stats:
         """A row's figures: the forwards the batch ran while it was in it, its tokens and time."""
-        return Stats(nfe=self.stats.nfe - r.nfe_at_join, output_tokens=output_tokens, prompt_tokens=len(r.ids),
-                     blocks=r.blocks, wall_s=time.perf_counter() - r.t0, committed=r.produced)
+        return Stats(
+            nfe=self.stats.nfe - r.nfe_at_join,
+            output_tokens=output_tokens,
+            prompt_tokens=len(r.ids),
+            blocks=r.blocks,
+            wall_s=time.perf_counter() - r.t0,
+            committed=r.produced,
+        )
 
 
 def _put(a: mx.array, rel: mx.array, committed: mx.array, v: mx.array) -> mx.array:
@@ -281,12 +309,12 @@ def _put(a: mx.array, rel: mx.array, committed: mx.array, v: mx.array) -> mx.arr
 def _row(lp: Optional[BlockLogprobs], j: int, n: int) -> Optional[BlockLogprobs]:
     if lp is None:
         return None
-    return BlockLogprobs(lp.token[j][:n], lp.top_ids[j][:n] if lp.top_ids else None,
-                         lp.top[j][:n] if lp.top else None)
+    return BlockLogprobs(lp.token[j][:n], lp.top_ids[j][:n] if lp.top_ids else None, lp.top[j][:n] if lp.top else None)
 
 
 def _merge(a: BlockCache, b: BlockCache) -> BlockCache:
     """One cache of a's rows then b's (the buffers padded to the larger capacity)."""
+
     def cat(x, y, fill=0):
         n = max(x.shape[2 if x.ndim == 4 else 1], y.shape[2 if y.ndim == 4 else 1])
         return mx.concatenate([_grow(x, n, fill), _grow(y, n, fill)])

@@ -24,18 +24,43 @@ from .model import Model
 from .spec import PRESETS, make_spec
 
 SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV head; FFN 3.5×; vocab ≈ 38×d
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                 intermediate_size=224, vocab_size=2432),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=896, vocab_size=9728),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=155136),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=224,
+        vocab_size=2432,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=896,
+        vocab_size=9728,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=155136,
+    ),
 }
 
 
 def random_model(shape: str, dtype=mx.float32, seed: int = 0) -> Model:
-    args = ModelArgs(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
-                     mask_token_id=5, eos_token_id=2, pad_token_id=2)
+    args = ModelArgs(
+        **SHAPES[shape],
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        mask_token_id=5,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     mx.random.seed(seed)
     model = Model(args)
     model.set_dtype(dtype)
@@ -51,8 +76,12 @@ def parameter_bytes(model) -> int:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "mlx": mx.__version__, "device": str(mx.default_device())}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+    }
     try:
         info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))}
     except Exception:
@@ -74,21 +103,39 @@ def _one(model, prompt, spec) -> dict:
     out = max(st.output_tokens, 1)
     # ideal: every forward runs one block (block_length tokens) and nothing else
     # a run that wrote nothing has no tokens/s (not 1 / wall, which reads as a slow run)
-    return {"tokens_per_s": st.output_tokens / st.wall_s if st.output_tokens else None, "nfe": st.nfe,
-            "output_tokens": st.output_tokens,
-            "tokens_per_forward": st.output_tokens / max(st.nfe, 1), "processed_per_output_token": st.processed / out,
-            "processed_vs_ideal": st.processed / max(st.nfe * spec.block_length, 1),
-            "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1), "time_to_first_block_s": first[0] if first else None,
-            "wall_s": st.wall_s, "peak_memory_bytes": st.peak_memory_bytes, "tokens_crc32": crc}
+    return {
+        "tokens_per_s": st.output_tokens / st.wall_s if st.output_tokens else None,
+        "nfe": st.nfe,
+        "output_tokens": st.output_tokens,
+        "tokens_per_forward": st.output_tokens / max(st.nfe, 1),
+        "processed_per_output_token": st.processed / out,
+        "processed_vs_ideal": st.processed / max(st.nfe * spec.block_length, 1),
+        "ms_per_forward": 1000 * st.wall_s / max(st.nfe, 1),
+        "time_to_first_block_s": first[0] if first else None,
+        "wall_s": st.wall_s,
+        "peak_memory_bytes": st.peak_memory_bytes,
+        "tokens_crc32": crc,
+    }
 
 
 def _median(runs: list[dict]) -> dict:
     return {k: (statistics.median([r[k] for r in runs]) if runs[0][k] is not None else None) for k in runs[0]}
 
 
-def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeats: int, tokenizer=None,
-                block_length: int = 32, log=print, refreshes=("drift",), ban_eos: bool = False,
-                caches=(None,), group=None) -> list[dict]:
+def bench_modes(
+    model,
+    prompts: dict[int, list[int]],
+    modes,
+    gen_lengths,
+    repeats: int,
+    tokenizer=None,
+    block_length: int = 32,
+    log=print,
+    refreshes=("drift",),
+    ban_eos: bool = False,
+    caches=(None,),
+    group=None,
+) -> list[dict]:
     """Every (gen length, mode, cache, block refresh policy, prompt) with the mode's preset at
     `block_length`, one step per token in a block. The caches (None: the preset's) and refresh policies
     matter only to modes with a cache; the full refresh, the baseline, runs with the first cache only.
@@ -103,59 +150,113 @@ def bench_modes(model, prompts: dict[int, list[int]], modes, gen_lengths, repeat
             if PRESETS[name].settings["cache"] == "none":
                 runs += [(gen, name, None, refreshes[0], plen) for plen in prompts]
             else:
-                runs += [(gen, name, c, r, plen) for i, c in enumerate(caches) for r in refreshes
-                         if not (i and r == "full") for plen in prompts]
+                runs += [
+                    (gen, name, c, r, plen)
+                    for i, c in enumerate(caches)
+                    for r in refreshes
+                    if not (i and r == "full")
+                    for plen in prompts
+                ]
     if group is not None:
         runs = split(runs, group.rank(), group.size())
     rows = []
     for gen, name, cache, refresh, plen in runs:
         prompt = prompts[plen]
-        kw = dict(mode=name, block_length=block_length, steps_per_block=block_length, seed=0,
-                  block_refresh=refresh, logits_eos_inf=ban_eos, cache=cache)
+        kw = dict(
+            mode=name,
+            block_length=block_length,
+            steps_per_block=block_length,
+            seed=0,
+            block_refresh=refresh,
+            logits_eos_inf=ban_eos,
+            cache=cache,
+        )
         spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
         _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
         r = _median([_one(model, prompt, spec) for _ in range(repeats)])
-        r.update(mode=name, gen_length=gen, prompt_tokens=plen, block_length=block_length,
-                 cache=spec.cache, block_refresh=spec.block_refresh if spec.cache != "none" else None,
-                 rule=spec.rule, canvas=spec.canvas)
+        r.update(
+            mode=name,
+            gen_length=gen,
+            prompt_tokens=plen,
+            block_length=block_length,
+            cache=spec.cache,
+            block_refresh=spec.block_refresh if spec.cache != "none" else None,
+            rule=spec.rule,
+            canvas=spec.canvas,
+        )
         rows.append(r)
-        log(f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
+        log(
+            f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
             f"{format(r['tokens_per_s'], '8.2f') if r['tokens_per_s'] else '       -'} tok/s  nfe {r['nfe']:4d}  "
             f"{r['tokens_per_forward']:.2f} tok/fwd  "
             f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
             f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
-            f"peak {r['peak_memory_bytes'] / 1e6:.0f} MB")
+            f"peak {r['peak_memory_bytes'] / 1e6:.0f} MB"
+        )
     return rows if group is None else gather(group, rows)
 
 
 def table(runs: list[dict]) -> str:
     """The result rows as a text table, then each mode against exact (or, without an exact row, each cached
     row against the mode's first full-refresh row) on the same prompt and length."""
-    head = ("gen", "mode", "cache", "refresh", "prompt", "out", "tok/s", "forwards", "tok/fwd", "proc/out",
-            "vs ideal", "ms/fwd", "1st blk s", "peak MB")
+    head = (
+        "gen",
+        "mode",
+        "cache",
+        "refresh",
+        "prompt",
+        "out",
+        "tok/s",
+        "forwards",
+        "tok/fwd",
+        "proc/out",
+        "vs ideal",
+        "ms/fwd",
+        "1st blk s",
+        "peak MB",
+    )
     lines = [" ".join(f"{h:>10s}" for h in head)]  # a space between cells: a 10-letter mode stays apart
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in runs:
         peak = r["peak_memory_bytes"] / 1e6 if r.get("peak_memory_bytes") else None
-        cells = (r["gen_length"], r["mode"], r.get("cache") or "-", r.get("block_refresh") or "-", r["prompt_tokens"],
-                 r["output_tokens"],
-                 num(r["tokens_per_s"], ".2f"), r["nfe"], num(r["tokens_per_forward"], ".2f"),
-                 num(r["processed_per_output_token"], ".1f"), num(r.get("processed_vs_ideal"), ".2f"),
-                 num(r["ms_per_forward"], ".1f"), num(r.get("time_to_first_block_s"), ".2f"), num(peak, ".0f"))
+        cells = (
+            r["gen_length"],
+            r["mode"],
+            r.get("cache") or "-",
+            r.get("block_refresh") or "-",
+            r["prompt_tokens"],
+            r["output_tokens"],
+            num(r["tokens_per_s"], ".2f"),
+            r["nfe"],
+            num(r["tokens_per_forward"], ".2f"),
+            num(r["processed_per_output_token"], ".1f"),
+            num(r.get("processed_vs_ideal"), ".2f"),
+            num(r["ms_per_forward"], ".1f"),
+            num(r.get("time_to_first_block_s"), ".2f"),
+            num(peak, ".0f"),
+        )
         lines.append(" ".join(f"{str(c):>10s}" for c in cells))
     same = lambda a, b: a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]  # noqa
     for r in runs:
         base = next((x for x in runs if x["mode"] == "exact" and same(x, r)), None)
         if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh"):
-            base = next((x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)),
-                        None)
-        if base is not None and base is not r and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") \
-                and r["tokens_per_s"] and base["tokens_per_s"]:  # a row that wrote nothing has no ratio
+            base = next(
+                (x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)), None
+            )
+        if (
+            base is not None
+            and base is not r
+            and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar")
+            and r["tokens_per_s"]
+            and base["tokens_per_s"]
+        ):  # a row that wrote nothing has no ratio
             what = "exact" if base["mode"] == "exact" else f"{base['mode']} {base['cache']} full refresh"
-            lines.append(f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
-                         f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
-                         f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
-                         "processed tokens per output token")
+            lines.append(
+                f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
+                f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
+                "processed tokens per output token"
+            )
     return "\n".join(lines)
 
 
@@ -172,21 +273,34 @@ def bench_torch(model, prompt, gen_length: int, block_length: int = 32, log=prin
         return None
     tm = from_mlx(model)
     p = torch.tensor([prompt])
-    official_generate(tm, p, steps=block_length, gen_length=block_length, block_length=block_length,
-                      mask_id=model.args.mask_token_id)
+    official_generate(
+        tm, p, steps=block_length, gen_length=block_length, block_length=block_length, mask_id=model.args.mask_token_id
+    )
     t0 = time.perf_counter()
-    x, nfe = official_generate(tm, p, steps=gen_length, gen_length=gen_length, block_length=block_length,
-                               mask_id=model.args.mask_token_id)
+    x, nfe = official_generate(
+        tm, p, steps=gen_length, gen_length=gen_length, block_length=block_length, mask_id=model.args.mask_token_id
+    )
     wall = time.perf_counter() - t0
-    toks = x[0, len(prompt):].tolist()
+    toks = x[0, len(prompt) :].tolist()
     eos = model.args.eos_token_id
     out = toks.index(eos) if eos in toks else len(toks)
-    r = {"mode": "torch_official", "gen_length": gen_length, "prompt_tokens": len(prompt), "output_tokens": out,
-         "processed_vs_ideal": (len(prompt) + gen_length) / block_length,
-         "tokens_per_s": max(out, 1) / wall, "nfe": nfe, "tokens_per_forward": out / nfe,
-         "processed_per_output_token": nfe * (len(prompt) + gen_length) / max(out, 1),
-         "ms_per_forward": 1000 * wall / nfe, "time_to_first_block_s": None, "wall_s": wall,
-         "peak_memory_bytes": None, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    r = {
+        "mode": "torch_official",
+        "gen_length": gen_length,
+        "prompt_tokens": len(prompt),
+        "output_tokens": out,
+        "processed_vs_ideal": (len(prompt) + gen_length) / block_length,
+        "tokens_per_s": max(out, 1) / wall,
+        "nfe": nfe,
+        "tokens_per_forward": out / nfe,
+        "processed_per_output_token": nfe * (len(prompt) + gen_length) / max(out, 1),
+        "ms_per_forward": 1000 * wall / nfe,
+        "time_to_first_block_s": None,
+        "wall_s": wall,
+        "peak_memory_bytes": None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
     log(f"torch_official prompt {len(prompt)}: {r['tokens_per_s']:.2f} tok/s, {r['ms_per_forward']:.1f} ms/fwd")
     return r
 
@@ -198,10 +312,18 @@ def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Op
         from mlx_lm.models import llama
     except ImportError:
         return None
-    la = llama.ModelArgs(model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                         intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
-                         num_key_value_heads=args.num_key_value_heads, rms_norm_eps=args.rms_norm_eps,
-                         vocab_size=args.vocab_size, rope_theta=args.rope_theta, tie_word_embeddings=True)
+    la = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        intermediate_size=args.intermediate_size,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        rms_norm_eps=args.rms_norm_eps,
+        vocab_size=args.vocab_size,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=True,
+    )
     m = llama.Model(la)
     mx.eval(m.parameters())
     prompt = mx.array(np.random.default_rng(0).integers(10, args.vocab_size, prompt_len))
@@ -214,11 +336,21 @@ def bench_ar(args: ModelArgs, prompt_len: int, gen_length: int, log=print) -> Op
 
     go(4)
     wall = go(gen_length)
-    r = {"mode": "mlx_lm_ar", "gen_length": gen_length, "prompt_tokens": prompt_len, "output_tokens": gen_length,
-         "processed_vs_ideal": None,
-         "tokens_per_s": gen_length / wall, "nfe": gen_length, "tokens_per_forward": 1.0,
-         "processed_per_output_token": (prompt_len + gen_length) / gen_length, "ms_per_forward": 1000 * wall / gen_length,
-         "time_to_first_block_s": None, "wall_s": wall, "peak_memory_bytes": mx.get_peak_memory()}
+    r = {
+        "mode": "mlx_lm_ar",
+        "gen_length": gen_length,
+        "prompt_tokens": prompt_len,
+        "output_tokens": gen_length,
+        "processed_vs_ideal": None,
+        "tokens_per_s": gen_length / wall,
+        "nfe": gen_length,
+        "tokens_per_forward": 1.0,
+        "processed_per_output_token": (prompt_len + gen_length) / gen_length,
+        "ms_per_forward": 1000 * wall / gen_length,
+        "time_to_first_block_s": None,
+        "wall_s": wall,
+        "peak_memory_bytes": mx.get_peak_memory(),
+    }
     log(f"mlx_lm_ar  prompt {prompt_len}: {r['tokens_per_s']:.2f} tok/s")
     return r
 
@@ -255,8 +387,11 @@ def plot(result: dict, path: str):
     runs = result["runs"]
     names = [f"{r['mode']} {r.get('block_refresh') or ''}\n(p{r['prompt_tokens']}, g{r['gen_length']})" for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_forward", "processed_per_output_token"),
-                              ("tokens / s (to EOS)", "tokens per forward", "processed tokens per output token")):
+    for ax, key, title in zip(
+        axes,
+        ("tokens_per_s", "tokens_per_forward", "processed_per_output_token"),
+        ("tokens / s (to EOS)", "tokens per forward", "processed tokens per output token"),
+    ):
         ax.bar(range(len(runs)), [r[key] or 0 for r in runs], color="#4c72b0")
         ax.set_xticks(range(len(runs)), names, rotation=60, fontsize=7)
         ax.set_title(title)

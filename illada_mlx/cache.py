@@ -168,8 +168,11 @@ class BlockCache:
         self.reuse = 0
         if self.ids is None or canvas.shape[0] != 1 or self.ids.shape[0] != 1:
             return
-        final = self.settled if self.turn_delay == 0 else (
-            self.turn_ends[-1 - self.turn_delay] if len(self.turn_ends) > self.turn_delay else 0)
+        final = (
+            self.settled
+            if self.turn_delay == 0
+            else (self.turn_ends[-1 - self.turn_delay] if len(self.turn_ends) > self.turn_delay else 0)
+        )
         n = min(self.ids.shape[1], canvas.shape[1], limit, final)
         if n > 0:
             same = (self.ids[0, :n] == canvas[0, :n]).astype(mx.int32)
@@ -177,7 +180,7 @@ class BlockCache:
 
     def end_turn(self, end: int) -> None:
         """A call (batch 1) finished with its reply ending at position `end`."""
-        self.turn_ends = self.turn_ends[-self.turn_delay - 1:] + [end]
+        self.turn_ends = self.turn_ends[-self.turn_delay - 1 :] + [end]
 
     def state(self):
         return self.keys + self.values

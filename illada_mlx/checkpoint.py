@@ -21,8 +21,19 @@ from .config import IlladaError, ModelArgs
 from .files import check_file, check_name, parse_json_object, read_bytes
 from .weights import expected_shapes, map_name
 
-_ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1,
-              "BOOL": 1}
+_ST_DTYPES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # the weight dtypes a checkpoint may store (what MLX converts)
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 
@@ -42,8 +53,10 @@ def _entry_ok(t) -> bool:
     if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in _ST_DTYPES:
         return False
     shape, offsets = t.get("shape"), t.get("data_offsets")
-    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                   for x in xs)  # noqa: E731
+
+    def ints(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
     if not (ints(shape) and ints(offsets) and len(shape) <= 8 and len(offsets) == 2):
         return False
     numel = 1
@@ -86,14 +99,18 @@ def check_float_dtype(shard: Path, name: str, dtype: str) -> None:
     if dtype in FLOAT_DTYPES:
         return
     fix = "cast it to float32 first" if dtype == "F64" else "a checkpoint stores float weights, this is not one"
-    raise IlladaError(f"{shard.name}: tensor {name!r} has dtype {dtype}; only F16, BF16 and F32 weights can be "
-                      f"converted: {fix}")
+    raise IlladaError(
+        f"{shard.name}: tensor {name!r} has dtype {dtype}; only F16, BF16 and F32 weights can be converted: {fix}"
+    )
 
 
 def find_shards(root: Path) -> tuple[list[Path], str]:
     """The weight files of a checkpoint dir and their kind ("safetensors" or "torch"), from the index when
     there is one, else by name."""
-    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch")):
+    for index_name, kind in (
+        ("model.safetensors.index.json", "safetensors"),
+        ("pytorch_model.bin.index.json", "torch"),
+    ):
         index = root / index_name
         if index.exists() or index.is_symlink():
             files = sorted(set(_weight_map(root, index).values()))
@@ -123,8 +140,10 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise IlladaError("this checkpoint has PyTorch .bin shards: install torch (pip install 'illada-mlx[torch]') "
-                          "or use its safetensors version")
+        raise IlladaError(
+            "this checkpoint has PyTorch .bin shards: install torch (pip install 'illada-mlx[torch]') "
+            "or use its safetensors version"
+        )
     return torch
 
 
@@ -133,8 +152,10 @@ def _torch_names(path: Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle errors, truncation, unsafe objects refused by weights_only
-        raise IlladaError(f"{path.name}: cannot be read safely as a weights-only PyTorch file ({type(e).__name__}); "
-                          "re-download it or use safetensors")
+        raise IlladaError(
+            f"{path.name}: cannot be read safely as a weights-only PyTorch file ({type(e).__name__}); "
+            "re-download it or use safetensors"
+        )
     if not isinstance(sd, dict):
         raise IlladaError(f"{path.name}: not a state dict of tensors; re-download it or use safetensors")
     if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in sd.values()):
@@ -156,8 +177,10 @@ def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
             try:
                 ours = map_name(name, args.source_layout)
             except KeyError:
-                raise IlladaError(f"{shard.name}: tensor {name!r} is not part of a {args.source_layout} model; "
-                                  "wrong architecture in config.json?")
+                raise IlladaError(
+                    f"{shard.name}: tensor {name!r} is not part of a {args.source_layout} model; "
+                    "wrong architecture in config.json?"
+                )
             if ours is None:
                 continue
             check_float_dtype(shard, name, t["dtype"])
@@ -165,18 +188,24 @@ def inspect_checkpoint(root: Path, args: ModelArgs) -> Checkpoint:
             if ours == "lm_head.weight" and args.tie_word_embeddings:
                 ours = "lm_head.weight(tied)"
             elif ours not in want:
-                raise IlladaError(f"{shard.name}: tensor {name!r} does not fit the config "
-                                  f"({args.num_hidden_layers} layers, biases={args.attention_bias}); fix config.json")
+                raise IlladaError(
+                    f"{shard.name}: tensor {name!r} does not fit the config "
+                    f"({args.num_hidden_layers} layers, biases={args.attention_bias}); fix config.json"
+                )
             elif shape != want[ours]:
-                raise IlladaError(f"{shard.name}: {name} has shape {list(shape)} but config.json implies "
-                                  f"{list(want[ours])}; the config does not match the weights")
+                raise IlladaError(
+                    f"{shard.name}: {name} has shape {list(shape)} but config.json implies "
+                    f"{list(want[ours])}; the config does not match the weights"
+                )
             ck.names[name] = ours
             seen[ours] = shape
         ck.sizes[shard] = shard.stat().st_size
     missing = [n for n in want if n not in seen]
     if missing:
-        raise IlladaError(f"{root}: tensor {missing[0]} (ours) is missing from the shards "
-                          f"({len(missing)} missing); incomplete download or wrong config")
+        raise IlladaError(
+            f"{root}: tensor {missing[0]} (ours) is missing from the shards "
+            f"({len(missing)} missing); incomplete download or wrong config"
+        )
     return ck
 
 

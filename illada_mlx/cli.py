@@ -64,13 +64,23 @@ def load_model(model_path, mask_id=None, group=None):
             if dist.is_main(g) == turn:
                 model_path = ensure_demo_model(notice=lambda m: click.echo(m, err=True))
             dist.barrier(g)
-    return load(str(model_path), mask_id=mask_id, group=group, progress=True,
-                notice=lambda m: click.echo(f"warning: {m}", err=True))
+    return load(
+        str(model_path),
+        mask_id=mask_id,
+        group=group,
+        progress=True,
+        notice=lambda m: click.echo(f"warning: {m}", err=True),
+    )
 
 
-PARALLEL = click.option("--parallel", type=click.Choice(["data", "tensor"]), default="data", show_default=True,
-                        help="Under mlx.launch: data = every rank holds the whole model and takes a share of the "
-                             "prompts; tensor = the model is split across the ranks (Model.shard).")
+PARALLEL = click.option(
+    "--parallel",
+    type=click.Choice(["data", "tensor"]),
+    default="data",
+    show_default=True,
+    help="Under mlx.launch: data = every rank holds the whole model and takes a share of the "
+    "prompts; tensor = the model is split across the ranks (Model.shard).",
+)
 
 
 MODE_HELP = "; ".join(f"{name} = {p.about}" for name, p in PRESETS.items())
@@ -91,8 +101,11 @@ def setting_option(s):
 def sampler_options(f):
     """The decoding options generate/chat share: the registry's settings that have CLI flags, and the model,
     stop strings, the think boost and the mask id. Unset ones take the model's defaults (see --help)."""
-    opts = [click.option("--model", "model_path", default=None,
-                         help="MLX dir, HF dir or hub id (default: the bundled demo model).")]
+    opts = [
+        click.option(
+            "--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the bundled demo model)."
+        )
+    ]
     opts += [setting_option(s) for s in SETTINGS if s.flags]
     opts += [
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
@@ -116,25 +129,32 @@ def prompt_line(r) -> str:
     """The prompt's figures: a diffusion model has no prompt-only pass, so the rate is the first forward's,
     which runs the prompt and the masks together, labelled as such."""
     if r.first_forward_positions:
-        return (f"Prompt: {r.prompt_tokens} tokens; first forward (prompt + masks): {r.first_forward_positions} "
-                f"positions in {r.first_forward_s:.3f} s, {r.prompt_tps:.3f} positions-per-sec")
+        return (
+            f"Prompt: {r.prompt_tokens} tokens; first forward (prompt + masks): {r.first_forward_positions} "
+            f"positions in {r.first_forward_s:.3f} s, {r.prompt_tps:.3f} positions-per-sec"
+        )
     return f"Prompt: {r.prompt_tokens} tokens; first forward: {r.first_forward_s:.3f} s"
 
 
 def stats_block(r, compute: str = "") -> str:
     """mlx-lm's stats block, plus the diffusion figures, what ran and the compute dtype (`compute`)."""
     sp, st = r.spec, r.stats
-    what = (f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
-            f"{sp.steps_per_block} steps/block, rule {sp.rule}"
-            + (f" {sp.rule_number}" if sp.rule_number is not None else "")
-            + f", cache {sp.cache}" + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
-            + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else ""))
-    return ("==========\n"
-            f"{prompt_line(r)}\n"
-            f"Generation: {r.generation_tokens} tokens, {st.tokens_per_s:.3f} tokens-per-sec\n"
-            f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
-            f"({what})\n"
-            f"Peak memory: {r.peak_memory:.3f} GB" + (f"\nCompute: {compute}" if compute else ""))
+    what = (
+        f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
+        f"{sp.steps_per_block} steps/block, rule {sp.rule}"
+        + (f" {sp.rule_number}" if sp.rule_number is not None else "")
+        + f", cache {sp.cache}"
+        + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
+        + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else "")
+    )
+    return (
+        "==========\n"
+        f"{prompt_line(r)}\n"
+        f"Generation: {r.generation_tokens} tokens, {st.tokens_per_s:.3f} tokens-per-sec\n"
+        f"Diffusion: {st.nfe} forwards, {st.tokens_per_forward:.2f} tokens/forward, finish {r.finish_reason} "
+        f"({what})\n"
+        f"Peak memory: {r.peak_memory:.3f} GB" + (f"\nCompute: {compute}" if compute else "")
+    )
 
 
 def compute_note(model) -> str:
@@ -147,17 +167,24 @@ def compute_note(model) -> str:
 def settings_text(sp) -> str:
     """chat's /settings: the decode settings a person chooses, one topic per line."""
     commits = f"{sp.rule} {sp.rule_number}" if sp.rule_number is not None else f"{sp.rule} ({sp.remasking})"
-    sampling = "temperature 0 (greedy)" if sp.temperature == 0 else (
-        f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
+    sampling = (
+        "temperature 0 (greedy)"
+        if sp.temperature == 0
+        else (f"temperature {sp.temperature}, top_p {sp.top_p}, top_k {sp.top_k}, min_p {sp.min_p}")
+    )
     seed = "none" if sp.seed is None else sp.seed
     cache = f"{sp.cache}, block refresh {sp.block_refresh}" if sp.cache != "none" else "none"
     cache += f" (drift threshold {sp.drift_threshold})" if sp.cache != "none" and sp.block_refresh == "drift" else ""
     ends = ", ".join(f"{n} {t}" for n, t in (("EOS", sp.eos_id), ("EoT", sp.eot_id)) if t is not None)
     stops = ", ".join(repr(x) for x in sp.stop) or "none"
-    lines = [f"mode: {sp.mode} ({sp.canvas} canvas, budget {sp.max_tokens} tokens)",
-             f"blocks: {sp.block_length} tokens, {sp.steps_per_block} steps each",
-             f"commits: {commits}", f"sampling: {sampling}; seed {seed}", f"cache: {cache}",
-             f"ends: {ends or 'none'}; stop strings: {stops}"]
+    lines = [
+        f"mode: {sp.mode} ({sp.canvas} canvas, budget {sp.max_tokens} tokens)",
+        f"blocks: {sp.block_length} tokens, {sp.steps_per_block} steps each",
+        f"commits: {commits}",
+        f"sampling: {sampling}; seed {seed}",
+        f"cache: {cache}",
+        f"ends: {ends or 'none'}; stop strings: {stops}",
+    ]
     if sp.think_boost or sp.cfg_scale:
         lines.append(f"extras: think boost {sp.think_boost}, cfg scale {sp.cfg_scale}")
     return "\n".join(lines)
@@ -285,8 +312,9 @@ def decode_utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise IlladaError(f"{what} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
-                          "fix its encoding")
+        raise IlladaError(
+            f"{what} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); fix its encoding"
+        )
 
 
 def stdin_prompt() -> str:
@@ -304,8 +332,10 @@ def prompt_ids(tok, msgs, raw=False) -> list[int]:
     try:
         return build_prompt(tok, msgs, raw=raw)
     except TemplateError as e:
-        raise IlladaError(f"the model's chat template failed ({one_line(e)}); pass --raw to skip it, or fix "
-                          "chat_template in the model's tokenizer_config.json")
+        raise IlladaError(
+            f"the model's chat template failed ({one_line(e)}); pass --raw to skip it, or fix "
+            "chat_template in the model's tokenizer_config.json"
+        )
 
 
 def _stdout_is_terminal() -> bool:
@@ -315,7 +345,9 @@ def _stdout_is_terminal() -> bool:
 
 @main.command()
 @click.option("--prompt", "-p", required=True, help="The prompt ('-' reads stdin); UTF-8 text.")
-@click.option("--system", "--system-prompt", "system", default=None, help="System text (merged into the first user turn).")
+@click.option(
+    "--system", "--system-prompt", "system", default=None, help="System text (merged into the first user turn)."
+)
 @click.option("--raw", "--ignore-chat-template", "raw", is_flag=True, help="No chat template (base models).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @sampler_options
@@ -333,11 +365,12 @@ def generate_reply(prompt, system, raw, as_json, model_path, mask_id, **kw):
     from . import distributed as dist
     from .backend import backend_name, compute_dtype
 
-
     g = ranks()
     if prompt == "-" and g.size() > 1:
-        raise IlladaError("--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
-                          "prompt as --prompt TEXT")
+        raise IlladaError(
+            "--prompt - does not work under mlx.launch (it never closes the ranks' stdin); pass the "
+            "prompt as --prompt TEXT"
+        )
     prompt = stdin_prompt() if prompt == "-" else utf8_text(prompt, "--prompt")
     system = utf8_text(system, "--system") if system else system
     model, tok = load_model(model_path, mask_id, group=g)
@@ -346,12 +379,25 @@ def generate_reply(prompt, system, raw, as_json, model_path, mask_id, **kw):
     ids = prompt_ids(tok, msgs, raw=raw)
     r, text, tokens = stream_reply(model, tok, ids, _settings(kw), Progress(), show_text=not as_json)
     if as_json:
-        click.echo(json.dumps({"text": text, "tokens": tokens, "finish_reason": r.finish_reason,
-                               "prompt_tokens": r.prompt_tokens, "settings": r.spec.as_dict(),
-                               "stats": {**r.stats.as_dict(), "prompt_tps": r.prompt_tps,
-                                         "first_forward_s": r.first_forward_s,
-                                         "first_forward_positions": r.first_forward_positions,
-                                         "compute_dtype": compute_dtype(model), "backend": backend_name()}}))
+        click.echo(
+            json.dumps(
+                {
+                    "text": text,
+                    "tokens": tokens,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "settings": r.spec.as_dict(),
+                    "stats": {
+                        **r.stats.as_dict(),
+                        "prompt_tps": r.prompt_tps,
+                        "first_forward_s": r.first_forward_s,
+                        "first_forward_positions": r.first_forward_positions,
+                        "compute_dtype": compute_dtype(model),
+                        "backend": backend_name(),
+                    },
+                }
+            )
+        )
     else:
         click.echo()
         click.echo(stats_block(r, compute_note(model)), err=True)
@@ -415,7 +461,7 @@ class CanvasView:
 
         if 0 not in ev.rows:
             return
-        row = np.array(ev.canvas[ev.rows.index(0), self.P:]).tolist()
+        row = np.array(ev.canvas[ev.rows.index(0), self.P :]).tolist()
         for t in set(row) - self.pieces.keys():
             self.pieces[t] = self.tok.decode([t])
         parts = [self.pieces[t] for t in row]
@@ -492,8 +538,9 @@ def chat(system, visual, model_path, mask_id, **kw):
             click.echo("(history cleared)", err=True)
             continue
         if line.strip() == "/settings":
-            spec = last_spec or make_spec(model, tok, len(prompt_ids(tok, history + [{"role": "user", "content": ""}])),
-                                          **settings)
+            spec = last_spec or make_spec(
+                model, tok, len(prompt_ids(tok, history + [{"role": "user", "content": ""}])), **settings
+            )
             click.echo(settings_text(spec), err=True)
             continue
         history.append({"role": "user", "content": line})
@@ -505,8 +552,16 @@ def chat(system, visual, model_path, mask_id, **kw):
             continue
         view = CanvasView(tok, model.args.mask_token_id, len(ids)) if visual else None
         try:
-            r, reply, _ = stream_reply(model, tok, ids, settings, Progress(False if visual else None),
-                                       cache=cache, on_step=view.frame if view else None, show_text=not visual)
+            r, reply, _ = stream_reply(
+                model,
+                tok,
+                ids,
+                settings,
+                Progress(False if visual else None),
+                cache=cache,
+                on_step=view.frame if view else None,
+                show_text=not visual,
+            )
         except KeyboardInterrupt:
             click.echo("\n(interrupted)", err=True)
             history.pop()
@@ -532,42 +587,81 @@ def check_listen(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
             s.bind(addr)
     except OSError as e:
-        raise IlladaError(f"cannot listen on {host}:{port} ({e.strerror or one_line(e)}); choose another --host "
-                          "or --port")
+        raise IlladaError(
+            f"cannot listen on {host}:{port} ({e.strerror or one_line(e)}); choose another --host or --port"
+        )
 
 
 @main.command()
 @click.option("--model", "model_path", default=None, help="MLX dir, HF dir or hub id (default: the demo model).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (localhost by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Requests waiting beyond this (at least 1) get 429.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Rows decoded together (compatible requests join the running batch at block boundaries); "
-                   "1 under mlx.launch with several ranks.")
-@click.option("--max-request-seconds", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="A request running longer ends with finish_reason time_limit.")
-@click.option("--api-key", envvar="ILLADA_MLX_API_KEY", default=None, help="Require Authorization: Bearer KEY "
-              "(also from ILLADA_MLX_API_KEY).")
-@click.option("--allowed-hosts", default=None, help="Comma list of Host header names accepted, or '*' for any "
-              "(default: the bound host; localhost names on loopback).")
+@click.option(
+    "--max-queue",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests waiting beyond this (at least 1) get 429.",
+)
+@click.option(
+    "--max-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Rows decoded together (compatible requests join the running batch at block boundaries); "
+    "1 under mlx.launch with several ranks.",
+)
+@click.option(
+    "--max-request-seconds",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="A request running longer ends with finish_reason time_limit.",
+)
+@click.option(
+    "--api-key",
+    envvar="ILLADA_MLX_API_KEY",
+    default=None,
+    help="Require Authorization: Bearer KEY (also from ILLADA_MLX_API_KEY).",
+)
+@click.option(
+    "--allowed-hosts",
+    default=None,
+    help="Comma list of Host header names accepted, or '*' for any "
+    "(default: the bound host; localhost names on loopback).",
+)
 @click.option("--allowed-origins", default="", help="Comma list of origins allowed by CORS (default: none).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True, help="info: one line per request.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="info: one line per request.",
+)
 @click.option("--mask-id", type=click.IntRange(min=0), default=None)
-def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api_key, allowed_hosts, allowed_origins,
-          log_level, mask_id):
+def serve(
+    model_path,
+    host,
+    port,
+    max_queue,
+    max_batch,
+    max_request_seconds,
+    api_key,
+    allowed_hosts,
+    allowed_origins,
+    log_level,
+    mask_id,
+):
     """OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions, /health.
     Under mlx.launch the model is split across the ranks (tensor parallel): rank 0 serves, one request at a
     time (no batching), and the other ranks run each decode with it."""
+    import os
     from pathlib import Path
 
     from . import distributed as dist
-    from .server import Engine, Options, follow, serve as run
-
-    import os
-
     from .listen import check_api_key, host_names
+    from .server import Engine, Options, follow
+    from .server import serve as run
 
     g = ranks()
     if api_key is None and os.environ.get("ILLADA_MLX_API_KEY") == "":  # click reads an empty variable as unset
@@ -582,8 +676,7 @@ def serve(model_path, host, port, max_queue, max_batch, max_request_seconds, api
         return
     name = Path(str(model_path)).name if model_path else "illada-demo"
     engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
-    opts = Options(api_key=api_key, allowed_hosts=hosts,
-                   allowed_origins=names(allowed_origins) or ())
+    opts = Options(api_key=api_key, allowed_hosts=hosts, allowed_origins=names(allowed_origins) or ())
     run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
 
 
@@ -603,26 +696,63 @@ def _modes(value: str) -> list[str]:
 
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model dir (default: the demo model, or --shape).")
-@click.option("--shape", type=click.Choice(["tiny", "small", "8b"]), default=None,
-              help="A random-weight model of this shape instead of a checkpoint (8b = iLLaDA-8B dims).")
+@click.option(
+    "--shape",
+    type=click.Choice(["tiny", "small", "8b"]),
+    default=None,
+    help="A random-weight model of this shape instead of a checkpoint (8b = iLLaDA-8B dims).",
+)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--modes", default="exact,fast", show_default=True, help=f"Comma list of {','.join(PRESETS)}.")
-@click.option("--gen-length", "gen_lengths", type=IntList(), default="256", show_default=True,
-              help="Comma list of budgets (with --shape every run writes the whole budget).")
+@click.option(
+    "--gen-length",
+    "gen_lengths",
+    type=IntList(),
+    default="256",
+    show_default=True,
+    help="Comma list of budgets (with --shape every run writes the whole budget).",
+)
 @click.option("--block-length", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--prompt-lengths", type=IntList(allow_auto=True), default="auto", show_default=True,
-              help="Comma list of prompt lengths (random tokens), or auto: demo prompts / 16,128.")
+@click.option(
+    "--prompt-lengths",
+    type=IntList(allow_auto=True),
+    default="auto",
+    show_default=True,
+    help="Comma list of prompt lengths (random tokens), or auto: demo prompts / 16,128.",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--refresh", "refreshes", default="drift", show_default=True,
-              help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).")
-@click.option("--caches", default="", help=f"Comma list of caches for the cached modes ({','.join(CACHES[1:])}; "
-              "default: each mode's own).")
+@click.option(
+    "--refresh",
+    "refreshes",
+    default="drift",
+    show_default=True,
+    help=f"Comma list of block refresh policies for the cached modes ({','.join(REFRESHES)}).",
+)
+@click.option(
+    "--caches",
+    default="",
+    help=f"Comma list of caches for the cached modes ({','.join(CACHES[1:])}; default: each mode's own).",
+)
 @click.option("--baselines", default="", help="Comma list of torch,ar: the official PyTorch loop, mlx-lm AR.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write a PNG here (needs matplotlib: the `plot` extra).")
 @PARALLEL
-def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_lengths, repeats, refreshes, caches,
-          baselines, json_out, plot_out, parallel):
+def bench(
+    model_path,
+    shape,
+    dtype,
+    modes,
+    gen_lengths,
+    block_length,
+    prompt_lengths,
+    repeats,
+    refreshes,
+    caches,
+    baselines,
+    json_out,
+    plot_out,
+    parallel,
+):
     """Tokens/s (to EOS), forwards, tokens per forward, processed tokens, memory, per mode, with baselines.
     The table goes to stdout, progress to stderr. Under mlx.launch rank 0 reports: --parallel data splits the
     runs across the ranks, tensor splits the model (every run on every rank, in lockstep)."""
@@ -634,7 +764,6 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
     from . import bench as B
     from . import distributed as dist
     from .backend import backend_name, compute_dtype
-
     from .files import check_output_file, check_writable
 
     g = ranks()
@@ -673,14 +802,27 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         rng = np.random.default_rng(0)
         prompts = {n: rng.integers(10, model.args.vocab_size, n).tolist() for n in lens}
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    runs = B.bench_modes(model, prompts, mode_list, gens, repeats, tok, block_length, log, policies,
-                         ban_eos=shape is not None, caches=cache_list,
-                         group=g if g.size() > 1 and not tensor else None)
+    runs = B.bench_modes(
+        model,
+        prompts,
+        mode_list,
+        gens,
+        repeats,
+        tok,
+        block_length,
+        log,
+        policies,
+        ban_eos=shape is not None,
+        caches=cache_list,
+        group=g if g.size() > 1 and not tensor else None,
+    )
     if not dist.is_main(g):
         return
     if any(r["output_tokens"] == 0 for r in runs):
-        log("note: rows with out 0 wrote nothing (the model ended its reply at once, as a trained model does "
-            "after random tokens): their tok/s is '-'; --prompt-lengths auto or --shape measure whole replies")
+        log(
+            "note: rows with out 0 wrote nothing (the model ended its reply at once, as a trained model does "
+            "after random tokens): their tok/s is '-'; --prompt-lengths auto or --shape measure whole replies"
+        )
     first_prompt = next(iter(prompts.values()))
     for gen in gens:
         if "torch" in base and tensor:
@@ -691,11 +833,20 @@ def bench(model_path, shape, dtype, modes, gen_lengths, block_length, prompt_len
         if "ar" in base:
             r = B.bench_ar(model.args, len(first_prompt), gen, log)
             runs += [r] if r else []
-    result = {"model": name, "gen_lengths": gens, "block_length": block_length, "repeats": repeats,
-              "date": _time.strftime("%Y-%m-%d"), "machine": B.machine(), "runs": runs,
-              "ranks": g.size(), "parallel": parallel if g.size() > 1 else None,
-              "parameter_bytes_per_rank": B.parameter_bytes(model), "compute_dtype": compute_dtype(model),
-              "backend": backend_name()}
+    result = {
+        "model": name,
+        "gen_lengths": gens,
+        "block_length": block_length,
+        "repeats": repeats,
+        "date": _time.strftime("%Y-%m-%d"),
+        "machine": B.machine(),
+        "runs": runs,
+        "ranks": g.size(),
+        "parallel": parallel if g.size() > 1 else None,
+        "parameter_bytes_per_rank": B.parameter_bytes(model),
+        "compute_dtype": compute_dtype(model),
+        "backend": backend_name(),
+    }
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
@@ -716,8 +867,10 @@ def _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, jso
     if compare and not data:
         raise IlladaError("--compare needs --data FILE.jsonl of prompt/answer objects")
     if mc_num % batch_size:
-        raise IlladaError(f"--mc-num ({mc_num}) must be a multiple of batch_size (--batch-size {batch_size}), as "
-                          "in the official estimator")
+        raise IlladaError(
+            f"--mc-num ({mc_num}) must be a multiple of batch_size (--batch-size {batch_size}), as "
+            "in the official estimator"
+        )
     if include_path is not None and not os.path.isdir(include_path):
         raise IlladaError(f"--include-path {include_path} is not a directory; name the folder of task YAMLs")
     if json_out is not None:
@@ -732,22 +885,53 @@ def _check_eval_args(tasks, compare, data, include_path, mc_num, batch_size, jso
 @click.option("--num-fewshot", type=click.IntRange(0, 1024), default=None)
 @click.option("--apply-chat-template", is_flag=True, help="Put each task prompt through the chat template.")
 @click.option("--compare", nargs=2, default=None, metavar="A B", help="Two model dirs to compare on --data.")
-@click.option("--data", default=None, help="JSONL of {\"prompt\", \"answer\"} for --compare.")
+@click.option("--data", default=None, help='JSONL of {"prompt", "answer"} for --compare.')
 @click.option("--raw", is_flag=True, help="--compare: prompts as they are, no chat template.")
-@click.option("--mc-num", type=click.IntRange(1, 65536), default=128, show_default=True,
-              help="Monte-Carlo samples per answer (a multiple of --batch-size).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Rows per forward (and mask group).")
+@click.option(
+    "--mc-num",
+    type=click.IntRange(1, 65536),
+    default=128,
+    show_default=True,
+    help="Monte-Carlo samples per answer (a multiple of --batch-size).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=32,
+    show_default=True,
+    help="Rows per forward (and mask group).",
+)
 @click.option("--cfg-scale", type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="0 to 2**32-1.")
-@click.option("--greedy-check/--no-greedy-check", default=True, show_default=True,
-              help="--tasks: also run the official greedy check (is_greedy) per request; multiple-choice "
-                   "metrics do not use it, and skipping it about halves their time.")
+@click.option(
+    "--greedy-check/--no-greedy-check",
+    default=True,
+    show_default=True,
+    help="--tasks: also run the official greedy check (is_greedy) per request; multiple-choice "
+    "metrics do not use it, and skipping it about halves their time.",
+)
 @click.option("--mode", type=click.Choice(list(PRESETS)), default=None, help="Decoding mode for generation tasks.")
 @click.option("--json", "json_out", default=None, help="Write the results JSON here.")
 @PARALLEL
-def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_template, compare, data, raw, mc_num,
-          batch_size, cfg_scale, seed, greedy_check, mode, json_out, parallel):
+def eval_(
+    model_path,
+    tasks,
+    include_path,
+    limit,
+    num_fewshot,
+    apply_chat_template,
+    compare,
+    data,
+    raw,
+    mc_num,
+    batch_size,
+    cfg_scale,
+    seed,
+    greedy_check,
+    mode,
+    json_out,
+    parallel,
+):
     """Score a model: lm-eval tasks (--tasks), or two conversions against each other (--compare A B --data).
     Under mlx.launch rank 0 reports: --parallel data splits the requests across the ranks (the same scores
     as one process, in the same order), tensor splits the model."""
@@ -766,16 +950,30 @@ def eval_(model_path, tasks, include_path, limit, num_fewshot, apply_chat_templa
         if ta.get_vocab() != tb.get_vocab():
             raise IlladaError("the two models have different tokenizers; compare conversions of one model")
         items = E.encode_items(parsed, ta, raw=raw)
-        with tqdm(total=len(items), desc="comparing", unit="item", file=sys.stderr,
-                  disable=not sys.stderr.isatty()) as bar:
+        with tqdm(
+            total=len(items), desc="comparing", unit="item", file=sys.stderr, disable=not sys.stderr.isatty()
+        ) as bar:
             r = E.compare(ma, mb, items, mc_num, batch_size, cfg_scale, seed, progress=bar.update, group=share)
         r.update(a=compare[0], b=compare[1], data=data)
         click.echo(E.summary_line(r))
     else:
         model, tok = load_model(model_path, group=shard)
-        r = E.run_tasks(model, tok, [t for t in tasks.split(",") if t], include_path, limit, num_fewshot,
-                        apply_chat_template, mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
-                        greedy_check=greedy_check, mode=mode, group=share)
+        r = E.run_tasks(
+            model,
+            tok,
+            [t for t in tasks.split(",") if t],
+            include_path,
+            limit,
+            num_fewshot,
+            apply_chat_template,
+            mc_num=mc_num,
+            batch_size=batch_size,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            greedy_check=greedy_check,
+            mode=mode,
+            group=share,
+        )
         from lm_eval.utils import make_table
 
         click.echo(make_table(r))

@@ -61,8 +61,10 @@ def one_line_errors(debug: bool = False):
         elif isinstance(e, MemoryError):
             msg = "out of memory; use a smaller model, budget or batch"
         else:
-            msg = (f"unexpected {type(e).__name__}: {one_line(e)}; this is a bug: rerun with --debug "
-                   "(or ILLADA_MLX_DEBUG=1) and report the traceback")
+            msg = (
+                f"unexpected {type(e).__name__}: {one_line(e)}; this is a bug: rerun with --debug "
+                "(or ILLADA_MLX_DEBUG=1) and report the traceback"
+            )
         sys.stderr.write(f"error: {msg}\n")
         sys.exit(1)
 
@@ -123,14 +125,20 @@ class ModelArgs:
         d = asdict(self)
         extra = d.pop("extra")
         d = {k: v for k, v in d.items() if v is not None}
-        return {"model_type": ILLADA, "architectures": ["ILLaDAForCausalLM"], **extra, **d,
-                "illada_mlx_format": 1}
+        return {"model_type": ILLADA, "architectures": ["ILLaDAForCausalLM"], **extra, **d, "illada_mlx_format": 1}
 
 
 # bounds of the integer fields: far beyond any real model, small enough that nothing is allocated for nonsense
-INT_BOUNDS = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
-              "num_key_value_heads": 1024, "intermediate_size": 1 << 20, "vocab_size": 1 << 24,
-              "max_position_embeddings": 1 << 24, "head_dim": 4096}
+INT_BOUNDS = {
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 24,
+    "head_dim": 4096,
+}
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 ID_FIELDS = ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id", "eot_token_id")
 
@@ -156,11 +164,12 @@ def check_rope_scaling(rs) -> None:
     if rs is None:
         return
     if not isinstance(rs, dict):
-        raise _bad("rope_scaling", rs, "null or an object like {\"type\": \"linear\", \"factor\": 2.0}")
+        raise _bad("rope_scaling", rs, 'null or an object like {"type": "linear", "factor": 2.0}')
     kind = rs.get("type", rs.get("rope_type"))
     if kind not in ("linear", "default", None):
-        raise IlladaError(f"config: rope_scaling type {kind!r} is not supported (only linear); "
-                          "remove rope_scaling or open an issue")
+        raise IlladaError(
+            f"config: rope_scaling type {kind!r} is not supported (only linear); remove rope_scaling or open an issue"
+        )
     if kind == "linear" and not (_is_real(rs.get("factor")) and 0 < rs["factor"] <= 1e6):
         raise _bad("rope_scaling.factor", rs.get("factor"), "a number above 0 (linear scaling)")
 
@@ -174,14 +183,20 @@ def check_args(a: "ModelArgs") -> None:
         if not _is_int(v) or not 1 <= v <= top:
             raise _bad(name, v, f"a whole number from 1 to {top}")
     if a.num_key_value_heads > a.num_attention_heads or a.num_attention_heads % a.num_key_value_heads:
-        raise IlladaError(f"config: num_attention_heads={a.num_attention_heads} is not a multiple of "
-                          f"num_key_value_heads={a.num_key_value_heads}; fix config.json")
+        raise IlladaError(
+            f"config: num_attention_heads={a.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={a.num_key_value_heads}; fix config.json"
+        )
     if a.head_dim is None and a.hidden_size % a.num_attention_heads:
-        raise IlladaError(f"config: hidden_size={a.hidden_size} is not a multiple of num_attention_heads="
-                          f"{a.num_attention_heads} and no head_dim is given; fix config.json")
+        raise IlladaError(
+            f"config: hidden_size={a.hidden_size} is not a multiple of num_attention_heads="
+            f"{a.num_attention_heads} and no head_dim is given; fix config.json"
+        )
     if (a.head_dim or a.hidden_size // a.num_attention_heads) % 2:
-        raise IlladaError(f"config: the head dimension {a.head_dim or a.hidden_size // a.num_attention_heads} "
-                          "is odd; rotary embeddings need an even one, fix config.json")
+        raise IlladaError(
+            f"config: the head dimension {a.head_dim or a.hidden_size // a.num_attention_heads} "
+            "is odd; rotary embeddings need an even one, fix config.json"
+        )
     for name in ("rms_norm_eps", "layer_norm_eps"):
         v = getattr(a, name)
         if (v is not None or name == "rms_norm_eps") and not (_is_real(v) and 0 < v < 1):
@@ -219,8 +234,10 @@ def check_special_ids(args: "ModelArgs") -> None:
     mask = args.mask_token_id
     for attr in ID_FIELDS[1:]:
         if mask is not None and getattr(args, attr) == mask:
-            raise IlladaError(f"mask token id {mask} is also the model's {attr} (a decode would write garbage); "
-                              "pass the model's own mask token as --mask-id (iLLaDA uses 5)")
+            raise IlladaError(
+                f"mask token id {mask} is also the model's {attr} (a decode would write garbage); "
+                "pass the model's own mask token as --mask-id (iLLaDA uses 5)"
+            )
 
 
 def detect_layout(cfg: dict) -> str:

@@ -67,9 +67,13 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d.update(tokens_per_forward=self.tokens_per_forward, committed_per_forward=self.committed_per_forward,
-                 tokens_per_s=self.tokens_per_s, prompt_tps=self.prompt_tps,
-                 processed_per_output_token=self.processed_per_output_token)
+        d.update(
+            tokens_per_forward=self.tokens_per_forward,
+            committed_per_forward=self.committed_per_forward,
+            tokens_per_s=self.tokens_per_s,
+            prompt_tps=self.prompt_tps,
+            processed_per_output_token=self.processed_per_output_token,
+        )
         return d
 
 
@@ -77,6 +81,7 @@ class Stats:
 class Step:
     """One denoising step: the canvas after it, which positions (`positions`, B×K) it committed, and the
     candidate logits there (B×K×V, after the bans and top_k / top_p / min_p)."""
+
     block: int
     step: int
     canvas: mx.array
@@ -89,6 +94,7 @@ class Step:
 @dataclass
 class BlockDone:
     """A finished block: per active row, its new tokens (cut at a stop) and whether the row is done."""
+
     index: int
     rows: list[int]
     tokens: list[list[int]]
@@ -108,6 +114,7 @@ class Generation:
 @dataclass
 class DecodeState:
     """One call's state: the canvas of the rows still running and what goes with it."""
+
     x: mx.array  # (active rows, canvas so far)
     key_valid: Optional[mx.array]  # (active rows, full canvas): 0 at left padding; None when no row is padded
     prompt_mask: mx.array  # (active rows, full canvas): prompt tokens that are not masks (CFG's unconditional copy)
@@ -148,8 +155,7 @@ def left_pad(prompts, pad_id: int):
 
 
 # ------------------------------------------------------------------------------------------ one step
-def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str],
-             query=None):
+def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str], query=None):
     """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache. kind: what the
     forward recomputes (cache.refresh_kind): "full", "window", "drift" or None (a step). query: the token
     cache's step, the positions (B, Q) to run; its first K are `pos` wherever `pos` is a mask (the logits at
@@ -264,8 +270,17 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
     if len(moved) == B:
         return _forward(model, st, spec, pos, lo, hi, "full")
     idx = mx.array(moved)
-    part = DecodeState(st.x[idx], None if st.key_valid is None else st.key_valid[idx], st.prompt_mask[idx],
-                       st.prompt_len, [st.rows[j] for j in moved], None, st.key, st.stats, st.t0)
+    part = DecodeState(
+        st.x[idx],
+        None if st.key_valid is None else st.key_valid[idx],
+        st.prompt_mask[idx],
+        st.prompt_len,
+        [st.rows[j] for j in moved],
+        None,
+        st.key,
+        st.stats,
+        st.t0,
+    )
     rows = mx.array(moved + [j + B for j in moved]) if spec.cfg_scale > 0 else idx
     part.cache = cache.rows(rows)
     logits[idx] = _forward(model, part, spec, pos[idx], lo, hi, "full")
@@ -316,17 +331,17 @@ def fill_after_eos(x0, transfer, is_mask, pos, block: mx.array, lo: int, spec: D
     ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
     if not ends:
         return x0, transfer
-    never = 2 ** 30
+    never = 2**30
     held = mx.any(mx.stack([block == e for e in ends]), axis=0)
     now = transfer & mx.any(mx.stack([x0 == e for e in ends]), axis=0)
-    first = mx.minimum(mx.min(mx.where(held, mx.arange(block.shape[1]) + lo, never), axis=1),
-                       mx.min(mx.where(now, pos, never), axis=1))
+    first = mx.minimum(
+        mx.min(mx.where(held, mx.arange(block.shape[1]) + lo, never), axis=1), mx.min(mx.where(now, pos, never), axis=1)
+    )
     fill = is_mask & ~transfer & (pos > first[:, None])
     return mx.where(fill, ends[0], x0), transfer | fill
 
 
-def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float,
-                   forward=None):
+def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float, forward=None):
     """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events; while it holds one, the consumer may
     drop rows (st.keep) and the block goes on with the others, as it would have without them. forward: what
     computes the logits, with `_forward`'s arguments (default `_forward`)."""
@@ -360,8 +375,8 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         prev, prev_mask = pos, is_mask
         logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
         if boost and spec.think_token is not None:  # end-of-thinking boost at the leftmost masked position
-            thought = mx.any(x[:, st.prompt_len:] == spec.think_token, axis=1)
-            first = mx.argmax(mx.where(is_mask, -pos, -(2 ** 30)), axis=1)
+            thought = mx.any(x[:, st.prompt_len :] == spec.think_token, axis=1)
+            first = mx.argmax(mx.where(is_mask, -pos, -(2**30)), axis=1)
             logits = logits.at[mx.arange(B), first, spec.think_token].add(mx.where(thought, 0.0, boost))
         if spec.temperature > 0:
             logits = filter_logits(logits, spec.top_p, spec.top_k, spec.min_p)
@@ -391,14 +406,16 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         before = st.rows
         yield Step(index, t, st.x, pos, transfer, st.rows, logits)
         if len(st.rows) < len(before):  # the consumer dropped rows (DecodeState.keep): the rest go on
-            prev, prev_mask, remaining = _rows_left(st, before, prev, prev_mask, remaining, bool(counts), lo, hi,
-                                                    spec.mask_id)
+            prev, prev_mask, remaining = _rows_left(
+                st, before, prev, prev_mask, remaining, bool(counts), lo, hi, spec.mask_id
+            )
         t += 1
     st.stats.committed += size * st.x.shape[0]  # a block always ends fully committed
 
 
-def _rows_left(st: DecodeState, before: list[int], prev, prev_mask, remaining: int, counted: bool, lo: int,
-               hi: int, mask_id: int):
+def _rows_left(
+    st: DecodeState, before: list[int], prev, prev_mask, remaining: int, counted: bool, lo: int, hi: int, mask_id: int
+):
     """After rows left mid-block (st.rows, a subset of `before`): the previous step's positions and mask flags
     of the rows still there, and the most masks any of them has left in the block (what the step's count
     would have been without the others; a schedule's count is the same for every row and stays)."""
@@ -414,8 +431,9 @@ def _rows_left(st: DecodeState, before: list[int], prev, prev_mask, remaining: i
 StopFn = Callable[[int, list[int]], bool]
 
 
-def decode(model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None,
-           cache: Optional[BlockCache] = None) -> Iterator[Union[Step, BlockDone, Generation]]:
+def decode(
+    model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None, cache: Optional[BlockCache] = None
+) -> Iterator[Union[Step, BlockDone, Generation]]:
     """Yields Step and BlockDone events, then the final Generation.
 
     Fixed canvas: prompt + spec.max_tokens masks, every block run (the official algorithm). Growing: the
@@ -507,10 +525,23 @@ def _spec(model, mask_id, **kw) -> DecodeSpec:
     return DecodeSpec(mask_id=a.mask_token_id if mask_id is None else mask_id, **kw)
 
 
-def generate(model, prompt, steps: int = 128, gen_length: int = 128, block_length: int = 128,
-             temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
-             mask_id: Optional[int] = None, attention_mask=None, logits_eos_inf: bool = False,
-             confidence_eos_eot_inf: bool = False, return_stats: bool = False, on_event=None, **fast):
+def generate(
+    model,
+    prompt,
+    steps: int = 128,
+    gen_length: int = 128,
+    block_length: int = 128,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: Optional[int] = None,
+    attention_mask=None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    return_stats: bool = False,
+    on_event=None,
+    **fast,
+):
     """The official fixed-canvas `generate`, same parameter names; returns the canvas (B, P + G).
 
     `prompt` is (B, P) ids (left-padded rows with `attention_mask`, or a list of unequal rows, padded here).
@@ -521,21 +552,44 @@ def generate(model, prompt, steps: int = 128, gen_length: int = 128, block_lengt
         raise IlladaError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
     n_blocks = gen_length // block_length
     if n_blocks < 1 or steps % n_blocks:
-        raise IlladaError(f"steps {steps} is not divisible by the number of blocks {n_blocks} (gen_length/block_length)")
+        raise IlladaError(
+            f"steps {steps} is not divisible by the number of blocks {n_blocks} (gen_length/block_length)"
+        )
     if attention_mask is not None:
         am = np.array(attention_mask)
         prompt = [[int(t) for t, v in zip(row, m) if v] for row, m in zip(np.array(prompt), am)]
-    spec = _spec(model, mask_id, canvas="fixed", max_tokens=gen_length, steps_per_block=steps // n_blocks,
-                 block_length=block_length, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
-                 logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, **fast)
+    spec = _spec(
+        model,
+        mask_id,
+        canvas="fixed",
+        max_tokens=gen_length,
+        steps_per_block=steps // n_blocks,
+        block_length=block_length,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        remasking=remasking,
+        logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf,
+        **fast,
+    )
     g = run(decode(model, prompt, spec), on_event)
     return (g.canvas, g.stats) if return_stats else g.canvas
 
 
-def var_generate(model, prompt, steps: int = 32, max_tokens: int = 1024, block_length: int = 32,
-                 temperature: float = 0.0, mask_id: Optional[int] = None, stop: Sequence[str] = (),
-                 tokenizer=None, think_boost: Optional[tuple[float, float]] = None, on_event=None,
-                 **kw) -> Generation:
+def var_generate(
+    model,
+    prompt,
+    steps: int = 32,
+    max_tokens: int = 1024,
+    block_length: int = 32,
+    temperature: float = 0.0,
+    mask_id: Optional[int] = None,
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    think_boost: Optional[tuple[float, float]] = None,
+    on_event=None,
+    **kw,
+) -> Generation:
     """iLLaDA's variable-length generation, batched: grow the canvas a block at a time (`steps` steps per
     block), stop a row after the block where EOS/EoT or a stop string appears, cut at the first stop.
     `max_tokens` is the budget. `think_boost=(100, 3)` is iLLaDA-Instruct's end-of-thinking boost.
@@ -544,9 +598,19 @@ def var_generate(model, prompt, steps: int = 32, max_tokens: int = 1024, block_l
     if stop and tokenizer is None:
         raise IlladaError("stop strings need the tokenizer: pass tokenizer=")
     think = think_token_id(tokenizer) if think_boost else None
-    spec = _spec(model, mask_id, canvas="growing", max_tokens=max_tokens, steps_per_block=steps,
-                 block_length=block_length, temperature=temperature, stop=stop,
-                 think_token=kw.pop("think_token", think), think_boost=think_boost, **kw)
+    spec = _spec(
+        model,
+        mask_id,
+        canvas="growing",
+        max_tokens=max_tokens,
+        steps_per_block=steps,
+        block_length=block_length,
+        temperature=temperature,
+        stop=stop,
+        think_token=kw.pop("think_token", think),
+        think_boost=think_boost,
+        **kw,
+    )
     n = len(prompt)
     texts = [ReplyText(tokenizer, stop) for _ in range(n)] if tokenizer is not None else None
     stop_fn = (lambda r, toks: texts[r].add(toks)) if texts else None

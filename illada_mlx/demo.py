@@ -16,7 +16,8 @@ BUNDLED = Path(__file__).parent / "demo_model"
 def cache_root() -> Path:
     """$ILLADA_MLX_CACHE, else $XDG_CACHE_HOME/illada-mlx, else ~/.cache/illada-mlx."""
     base = os.environ.get("ILLADA_MLX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "illada-mlx")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "illada-mlx"
+    )
     return Path(base)
 
 

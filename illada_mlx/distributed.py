@@ -91,8 +91,10 @@ class Watchdog:
         while True:
             time.sleep(min(1.0, self.seconds / 4))
             if not self.paused and time.monotonic() - self.last > self.seconds:
-                sys.__stderr__.write(f"error: rank {self.rank}: no reply from the other ranks for {self.seconds:g} s "
-                                     f"(a rank died?); exiting\n")
+                sys.__stderr__.write(
+                    f"error: rank {self.rank}: no reply from the other ranks for {self.seconds:g} s "
+                    f"(a rank died?); exiting\n"
+                )
                 sys.__stderr__.flush()
                 os._exit(1)
 
@@ -178,8 +180,10 @@ def check_same(g: mx.distributed.Group, items: dict[str, bytes], what: str) -> N
     for r, theirs in enumerate(everyone[1:], 1):
         bad = [k for k in everyone[0] if theirs.get(k) != everyone[0][k]]
         if bad:
-            raise IlladaError(f"rank {r} has a different {what} from rank 0 ({bad[0]} differs); every rank must "
-                              "load the same files (copy the directory to every machine)")
+            raise IlladaError(
+                f"rank {r} has a different {what} from rank 0 ({bad[0]} differs); every rank must "
+                "load the same files (copy the directory to every machine)"
+            )
 
 
 # ------------------------------------------------------------------------------------------ data parallel
@@ -187,7 +191,7 @@ def split(items: Sequence, rank: int, size: int) -> list:
     """This rank's contiguous share of `items` (sizes differ by at most one, the first ranks larger)."""
     n, extra = divmod(len(items), size)
     start = rank * n + min(rank, extra)
-    return list(items[start:start + n + (rank < extra)])
+    return list(items[start : start + n + (rank < extra)])
 
 
 def gather(g: mx.distributed.Group, part: list) -> list:

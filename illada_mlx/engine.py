@@ -27,6 +27,7 @@ Prompt = Union[str, list]  # text (no template), a list of token ids, or a list 
 @dataclass
 class Response:
     """One committed block of the reply (the last one carries finish_reason, stats and spec)."""
+
     text: str  # new text since the previous response (may be empty)
     tokens: list[int]  # the block's new tokens, cut at EOS
     prompt_tokens: int
@@ -80,9 +81,16 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSpec] = None,
-                    prompt_cache: Optional[BlockCache] = None, on_step: Optional[Callable[[Step], None]] = None,
-                    **settings) -> Iterator[Response]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    *,
+    spec: Optional[DecodeSpec] = None,
+    prompt_cache: Optional[BlockCache] = None,
+    on_step: Optional[Callable[[Step], None]] = None,
+    **settings,
+) -> Iterator[Response]:
     """Yield one Response per committed block, the last with finish_reason, stats and the spec that ran.
 
     settings: mode, max_tokens, block_length, steps_per_block, temperature, threshold, cache, stop, seed,
@@ -92,8 +100,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSp
     Stopping the iteration early stops the decode.
     """
     if prompt_cache is not None and not isinstance(prompt_cache, BlockCache):
-        raise IlladaError("prompt_cache= takes a BlockCache (kept across chat turns); the cache policy is the "
-                          "`cache` setting")
+        raise IlladaError(
+            "prompt_cache= takes a BlockCache (kept across chat turns); the cache policy is the `cache` setting"
+        )
     ids = prompt_ids(tokenizer, prompt)
     if spec is None:
         spec = make_spec(model, tokenizer, len(ids), **settings)
@@ -110,9 +119,22 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSp
         wall = time.perf_counter() - t0
         positions = first[0] if first and not reused else None
         tps = positions / max(st.prompt_s, 1e-9) if positions and st.prompt_s else 0.0
-        return Response(text, tokens, len(ids), tps, produced, produced / max(wall, 1e-9), _peak_gb(), st.nfe,
-                        produced / max(st.nfe, 1), blocks_done, spec.n_blocks, **end,
-                        first_forward_s=st.prompt_s, first_forward_positions=positions)
+        return Response(
+            text,
+            tokens,
+            len(ids),
+            tps,
+            produced,
+            produced / max(wall, 1e-9),
+            _peak_gb(),
+            st.nfe,
+            produced / max(st.nfe, 1),
+            blocks_done,
+            spec.n_blocks,
+            **end,
+            first_forward_s=st.prompt_s,
+            first_forward_positions=positions,
+        )
 
     events = decode(model, [ids], spec, stop_fn=stop_fn, cache=prompt_cache)
     try:
@@ -128,8 +150,15 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, spec: Optional[DecodeSp
             else:
                 if reply is not None:
                     reply.finish()
-                yield response(reply.take() if reply else "", [], ev.stats, ev.stats.blocks,
-                               finish_reason=ev.finish_reasons[0], stats=ev.stats, spec=spec)
+                yield response(
+                    reply.take() if reply else "",
+                    [],
+                    ev.stats,
+                    ev.stats.blocks,
+                    finish_reason=ev.finish_reasons[0],
+                    stats=ev.stats,
+                    spec=spec,
+                )
     finally:
         events.close()
 

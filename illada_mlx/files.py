@@ -30,10 +30,16 @@ def boundary(root: Path) -> Path:
 
 def check_name(root: Path, name: str, what: str) -> Path:
     """root / name for a plain file name (no directory part, not absolute, not `.` or `..`)."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
-            or "\0" in name or os.path.isabs(name):
-        raise IlladaError(f"{root}: {what} names {name!r}, which is not a file in the model directory; "
-                          "fix the index")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or os.path.isabs(name)
+    ):
+        raise IlladaError(f"{root}: {what} names {name!r}, which is not a file in the model directory; fix the index")
     return Path(root) / name
 
 
@@ -44,8 +50,9 @@ def check_file(root: Path, path: Path) -> Path:
     real = Path(os.path.realpath(path))
     inside = boundary(root)
     if real != inside and inside not in real.parents:
-        raise IlladaError(f"{path}: a symlink to {real}, outside the model directory; copy the file into "
-                          f"{root} instead of linking it")
+        raise IlladaError(
+            f"{path}: a symlink to {real}, outside the model directory; copy the file into {root} instead of linking it"
+        )
     try:
         mode = os.stat(real).st_mode
     except OSError as e:
@@ -70,8 +77,9 @@ def parse_json_object(data: bytes, path: Path) -> dict:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise IlladaError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                          "re-download the file")
+        raise IlladaError(
+            f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); re-download the file"
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -104,8 +112,9 @@ def read_user_file(path: str, option: str, limit: int) -> bytes:
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1) if size <= limit else b""
     if size > limit or len(data) > limit:
-        raise IlladaError(f"{option} {path} holds more than {limit} bytes, more than this command reads; "
-                          "pass a smaller file")
+        raise IlladaError(
+            f"{option} {path} holds more than {limit} bytes, more than this command reads; pass a smaller file"
+        )
     return data
 
 

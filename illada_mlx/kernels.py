@@ -21,8 +21,9 @@ def gumbel_uniforms(key: mx.array, shape) -> mx.array:
     return mx.clip(mx.random.uniform(shape=shape, key=key), 1e-20, 1.0)
 
 
-def candidates_reference(logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None,
-                         want_entropy: bool = False):
+def candidates_reference(
+    logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None, want_entropy: bool = False
+):
     """(x0, p(x0), entropy | None) for logits (..., V).
 
     Gumbel-max as the official code means it, exp(l) / (−log u)^T, but in log space

@@ -155,8 +155,13 @@ def candidates_kernel(logits: mx.array, kind: str):
     flat = logits.reshape(-1, V)
     n = flat.shape[0]
     x0, p, ent = _kernel(kind)(
-        inputs=[flat], template=[("T", flat.dtype), ("V", V)], grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(n,), (n,), (n,)], output_dtypes=[mx.int32, mx.float32, mx.float32])
+        inputs=[flat],
+        template=[("T", flat.dtype), ("V", V)],
+        grid=(n * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(n,), (n,), (n,)],
+        output_dtypes=[mx.int32, mx.float32, mx.float32],
+    )
     return x0.reshape(shape), p.reshape(shape), ent.reshape(shape)
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from .config import ContextError, IlladaError
 from .decode import left_pad
 
-
 CHUNK_FORWARDS = 256  # the eval commands score requests in chunks of about this many forwards
 
 
@@ -37,6 +36,7 @@ def chunk_size(mc_num: int, batch_size: int) -> int:
 @dataclass
 class Scored:
     """A request's estimate and the masks it drew, (mc_num, len(answer)) booleans in sampling order."""
+
     log_likelihood: float
     masks: np.ndarray
 
@@ -58,19 +58,23 @@ def _pad(args) -> int:
 
 def _check(model, pairs, mc_num: int, batch_size: int) -> None:
     if mc_num < 1 or batch_size < 1 or mc_num % batch_size:
-        raise IlladaError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size}), as in the "
-                          "official estimator")
+        raise IlladaError(
+            f"mc_num ({mc_num}) must be a positive multiple of batch_size ({batch_size}), as in the official estimator"
+        )
     limit = model.args.max_position_embeddings
     for prompt, answer in pairs:
         if len(answer) == 0:
             raise IlladaError("empty answer: there is nothing to score")
         if len(prompt) + len(answer) > limit:
-            raise ContextError(f"prompt ({len(prompt)}) + answer ({len(answer)}) tokens is more than the model's "
-                               f"{limit} positions; shorten them")
+            raise ContextError(
+                f"prompt ({len(prompt)}) + answer ({len(answer)}) tokens is more than the model's "
+                f"{limit} positions; shorten them"
+            )
 
 
-def _logits(model, rows: list[list[int]], prompt_lens: list[int], at: mx.array, cfg_scale: float, mask_id: int,
-            pad_id: int):
+def _logits(
+    model, rows: list[list[int]], prompt_lens: list[int], at: mx.array, cfg_scale: float, mask_id: int, pad_id: int
+):
     """Logits (R, K, V) at the last-K positions `at` of left-padded rows, with the official CFG."""
     x, valid = left_pad(rows, pad_id)
     if cfg_scale > 0:
@@ -83,14 +87,20 @@ def _logits(model, rows: list[list[int]], prompt_lens: list[int], at: mx.array, 
         valid = None if valid is None else mx.concatenate([valid, valid])
     logits = model(x, valid, logits_at=at).astype(mx.float32)
     if cfg_scale > 0:
-        cond, un = logits[: len(rows)], logits[len(rows):]
+        cond, un = logits[: len(rows)], logits[len(rows) :]
         logits = un + (cfg_scale + 1) * (cond - un)
     return logits
 
 
-def log_likelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], mc_num: int = 128,
-                    batch_size: int = 32, cfg_scale: float = 0.0, seed: Optional[int] = None,
-                    masks: Optional[list[np.ndarray]] = None) -> list[Scored]:
+def log_likelihoods(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: Optional[int] = None,
+    masks: Optional[list[np.ndarray]] = None,
+) -> list[Scored]:
     """The official estimate for each (prompt ids, answer ids) pair; deterministic for a seed (each request
     draws from a stream seeded by the seed and its own tokens, so it scores the same alone, batched or in
     another order). masks: use these (mc_num, len(answer)) draws instead."""
@@ -102,13 +112,14 @@ def log_likelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
         for prompt, answer in pairs:
             tag = zlib.crc32(np.array(prompt + [-1] + answer, dtype=np.int64).tobytes())
             rng = np.random.default_rng(None if seed is None else [seed, tag])
-            masks.append(np.concatenate([draw_masks(rng, batch_size, len(answer))
-                                         for _ in range(mc_num // batch_size)]))
+            masks.append(
+                np.concatenate([draw_masks(rng, batch_size, len(answer)) for _ in range(mc_num // batch_size)])
+            )
     pad = _pad(a)
     rows = [(j, i) for j in range(len(pairs)) for i in range(mc_num)]
     total = np.zeros(len(pairs))
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+        chunk = rows[s : s + batch_size]
         K = max(len(pairs[j][1]) for j, _ in chunk)
         canvases, plens, targets, weights = [], [], [], []
         for j, i in chunk:
@@ -129,8 +140,15 @@ def log_likelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     return [Scored(-float(t) / mc_num, m) for t, m in zip(total, masks)]
 
 
-def log_likelihood(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], mc_num: int = 128,
-                   batch_size: int = 32, cfg_scale: float = 0.0, seed: Optional[int] = None) -> float:
+def log_likelihood(
+    model,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: Optional[int] = None,
+) -> float:
     """The official estimate of log p(answer | prompt) (see log_likelihoods)."""
     return log_likelihoods(model, [(prompt_ids, answer_ids)], mc_num, batch_size, cfg_scale, seed)[0].log_likelihood
 
@@ -148,8 +166,9 @@ def greedy_answers(model, pairs: Sequence[tuple[Sequence[int], int]], cfg_scale:
     for _ in range(K):
         canvases = [p + q for p, q in zip(prompts, answers)]
         P = max(len(c) for c in canvases)
-        logits = _logits(model, canvases, [len(p) for p in prompts], mx.arange(P - K, P), cfg_scale,
-                         a.mask_token_id, pad)
+        logits = _logits(
+            model, canvases, [len(p) for p in prompts], mx.arange(P - K, P), cfg_scale, a.mask_token_id, pad
+        )
         probs = mx.softmax(logits, axis=-1)
         x0 = np.array(mx.argmax(logits, axis=-1))
         conf = np.array(mx.take_along_axis(probs, mx.array(x0)[..., None], axis=-1)[..., 0], dtype=np.float64)

@@ -30,6 +30,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 @dataclass
 class Options:
     """The server's limits and exposure settings (cli `serve` options)."""
+
     max_body: int = MAX_BODY_BYTES
     max_prompt_chars: Optional[int] = None  # None: 16 characters per position of the model
     body_seconds: float = 30.0  # to read a request's body
@@ -42,7 +43,7 @@ def _host_name(host: str) -> Optional[str]:
     """The Host header without its port; None when the port is not a number in 1..65535 (`localhost:abc`)."""
     if host.startswith("["):
         end = host.find("]")
-        name, rest = (host[: end + 1], host[end + 1:]) if end > 0 else (host, "")
+        name, rest = (host[: end + 1], host[end + 1 :]) if end > 0 else (host, "")
         if rest and not rest.startswith(":"):
             return None
         port = rest[1:] if rest else None
@@ -64,8 +65,10 @@ def check_api_key(key: Optional[str], where: str = "--api-key") -> Optional[str]
         raise IlladaError(f"{where} is empty, which would leave the server open; give a key, or leave it unset")
     bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
     if bad is not None:
-        raise IlladaError(f"{where} holds {bad!r}, which no client can send in an Authorization header; use "
-                          "printable ASCII without spaces (letters, digits, punctuation)")
+        raise IlladaError(
+            f"{where} holds {bad!r}, which no client can send in an Authorization header; use "
+            "printable ASCII without spaces (letters, digits, punctuation)"
+        )
     return key
 
 
@@ -104,19 +107,27 @@ class Guard:
         host = host.lower()
         allowed = self.opts.allowed_hosts
         if allowed is not None and "*" not in allowed and host not in allowed:
-            return ApiError(400, f"Host {host!r} is not served here; start the server with --allowed-hosts to "
-                                 "allow it", code="invalid_host")
+            return ApiError(
+                400,
+                f"Host {host!r} is not served here; start the server with --allowed-hosts to allow it",
+                code="invalid_host",
+            )
         key = self.opts.api_key
         if key and not public(scope) and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                                code="invalid_api_key", kind="authentication_error")
+                return ApiError(
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer <key>",
+                    code="invalid_api_key",
+                    kind="authentication_error",
+                )
         if scope["method"] == "POST":
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
-                return ApiError(415, "the body must be sent as Content-Type: application/json",
-                                code="unsupported_media_type")
+                return ApiError(
+                    415, "the body must be sent as Content-Type: application/json", code="unsupported_media_type"
+                )
         return None
 
     async def __call__(self, scope, receive, send):
@@ -142,9 +153,15 @@ class Guard:
         if scope.get(MALFORMED):
             reason[0] = "malformed HTTP body (bad chunked encoding); answered 400 and closed"
         tokens = scope.get("state", {}).get("tokens")
-        log.info("%s %s %s%s %.0f ms%s", scope["method"], scope["path"], status[0] or "-",
-                 f" prompt={tokens[0]} output={tokens[1]}" if tokens else "", 1000 * (time.perf_counter() - t0),
-                 f": {reason[0]}" if reason[0] else "")
+        log.info(
+            "%s %s %s%s %.0f ms%s",
+            scope["method"],
+            scope["path"],
+            status[0] or "-",
+            f" prompt={tokens[0]} output={tokens[1]}" if tokens else "",
+            1000 * (time.perf_counter() - t0),
+            f": {reason[0]}" if reason[0] else "",
+        )
 
 
 def _reason(body: bytes) -> str:
@@ -160,6 +177,7 @@ class Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's headers (an idle or slow connection is
     closed) and a cap on open connections (over it, the oldest connection without a request in flight is
     closed to make room)."""
+
     header_seconds = 10.0
     max_connections = 256
 
@@ -171,8 +189,11 @@ class Protocol(H11Protocol):
         self._arm()
         open_ = [c for c in self.connections if not c.transport.is_closing()]
         if len(open_) > self.max_connections:
-            idle = [c for c in open_ if getattr(c, "opened", None) is not None
-                    and (c.cycle is None or c.cycle.response_complete)]
+            idle = [
+                c
+                for c in open_
+                if getattr(c, "opened", None) is not None and (c.cycle is None or c.cycle.response_complete)
+            ]
             oldest = min(idle, key=lambda c: c.opened, default=self)
             oldest.transport.close()
 
@@ -258,19 +279,38 @@ class LoopErrors:
         self.count += 1
         if now - self.last > self.quiet_seconds:
             err = context.get("exception")
-            log.warning("a burst of connections reached the open-file limit (%s): new connections wait until "
-                        "some close (this line repeats at most every %.0f s)", getattr(err, "strerror", err),
-                        self.quiet_seconds)
+            log.warning(
+                "a burst of connections reached the open-file limit (%s): new connections wait until "
+                "some close (this line repeats at most every %.0f s)",
+                getattr(err, "strerror", err),
+                self.quiet_seconds,
+            )
         self.last = now
 
 
-def make_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                max_connections: int = 256, idle_seconds: float = 10.0) -> uvicorn.Server:
+def make_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_level: str = "warning",
+    max_connections: int = 256,
+    idle_seconds: float = 10.0,
+) -> uvicorn.Server:
     """A uvicorn server with the connection cap, keep-alive and header timeouts set."""
     proto = type("Protocol", (Protocol,), {"header_seconds": idle_seconds, "max_connections": max_connections})
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=proto, log_level=log_level, access_log=False,
-                                         limit_concurrency=2 * max_connections, timeout_keep_alive=int(idle_seconds) or 1,
-                                         timeout_graceful_shutdown=5))
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http=proto,
+            log_level=log_level,
+            access_log=False,
+            limit_concurrency=2 * max_connections,
+            timeout_keep_alive=int(idle_seconds) or 1,
+            timeout_graceful_shutdown=5,
+        )
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -295,6 +335,8 @@ def exposure(host: str, opts: Options) -> list[str]:
     elif opts.allowed_hosts is None and host not in ("0.0.0.0", "::", ""):
         opts.allowed_hosts = (host.lower(),)
     if not loopback and not opts.api_key:
-        return [f"warning: listening on {host}, beyond this machine, without an API key: anyone who can reach "
-                "it can use it (set --api-key or ILLADA_MLX_API_KEY)"]
+        return [
+            f"warning: listening on {host}, beyond this machine, without an API key: anyone who can reach "
+            "it can use it (set --api-key or ILLADA_MLX_API_KEY)"
+        ]
     return []

@@ -63,8 +63,19 @@ def _typed(key: str, value):
 
 @register_model("illada-mlx")
 class IlladaLM(LM):
-    def __init__(self, path: Optional[str] = None, model=None, tokenizer=None, mc_num: int = 128, batch_size=32,
-                 cfg_scale: float = 0.0, greedy_check: bool = True, seed: int = 0, group=None, **decode):
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        model=None,
+        tokenizer=None,
+        mc_num: int = 128,
+        batch_size=32,
+        cfg_scale: float = 0.0,
+        greedy_check: bool = True,
+        seed: int = 0,
+        group=None,
+        **decode,
+    ):
         super().__init__()
         self.group = group if group is not None and group.size() > 1 else None
         self.decode = {k: decode_arg(k, v) for k, v in decode.items() if v is not None}  # before any loading
@@ -73,8 +84,12 @@ class IlladaLM(LM):
             from .load import load
 
             model, tokenizer = load(path)
-        kw = {k: _typed(k, v) for k, v in dict(mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
-                                                greedy_check=greedy_check).items()}
+        kw = {
+            k: _typed(k, v)
+            for k, v in dict(
+                mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, greedy_check=greedy_check
+            ).items()
+        }
         self.model, self.tok = model, tokenizer
         self.mc_num, self.batch, self.cfg = kw["mc_num"], kw["batch_size"], kw["cfg_scale"]
         self.greedy = kw["greedy_check"]
@@ -97,8 +112,7 @@ class IlladaLM(LM):
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         self.templated = True  # lm-eval asks for this only under --apply-chat-template
-        return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
-                                            tokenize=False)
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     # -------------------------------------------------------------------------------- data parallel
     def _share(self, items: list) -> list:
@@ -120,7 +134,7 @@ class IlladaLM(LM):
         if n:
             continuation, context = context[-n:] + continuation, context[:-n]
         whole, ctx = self._encode(context + continuation), self._encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         pairs = [self._encode_pair(*r.args) for r in requests]
@@ -128,22 +142,30 @@ class IlladaLM(LM):
         step = chunk_size(self.mc_num, self.batch)  # requests scored together
         starts = self._share(list(range(0, len(pairs), step)))
         for s in tqdm(starts, disable=disable_tqdm, desc="loglikelihood", file=sys.stderr):
-            chunk = pairs[s:s + step]
+            chunk = pairs[s : s + step]
             scored = log_likelihoods(self.model, chunk, self.mc_num, self.batch, self.cfg, self.seed)
-            greedy = (greedy_answers(self.model, [(p, len(a)) for p, a in chunk], self.cfg) if self.greedy
-                      else [None] * len(chunk))
+            greedy = (
+                greedy_answers(self.model, [(p, len(a)) for p, a in chunk], self.cfg)
+                if self.greedy
+                else [None] * len(chunk)
+            )
             out += [(sc.log_likelihood, g == a) for sc, g, (_, a) in zip(scored, greedy, chunk)]
         return [tuple(x) for x in self._gather(out)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         limit = self.model.args.max_position_embeddings
         out = []
-        for r in tqdm(self._share(list(requests)), disable=disable_tqdm, desc="loglikelihood_rolling",
-                      file=sys.stderr):
+        for r in tqdm(self._share(list(requests)), disable=disable_tqdm, desc="loglikelihood_rolling", file=sys.stderr):
             ids = self._encode(r.args[0])
-            windows = [([], ids[i:i + limit]) for i in range(0, len(ids), limit)] or []
-            out.append(sum(sc.log_likelihood for sc in log_likelihoods(
-                self.model, windows, self.mc_num, self.batch, self.cfg, self.seed)) if windows else 0.0)
+            windows = [([], ids[i : i + limit]) for i in range(0, len(ids), limit)] or []
+            out.append(
+                sum(
+                    sc.log_likelihood
+                    for sc in log_likelihoods(self.model, windows, self.mc_num, self.batch, self.cfg, self.seed)
+                )
+                if windows
+                else 0.0
+            )
         return self._gather(out)
 
     # -------------------------------------------------------------------------------- generation

@@ -12,10 +12,17 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import FLOAT_DTYPES, Checkpoint, find_shards, inspect_checkpoint, iter_shards, safetensors_header
-from .config import (IlladaError, ModelArgs, args_from_config, check_special_ids, load_config, one_line,
-                     resolve_special_ids)
 from .backend import cast_floats, preferred_dtype
+from .checkpoint import FLOAT_DTYPES, Checkpoint, find_shards, inspect_checkpoint, iter_shards, safetensors_header
+from .config import (
+    IlladaError,
+    ModelArgs,
+    args_from_config,
+    check_special_ids,
+    load_config,
+    one_line,
+    resolve_special_ids,
+)
 from .distributed import all_objects, check_same
 from .errors import IlladaWarning
 from .files import check_file
@@ -28,10 +35,27 @@ from .workdirs import sweep
 
 NONFINITE_KEY = "illada_mlx_allow_nonfinite"  # config.json: written by `convert --allow-nonfinite`
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json", DIFFUSION_CONFIG)  # what a model dir holds beside config and weights
-CONVERTED_FILES = ("config.json", "README.md", "model.safetensors.index.json", *SIDE_FILES)  # convert writes them beside the shards
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+SIDE_FILES = (
+    *TOKENIZER_FILES,
+    "generation_config.json",
+    DIFFUSION_CONFIG,
+)  # what a model dir holds beside config and weights
+CONVERTED_FILES = (
+    "config.json",
+    "README.md",
+    "model.safetensors.index.json",
+    *SIDE_FILES,
+)  # convert writes them beside the shards
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
 
 
@@ -43,15 +67,18 @@ def resolve_source(src: str) -> Path:
     if p.exists():
         raise IlladaError(f"{src} is a file; pass a model directory or a hub repo id")
     if src.startswith((".", "/", "~")) or src.count("/") != 1:
-        raise IlladaError(f"{src}: no such directory; pass a model directory or a hub repo id "
-                          "like GSAI-ML/iLLaDA-8B-Base")
+        raise IlladaError(
+            f"{src}: no such directory; pass a model directory or a hub repo id like GSAI-ML/iLLaDA-8B-Base"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
     except Exception as e:
-        raise IlladaError(f"could not download {src} from the hub ({type(e).__name__}); check the repo id, "
-                          "your network, or download it yourself and pass the directory")
+        raise IlladaError(
+            f"could not download {src} from the hub ({type(e).__name__}); check the repo id, "
+            "your network, or download it yourself and pass the directory"
+        )
 
 
 def _names(text: str) -> list[str]:
@@ -61,8 +88,10 @@ def _names(text: str) -> list[str]:
 def describe_mismatch(e: ValueError) -> str:
     """MLX's load_weights error in one line naming at most three parameters."""
     text = str(e)
-    for pattern, what in ((r"Received (\d+) parameters not in model:(.*)", "not in the model"),
-                          (r"Missing (\d+) parameters:(.*)", "missing from the weights")):
+    for pattern, what in (
+        (r"Received (\d+) parameters not in model:(.*)", "not in the model"),
+        (r"Missing (\d+) parameters:(.*)", "missing from the weights"),
+    ):
         m = re.match(pattern, text, re.S)
         if m:
             names = _names(m.group(2))
@@ -81,13 +110,16 @@ def check_finite(weights: dict[str, mx.array], group=None) -> None:
         bad = list(dict.fromkeys(k for part in all_objects(group, bad) for k in part))
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise IlladaError(f"NaN or infinite values in {', '.join(bad[:3])}{more}: the weights are corrupt; "
-                          "re-download or re-convert the model")
+        raise IlladaError(
+            f"NaN or infinite values in {', '.join(bad[:3])}{more}: the weights are corrupt; "
+            "re-download or re-convert the model"
+        )
 
 
 @dataclass
 class WeightGroup:
     """The (lazy) tensors of one weight file, with the file's name and bytes (progress is by file)."""
+
     name: str
     nbytes: int
     tensors: dict
@@ -149,8 +181,11 @@ def check_mlx_dtypes(headers: dict[str, dict]) -> None:
     for name, t in headers.items():
         dtype = t["dtype"]
         base = name.rsplit(".", 1)[0]
-        if dtype in FLOAT_DTYPES or (dtype == "U32" and name.endswith(".weight") and f"{base}.scales" in headers) \
-                or (dtype == "U8" and name.endswith(".scales")):
+        if (
+            dtype in FLOAT_DTYPES
+            or (dtype == "U32" and name.endswith(".weight") and f"{base}.scales" in headers)
+            or (dtype == "U8" and name.endswith(".scales"))
+        ):
             continue
         raise IlladaError(f"tensor {name!r} has dtype {dtype}, which no converted model stores; re-convert the model")
 
@@ -198,8 +233,10 @@ def hf_footprint(ck: Checkpoint) -> Footprint:
 def hf_weights(ck: Checkpoint) -> list[WeightGroup]:
     """An HF checkpoint's weights, one group per shard (the tied head's copy dropped); safetensors lazily,
     PyTorch shards read."""
-    return [WeightGroup(shard.name, ck.sizes[shard], {k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
-            for shard, tensors in iter_shards(ck)]
+    return [
+        WeightGroup(shard.name, ck.sizes[shard], {k: v for k, v in tensors.items() if k != "lm_head.weight(tied)"})
+        for shard, tensors in iter_shards(ck)
+    ]
 
 
 @dataclass
@@ -207,6 +244,7 @@ class LoadOptions:
     """How a model is loaded: the compute dtype ("auto": float32 on the CPU, as stored on a GPU; "stored";
     or "float32" / "bfloat16" / "float16"), a progress display on stderr, and where warnings go (default:
     Python's warnings, as IlladaWarning)."""
+
     compute_dtype: str = "auto"
     progress: bool = False
     notice: Optional[Callable[[str], None]] = None
@@ -277,8 +315,9 @@ def load_tokenizer(path: Path, args: ModelArgs):
         decoder = json.loads(tj.read_bytes().decode("utf-8")).get("decoder") or {}
         decoder = decoder if isinstance(decoder, dict) else {}
     except Exception as e:  # the tokenizer's files can fail in many ways: one line naming the cause
-        raise IlladaError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)}); "
-                          "re-download the tokenizer files")
+        raise IlladaError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)}); re-download the tokenizer files"
+        )
     detok = BPEStreamingDetokenizer if decoder.get("type") == "ByteLevel" else NaiveStreamingDetokenizer
     eos = [i for i in (args.eos_token_id, args.eot_token_id) if i is not None]
     return TokenizerWrapper(tok, detok, eos_token_ids=eos or None)
@@ -286,13 +325,25 @@ def load_tokenizer(path: Path, args: ModelArgs):
 
 def model_files(path: Path) -> dict[str, bytes]:
     """What every rank must agree on: config.json's bytes and the names and sizes of the model's files."""
-    files = sorted([f.name, f.stat().st_size] for f in path.iterdir()
-                   if f.is_file() and (f.suffix == ".safetensors" or f.name in SIDE_FILES))
-    return {"config.json": (path / "config.json").read_bytes(), "the list of files (names, sizes)": repr(files).encode()}
+    files = sorted(
+        [f.name, f.stat().st_size]
+        for f in path.iterdir()
+        if f.is_file() and (f.suffix == ".safetensors" or f.name in SIDE_FILES)
+    )
+    return {
+        "config.json": (path / "config.json").read_bytes(),
+        "the list of files (names, sizes)": repr(files).encode(),
+    }
 
 
-def load(path: Optional[str] = None, mask_id: Optional[int] = None, group=None, compute_dtype: str = "auto",
-         progress: bool = False, notice: Optional[Callable[[str], None]] = None):
+def load(
+    path: Optional[str] = None,
+    mask_id: Optional[int] = None,
+    group=None,
+    compute_dtype: str = "auto",
+    progress: bool = False,
+    notice: Optional[Callable[[str], None]] = None,
+):
     """Load (model, tokenizer) from an MLX dir, an HF dir or a hub id. No path: the bundled demo model's HF
     checkpoint, read in memory. With a `group` of several ranks (mlx.launch) the model is tensor-parallel
     (Model.shard): every rank checks that the others load the same files, then keeps its slice only.

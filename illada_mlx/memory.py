@@ -31,6 +31,7 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "F64": 8}
 @dataclass
 class Footprint:
     """A model's weights: bytes as stored, floats (castable) apart, and its parameter count."""
+
     stored_bytes: int = 0
     float_bytes: int = 0  # the float tensors' share of stored_bytes (norms, float layers, scales, biases)
     float_elements: int = 0
@@ -118,13 +119,15 @@ def _system_memory() -> tuple[int, Optional[int]]:
 @dataclass
 class Plan:
     """What loading will do: the compute dtype (None: as stored), the bytes it needs, notes to show."""
+
     dtype: Optional[mx.Dtype]
     need_bytes: int
     notes: list = field(default_factory=list)
 
 
-def plan_load(fp: Footprint, preferred: Optional[mx.Dtype], source: str, ranks: int = 1,
-              limit: Optional[Limit] = None) -> Plan:
+def plan_load(
+    fp: Footprint, preferred: Optional[mx.Dtype], source: str, ranks: int = 1, limit: Optional[Limit] = None
+) -> Plan:
     """The compute dtype that fits (the preferred one, else the stored one, with a note), refused when
     even that does not fit; a warning when close. `source` names the model directory."""
     limit = limit or memory_limit()
@@ -134,18 +137,24 @@ def plan_load(fp: Footprint, preferred: Optional[mx.Dtype], source: str, ranks: 
     if preferred is not None and need > limit.bytes and share(fp.stored_bytes) < need:
         stored = share(fp.stored_bytes)
         name = str(preferred).rsplit(".", 1)[-1]
-        notes.append(f"computing in the dtype the files store: {name} would need {format_bytes(need)} of "
-                     f"{format_bytes(limit.bytes)} ({limit.what}); quantize the model "
-                     f"(`illada-mlx convert -q`) for a fast float32 compute on the CPU")
+        notes.append(
+            f"computing in the dtype the files store: {name} would need {format_bytes(need)} of "
+            f"{format_bytes(limit.bytes)} ({limit.what}); quantize the model "
+            f"(`illada-mlx convert -q`) for a fast float32 compute on the CPU"
+        )
         dtype, need = None, stored
     if need > limit.bytes:
-        raise IlladaError(f"{source} needs {format_bytes(need)} in memory, more than {limit.what} "
-                          f"({format_bytes(limit.bytes)}); quantize it (`illada-mlx convert -q`) or choose a "
-                          "smaller recipe (--q-bits 3, --q-recipe mixed_3_6)")
+        raise IlladaError(
+            f"{source} needs {format_bytes(need)} in memory, more than {limit.what} "
+            f"({format_bytes(limit.bytes)}); quantize it (`illada-mlx convert -q`) or choose a "
+            "smaller recipe (--q-bits 3, --q-recipe mixed_3_6)"
+        )
     if need > WARN_FRACTION * limit.bytes or (limit.available is not None and need > limit.available):
         free = f", {format_bytes(limit.available)} free now" if limit.available is not None else ""
-        notes.append(f"{source} needs {format_bytes(need)} in memory, close to {limit.what} "
-                     f"({format_bytes(limit.bytes)}{free}); it may swap: quantize it or use a smaller recipe")
+        notes.append(
+            f"{source} needs {format_bytes(need)} in memory, close to {limit.what} "
+            f"({format_bytes(limit.bytes)}{free}); it may swap: quantize it or use a smaller recipe"
+        )
     return Plan(dtype, need, notes)
 
 
@@ -157,7 +166,9 @@ def hf_note(fp: Footprint, source: Path, need: int) -> Optional[str]:
     src = shlex.quote(str(source))
     dst = shlex.quote(f"{str(source).rstrip('/')}-4bit")
     cast = f" ({format_bytes(need)} once cast for compute)" if need != fp.stored_bytes else ""
-    return (f"{source} is an unconverted HF checkpoint: loading reads all {format_bytes(fp.stored_bytes)} into "
-            f"memory{cast}; `illada-mlx convert --hf-path {src} --mlx-path {dst} "
-            f"-q` makes a ~{format_bytes(q4)} model that loads memory-mapped (saves "
-            f"~{format_bytes(max(0, need - q4))})")
+    return (
+        f"{source} is an unconverted HF checkpoint: loading reads all {format_bytes(fp.stored_bytes)} into "
+        f"memory{cast}; `illada-mlx convert --hf-path {src} --mlx-path {dst} "
+        f"-q` makes a ~{format_bytes(q4)} model that loads memory-mapped (saves "
+        f"~{format_bytes(max(0, need - q4))})"
+    )

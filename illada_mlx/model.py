@@ -12,6 +12,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from .cache import BlockCache
 from .config import IlladaError, ModelArgs
 from .distributed import beat
@@ -53,8 +54,9 @@ def rope_at(rope: nn.RoPE, x: mx.array, positions: mx.array) -> mx.array:
     whose offset takes one position per row."""
     B, H, L, D = x.shape
     y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-    y = mx.fast.rope(y, rope.dims, traditional=rope.traditional, base=rope.base, scale=rope.scale,
-                     offset=positions.reshape(-1))
+    y = mx.fast.rope(
+        y, rope.dims, traditional=rope.traditional, base=rope.base, scale=rope.scale, offset=positions.reshape(-1)
+    )
     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
@@ -62,7 +64,11 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         d, f, b = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, f, bias=b), nn.Linear(d, f, bias=b), nn.Linear(f, d, bias=b)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            nn.Linear(d, f, bias=b),
+            nn.Linear(d, f, bias=b),
+            nn.Linear(f, d, bias=b),
+        )
 
     def __call__(self, x):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -106,7 +112,7 @@ def attention_mask_for(key_valid: Optional[mx.array], offset, length: int) -> Op
     if isinstance(offset, mx.array):
         qv = mx.take_along_axis(kv, offset, axis=1)
     else:
-        qv = kv[:, offset:offset + length]
+        qv = kv[:, offset : offset + length]
     return kv[:, None, None, :] | ~qv[:, None, :, None]
 
 

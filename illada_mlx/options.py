@@ -45,8 +45,13 @@ class IntList(click.ParamType):
         except ValueError:
             out = []
         if not out or min(out) < 1:
-            self.fail(f"{value!r} is not a comma list of positive whole numbers"
-                      + (" (or auto)" if self.allow_auto else "") + ".", param, ctx)
+            self.fail(
+                f"{value!r} is not a comma list of positive whole numbers"
+                + (" (or auto)" if self.allow_auto else "")
+                + ".",
+                param,
+                ctx,
+            )
         return out
 
 

@@ -25,8 +25,15 @@ class Progress:
     `about` is what the start line says of the work (a path, the file count). Use as a context manager:
     an exception erases the bar and writes no end line (the error is the line that stays)."""
 
-    def __init__(self, desc: str, total: int, about: str = "", enabled: bool = True, unit: str = "B",
-                 stream: Optional[TextIO] = None):
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        about: str = "",
+        enabled: bool = True,
+        unit: str = "B",
+        stream: Optional[TextIO] = None,
+    ):
         self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
         self.stream = stream or sys.stderr
         self.t0, self.done, self.bar = time.perf_counter(), 0, None

@@ -45,15 +45,23 @@ def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> d
 
 def check_record(record: dict) -> None:
     """A quantization record from config.json: its defaults and every per-layer entry supported."""
+
     def params(d, where):
         if not isinstance(d, dict):
             raise IlladaError(f"config.json: quantization{where} is not an object; re-convert the model")
         bits, group, mode = d.get("bits"), d.get("group_size"), d.get("mode", "affine")
         ok = mode in QUANT_MODES if isinstance(mode, str) else False
-        if not (ok and bits in QUANT_MODES[mode][0] and group in QUANT_MODES[mode][1]
-                and not isinstance(bits, bool) and not isinstance(group, bool)):
-            raise IlladaError(f"config.json: quantization{where} (bits {bits!r}, group size {group!r}, mode "
-                              f"{mode!r}) is not one this package writes; re-convert the model")
+        if not (
+            ok
+            and bits in QUANT_MODES[mode][0]
+            and group in QUANT_MODES[mode][1]
+            and not isinstance(bits, bool)
+            and not isinstance(group, bool)
+        ):
+            raise IlladaError(
+                f"config.json: quantization{where} (bits {bits!r}, group size {group!r}, mode "
+                f"{mode!r}) is not one this package writes; re-convert the model"
+            )
 
     params(record, "")
     for k, v in record.items():
@@ -74,7 +82,11 @@ def _recipe_mixed(body_bits: int, high_bits: int, sensitive: bool) -> Callable:
             return None
         i, name = int(m.group(1)), m.group(2)
         edge = i < max(1, n_layers // 8) or i >= n_layers - max(1, n_layers // 8)
-        if sensitive and (name.endswith("v_proj") or name.endswith("down_proj")) and (edge or i % 2 == 0 and name.endswith("down_proj")):
+        if (
+            sensitive
+            and (name.endswith("v_proj") or name.endswith("down_proj"))
+            and (edge or i % 2 == 0 and name.endswith("down_proj"))
+        ):
             return high
         return {**default, "bits": body_bits} if default["mode"] == "affine" else default
 
@@ -118,5 +130,10 @@ def apply_quantization(model: nn.Module, record: dict, weight_names) -> None:
             return False
         return record.get(path, default)
 
-    nn.quantize(model, group_size=default.get("group_size"), bits=default.get("bits"), mode=default["mode"],
-                class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=default.get("group_size"),
+        bits=default.get("bits"),
+        mode=default["mode"],
+        class_predicate=predicate,
+    )

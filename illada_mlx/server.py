@@ -52,8 +52,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import distributed as dist
-from .api import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_fields, choices, messages, parse_json,
-                  prompt_text, read_body, settings, step_events, streaming)
+from .api import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ApiError,
+    check_fields,
+    choices,
+    messages,
+    parse_json,
+    prompt_text,
+    read_body,
+    settings,
+    step_events,
+    streaming,
+)
 from .batch import Batch, LogprobTracker, Row, _row, batch_key
 from .config import ContextError, IlladaError, one_line
 from .decode import Step
@@ -64,6 +76,7 @@ from .spec import PRESETS, DecodeSpec, make_spec
 from .text import ReplyText
 
 log = logging.getLogger("illada_mlx.server")
+
 
 # ------------------------------------------------------------------------------------------ the worker
 class Cancelled(Exception):
@@ -99,6 +112,7 @@ class Job:
 @dataclass(eq=False)
 class Choice:
     """One row of a job: its text so far."""
+
     job: Job
     index: int
     reply: ReplyText
@@ -108,8 +122,16 @@ class Choice:
 class Engine:
     """The model, its tokenizer, the worker thread that serves the queue and a small pool that tokenizes."""
 
-    def __init__(self, model, tokenizer, name: str, max_queue: int = 16, max_batch: int = 8,
-                 max_request_seconds: float = 600.0, group=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        max_queue: int = 16,
+        max_batch: int = 8,
+        max_request_seconds: float = 600.0,
+        group=None,
+    ):
         self.model, self.tok, self.name = model, tokenizer, name
         self.group = group if group is not None and group.size() > 1 else None  # several ranks: lockstep
         self.max_batch = 1 if self.group is not None else max_batch
@@ -128,8 +150,9 @@ class Engine:
         self.pieces: dict[int, str] = {}  # token id -> its text alone, for step events
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="illada-tokenize")
         self.closing = threading.Event()  # set by close(): the running decode stops at its next block
-        self.worker = threading.Thread(target=self._lockstep if self.group else self._work, daemon=True,
-                                       name="illada-worker")
+        self.worker = threading.Thread(
+            target=self._lockstep if self.group else self._work, daemon=True, name="illada-worker"
+        )
         self.worker.start()
 
     def submit(self, job: Job):
@@ -139,8 +162,12 @@ class Engine:
         with self.queue_lock:
             self.queued = {j for j in self.queued if not j.cancel.is_set()}
             if len(self.queued) >= self.max_queue:
-                raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
-                               kind="rate_limit_error")
+                raise ApiError(
+                    429,
+                    "the server is busy (request queue full); retry shortly",
+                    code="queue_full",
+                    kind="rate_limit_error",
+                )
             self.queued.add(job)
         self.jobs.put_nowait(job)
 
@@ -177,9 +204,14 @@ class Engine:
                 batch = Batch(self.model, job.spec)
                 self._admit(batch, job)
             key = batch_key(batch.spec)
-            while self.waiting and (self.waiting[0].cancel.is_set() or (
-                    batch_key(self.waiting[0].spec) == key and batch.size + self.waiting[0].n <= self.max_batch
-                    and batch.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens))):
+            while self.waiting and (
+                self.waiting[0].cancel.is_set()
+                or (
+                    batch_key(self.waiting[0].spec) == key
+                    and batch.size + self.waiting[0].n <= self.max_batch
+                    and batch.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens)
+                )
+            ):
                 job = self._take(self.waiting.popleft())
                 if not job.cancel.is_set():
                     self._admit(batch, job)
@@ -228,19 +260,29 @@ class Engine:
 
     def _admit(self, batch: Batch, job: Job):
         for i in range(job.n):
-            batch.add(Row(Choice(job, i, ReplyText(self.tok, job.spec.stop)), job.prompt_ids, job.spec.max_tokens,
-                          job.top_logprobs))
+            batch.add(
+                Row(
+                    Choice(job, i, ReplyText(self.tok, job.spec.stop)),
+                    job.prompt_ids,
+                    job.spec.max_tokens,
+                    job.top_logprobs,
+                )
+            )
 
     def _drop(self, batch: Batch):
         """Rows of cancelled jobs leave; rows out of time end with "time_limit"."""
         now = time.monotonic()
-        gone = {r.handle for r in batch.rows + batch.joining if r.handle.job.cancel.is_set() or now > r.handle.job.deadline}
+        gone = {
+            r.handle for r in batch.rows + batch.joining if r.handle.job.cancel.is_set() or now > r.handle.job.deadline
+        }
         for row in batch.remove(gone):
             c = row.handle
             if not c.job.cancel.is_set():
                 c.reply.finish()
                 c.job.emit("text", c.index, (c.reply.take(), None))
-                c.job.emit("done", c.index, self._info("time_limit", c.tokens, _row_stats(batch, row, c.tokens), batch.spec))
+                c.job.emit(
+                    "done", c.index, self._info("time_limit", c.tokens, _row_stats(batch, row, c.tokens), batch.spec)
+                )
             self._done(c)
 
     def _block(self, batch: Batch):
@@ -261,8 +303,9 @@ class Engine:
 
         steps = any(r.handle.job.steps for r in batch.rows + batch.joining)
         self.batch_sizes.append(batch.size)
-        blocks = batch.run_block(lambda r, t: r.handle.reply.add(t), tracker, on_step,
-                                 leave=lambda r: self._gone(r.handle.job, clock[0]))  # a client gone: out now
+        blocks = batch.run_block(
+            lambda r, t: r.handle.reply.add(t), tracker, on_step, leave=lambda r: self._gone(r.handle.job, clock[0])
+        )  # a client gone: out now
         for row, toks, reason, lp in blocks:
             c = row.handle
             if reason == "cancelled":
@@ -329,8 +372,9 @@ class Engine:
                 tracker.step(ev)
             if job.steps:
                 start = ev.block * bl
-                self._emit_step(job, i, ev, self._step_tokens(ev), 0, ev.block, start, min(bl, end - P - start),
-                                P + start)
+                self._emit_step(
+                    job, i, ev, self._step_tokens(ev), 0, ev.block, start, min(bl, end - P - start), P + start
+                )
 
         run = spec
         if self.group is not None:  # the other ranks' `follow` runs the same decode (one seed for sampling)
@@ -349,8 +393,7 @@ class Engine:
             tokens += len(r.tokens)
             lp = tracker.result() if tracker is not None and r.tokens else None
             if r.text or r.tokens:
-                job.emit("text", i, (r.text, self._logprobs(r.tokens, _row(lp, 0, len(r.tokens)),
-                                                             job.top_logprobs)))
+                job.emit("text", i, (r.text, self._logprobs(r.tokens, _row(lp, 0, len(r.tokens)), job.top_logprobs)))
             cancelled = job.cancel.is_set() or self.closing.is_set()
             late = r.finish_reason is None and time.monotonic() > job.deadline
             if self.group is not None:
@@ -370,15 +413,15 @@ class Engine:
         tokens = mx.take_along_axis(ev.canvas, ev.positions, axis=1)
         return ev.positions.tolist(), ev.committed.tolist(), tokens.tolist()
 
-    def _emit_step(self, job: Job, index: int, ev: Step, got: tuple, j: int, block: int, start: int, length: int,
-                   lo: int):
+    def _emit_step(
+        self, job: Job, index: int, ev: Step, got: tuple, j: int, block: int, start: int, length: int, lo: int
+    ):
         """Row j's commits at a step as a "step" event: the reply's block (its index, its first position and
         length) and [position, token id, its text alone] per token committed, positions counted from the
         reply's start (canvas position lo is reply position start)."""
         pos, committed, tokens = got
         commits = [[p - lo + start, t, self._piece(t)] for p, c, t in zip(pos[j], committed[j], tokens[j]) if c]
-        job.emit("step", index, {"block": block, "step": ev.step, "start": start, "length": length,
-                                 "commits": commits})
+        job.emit("step", index, {"block": block, "step": ev.step, "start": start, "length": length, "commits": commits})
 
     def _piece(self, t: int) -> str:
         if t not in self.pieces:
@@ -412,8 +455,13 @@ def _row_stats(batch: Batch, row: Row, tokens: int) -> dict:
     tokens, blocks, time); the figures a batch shares and does not split per row (the prompt's time and
     tokens/s, the tokens processed) are null rather than zeros; peak memory is the process's."""
     d = batch.row_stats(row, tokens).as_dict()
-    d.update(prompt_s=None, prompt_tps=None, processed=None, processed_per_output_token=None,
-             peak_memory_bytes=mx.get_peak_memory())
+    d.update(
+        prompt_s=None,
+        prompt_tps=None,
+        processed=None,
+        processed_per_output_token=None,
+        peak_memory_bytes=mx.get_peak_memory(),
+    )
     return d
 
 
@@ -455,8 +503,12 @@ async def _request(request: Request, chat: bool):
     chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
     limit = opts.max_prompt_chars or 16 * engine.model.args.max_position_embeddings
     if chars > limit:
-        raise ApiError(400, f"the prompt has {chars} characters, more than this server takes ({limit})",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {chars} characters, more than this server takes ({limit})",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
     ids = await asyncio.get_running_loop().run_in_executor(engine.pool, engine.encode, chat, prompt)
     try:
         spec = make_spec(engine.model, engine.tok, len(ids), **s)
@@ -513,9 +565,12 @@ class Answer:
             offsets.append(at)
             at += len(e["token"])
         self.offsets[i] = at
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets,
+        }
 
     def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None) -> str:
         if self.chat:
@@ -555,8 +610,11 @@ class Answer:
                     extra = {"diffusion_stats": payload["stats"], "diffusion_settings": payload["spec"]}
                     yield self.chunk(i, finish=payload["finish_reason"], extra=extra if job.steps else None)
             if self.include_usage:
-                last = {**self.head(self.object + ".chunk" if self.chat else self.object), "choices": [],
-                        "usage": self.usage(tokens)}
+                last = {
+                    **self.head(self.object + ".chunk" if self.chat else self.object),
+                    "choices": [],
+                    "usage": self.usage(tokens),
+                }
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
             request.state.tokens = (self.P, tokens)
@@ -587,8 +645,11 @@ class Answer:
                 return ApiError(500, payload, kind="server_error").response()
         out = []
         for i in range(job.n):
-            c = {"index": i, "finish_reason": infos[i]["finish_reason"],
-                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None, i)}
+            c = {
+                "index": i,
+                "finish_reason": infos[i]["finish_reason"],
+                "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None, i),
+            }
             if self.chat:
                 c["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:
@@ -596,8 +657,15 @@ class Answer:
             out.append(c)
         tokens = sum(x["completion_tokens"] for x in infos)
         request.state.tokens = (self.P, tokens)
-        return JSONResponse({**self.head(self.object), "choices": out, "usage": self.usage(tokens),
-                             "diffusion_stats": infos[0]["stats"], "diffusion_settings": infos[0]["spec"]})
+        return JSONResponse(
+            {
+                **self.head(self.object),
+                "choices": out,
+                "usage": self.usage(tokens),
+                "diffusion_stats": infos[0]["stats"],
+                "diffusion_settings": infos[0]["spec"],
+            }
+        )
 
 
 async def chat_completions(request):
@@ -619,8 +687,12 @@ async def models(request):
 async def model(request):
     e: Engine = request.app.state.engine
     if request.path_params["name"] != e.name:
-        return ApiError(404, f"no model {request.path_params['name']!r}; this server has {e.name!r}",
-                        param="model", code="model_not_found").response()
+        return ApiError(
+            404,
+            f"no model {request.path_params['name']!r}; this server has {e.name!r}",
+            param="model",
+            code="model_not_found",
+        ).response()
     return JSONResponse(_model_card(e))
 
 
@@ -632,16 +704,27 @@ async def defaults(request):
     a reply (EOS, EoT), which the page draws apart on the canvas; and the registry of settings (settings.py:
     each one's type, range or choices, help and where a request carries it)."""
     e: Engine = request.app.state.engine
-    shown = ("block_length", "steps_per_block", "rule", "threshold", "error_bound", "max_tokens", "temperature", "cache",
-             "block_refresh", "drift_threshold")
+    shown = (
+        "block_length",
+        "steps_per_block",
+        "rule",
+        "threshold",
+        "error_bound",
+        "max_tokens",
+        "temperature",
+        "cache",
+        "block_refresh",
+        "drift_threshold",
+    )
     modes = {}
     for name in PRESETS:
         spec = make_spec(e.model, e.tok, 0, mode=name, default_cap=512)
         modes[name] = {k: getattr(spec, k) for k in shown}
     spec = make_spec(e.model, e.tok, 0)
     ends = [t for t in (spec.eos_id, spec.eot_id) if t is not None]
-    return JSONResponse({"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends,
-                         "settings": settings_registry()})
+    return JSONResponse(
+        {"model": e.name, "mode": spec.mode, "modes": modes, "end_tokens": ends, "settings": settings_registry()}
+    )
 
 
 async def health(request):
@@ -652,8 +735,11 @@ async def health(request):
 # ------------------------------------------------------------------------------------------ the web chat page
 WEB = Path(__file__).parent / "web"
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}  # all it serves
-PAGE_HEADERS = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'",
-                "x-content-type-options": "nosniff", "cache-control": "no-cache"}
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-cache",
+}
 
 
 async def page(request):
@@ -670,8 +756,11 @@ async def static(request):
 
 async def favicon(request):
     """The page's icon (also what a browser asks for by itself), so that no page load logs a 404."""
-    return Response((WEB / "favicon.svg").read_bytes(), media_type="image/svg+xml",
-                    headers={**PAGE_HEADERS, "cache-control": "max-age=86400"})
+    return Response(
+        (WEB / "favicon.svg").read_bytes(),
+        media_type="image/svg+xml",
+        headers={**PAGE_HEADERS, "cache-control": "max-age=86400"},
+    )
 
 
 async def not_found(request, exc):
@@ -696,27 +785,43 @@ def make_app(engine: Engine, opts: Optional[Options] = None):
         yield
         await asyncio.to_thread(engine.close)  # several ranks: the others end when the server stops
 
-    app = Starlette(lifespan=lifespan, routes=[
-        Route("/", page, methods=["GET"]),
-        Route("/static/{name}", static, methods=["GET"]),
-        Route("/favicon.ico", favicon, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/illada/defaults", defaults, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-    ], exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
+    app = Starlette(
+        lifespan=lifespan,
+        routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/static/{name}", static, methods=["GET"]),
+            Route("/favicon.ico", favicon, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/illada/defaults", defaults, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", model, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+    )
     app.state.engine, app.state.opts = engine, opts
     guarded = Guard(app, opts)
     if opts.allowed_origins:
-        return CORSMiddleware(guarded, allow_origins=list(opts.allowed_origins), allow_methods=["GET", "POST"],
-                              allow_headers=["authorization", "content-type"])
+        return CORSMiddleware(
+            guarded,
+            allow_origins=list(opts.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
     return guarded
 
 
-def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = "info",
-          max_connections: int = 256, idle_seconds: float = 10.0, echo=print) -> None:
+def serve(
+    engine: Engine,
+    host: str,
+    port: int,
+    opts: Options,
+    log_level: str = "info",
+    max_connections: int = 256,
+    idle_seconds: float = 10.0,
+    echo=print,
+) -> None:
     """Bind, say where, serve until interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(log_level.upper())
@@ -728,6 +833,12 @@ def serve(engine: Engine, host: str, port: int, opts: Options, log_level: str = 
     url = f"http://{shown}:{sock.getsockname()[1]}"
     ranks = f"; tensor parallel over {engine.group.size()} ranks: one request at a time" if engine.group else ""
     echo(f"serving {engine.name} on {url}/v1; web chat on {url}/{ranks}")
-    server = make_server(make_app(engine, opts), host, port, log_level if log_level != "info" else "warning",
-                         max_connections, idle_seconds)
+    server = make_server(
+        make_app(engine, opts),
+        host,
+        port,
+        log_level if log_level != "info" else "warning",
+        max_connections,
+        idle_seconds,
+    )
     server.run(sockets=[sock])

@@ -20,7 +20,7 @@ def _rows_of(module: nn.Module, rank: int, size: int) -> tuple[int, int]:
     start = rank * n
 
     def cut(w):
-        part = w[start:min(start + n, V)]
+        part = w[start : min(start + n, V)]
         if part.shape[0] < n:
             part = mx.concatenate([part, mx.zeros((n - part.shape[0], *w.shape[1:]), w.dtype)])
         return mx.contiguous(part)
@@ -59,19 +59,25 @@ class VocabSharded(nn.Module):
 
 def check_shardable(model: nn.Module, args: ModelArgs, size: int) -> None:
     """Refuse, in one line, a model that `size` ranks cannot split evenly."""
-    for name, n in (("attention heads", args.num_attention_heads), ("key/value heads", args.num_key_value_heads),
-                    ("FFN width (intermediate_size)", args.intermediate_size)):
+    for name, n in (
+        ("attention heads", args.num_attention_heads),
+        ("key/value heads", args.num_key_value_heads),
+        ("FFN width (intermediate_size)", args.intermediate_size),
+    ):
         if n % size:
-            raise IlladaError(f"{size} ranks cannot split the model's {n} {name}; launch a number of ranks that "
-                              f"divides {n}")
+            raise IlladaError(
+                f"{size} ranks cannot split the model's {n} {name}; launch a number of ranks that divides {n}"
+            )
     for i, layer in enumerate(model.model.layers):  # the layers split by input: whole groups on each rank
         for name, m in (("self_attn.o_proj", layer.self_attn.o_proj), ("mlp.down_proj", layer.mlp.down_proj)):
             gs = getattr(m, "group_size", None)
             if gs is not None and (m.weight.shape[1] * 32 // m.bits // size) % gs:
                 cols = m.weight.shape[1] * 32 // m.bits
-                raise IlladaError(f"{size} ranks cannot split layer {i}'s {name} ({cols} inputs) into whole "
-                                  f"quantization groups of {gs}; launch fewer ranks or re-convert with a smaller "
-                                  "--q-group-size")
+                raise IlladaError(
+                    f"{size} ranks cannot split layer {i}'s {name} ({cols} inputs) into whole "
+                    f"quantization groups of {gs}; launch fewer ranks or re-convert with a smaller "
+                    "--q-group-size"
+                )
 
 
 def shard_model(model, group) -> None:
@@ -96,4 +102,3 @@ def shard_model(model, group) -> None:
     model.model.embed_tokens = VocabSharded(model.model.embed_tokens, V, group)
     if not model.args.tie_word_embeddings:
         model.lm_head = VocabSharded(model.lm_head, V, group)
-

@@ -38,16 +38,24 @@ class Preset(NamedTuple):
 
 
 PRESETS = {
-    "exact": Preset("the official fixed canvas (prompt + max_tokens masks), the official schedule",
-                    dict(canvas="fixed", rule="schedule", cache="none")),
-    "variable": Preset("iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
-                       dict(canvas="growing", rule="schedule", cache="none")),
-    "fast": Preset("the growing canvas, parallel commits (the model's commit rule: threshold, error bound), prefix "
-                   "cache (a step runs the block), a block start that recomputes the canvas when probes show drift "
-                   "(at most once each time the reply doubles), the EOS padding committed at once",
-                   dict(canvas="growing", rule="threshold", cache="prefix", block_refresh="drift", eos_fill=True)),
-    "fast_fixed": Preset("the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
-                         dict(canvas="fixed", rule="threshold", cache="dual")),
+    "exact": Preset(
+        "the official fixed canvas (prompt + max_tokens masks), the official schedule",
+        dict(canvas="fixed", rule="schedule", cache="none"),
+    ),
+    "variable": Preset(
+        "iLLaDA's growing canvas, one block at a time, stopping at EOS; the official schedule",
+        dict(canvas="growing", rule="schedule", cache="none"),
+    ),
+    "fast": Preset(
+        "the growing canvas, parallel commits (the model's commit rule: threshold, error bound), prefix "
+        "cache (a step runs the block), a block start that recomputes the canvas when probes show drift "
+        "(at most once each time the reply doubles), the EOS padding committed at once",
+        dict(canvas="growing", rule="threshold", cache="prefix", block_refresh="drift", eos_fill=True),
+    ),
+    "fast_fixed": Preset(
+        "the fixed canvas, threshold commits, dual cache (Fast-dLLM's LLaDA setting)",
+        dict(canvas="fixed", rule="threshold", cache="dual"),
+    ),
 }
 assert tuple(PRESETS) == MODES
 
@@ -56,6 +64,7 @@ assert tuple(PRESETS) == MODES
 class DecodeSpec:
     """One decode, fully resolved. `max_tokens` is the fixed canvas's length (whole blocks) or the growing
     canvas's budget; `steps_per_block` is exact for the schedule and an upper bound for the adaptive rules."""
+
     mask_id: int
     canvas: str = "fixed"
     max_tokens: int = FIXED_DEFAULT_TOKENS
@@ -126,20 +135,26 @@ class DecodeSpec:
     def from_dict(cls, d: dict) -> "DecodeSpec":
         """The spec `as_dict` gave, after a trip through JSON (its lists back to tuples)."""
         boost = d.get("think_boost")
-        return cls(**{**d, "stop": tuple(d.get("stop", ())),
-                      "think_boost": tuple(boost) if boost is not None else None})
+        return cls(
+            **{**d, "stop": tuple(d.get("stop", ())), "think_boost": tuple(boost) if boost is not None else None}
+        )
 
     def check(self, vocab_size: int, positions: int, prompt_len: int) -> None:
         """Refuse anything invalid before any work (one line naming the problem and the fix)."""
         if self.mask_id is None:
-            raise IlladaError("no mask token id: pass mask_id (iLLaDA: 5, LLaDA: 126336) or load the model with "
-                              "its tokenizer")
+            raise IlladaError(
+                "no mask token id: pass mask_id (iLLaDA: 5, LLaDA: 126336) or load the model with its tokenizer"
+            )
         if not 0 <= self.mask_id < vocab_size:
             raise IlladaError(f"mask_id {self.mask_id} is outside the vocabulary (size {vocab_size}); iLLaDA uses 5")
-        for name, value, allowed in (("canvas", self.canvas, CANVASES), ("remasking", self.remasking, REMASKING),
-                                     ("commit rule", self.rule, RULES), ("cache", self.cache, CACHES),
-                                     ("block_refresh", self.block_refresh, REFRESHES),
-                                     ("logits_at", self.logits_at, LOGITS_AT)):
+        for name, value, allowed in (
+            ("canvas", self.canvas, CANVASES),
+            ("remasking", self.remasking, REMASKING),
+            ("commit rule", self.rule, RULES),
+            ("cache", self.cache, CACHES),
+            ("block_refresh", self.block_refresh, REFRESHES),
+            ("logits_at", self.logits_at, LOGITS_AT),
+        ):
             if value not in allowed:
                 raise IlladaError(f"{name} {value!r}: use one of {', '.join(allowed)}")
         for ranged in SETTINGS:  # every setting's own range (settings.py)
@@ -149,9 +164,11 @@ class DecodeSpec:
         if not self.growing and self.max_tokens % self.block_length:
             raise IlladaError(f"gen_length {self.max_tokens} is not a multiple of block_length {self.block_length}")
         if prompt_len + self.max_tokens > positions:
-            raise ContextError(f"prompt ({prompt_len}) + generation ({self.max_tokens}) = "
-                               f"{prompt_len + self.max_tokens} tokens is more than the model's {positions} "
-                               "positions; shorten the prompt or max tokens")
+            raise ContextError(
+                f"prompt ({prompt_len}) + generation ({self.max_tokens}) = "
+                f"{prompt_len + self.max_tokens} tokens is more than the model's {positions} "
+                "positions; shorten the prompt or max tokens"
+            )
         if self.cfg_scale < 0:
             raise IlladaError("cfg_scale must be ≥ 0")
         if self.remasking == "random" and self.rule != "schedule":
@@ -168,8 +185,9 @@ def default_budget(model, tokenizer, canvas: str) -> int:
     return 2048 if tokenizer is not None and getattr(tokenizer, "chat_template", None) else 1024
 
 
-def fit_budget(asked: Optional[int], default: int, prompt_len: Optional[int], positions: int, block: int,
-               fixed: bool) -> int:
+def fit_budget(
+    asked: Optional[int], default: int, prompt_len: Optional[int], positions: int, block: int, fixed: bool
+) -> int:
     """The budget rule: an asked-for budget is kept (a fixed canvas rounded up to whole blocks) and refused
     if it does not fit the model's positions; a default one is cut to the room the prompt leaves."""
     want = asked if asked is not None else default
@@ -182,11 +200,14 @@ def fit_budget(asked: Optional[int], default: int, prompt_len: Optional[int], po
     room -= room % block if fixed else 0
     if asked is not None:
         whole = "" if gen == asked else f", {gen} in whole blocks"
-        raise ContextError(f"prompt ({prompt_len} tokens) + max_tokens ({asked}{whole}) exceeds the model's "
-                           f"{positions} positions; shorten the prompt or lower max_tokens")
+        raise ContextError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({asked}{whole}) exceeds the model's "
+            f"{positions} positions; shorten the prompt or lower max_tokens"
+        )
     if room < 1:
-        raise ContextError(f"prompt ({prompt_len} tokens) leaves no room in the model's {positions} positions; "
-                           "shorten it")
+        raise ContextError(
+            f"prompt ({prompt_len} tokens) leaves no room in the model's {positions} positions; shorten it"
+        )
     return room
 
 
@@ -204,8 +225,10 @@ def model_defaults(path) -> dict:
     where = f"{root / DIFFUSION_CONFIG}"
     for k, v in d.items():
         if k != "mode" and k not in TUNABLE:
-            raise IlladaError(f"{where}: {k!r} is not a setting it may hold ({', '.join(('mode',) + TUNABLE)}); "
-                              "fix or delete the file")
+            raise IlladaError(
+                f"{where}: {k!r} is not a setting it may hold ({', '.join(('mode',) + TUNABLE)}); "
+                "fix or delete the file"
+            )
         try:
             setting(k).check(v)
         except IlladaError as e:
@@ -240,9 +263,18 @@ def think_token_id(tokenizer) -> Optional[int]:
 SPEC_FIELDS = {f.name for f in fields(DecodeSpec)}
 
 
-def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: Optional[str] = None,
-              max_tokens: Optional[int] = None, default_cap: Optional[int] = None, think_boost=False,
-              stop=(), **overrides) -> DecodeSpec:
+def make_spec(
+    model,
+    tokenizer=None,
+    prompt_len: Optional[int] = None,
+    *,
+    mode: Optional[str] = None,
+    max_tokens: Optional[int] = None,
+    default_cap: Optional[int] = None,
+    think_boost=False,
+    stop=(),
+    **overrides,
+) -> DecodeSpec:
     """The resolved spec for a decode of `prompt_len` tokens on `model`.
 
     mode: a PRESETS name (default: the model's own, diffusion_config.json, else DEFAULT_MODE); the model's
@@ -257,8 +289,14 @@ def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: 
     unknown = sorted(set(overrides) - SPEC_FIELDS)
     if unknown:
         raise IlladaError(f"unknown decode option {unknown[0]!r}; options are {', '.join(sorted(SPEC_FIELDS))}")
-    base = dict(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
-                mode=mode, **PRESETS[mode].settings)
+    base = dict(
+        mask_id=a.mask_token_id,
+        eos_id=a.eos_token_id,
+        eot_id=a.eot_token_id,
+        pad_id=a.pad_token_id,
+        mode=mode,
+        **PRESETS[mode].settings,
+    )
     base.update(own_settings(model, PRESETS[mode].settings, overrides))
     base.update({k: v for k, v in overrides.items() if v is not None})
     if think_boost:
@@ -270,8 +308,12 @@ def make_spec(model, tokenizer=None, prompt_len: Optional[int] = None, *, mode: 
     default = min(default, default_cap) if default_cap else default
     if spec.block_length < 1:
         raise IlladaError("block_length must be at least 1")
-    spec = replace(spec, max_tokens=fit_budget(max_tokens, default, prompt_len or 0, a.max_position_embeddings,
-                                               spec.block_length, not spec.growing))
+    spec = replace(
+        spec,
+        max_tokens=fit_budget(
+            max_tokens, default, prompt_len or 0, a.max_position_embeddings, spec.block_length, not spec.growing
+        ),
+    )
     spec.check(a.vocab_size, a.max_position_embeddings, prompt_len or 0)
     if spec.stop and tokenizer is None:
         raise IlladaError("stop strings need the tokenizer: pass tokenizer=")

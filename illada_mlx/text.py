@@ -54,7 +54,7 @@ class ReplyText:
         end = len(t)
         if self.cut is None and not self.final:
             end -= _partial_stop(t, self.stop, self.longest)
-        new = t[self.sent:end] if end > self.sent else ""
+        new = t[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return new
 

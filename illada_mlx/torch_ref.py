@@ -2,8 +2,6 @@
 model and as the "what users run today" baseline of `bench` (with the official decoding loop).
 Needs the optional `train`/`bench` extra (torch)."""
 
-# ruff: noqa: E402
-
 from __future__ import annotations
 
 import math
@@ -29,15 +27,20 @@ def rope(x, theta):  # x (B, H, L, D), half-split
     inv = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
     ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv[None]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
 class Attn(nn.Module):
     def __init__(self, c):
         super().__init__()
-        d, self.h, self.kv, self.hd, self.theta = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], \
-            c["hidden_size"] // c["num_attention_heads"], c["rope_theta"]
+        d, self.h, self.kv, self.hd, self.theta = (
+            c["hidden_size"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+            c["hidden_size"] // c["num_attention_heads"],
+            c["rope_theta"],
+        )
         self.q_proj = nn.Linear(d, self.h * self.hd, bias=False)
         self.k_proj = nn.Linear(d, self.kv * self.hd, bias=False)
         self.v_proj = nn.Linear(d, self.kv * self.hd, bias=False)
@@ -146,10 +149,16 @@ def from_mlx(model) -> TorchIllada:
     from mlx.utils import tree_flatten
 
     a = model.args
-    cfg = {"hidden_size": a.hidden_size, "num_hidden_layers": a.num_hidden_layers,
-           "num_attention_heads": a.num_attention_heads, "num_key_value_heads": a.num_key_value_heads,
-           "intermediate_size": a.intermediate_size, "vocab_size": a.vocab_size, "rope_theta": a.rope_theta,
-           "rms_norm_eps": a.rms_norm_eps}
+    cfg = {
+        "hidden_size": a.hidden_size,
+        "num_hidden_layers": a.num_hidden_layers,
+        "num_attention_heads": a.num_attention_heads,
+        "num_key_value_heads": a.num_key_value_heads,
+        "intermediate_size": a.intermediate_size,
+        "vocab_size": a.vocab_size,
+        "rope_theta": a.rope_theta,
+        "rms_norm_eps": a.rms_norm_eps,
+    }
     t = TorchIllada(cfg)
     sd = {k: torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in tree_flatten(model.parameters())}
     t.load_state_dict(sd, strict=True)

@@ -85,8 +85,10 @@ def _ours(path: Path, kind: str, written: Collection[str]) -> bool:
     entries = [e for e in os.listdir(path) if e != MARKER]
     if kind == "old":
         return entries in ([], ["x"])
-    return all((e in written or SHARD.match(e) or IN_PROGRESS.match(e)) and stat.S_ISREG(os.lstat(path / e).st_mode)
-               for e in entries)
+    return all(
+        (e in written or SHARD.match(e) or IN_PROGRESS.match(e)) and stat.S_ISREG(os.lstat(path / e).st_mode)
+        for e in entries
+    )
 
 
 def sweep(parent: Path, written: Collection[str], notice: Callable[[str], None]) -> None:

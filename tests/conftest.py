@@ -1,5 +1,4 @@
 import pytest
-
 from fixtures import Spec, write_checkpoint  # tests/ is on the path: pyproject's pytest `pythonpath`
 
 

@@ -41,9 +41,11 @@ def tensor_checks(plan, g) -> dict:
     out = {}
     for name, path in plan["models"].items():
         model, tok = load(path, group=g)
-        r = {"logits": logits_of(model, plan["ids"]),
-             "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
-             "heads": [model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads]}
+        r = {
+            "logits": logits_of(model, plan["ids"]),
+            "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+            "heads": [model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads],
+        }
         cache = BlockCache()  # the fast mode's: what its buffers hold
         for mode, settings in plan["decode"].items():
             extra = {"prompt_cache": cache} if mode == "fast" else {}
@@ -77,9 +79,11 @@ def data_parallel(plan, g) -> dict:
     lm.decode = lm_one.decode = {"mode": "fast", "max_tokens": 16, "block_length": 16}
     reqs = [Request(c, a) for c, a in plan["requests"]]
     gens = [Request(c, {"until": ["\n"], "max_gen_toks": 16}) for c, _ in plan["requests"][:3]]
-    return {"loglikelihood": [list(x) for x in lm.loglikelihood(reqs, disable_tqdm=True)],
-            "generate_until": lm.generate_until(gens, disable_tqdm=True),
-            "rolling": lm.loglikelihood_rolling([Request(c + a) for c, a in plan["requests"][:3]], disable_tqdm=True)}
+    return {
+        "loglikelihood": [list(x) for x in lm.loglikelihood(reqs, disable_tqdm=True)],
+        "generate_until": lm.generate_until(gens, disable_tqdm=True),
+        "rolling": lm.loglikelihood_rolling([Request(c + a) for c, a in plan["requests"][:3]], disable_tqdm=True),
+    }
 
 
 def commands(plan, g) -> dict:
@@ -92,8 +96,12 @@ def commands(plan, g) -> dict:
     for name, argv in plan["commands"].items():
         t0 = time.perf_counter()
         r = CliRunner().invoke(main, argv, input=plan.get("inputs", {}).get(name))  # stdin: rank 0 reads it
-        out[name] = {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr,
-                     "seconds": round(time.perf_counter() - t0, 2)}
+        out[name] = {
+            "code": r.exit_code,
+            "stdout": r.stdout,
+            "stderr": r.stderr,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     return out
 
 
@@ -121,8 +129,12 @@ def main():
         result["passed_barrier"] = True
     else:
         result["seconds"] = {}
-        for name, check in (("tensor", tensor_checks), ("refusals", refusals), ("data", data_parallel),
-                            ("commands", commands)):
+        for name, check in (
+            ("tensor", tensor_checks),
+            ("refusals", refusals),
+            ("data", data_parallel),
+            ("commands", commands),
+        ):
             t0 = time.perf_counter()
             result[name] = check(plan, g)
             result["seconds"][name] = round(time.perf_counter() - t0, 2)

@@ -19,16 +19,30 @@ import numpy as np
 DATA = Path(__file__).parent / "data"
 
 # iLLaDA-style specials: <[MASK]> = 5, EOS = 2 like the real model
-ILLADA_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4, "<[MASK]>": 5,
-                   "<think>": 6, "</think>": 7}
+ILLADA_SPECIALS = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<|im_start|>": 3,
+    "<|im_end|>": 4,
+    "<[MASK]>": 5,
+    "<think>": 6,
+    "</think>": 7,
+}
 ILLADA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}{% else %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # LLaDA's specials with shrunk ids (the real ones are 126080, 126081, 126336, 126346-8)
-LLADA_SPECIALS = {"<|startoftext|>": 256, "<|endoftext|>": 257, "<|mdm_mask|>": 258,
-                  "<|start_header_id|>": 259, "<|end_header_id|>": 260, "<|eot_id|>": 261}
+LLADA_SPECIALS = {
+    "<|startoftext|>": 256,
+    "<|endoftext|>": 257,
+    "<|mdm_mask|>": 258,
+    "<|start_header_id|>": 259,
+    "<|end_header_id|>": 260,
+    "<|eot_id|>": 261,
+}
 
 
 def build_tokenizer(out: Path, specials: dict[str, int], template: str, bos: str, eos: str, pad: str):
@@ -49,11 +63,25 @@ def build_tokenizer(out: Path, specials: dict[str, int], template: str, bos: str
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.save(str(out / "tokenizer.json"))
     tc = {
-        "add_bos_token": False, "add_eos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos, "eos_token": eos, "pad_token": pad, "chat_template": template,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "chat_template": template,
         "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(v): {"content": k, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for k, v in specials.items()},
+        "added_tokens_decoder": {
+            str(v): {
+                "content": k,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for k, v in specials.items()
+        },
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     return max(vocab.values()) + 1
@@ -87,9 +115,15 @@ def make_params(s: Spec) -> dict:
     p = {"embed": rng.normal(0, 1, (s.vocab, s.d)), "norm": 1 + 0.1 * rng.normal(size=s.d), "layers": []}
     for _ in range(s.layers):
         layer = {
-            "attn_norm": 1 + 0.1 * rng.normal(size=s.d), "ffn_norm": 1 + 0.1 * rng.normal(size=s.d),
-            "wq": lin(s.heads * hd, s.d), "wk": lin(s.kv_heads * hd, s.d), "wv": lin(s.kv_heads * hd, s.d),
-            "wo": lin(s.d, s.heads * hd), "w_gate": lin(s.ffn, s.d), "w_up": lin(s.ffn, s.d), "w_down": lin(s.d, s.ffn),
+            "attn_norm": 1 + 0.1 * rng.normal(size=s.d),
+            "ffn_norm": 1 + 0.1 * rng.normal(size=s.d),
+            "wq": lin(s.heads * hd, s.d),
+            "wk": lin(s.kv_heads * hd, s.d),
+            "wv": lin(s.kv_heads * hd, s.d),
+            "wo": lin(s.d, s.heads * hd),
+            "w_gate": lin(s.ffn, s.d),
+            "w_up": lin(s.ffn, s.d),
+            "w_down": lin(s.d, s.ffn),
         }
         if s.bias:
             for k, n in (("bq", s.heads * hd), ("bk", s.kv_heads * hd), ("bv", s.kv_heads * hd), ("bo", s.d)):
@@ -120,8 +154,11 @@ def _tensors(p: dict, s: Spec) -> dict[str, np.ndarray]:
                 t[b + f"self_attn.{n}_proj.weight"] = L["w" + n]
                 if s.bias:
                     t[b + f"self_attn.{n}_proj.bias"] = L["b" + n]
-            t[b + "mlp.gate_proj.weight"], t[b + "mlp.up_proj.weight"], t[b + "mlp.down_proj.weight"] = \
-                L["w_gate"], L["w_up"], L["w_down"]
+            t[b + "mlp.gate_proj.weight"], t[b + "mlp.up_proj.weight"], t[b + "mlp.down_proj.weight"] = (
+                L["w_gate"],
+                L["w_up"],
+                L["w_down"],
+            )
     else:
         t["model.transformer.wte.weight"] = p["embed"]
         t["model.transformer.ln_f.weight"] = p["norm"]
@@ -140,18 +177,44 @@ def _tensors(p: dict, s: Spec) -> dict[str, np.ndarray]:
 def _config(s: Spec) -> dict:
     if s.layout == "illada":
         return {
-            "architectures": ["ILLaDAForCausalLM"], "model_type": "illada", "hidden_size": s.d,
-            "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
-            "intermediate_size": s.ffn, "vocab_size": s.vocab, "max_position_embeddings": 512,
-            "rms_norm_eps": s.eps, "rope_theta": s.theta, "rope_scaling": None, "hidden_act": "silu",
-            "tie_word_embeddings": s.tied, "attention_bias": s.bias, "mlp_bias": False,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": s.dtype,
+            "architectures": ["ILLaDAForCausalLM"],
+            "model_type": "illada",
+            "hidden_size": s.d,
+            "num_hidden_layers": s.layers,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
+            "intermediate_size": s.ffn,
+            "vocab_size": s.vocab,
+            "max_position_embeddings": 512,
+            "rms_norm_eps": s.eps,
+            "rope_theta": s.theta,
+            "rope_scaling": None,
+            "hidden_act": "silu",
+            "tie_word_embeddings": s.tied,
+            "attention_bias": s.bias,
+            "mlp_bias": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            "torch_dtype": s.dtype,
         }
     cfg = json.loads((DATA / "llada_config.json").read_text())  # the real LLaDA-8B config, shrunk
-    cfg.update(d_model=s.d, n_heads=s.heads, n_kv_heads=s.kv_heads, n_layers=s.layers, mlp_hidden_size=s.ffn,
-               vocab_size=s.vocab, embedding_size=s.vocab, rope_theta=s.theta, rms_norm_eps=s.eps,
-               weight_tying=s.tied, max_sequence_length=512, mask_token_id=LLADA_SPECIALS["<|mdm_mask|>"],
-               eos_token_id=LLADA_SPECIALS["<|endoftext|>"], pad_token_id=LLADA_SPECIALS["<|endoftext|>"])
+    cfg.update(
+        d_model=s.d,
+        n_heads=s.heads,
+        n_kv_heads=s.kv_heads,
+        n_layers=s.layers,
+        mlp_hidden_size=s.ffn,
+        vocab_size=s.vocab,
+        embedding_size=s.vocab,
+        rope_theta=s.theta,
+        rms_norm_eps=s.eps,
+        weight_tying=s.tied,
+        max_sequence_length=512,
+        mask_token_id=LLADA_SPECIALS["<|mdm_mask|>"],
+        eos_token_id=LLADA_SPECIALS["<|endoftext|>"],
+        pad_token_id=LLADA_SPECIALS["<|endoftext|>"],
+    )
     return cfg
 
 
@@ -161,8 +224,9 @@ def round_to(p: dict, dtype: str) -> dict:
         return tree_map(p, lambda a: a.astype(np.float32).astype(np.float64))
     import mlx.core as mx
 
-    return tree_map(p, lambda a: np.array(mx.array(a.astype(np.float32)).astype(mx.bfloat16).astype(mx.float32),
-                                              dtype=np.float64))
+    return tree_map(
+        p, lambda a: np.array(mx.array(a.astype(np.float32)).astype(mx.bfloat16).astype(mx.float32), dtype=np.float64)
+    )
 
 
 def tree_map(p, f):
@@ -186,7 +250,7 @@ def write_checkpoint(out: Path, s: Spec, params: dict | None = None) -> dict:
     weight_map = {}
     for k in range(s.shards):
         shard = f"model-{k + 1:05d}-of-{s.shards:05d}.safetensors"
-        part = {n: mx.array(tensors[n].astype(np.float32)).astype(dt) for n in names[k::s.shards]}
+        part = {n: mx.array(tensors[n].astype(np.float32)).astype(dt) for n in names[k :: s.shards]}
         mx.save_safetensors(str(out / shard), part, metadata={"format": "pt"})
         weight_map.update({n: shard for n in part})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -202,8 +266,12 @@ def write_checkpoint(out: Path, s: Spec, params: dict | None = None) -> dict:
 def spec_ids(s: Spec) -> dict:
     if s.layout == "illada":
         return {"mask": 5, "eos": 2, "bos": 1}
-    return {"mask": LLADA_SPECIALS["<|mdm_mask|>"], "eos": LLADA_SPECIALS["<|endoftext|>"],
-            "eot": LLADA_SPECIALS["<|eot_id|>"], "bos": LLADA_SPECIALS["<|startoftext|>"]}
+    return {
+        "mask": LLADA_SPECIALS["<|mdm_mask|>"],
+        "eos": LLADA_SPECIALS["<|endoftext|>"],
+        "eot": LLADA_SPECIALS["<|eot_id|>"],
+        "bos": LLADA_SPECIALS["<|startoftext|>"],
+    }
 
 
 def copy_spec(s: Spec, **kw) -> Spec:
@@ -227,6 +295,7 @@ def reply(model, tok, prompt, **settings):
 @contextmanager
 def deadline(seconds: int):
     """Fail with TimeoutError instead of hanging (SIGALRM; the main thread only)."""
+
     def fail(*_):
         raise TimeoutError(f"still running after {seconds} s")
 

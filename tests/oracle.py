@@ -22,7 +22,7 @@ def rope(x, theta, offset=0):
     inv = theta ** (-np.arange(0, D, 2) / D)
     ang = np.arange(offset, offset + L)[:, None] * inv[None]
     cos, sin = np.cos(ang), np.sin(ang)
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
@@ -58,7 +58,7 @@ def forward(p, ids, heads, kv_heads, theta=10000.0, eps=1e-5, key_valid=None, st
                 pad = ((0, 0), (0, 0), (0, length - K.shape[2]), (0, 0))
                 K, V = np.pad(K, pad), np.pad(V, pad)
             K, V = K.copy(), V.copy()
-            K[:, :, offset:offset + L], V[:, :, offset:offset + L] = k, v
+            K[:, :, offset : offset + L], V[:, :, offset : offset + L] = k, v
             store[i] = (K, V)
             k, v = K[:, :, :length], V[:, :, :length]
         rep = heads // kv_heads
@@ -79,8 +79,19 @@ def transfer_counts(n_masked: int, steps: int) -> list[int]:
     return [n_masked // steps + (1 if t < n_masked % steps else 0) for t in range(steps)]
 
 
-def official_generate(logits_fn, prompt, steps, gen_length, block_length, mask_id, temperature=0.0,
-                      cfg_scale=0.0, remasking="low_confidence", uniforms=None, key_valid=None):
+def official_generate(
+    logits_fn,
+    prompt,
+    steps,
+    gen_length,
+    block_length,
+    mask_id,
+    temperature=0.0,
+    cfg_scale=0.0,
+    remasking="low_confidence",
+    uniforms=None,
+    key_valid=None,
+):
     """The official fixed-canvas algorithm (spec §4), float64, batch of equal-length (left-padded) rows.
 
     logits_fn(x, key_valid) -> (B, L, V) float64. `uniforms(step, kind, shape)` supplies the random

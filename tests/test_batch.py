@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from fixtures import Spec
+
 from illada_mlx.batch import Batch, LogprobTracker, Row, batch_key
 from illada_mlx.decode import DecodeSpec, decode, run
 from illada_mlx.load import load
@@ -17,8 +17,16 @@ def tiny(ckpt_factory):
 
 def spec_for(model, **kw):
     a = model.args
-    base = dict(mask_id=a.mask_token_id, eos_id=a.eos_token_id, eot_id=a.eot_token_id, pad_id=a.pad_token_id,
-                canvas="growing", block_length=8, steps_per_block=8, logits_eos_inf=True)
+    base = dict(
+        mask_id=a.mask_token_id,
+        eos_id=a.eos_token_id,
+        eot_id=a.eot_token_id,
+        pad_id=a.pad_token_id,
+        canvas="growing",
+        block_length=8,
+        steps_per_block=8,
+        logits_eos_inf=True,
+    )
     return DecodeSpec(**{**base, **kw})
 
 
@@ -42,10 +50,16 @@ def serve(model, spec, arrivals):
     return got
 
 
-@pytest.mark.parametrize("kw", [dict(cache="none", rule="schedule"), dict(cache="prefix", rule="threshold"),
-                                dict(cache="dual", rule="threshold", steps_per_block=4),
-                                dict(cache="token", rule="threshold", steps_per_block=6),
-                                dict(cache="prefix", rule="threshold", block_refresh="full")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cache="none", rule="schedule"),
+        dict(cache="prefix", rule="threshold"),
+        dict(cache="dual", rule="threshold", steps_per_block=4),
+        dict(cache="token", rule="threshold", steps_per_block=6),
+        dict(cache="prefix", rule="threshold", block_refresh="full"),
+    ],
+)
 def test_rows_joining_later_decode_as_alone(tiny, kw):
     spec = spec_for(tiny, eot_id=None, **kw)  # no row stops early: every join meets running rows
     rng = np.random.default_rng(3)
@@ -88,7 +102,7 @@ def test_logprobs_are_the_committed_tokens_log_softmax(tiny):
     b = Batch(tiny, spec)
     ids = [30, 31, 32, 33]
     b.add(Row("a", ids, 8))
-    (row, toks, _, lp), = b.run_block(logprobs=LogprobTracker(2))
+    ((row, toks, _, lp),) = b.run_block(logprobs=LogprobTracker(2))
     assert len(lp.token) == len(toks) and all(v <= 0 for v in lp.token)
     assert all(t in top_ids or v < top[-1] + 1e-6 for t, v, top_ids, top in zip(toks, lp.token, lp.top_ids, lp.top))
     # at T = 0 each committed token is the argmax at its step: it is its position's top candidate
@@ -102,8 +116,12 @@ def test_batch_key_separates_what_cannot_share_a_batch(tiny):
 
     assert batch_key(s) == batch_key(replace(s, seed=3, stop=("x",), max_tokens=32))
     assert batch_key(replace(s, threshold=0.5)) != batch_key(s)
-    for other in (replace(s, canvas="fixed"), replace(s, max_tokens=12), replace(s, temperature=0.5, seed=1),
-                  replace(s, think_boost=(1.0, 1.0))):
+    for other in (
+        replace(s, canvas="fixed"),
+        replace(s, max_tokens=12),
+        replace(s, temperature=0.5, seed=1),
+        replace(s, think_boost=(1.0, 1.0)),
+    ):
         assert batch_key(other) is None
 
 
@@ -129,10 +147,16 @@ def serve_leaving(model, spec, arrivals, leaves):
     return got, ended, shapes
 
 
-@pytest.mark.parametrize("kw", [dict(cache="none", rule="schedule"), dict(cache="prefix", rule="threshold"),
-                                dict(cache="dual", rule="threshold", steps_per_block=4),
-                                dict(cache="token", rule="threshold", steps_per_block=6),
-                                dict(cache="prefix", rule="threshold", block_refresh="drift")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cache="none", rule="schedule"),
+        dict(cache="prefix", rule="threshold"),
+        dict(cache="dual", rule="threshold", steps_per_block=4),
+        dict(cache="token", rule="threshold", steps_per_block=6),
+        dict(cache="prefix", rule="threshold", block_refresh="drift"),
+    ],
+)
 def test_a_row_that_leaves_mid_block_goes_at_that_step_and_the_others_are_unchanged(tiny, kw):
     # the oracle: the same batch run without the leaving rows at all, and each row decoded alone
     spec = spec_for(tiny, eot_id=None, **kw)  # no row stops early
@@ -153,7 +177,8 @@ def test_a_row_that_leaves_mid_block_goes_at_that_step_and_the_others_are_unchan
 
 def test_when_every_row_leaves_the_block_ends_at_that_step(tiny):
     spec = spec_for(tiny, eot_id=None, cache="prefix", rule="threshold")
-    got, ended, shapes = serve_leaving(tiny, spec, {0: [("a", [5, 6, 7], 24), ("b", [8, 9], 24)]},
-                                       {"a": (0, 2), "b": (0, 2)})
+    got, ended, shapes = serve_leaving(
+        tiny, spec, {0: [("a", [5, 6, 7], 24), ("b", [8, 9], 24)]}, {"a": (0, 2), "b": (0, 2)}
+    )
     assert ended == {"a": "cancelled", "b": "cancelled"} and got == {"a": [], "b": []}
     assert [s for _, s, _ in shapes] == [0, 1, 2]  # no step after the one they left at

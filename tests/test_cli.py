@@ -61,7 +61,13 @@ def test_generate_json_is_one_object(direct):
     # what ran, after defaults: fast mode's cache, the bundled model's own rule (its diffusion_config.json),
     # the asked-for budget
     s = obj["settings"]
-    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == ("fast", "error", "prefix", 32, "growing")
+    assert (s["mode"], s["rule"], s["cache"], s["max_tokens"], s["canvas"]) == (
+        "fast",
+        "error",
+        "prefix",
+        32,
+        "growing",
+    )
     assert (s["error_bound"], s["block_refresh"], s["eos_fill"]) == (0.04, "drift", True)
 
 
@@ -111,8 +117,9 @@ def test_chat_visual_renders_when_forced(monkeypatch, direct):
 
     monkeypatch.setattr(illada_mlx.cli, "_stdout_is_terminal", lambda: True)
     # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)
-    r = CliRunner().invoke(main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"],
-                           input="reverse abc\n")
+    r = CliRunner().invoke(
+        main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"], input="reverse abc\n"
+    )
     assert r.exit_code == 0, r.output
     assert "\u2591" in r.stdout  # masked slots were drawn
     assert "\x1b8" in r.stdout  # frames redraw in place
@@ -170,10 +177,13 @@ def test_python_m_and_mlx_lm_aliases(tmp_path):
     r = subprocess.run([sys.executable, "-m", "illada_mlx", "-h"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "generate" in r.stdout and "convert" in r.stdout
     # --temp, -m, --system-prompt, --ignore-chat-template are mlx-lm's names for ours
-    a = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--temp", "0", "-m", "32", "--mode", "fast",
-                                  "--system-prompt", "", "--json"])
-    b = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--temperature", "0", "--max-tokens", "32",
-                                  "--mode", "fast", "--json"])
+    a = CliRunner().invoke(
+        main,
+        ["generate", "-p", "reverse abc", "--temp", "0", "-m", "32", "--mode", "fast", "--system-prompt", "", "--json"],
+    )
+    b = CliRunner().invoke(
+        main, ["generate", "-p", "reverse abc", "--temperature", "0", "--max-tokens", "32", "--mode", "fast", "--json"]
+    )
     assert a.exit_code == 0 and json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"] == "cba"
     raw = CliRunner().invoke(main, ["generate", "-p", "reverse abc", "--ignore-chat-template", "-m", "8", "--json"])
     assert raw.exit_code == 0 and json.loads(raw.stdout)["prompt_tokens"] == 11  # no template: the text alone
@@ -201,7 +211,7 @@ class Terminal:
                 self.lines.append("")
                 self.col = 0
             else:
-                self.lines[-1] = line[: self.col] + ch + line[self.col + 1:]
+                self.lines[-1] = line[: self.col] + ch + line[self.col + 1 :]
                 self.col += 1
 
     def flush(self):
@@ -229,8 +239,10 @@ def test_progress_status_never_garbles_the_streamed_text(monkeypatch):
     # stdout piped, stderr a terminal: the status is its own line, redrawn in place and erased at the end
     err = Terminal()
     monkeypatch.setattr("sys.stderr", err)
-    monkeypatch.setattr("sys.stdout", type("Pipe", (), {"write": lambda s, x: None, "flush": lambda s: None,
-                                                         "isatty": lambda s: False})())
+    monkeypatch.setattr(
+        "sys.stdout",
+        type("Pipe", (), {"write": lambda s, x: None, "flush": lambda s: None, "isatty": lambda s: False})(),
+    )
     p = Progress()
     p.status("block 1/4", force=True)
     p.text("abc")
@@ -293,8 +305,10 @@ def readme_commands() -> list[list[str]]:
     import shlex
     from pathlib import Path
 
-    command = re.compile(r"(?:^|\s)(?:\S*/)?illada-mlx\s+((?:generate|chat|serve|bench|eval|convert)\b.*)$"
-                         r"|^python -m illada_mlx (.*)$")
+    command = re.compile(
+        r"(?:^|\s)(?:\S*/)?illada-mlx\s+((?:generate|chat|serve|bench|eval|convert)\b.*)$"
+        r"|^python -m illada_mlx (.*)$"
+    )
     out, lang, joined = [], None, ""
     for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
         if line.startswith("```"):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import oracle
 import pytest
 from click.testing import CliRunner
-
-import oracle
 from fixtures import Spec, write_checkpoint
+
 from illada_mlx.load import HUB_PATTERNS, load
 from illada_mlx_convert import convert, convert_command
 
@@ -40,8 +40,14 @@ def params_from_mlx_dir(d: Path, tied: bool) -> dict:
     def get(path):
         if f"{path}.scales" in w:
             prm = q.get(path, q)
-            full = mx.dequantize(w[f"{path}.weight"], w[f"{path}.scales"], w.get(f"{path}.biases"),
-                                 group_size=prm["group_size"], bits=prm["bits"], mode=prm.get("mode", "affine"))
+            full = mx.dequantize(
+                w[f"{path}.weight"],
+                w[f"{path}.scales"],
+                w.get(f"{path}.biases"),
+                group_size=prm["group_size"],
+                bits=prm["bits"],
+                mode=prm.get("mode", "affine"),
+            )
         else:
             full = w[f"{path}.weight"]
         return np.array(full.astype(mx.float32), np.float64)
@@ -51,12 +57,19 @@ def params_from_mlx_dir(d: Path, tied: bool) -> dict:
     i = 0
     while f"model.layers.{i}.input_layernorm.weight" in w:
         b = f"model.layers.{i}."
-        p["layers"].append({
-            "attn_norm": get(b + "input_layernorm"), "ffn_norm": get(b + "post_attention_layernorm"),
-            "wq": get(b + "self_attn.q_proj"), "wk": get(b + "self_attn.k_proj"), "wv": get(b + "self_attn.v_proj"),
-            "wo": get(b + "self_attn.o_proj"), "w_gate": get(b + "mlp.gate_proj"), "w_up": get(b + "mlp.up_proj"),
-            "w_down": get(b + "mlp.down_proj"),
-        })
+        p["layers"].append(
+            {
+                "attn_norm": get(b + "input_layernorm"),
+                "ffn_norm": get(b + "post_attention_layernorm"),
+                "wq": get(b + "self_attn.q_proj"),
+                "wk": get(b + "self_attn.k_proj"),
+                "wv": get(b + "self_attn.v_proj"),
+                "wo": get(b + "self_attn.o_proj"),
+                "w_gate": get(b + "mlp.gate_proj"),
+                "w_up": get(b + "mlp.up_proj"),
+                "w_down": get(b + "mlp.down_proj"),
+            }
+        )
         i += 1
     return p
 
@@ -212,8 +225,9 @@ def test_refuses_bad_paths_and_options(ckpt_factory, tmp_path):
     src, _ = ckpt_factory(ILLADA)
     out = tmp_path / "mlx"
     assert_clean_refusal(run_convert("--hf-path", tmp_path / "nope", "--mlx-path", out), out, "no such directory")
-    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "-q", "--q-mode", "mxfp4", "--q-bits", "3"),
-                         out, "mxfp4")
+    assert_clean_refusal(
+        run_convert("--hf-path", src, "--mlx-path", out, "-q", "--q-mode", "mxfp4", "--q-bits", "3"), out, "mxfp4"
+    )
     assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "--mask-id", "126336"), out, "outside")
 
 
@@ -265,6 +279,7 @@ def test_torch_bin_without_torch_names_the_extra(tmp_path):
     pytest.importorskip("safetensors")
     try:
         import torch  # noqa: F401
+
         pytest.skip("torch is installed")
     except ImportError:
         pass
@@ -356,8 +371,11 @@ def test_decode_defaults_are_written_or_copied_and_loaded(ckpt_factory, tmp_path
     base, _ = ckpt_factory(ILLADA)
     out = tmp_path / "plain"
     assert run_convert("--hf-path", base, "--mlx-path", out).exit_code == 0
-    assert json.loads((out / "diffusion_config.json").read_text()) == {"mode": "fast", "rule": "threshold",
-                                                                        "threshold": 0.9}
+    assert json.loads((out / "diffusion_config.json").read_text()) == {
+        "mode": "fast",
+        "rule": "threshold",
+        "threshold": 0.9,
+    }
     src = tmp_path / "hf"
     shutil.copytree(base, src)
     own = {"mode": "fast", "rule": "error", "error_bound": 0.2, "drift_threshold": 0.3}
@@ -373,10 +391,17 @@ def test_decode_defaults_are_written_or_copied_and_loaded(ckpt_factory, tmp_path
     assert make_spec(model, tok, 5, error_bound=0.01).error_bound == 0.01
 
 
-@pytest.mark.parametrize("content,needle", [('{"mode": "warp"}', "mode must be one of exact.*, not 'warp'"), ('{"temperature": 1}', "'temperature'"),
-                                            ('{"threshold": "high"}', "must be a number"),
-                                            ('{"rule": "guess"}', "rule must be one of .*, not 'guess'"), ('[1]', "not an object"),
-                                            ('{"drift_probes": 2.5}', "drift_probes must be an integer")])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"mode": "warp"}', "mode must be one of exact.*, not 'warp'"),
+        ('{"temperature": 1}', "'temperature'"),
+        ('{"threshold": "high"}', "must be a number"),
+        ('{"rule": "guess"}', "rule must be one of .*, not 'guess'"),
+        ("[1]", "not an object"),
+        ('{"drift_probes": 2.5}', "drift_probes must be an integer"),
+    ],
+)
 def test_a_bad_decode_defaults_file_is_one_line(ckpt_factory, tmp_path, content, needle):
     from illada_mlx.errors import IlladaError
 
@@ -388,10 +413,17 @@ def test_a_bad_decode_defaults_file_is_one_line(ckpt_factory, tmp_path, content,
         load(str(src))
 
 
-@pytest.mark.parametrize("flags,exact", [([], 32.0), (["--dtype", "bfloat16"], 16.0),
-                                         (["-q", "--q-group-size", "32"], None), (["--q-recipe", "mixed_4_8"], None),
-                                         (["-q", "--q-mode", "nvfp4"], None)],
-                         ids=["fp32", "bf16", "q4g32", "mixed_4_8", "nvfp4"])
+@pytest.mark.parametrize(
+    "flags,exact",
+    [
+        ([], 32.0),
+        (["--dtype", "bfloat16"], 16.0),
+        (["-q", "--q-group-size", "32"], None),
+        (["--q-recipe", "mixed_4_8"], None),
+        (["-q", "--q-mode", "nvfp4"], None),
+    ],
+    ids=["fp32", "bf16", "q4g32", "mixed_4_8", "nvfp4"],
+)
 def test_bits_per_weight_is_mlx_lms(flags, exact, ckpt_factory, tmp_path):
     from mlx_lm.utils import compute_bits_per_weight
 
@@ -448,8 +480,10 @@ def test_quant_predicate_is_q_recipe(ckpt_factory, tmp_path):
     src, _ = ckpt_factory(ILLADA)
     for flag in ("--q-recipe", "--quant-predicate"):
         assert run_convert("--hf-path", src, "--mlx-path", tmp_path / flag, flag, "mixed_2_6").exit_code == 0
-    a, b = (json.loads((tmp_path / f / "config.json").read_text())["quantization"]
-            for f in ("--q-recipe", "--quant-predicate"))
+    a, b = (
+        json.loads((tmp_path / f / "config.json").read_text())["quantization"]
+        for f in ("--q-recipe", "--quant-predicate")
+    )
     assert a == b and a["model.embed_tokens"]["bits"] == 6
 
 
@@ -517,8 +551,9 @@ def test_upload_failure_is_one_line_and_keeps_the_conversion(fake_hub, ckpt_fact
 def test_malformed_upload_repo_is_refused_before_converting(fake_hub, ckpt_factory, tmp_path):
     src, _ = ckpt_factory(ILLADA)
     out = tmp_path / "mlx"
-    assert_clean_refusal(run_convert("--hf-path", src, "--mlx-path", out, "--upload-repo", "a/b/c"), out,
-                         "--upload-repo")
+    assert_clean_refusal(
+        run_convert("--hf-path", src, "--mlx-path", out, "--upload-repo", "a/b/c"), out, "--upload-repo"
+    )
     assert fake_hub.calls == []
 
 
@@ -541,8 +576,10 @@ def test_streaming_peak_memory_stays_near_one_shard(tmp_path):
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout.strip().splitlines()[-1])
     bound = 2 * (max(sizes) + out_shard)
-    print(f"source {sum(sizes) / 1e6:.0f} MB, largest shard {max(sizes) / 1e6:.0f} MB, "
-          f"RSS growth {s['rss_growth_bytes'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
+    print(
+        f"source {sum(sizes) / 1e6:.0f} MB, largest shard {max(sizes) / 1e6:.0f} MB, "
+        f"RSS growth {s['rss_growth_bytes'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB"
+    )
     assert s["rss_growth_bytes"] < bound
     assert s["output_shards"] >= 4
 

@@ -3,10 +3,10 @@ variable-length, fast-path and argument-checking behaviour on a scripted model."
 
 import mlx.core as mx
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 from fixtures import Spec
+
 from illada_mlx.config import IlladaError, ModelArgs
 from illada_mlx.decode import BlockDone, Step, generate, var_generate
 from illada_mlx.load import load
@@ -40,10 +40,10 @@ def replay_uniforms(seed, prompt_len, block_length, steps_per_block, n_steps, ro
         k_r, k_g = mx.random.split(sub)
         lo = prompt_len + (step // steps_per_block) * block_length
         r = np.full((rows, canvas_len), 0.5)
-        r[:, lo:lo + block_length] = np.array(mx.random.uniform(shape=(rows, block_length), key=k_r))
+        r[:, lo : lo + block_length] = np.array(mx.random.uniform(shape=(rows, block_length), key=k_r))
         g = np.full((rows, canvas_len, vocab), 0.5)
         u = mx.clip(mx.random.uniform(shape=(rows, block_length, vocab), key=k_g), 1e-20, 1.0)
-        g[:, lo:lo + block_length] = np.array(u)
+        g[:, lo : lo + block_length] = np.array(u)
         remask[step], gumbel[step] = r, g
 
     def uniforms(step, kind, shape):
@@ -70,13 +70,22 @@ def test_batch_with_left_padding_matches_official(tiny):
     padded = np.array([[2] * (P - len(r)) + r for r in rows])
     valid = np.array([[0] * (P - len(r)) + [1] * len(r) for r in rows])
     ref = oracle.official_generate(logits_fn, padded, 8, 16, 8, mask, key_valid=valid)
-    out = np.array(generate(model, mx.array(padded), attention_mask=mx.array(valid), steps=8, gen_length=16,
-                            block_length=8, mask_id=mask))
+    out = np.array(
+        generate(
+            model,
+            mx.array(padded),
+            attention_mask=mx.array(valid),
+            steps=8,
+            gen_length=16,
+            block_length=8,
+            mask_id=mask,
+        )
+    )
     np.testing.assert_array_equal(out[:, P:], ref[:, P:])
     # and every padded row equals that prompt decoded alone
     for j, r in enumerate(rows):
         alone = np.array(generate(model, [r], steps=8, gen_length=16, block_length=8, mask_id=mask))
-        np.testing.assert_array_equal(out[j, P:], alone[0, len(r):])
+        np.testing.assert_array_equal(out[j, P:], alone[0, len(r) :])
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -87,8 +96,16 @@ def test_cfg_matches_official(tiny, with_mask):
     # a mild scale: stronger guidance saturates fp32 probabilities at exactly 1.0 (ties the official
     # fp32 code breaks arbitrarily too), which a float64 oracle would order differently
     ref = oracle.official_generate(logits_fn, p, 8, 16, 8, mask, cfg_scale=0.3, key_valid=valid)
-    out = generate(model, mx.array(p), steps=8, gen_length=16, block_length=8, mask_id=mask, cfg_scale=0.3,
-                   attention_mask=None if valid is None else mx.array(valid))
+    out = generate(
+        model,
+        mx.array(p),
+        steps=8,
+        gen_length=16,
+        block_length=8,
+        mask_id=mask,
+        cfg_scale=0.3,
+        attention_mask=None if valid is None else mx.array(valid),
+    )
     got = np.array(out)
     np.testing.assert_array_equal(got[:, 6:], ref[:, 6:])
 
@@ -100,8 +117,18 @@ def test_random_remasking_and_gumbel_match_official_with_fixed_key(tiny, remaski
     p = prompts(2, P, 4)
     uni = replay_uniforms(123, P, B, S // (G // B), S, 2, model.args.vocab_size, P + G)
     ref = oracle.official_generate(logits_fn, p, S, G, B, mask, temperature=T, remasking=remasking, uniforms=uni)
-    out = generate(model, mx.array(p), steps=S, gen_length=G, block_length=B, mask_id=mask, temperature=T,
-                   remasking=remasking, seed=123, logits_at="block")
+    out = generate(
+        model,
+        mx.array(p),
+        steps=S,
+        gen_length=G,
+        block_length=B,
+        mask_id=mask,
+        temperature=T,
+        remasking=remasking,
+        seed=123,
+        logits_at="block",
+    )
     np.testing.assert_array_equal(np.array(out), ref)
 
 
@@ -118,8 +145,17 @@ def test_entropy_rule_with_a_loose_bound_fills_each_block_in_one_forward(tiny):
     # larger than any sum commits the whole block at once, to the step's argmax
     model, _, logits_fn, mask = tiny
     p = prompts(2, 6, 7)
-    out, stats = generate(model, mx.array(p), steps=16, gen_length=16, block_length=8, mask_id=mask,
-                          rule="entropy", entropy_gamma=1e9, return_stats=True)
+    out, stats = generate(
+        model,
+        mx.array(p),
+        steps=16,
+        gen_length=16,
+        block_length=8,
+        mask_id=mask,
+        rule="entropy",
+        entropy_gamma=1e9,
+        return_stats=True,
+    )
     assert stats.nfe == 2
     ref = oracle.official_generate(logits_fn, p, 2, 16, 8, mask)  # one step per block takes all 8
     np.testing.assert_array_equal(np.array(out), ref)
@@ -151,8 +187,7 @@ def test_cache_kept_across_calls_reuses_the_common_prefix(tiny):
     from illada_mlx.spec import DecodeSpec
 
     model, _, _, mask = tiny
-    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=16, steps_per_block=4, block_length=8,
-                      cache="prefix")
+    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=16, steps_per_block=4, block_length=8, cache="prefix")
     turn1 = prompts(1, 10, 9)[0].tolist()
     cache = BlockCache(turn_delay=0)
     g1 = run(decode(model, [turn1], spec, cache=cache))
@@ -178,8 +213,7 @@ def test_next_turn_reuses_only_final_states(tiny, mode):
     from illada_mlx.spec import DecodeSpec
 
     model, _, _, mask = tiny
-    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=24, steps_per_block=4, block_length=8,
-                      cache=mode)
+    spec = DecodeSpec(mask_id=mask, canvas="growing", max_tokens=24, steps_per_block=4, block_length=8, cache=mode)
     turn1 = prompts(1, 10, 9)[0].tolist()
     now, delayed = BlockCache(turn_delay=0), BlockCache()
     reply1 = run(decode(model, [turn1], spec, cache=now)).tokens[0]
@@ -203,8 +237,9 @@ def test_next_turn_reuses_only_final_states(tiny, mode):
 def test_step_and_block_events_stream(tiny):
     model, _, _, mask = tiny
     events = []
-    out = generate(model, mx.array(prompts(1, 4, 8)), steps=8, gen_length=16, block_length=8, mask_id=mask,
-                   on_event=events.append)
+    out = generate(
+        model, mx.array(prompts(1, 4, 8)), steps=8, gen_length=16, block_length=8, mask_id=mask, on_event=events.append
+    )
     steps = [e for e in events if isinstance(e, Step)]
     blocks = [e for e in events if isinstance(e, BlockDone)]
     assert len(steps) == 8 and len(blocks) == 2
@@ -221,9 +256,17 @@ class Scripted:
     A row's script is chosen by its first token (11 -> script 0, 12 -> script 1, ...)."""
 
     def __init__(self, script, vocab=64, margin=8.0, think_margin=None):
-        self.args = ModelArgs(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                              intermediate_size=8, vocab_size=vocab, max_position_embeddings=512,
-                              mask_token_id=MASK, eos_token_id=EOS)
+        self.args = ModelArgs(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            intermediate_size=8,
+            vocab_size=vocab,
+            max_position_embeddings=512,
+            mask_token_id=MASK,
+            eos_token_id=EOS,
+        )
         self.script, self.vocab, self.margin, self.think_margin = script, vocab, margin, think_margin
         self.calls = []
 
@@ -289,8 +332,16 @@ def test_variable_length_stop_string_cuts_text(ckpt_factory):
     script = [9] * P + ids + [40] * 200
     model = Scripted([script], vocab=300)
     events = []
-    g = var_generate(model, [[11] * P], steps=4, max_tokens=256, block_length=8, stop=["\nUser:"],
-                     tokenizer=tok, on_event=events.append)
+    g = var_generate(
+        model,
+        [[11] * P],
+        steps=4,
+        max_tokens=256,
+        block_length=8,
+        stop=["\nUser:"],
+        tokenizer=tok,
+        on_event=events.append,
+    )
     assert g.texts == ["the answer is 42."]
     stop_block = (text.index("\nUser:") + len("\nUser:") - 1) // 8
     assert len([e for e in events if isinstance(e, BlockDone)]) == stop_block + 1
@@ -302,22 +353,26 @@ def test_end_of_thinking_boost_forces_think_close(ckpt_factory):
     g = var_generate(base, [[11] * P], steps=8, max_tokens=128, block_length=32, mask_id=MASK)
     assert THINK not in g.tokens[0]
     boosted = Scripted([[40] * 300], think_margin=5.0)
-    g = var_generate(boosted, [[11] * P], steps=8, max_tokens=128, block_length=32, think_boost=(100.0, 3.0),
-                     think_token=THINK)
+    g = var_generate(
+        boosted, [[11] * P], steps=8, max_tokens=128, block_length=32, think_boost=(100.0, 3.0), think_token=THINK
+    )
     # progress 32/128 → boost 1.6 < 5; 64/128 → 12.5 > 5: block 2 opens with </think>, and only once
     assert g.tokens[0].index(THINK) == 64 and g.tokens[0].count(THINK) == 1
 
 
 # ------------------------------------------------------------------------------- argument checks
-@pytest.mark.parametrize("kw,needle", [
-    (dict(gen_length=20, block_length=8), "multiple"),
-    (dict(gen_length=32, block_length=8, steps=6), "divisible"),
-    (dict(gen_length=512, block_length=32, steps=16), "positions"),
-    (dict(mask_id=999), "outside"),
-    (dict(remasking="lowest"), "remasking"),
-    (dict(cache="full"), "cache"),
-    (dict(rule="threshold", threshold=1.5), "threshold"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(gen_length=20, block_length=8), "multiple"),
+        (dict(gen_length=32, block_length=8, steps=6), "divisible"),
+        (dict(gen_length=512, block_length=32, steps=16), "positions"),
+        (dict(mask_id=999), "outside"),
+        (dict(remasking="lowest"), "remasking"),
+        (dict(cache="full"), "cache"),
+        (dict(rule="threshold", threshold=1.5), "threshold"),
+    ],
+)
 def test_invalid_arguments_fail_before_any_work(kw, needle):
     model = Scripted([[40] * 600])
     args = dict(steps=8, gen_length=32, block_length=8)
@@ -338,6 +393,7 @@ def test_missing_mask_id_is_refused():
 @pytest.mark.parametrize("mode", ["exact", "variable"])
 def test_default_budget_is_cut_to_the_context_and_an_asked_one_refused(tiny, mode):
     from fixtures import reply
+
     from illada_mlx.config import ContextError
 
     model, tok, _, _ = tiny
@@ -378,8 +434,12 @@ def test_make_spec_defaults_per_model_kind(tiny):
     model, tok, _, _ = tiny
     default = make_spec(model, tok, 6)
     assert (default.mode, default.canvas, default.max_tokens) == ("fast", "growing", 512 - 6)
-    assert (default.rule, default.threshold, default.block_refresh, default.eos_fill) == ("threshold", 0.9, "drift",
-                                                                                          True)
+    assert (default.rule, default.threshold, default.block_refresh, default.eos_fill) == (
+        "threshold",
+        0.9,
+        "drift",
+        True,
+    )
     assert make_spec(model, tok, 6, mode="exact").max_tokens == 128
     fixed = make_spec(model, tok, 6, mode="fast_fixed")
     assert (fixed.max_tokens, fixed.rule, fixed.cache) == (128, "threshold", "dual")
@@ -395,9 +455,16 @@ def _growing(mask, **kw):
     return DecodeSpec(mask_id=mask, **{"canvas": "growing", "block_length": 8, "steps_per_block": 4, **kw})
 
 
-@pytest.mark.parametrize("cache,refresh,full_every", [("prefix", "window", 0), ("prefix", "full", 0),
-                                                       ("dual", "window", 2), ("prefix", "window", 3),
-                                                       ("token", "window", 0)])
+@pytest.mark.parametrize(
+    "cache,refresh,full_every",
+    [
+        ("prefix", "window", 0),
+        ("prefix", "full", 0),
+        ("dual", "window", 2),
+        ("prefix", "window", 3),
+        ("token", "window", 0),
+    ],
+)
 def test_processed_tokens_follow_the_refresh_policy(tiny, cache, refresh, full_every):
     # the growing canvas, P = 6, blocks of 8, 4 steps each, 5 blocks: block 0 starts with the whole canvas;
     # a later block start runs the finished block again and the new one (window) or the whole canvas (full,
@@ -406,8 +473,9 @@ def test_processed_tokens_follow_the_refresh_policy(tiny, cache, refresh, full_e
 
     model, _, _, mask = tiny
     P, B, S, n = 6, 8, 4, 5
-    spec = _growing(mask, max_tokens=n * B, cache=cache, block_refresh=refresh, full_refresh_every=full_every,
-                    logits_eos_inf=True)
+    spec = _growing(
+        mask, max_tokens=n * B, cache=cache, block_refresh=refresh, full_refresh_every=full_every, logits_eos_inf=True
+    )
     g = run(decode(model, [prompts(1, P, 11)[0].tolist()], spec))
     full = [b == 0 or refresh == "full" or (full_every and b % full_every == 0) for b in range(n)]
     # a step runs the block; the token cache's step runs the positions the step before it ran: the whole
@@ -436,8 +504,16 @@ def test_token_cache_equals_dual_cache_at_two_steps_a_block(tiny, canvas, cfg):
 def test_token_cache_needs_masked_logits(tiny):
     model, _, _, mask = tiny
     with pytest.raises(IlladaError, match="logits_at='masked'"):
-        generate(model, mx.array(prompts(1, 5, 1)), steps=8, gen_length=8, block_length=8, mask_id=mask,
-                 cache="token", logits_at="block")
+        generate(
+            model,
+            mx.array(prompts(1, 5, 1)),
+            steps=8,
+            gen_length=8,
+            block_length=8,
+            mask_id=mask,
+            cache="token",
+            logits_at="block",
+        )
 
 
 def test_in_place_cache_matches_the_float64_cached_forward(ckpt_factory):
@@ -457,8 +533,9 @@ def test_in_place_cache_matches_the_float64_cached_forward(ckpt_factory):
         canvas[:, lo + i % 3] = rng.integers(8, 250, 2)  # the canvas changes between forwards
         cache.length = L
         got = np.array(model(mx.array(canvas[:, lo:hi]), cache=cache, offset=lo))
-        ref = oracle.forward(params, canvas[:, lo:hi], spec.heads, spec.kv_heads, spec.theta, spec.eps,
-                             store=store, offset=lo, length=L)
+        ref = oracle.forward(
+            params, canvas[:, lo:hi], spec.heads, spec.kv_heads, spec.theta, spec.eps, store=store, offset=lo, length=L
+        )
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (i, lo, hi)
 
 
@@ -469,8 +546,9 @@ def test_a_finished_row_leaves_the_others_cache_intact(tiny, cfg):
     from illada_mlx.decode import decode, run
 
     model, _, _, mask = tiny
-    spec = _growing(mask, max_tokens=32, cache="prefix", rule="threshold", threshold=0.5, cfg_scale=cfg,
-                    logits_eos_inf=True)
+    spec = _growing(
+        mask, max_tokens=32, cache="prefix", rule="threshold", threshold=0.5, cfg_scale=cfg, logits_eos_inf=True
+    )
     rows = prompts(2, 7, 13).tolist()
     both = run(decode(model, rows, spec, stop_fn=lambda r, toks: r == 0))
     alone = run(decode(model, rows[1:], spec))
@@ -483,8 +561,14 @@ def test_cache_buffers_are_allocated_once_per_call(tiny):
 
     model, _, _, mask = tiny
     cache = BlockCache()
-    run(decode(model, [prompts(1, 6, 14)[0].tolist()], _growing(mask, max_tokens=40, cache="prefix",
-                                                                  logits_eos_inf=True), cache=cache))
+    run(
+        decode(
+            model,
+            [prompts(1, 6, 14)[0].tolist()],
+            _growing(mask, max_tokens=40, cache="prefix", logits_eos_inf=True),
+            cache=cache,
+        )
+    )
     assert {k.shape[2] for k in cache.keys} == {6 + 40}  # sized to the canvas's budget at the start
 
 
@@ -506,18 +590,28 @@ def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
 
     model, _, _, mask = tiny
     rows = prompts(3, 7, 40).tolist()
-    spec = _growing(mask, max_tokens=24, steps_per_block=8, rule="threshold", threshold=threshold,
-                    cache="token", logits_eos_inf=True)
+    spec = _growing(
+        mask,
+        max_tokens=24,
+        steps_per_block=8,
+        rule="threshold",
+        threshold=threshold,
+        cache="token",
+        logits_eos_inf=True,
+    )
 
     def steps(ids):  # (block, step) -> (logits at the masks before the step, per row), tokens
         out, before, tokens = {}, None, None
         for ev in decode(model, ids, spec):
             if isinstance(ev, Step):
                 lo = 7 + ev.block * 8
-                m = (8 if ev.step == 0 else (before[:, lo:lo + 8] == mask).sum(axis=1)).tolist() \
-                    if ev.step else [8] * len(ids)
+                m = (
+                    (8 if ev.step == 0 else (before[:, lo : lo + 8] == mask).sum(axis=1)).tolist()
+                    if ev.step
+                    else [8] * len(ids)
+                )
                 lg = np.array(ev.logits)
-                out[ev.block, ev.step] = [lg[r, :m[r]] for r in range(len(ids))]
+                out[ev.block, ev.step] = [lg[r, : m[r]] for r in range(len(ids))]
                 before = np.array(ev.canvas)
             elif not isinstance(ev, BlockDone):
                 tokens = ev.tokens
@@ -602,8 +696,9 @@ def test_probes_run_only_where_a_refresh_may_follow(tiny):
 
     model, _, _, mask = tiny
     rows = [prompts(1, 6, 23)[0].tolist()]
-    kw = dict(max_tokens=72, cache="prefix", rule="threshold", threshold=0.5, logits_eos_inf=True,
-              block_refresh="drift")
+    kw = dict(
+        max_tokens=72, cache="prefix", rule="threshold", threshold=0.5, logits_eos_inf=True, block_refresh="drift"
+    )
     for threshold, probed, refreshes in ((0.0, 4, 4), (2.0, 8, 0)):
         cache = Counting()
         g = run(decode(model, rows, _growing(mask, drift_threshold=threshold, **kw), cache=cache))
@@ -615,8 +710,16 @@ def test_drift_refresh_runs_at_most_once_each_time_the_reply_doubles(tiny):
     from illada_mlx.decode import decode, run
 
     model, _, _, mask = tiny
-    spec = _growing(mask, max_tokens=72, cache="prefix", rule="threshold", threshold=0.5, logits_eos_inf=True,
-                    block_refresh="drift", drift_threshold=0.0)
+    spec = _growing(
+        mask,
+        max_tokens=72,
+        cache="prefix",
+        rule="threshold",
+        threshold=0.5,
+        logits_eos_inf=True,
+        block_refresh="drift",
+        drift_threshold=0.0,
+    )
     g = run(decode(model, [prompts(1, 6, 23)[0].tolist()], spec))
     assert g.stats.drift_refreshes == 4
 
@@ -625,8 +728,17 @@ def test_drift_refresh_every_step_is_identical_to_no_cache(tiny):
     model, _, _, mask = tiny
     p = mx.array(prompts(2, 6, 6))
     ref = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask)
-    out = generate(model, p, steps=12, gen_length=24, block_length=8, mask_id=mask, cache="token",
-                   block_refresh="drift", refresh_every=1)
+    out = generate(
+        model,
+        p,
+        steps=12,
+        gen_length=24,
+        block_length=8,
+        mask_id=mask,
+        cache="token",
+        block_refresh="drift",
+        refresh_every=1,
+    )
     np.testing.assert_array_equal(np.array(out), np.array(ref))
 
 
@@ -672,8 +784,15 @@ def test_drift_refresh_rows_decode_together_as_alone(tiny):
     rows = [prompts(1, n, 50 + n)[0].tolist() for n in (6, 9)]
     # five blocks: the doubling limit counts per row (the row that refreshed at blocks 1 and 2 waits for
     # block 4, the other may refresh at block 3)
-    base = dict(max_tokens=40, cache="token", rule="threshold", threshold=0.5, logits_eos_inf=True,
-                block_refresh="drift", drift_probes=4)
+    base = dict(
+        max_tokens=40,
+        cache="token",
+        rule="threshold",
+        threshold=0.5,
+        logits_eos_inf=True,
+        block_refresh="drift",
+        drift_probes=4,
+    )
     alone = [run(decode(model, [r], _growing(mask, **base))) for r in rows]
     drifts = sorted(a.stats.max_drift for a in alone)
     assert drifts[0] < drifts[1]

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from training.demo_tasks import (COUNTS, CURRICULUM, EXTRA, LONG, TASKS, conversations, examples, held_out,
-                                 held_out_conversations, held_out_set)
+from training.demo_tasks import (
+    COUNTS,
+    CURRICULUM,
+    EXTRA,
+    LONG,
+    TASKS,
+    conversations,
+    examples,
+    held_out,
+    held_out_conversations,
+    held_out_set,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,16 +41,16 @@ def test_every_task_answers_by_its_rule(split):
             a, b = prompt.rstrip("=").split("+")
             assert int(answer) == int(a) + int(b)
         elif task == "sort":
-            assert digits(answer) == sorted(digits(prompt[len("sort "):]))
+            assert digits(answer) == sorted(digits(prompt[len("sort ") :]))
         elif task == "reverse":
-            assert answer == prompt[len("reverse "):][::-1]
+            assert answer == prompt[len("reverse ") :][::-1]
         elif task in ("recall", "recall_abcd"):
             pairs, key = prompt.rstrip("?").split(" ; ")
             table = dict(p.split("=") for p in pairs.split())
             assert table[key] == answer and 2 <= len(table) == len(pairs.split()) <= 4  # 2-4 distinct keys
             assert task == "recall" or set(table) <= set("abcd")  # the curriculum's small key alphabet
         elif task == "parity":  # suffix parities in list order
-            xs, d = [int(c) for c in prompt[len("parity "):]], [int(c) for c in answer]
+            xs, d = [int(c) for c in prompt[len("parity ") :]], [int(c) for c in answer]
             n = len(xs)
             assert len(d) == n and d[-1] == xs[-1] and d[0] == sum(xs) % 2
             # order-sensitive: each bit is its right-hand neighbour XOR the list bit in its own place
@@ -55,10 +65,10 @@ def test_every_task_answers_by_its_rule(split):
             assert [int(n) for n in answer.split(" ")] == list(range(a, b + 1, k)) and (b - a) % k == 0
             assert all(len(n) == 3 for n in answer.split(" "))  # 3 digits each: 4 tokens a number
         elif task == "succ":  # each listed digit plus one, mod 10
-            xs, d = digits(prompt[len("succ "):]), digits(answer)
+            xs, d = digits(prompt[len("succ ") :]), digits(answer)
             assert d == [(x + 1) % 10 for x in xs] and answer == " ".join(map(str, d))
         else:  # sums: running totals mod 10, last first
-            xs, d = digits(prompt[len("sums "):]), digits(answer)
+            xs, d = digits(prompt[len("sums ") :]), digits(answer)
             n = len(xs)
             assert len(d) == n and d[-1] == xs[0] and d[0] == sum(xs) % 10
             # the order-sensitive property: each digit is its right-hand neighbour plus one list digit
@@ -73,16 +83,40 @@ def test_held_out_prompts_never_reach_training():
     assert all(held_out(p) for _, p, _ in items)
     assert [t for t, _, _ in items] == [t for t in TASKS + EXTRA for _ in range(20)]
     # asking for an extra task leaves the yardstick's own items as they were
-    assert held_out_set(20) == items[:20 * len(TASKS)]
+    assert held_out_set(20) == items[: 20 * len(TASKS)]
 
 
 def train_tiny(out, *args):
     """training/train_demo.py on a 1-layer, d-32 model with the bundled tokenizer."""
     return subprocess.run(
-        [sys.executable, "-m", "training.train_demo", "--out", str(out), "--d", "32", "--layers", "1",
-         "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--minutes", "0", "--workers", "0",
-         "--tokenizer", str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"), *args],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "training.train_demo",
+            "--out",
+            str(out),
+            "--d",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--ffn",
+            "64",
+            "--minutes",
+            "0",
+            "--workers",
+            "0",
+            "--tokenizer",
+            str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # trains (a subprocess)
@@ -109,21 +143,31 @@ def test_trainer_with_no_steps_only_probes(tmp_path):
     # --steps 0: the probe of the starting weights, long tasks (variable mode) and conversations included
     pytest.importorskip("torch")
     out = tmp_path / "p"
-    r = train_tiny(out, "--steps", "0", "--batch", "2", "--tasks", "reverse,count",
-                   "--multi-turn", "0.5", "--long-probe", "1")
+    r = train_tiny(
+        out, "--steps", "0", "--batch", "2", "--tasks", "reverse,count", "--multi-turn", "0.5", "--long-probe", "1"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 0 and log["final_loss_ema"] is None
     assert set(log["held_out_probe"]) == {"reverse", "count", "turn2", "turn3", "turn4"}
     assert set(log["end_probe"]) == {"count"} and set(log["end_probe"]["count"]) == {
-        "end", "not_end", "same_last_digit", "decided_right", "stops_at_last_digit"}
+        "end",
+        "not_end",
+        "same_last_digit",
+        "decided_right",
+        "stops_at_last_digit",
+    }
 
 
 @pytest.mark.slow  # trains (a subprocess)
 def test_trainer_refuses_an_unknown_task(tmp_path):
     pytest.importorskip("torch")
-    r = subprocess.run([sys.executable, "-m", "training.train_demo", "--out", str(tmp_path / "x"),
-                        "--tasks", "add,divide"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "training.train_demo", "--out", str(tmp_path / "x"), "--tasks", "add,divide"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "unknown task(s) ['divide']" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
 
@@ -132,6 +176,7 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
     # --max-area: each batch's answer area (answer, one EOS, EOS padding) has a length drawn from
     # [block / 2, max_area]; the prompt keeps its place and only the area is answer-maskable
     from tokenizers import Tokenizer
+
     from training.train_rows import EOS, batches
 
     tok = Tokenizer.from_file(str(ROOT / "illada_mlx" / "demo_model" / "tokenizer.json"))
@@ -143,9 +188,9 @@ def test_batches_lay_out_answer_areas_of_drawn_lengths():
         areas.add(int(n[0]))
         for row, ans, ok in zip(ids.tolist(), answer.tolist(), valid.tolist()):
             start = ans.index(True)
-            assert sum(ok) == start + int(n[0]) and all(ok[:start + int(n[0])])  # right padding is not valid
-            area = row[start:start + int(n[0])]
-            assert EOS in area and set(area[area.index(EOS):]) == {EOS}
+            assert sum(ok) == start + int(n[0]) and all(ok[: start + int(n[0])])  # right padding is not valid
+            area = row[start : start + int(n[0])]
+            assert EOS in area and set(area[area.index(EOS) :]) == {EOS}
             assert row[0] == tok.token_to_id("<|im_start|>") and tok.decode(row[:start]).endswith("assistant\n")
     assert len(areas) > 10 and min(areas) < 32 < max(areas)
     # without --max-area every area is the block
@@ -161,11 +206,11 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight,
     torch = pytest.importorskip("torch")
     import numpy as np
     import oracle
+
     from training.train_demo import EOS, MASK, loss_fn
 
     V = 24
-    x = torch.tensor([[10, 11, 12, 20, 21, EOS, EOS, EOS],
-                      [13, 14, 22, EOS, EOS, EOS, EOS, EOS]])
+    x = torch.tensor([[10, 11, 12, 20, 21, EOS, EOS, EOS], [13, 14, 22, EOS, EOS, EOS, EOS, EOS]])
     answer = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     valid = torch.tensor([[1] * 8, [1] * 7 + [0]], dtype=torch.bool)
     logits = torch.randn(2, 8, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -175,8 +220,7 @@ def test_loss_with_every_answer_token_masked_weighs_padding_as_asked(pad_weight,
         seen.append(ids.clone())
         return logits
 
-    loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight,
-                   eos_weight=eos_weight)
+    loss = loss_fn(model, x, answer, valid, answer_only=1.0, t_min=1.0, pad_weight=pad_weight, eos_weight=eos_weight)
     assert torch.equal(seen[0], torch.where(answer, MASK, x))  # the area masked, the prompt as it was
     logp = np.log(oracle.softmax(logits.numpy()))
     ce, w = [], []
@@ -246,9 +290,9 @@ def test_training_rows_are_the_runtime_prompt_plus_the_answer():
     # All conversations (multi_turn 1) or all single turns: one kind of row, so batches keep draw order.
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from training.train_rows import EOS, TEMPLATE, batches, draw_items
 
     from illada_mlx.engine import build_prompt
+    from training.train_rows import EOS, TEMPLATE, batches, draw_items
 
     assert TEMPLATE == json.loads((DEMO / "tokenizer_config.json").read_text())["chat_template"]
     runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
@@ -261,7 +305,7 @@ def test_training_rows_are_the_runtime_prompt_plus_the_answer():
             start, area = ans.index(True), sum(ans)
             assert row[:start] == build_prompt(runtime, messages)
             want = runtime.encode(a, add_special_tokens=False) + [EOS]
-            assert row[start:start + area] == (want + [EOS] * area)[:area]
+            assert row[start : start + area] == (want + [EOS] * area)[:area]
 
 
 def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
@@ -270,9 +314,9 @@ def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
     # answer taking its last block; the prompt and written blocks are never masked
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from training.train_rows import EOS, batches, draw_items
 
     from illada_mlx.engine import build_prompt
+    from training.train_rows import EOS, batches, draw_items
 
     runtime = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -287,10 +331,10 @@ def test_long_rows_are_laid_out_block_by_block_as_the_growing_canvas_decodes():
             want = runtime.encode(a, add_special_tokens=False) + [EOS]
             start, n, end = ans.index(True), sum(ans), sum(ok)
             assert n == 32 and end == start + 32 and all(ok[:end]) and all(ans[start:end])
-            assert row[:len(prompt)] == prompt and (start - len(prompt)) % 32 == 0
+            assert row[: len(prompt)] == prompt and (start - len(prompt)) % 32 == 0
             k = (start - len(prompt)) // 32
             assert k < -(-len(want) // 32)  # a block the answer (and its EOS) reaches
-            assert row[len(prompt):end] == (want + [EOS] * 32)[:32 * (k + 1)]
+            assert row[len(prompt) : end] == (want + [EOS] * 32)[: 32 * (k + 1)]
             row_ks.append((k, -(-len(want) // 32) - 1))
         top = max(k for k, _ in row_ks)
         assert all(k == top or k == nb for k, nb in row_ks)  # one k a batch, or the row's last block
@@ -304,11 +348,11 @@ def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
     # (schedule rule, 32 steps per block) on the bundled weights: the same tokens up to the first EOS
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
-    from training.train_demo import EOS, TorchIllada, variable_generate
 
     from illada_mlx.decode import decode, run
     from illada_mlx.engine import build_prompt
     from illada_mlx.spec import make_spec
+    from training.train_demo import EOS, TorchIllada, variable_generate
 
     model, tok = demo
     cfg = json.loads((DEMO / "config.json").read_text())
@@ -319,8 +363,8 @@ def test_trainer_variable_probe_decodes_like_the_samplers_variable_mode(demo):
     for prompt in ("sort 9 3 7 1 4 2", "reverse qwerty", "count 37 to 102"):
         ids = build_prompt(tok, [{"role": "user", "content": prompt}])
         want = run(decode(model, [ids], spec)).tokens[0]
-        x = variable_generate(tm, torch.tensor([ids]), 32, 2)[0, len(ids):].tolist()
-        assert (x[:x.index(EOS)] if EOS in x else x) == want, prompt
+        x = variable_generate(tm, torch.tensor([ids]), 32, 2)[0, len(ids) :].tolist()
+        assert (x[: x.index(EOS)] if EOS in x else x) == want, prompt
 
 
 @pytest.mark.parametrize("first_block, last_block", [(1.0, 0.0), (0.0, 1.0)])
@@ -328,18 +372,20 @@ def test_long_rows_train_the_first_or_last_block_when_asked(first_block, last_bl
     # first_block 1: every row is the answer's first block after the bare prompt; last_block 1: every row is
     # the block holding the answer's own EOS (the written blocks before it in place)
     from tokenizers import Tokenizer
+
     from training.train_rows import EOS, batches, draw_items, render
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     items = draw_items(1, LONG)
-    for ids, answer, _, _, _ in itertools.islice(batches(tok, 1, 4, 32, LONG, first_block=first_block,
-                                                      last_block=last_block), 10):
+    for ids, answer, _, _, _ in itertools.islice(
+        batches(tok, 1, 4, 32, LONG, first_block=first_block, last_block=last_block), 10
+    ):
         for row, ans in zip(ids.tolist(), answer.tolist()):
             _, messages, a = next(items)
-            want = tok.encode(render(messages) + a).ids[len(tok.encode(render(messages)).ids):] + [EOS]
+            want = tok.encode(render(messages) + a).ids[len(tok.encode(render(messages)).ids) :] + [EOS]
             k = (ans.index(True) - len(tok.encode(render(messages)).ids)) // 32
             assert k == (0 if first_block else (len(want) - 1) // 32)
-            assert EOS in row[ans.index(True):] or first_block
+            assert EOS in row[ans.index(True) :] or first_block
 
 
 def test_end_rows_cut_after_a_number_half_at_the_end():
@@ -348,6 +394,7 @@ def test_end_rows_cut_after_a_number_half_at_the_end():
     # answer's EOS when that number is the prompt's b, else a space. Half are cut at the end; some of the
     # others after a number ending in b's last digit (a last-digit match alone would stop there)
     from tokenizers import Tokenizer
+
     from training.train_rows import EOS, batches, draw_items, render
 
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -358,12 +405,12 @@ def test_end_rows_cut_after_a_number_half_at_the_end():
         for row, ans, ok, cut in zip(ids.tolist(), answer.tolist(), valid.tolist(), masked_from.tolist()):
             _, messages, a = next(items)
             q = tok.encode(render(messages)).ids
-            want = tok.encode(render(messages) + a).ids[len(q):] + [EOS]
+            want = tok.encode(render(messages) + a).ids[len(q) :] + [EOS]
             start = ans.index(True)
             assert (start - len(q)) % 32 == 0 and 0 <= cut < 32 and start + 32 == len(ok) - ok[::-1].index(True)
             at = start + cut
-            assert row[:at] == q + want[:at - len(q)]  # the prompt and the answer up to the cut, as written
-            written = tok.decode(row[len(q):at]).split(" ")
+            assert row[:at] == q + want[: at - len(q)]  # the prompt and the answer up to the cut, as written
+            written = tok.decode(row[len(q) : at]).split(" ")
             b = messages[-1]["content"].split(" ")[3]
             assert len(written[-1]) == 3 and (row[at] == EOS) == (written[-1] == b)
             assert row[at] == EOS or tok.decode([row[at]]) == " "

@@ -17,15 +17,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlx.utils import tree_flatten
-
 from fixtures import Spec, reply, write_checkpoint
+from mlx.utils import tree_flatten
 
 HERE = Path(__file__).parent
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
-pytestmark = [pytest.mark.slow,  # every test launches processes
-              pytest.mark.skipif(not LAUNCH.exists() and shutil.which("mlx.launch") is None,
-                                 reason="mlx.launch is not installed (it comes with mlx)")]
+pytestmark = [
+    pytest.mark.slow,  # every test launches processes
+    pytest.mark.skipif(
+        not LAUNCH.exists() and shutil.which("mlx.launch") is None,
+        reason="mlx.launch is not installed (it comes with mlx)",
+    ),
+]
 
 DECODE = {  # few forwards: each costs several collectives
     "exact": dict(mode="exact", max_tokens=16, block_length=16, steps_per_block=8, temperature=0.0),
@@ -39,10 +42,29 @@ REQUESTS = [(f"reverse {w}", " " + w[::-1]) for w in ("ab", "cat", "dog", "moon"
 GENERATE = ["--prompt", "reverse ab", "--mode", "exact", "--max-tokens", "16", "--block-length", "16", "--json"]
 CHAT = ["chat", "--mode", "fast", "--max-tokens", "16", "--block-length", "16"]
 CHAT_IN = "reverse ab\nsort 3 1 2\n/quit\n"
-BENCH = ["bench", "--shape", "tiny", "--gen-length", "16", "--block-length", "16", "--modes", "exact,fast",
-         "--prompt-lengths", "8,12"]
-SAME = ("mode", "gen_length", "prompt_tokens", "block_refresh", "nfe", "output_tokens", "tokens_crc32",
-        "processed_per_output_token")
+BENCH = [
+    "bench",
+    "--shape",
+    "tiny",
+    "--gen-length",
+    "16",
+    "--block-length",
+    "16",
+    "--modes",
+    "exact,fast",
+    "--prompt-lengths",
+    "8,12",
+]
+SAME = (
+    "mode",
+    "gen_length",
+    "prompt_tokens",
+    "block_refresh",
+    "nfe",
+    "output_tokens",
+    "tokens_crc32",
+    "processed_per_output_token",
+)
 
 
 def launch(plan: dict, tmp: Path, seconds: int, env=None):
@@ -51,9 +73,23 @@ def launch(plan: dict, tmp: Path, seconds: int, env=None):
     (tmp / "plan.json").write_text(json.dumps(plan))
     exe = str(LAUNCH) if LAUNCH.exists() else shutil.which("mlx.launch")
     t0 = time.perf_counter()
-    p = subprocess.run([exe, "--backend", "ring", "-n", "2", "--python", sys.executable, str(HERE / "dist_worker.py"),
-                        str(tmp / "plan.json")], capture_output=True, text=True, timeout=seconds,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(
+        [
+            exe,
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--python",
+            sys.executable,
+            str(HERE / "dist_worker.py"),
+            str(tmp / "plan.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+        env={**os.environ, **(env or {})},
+    )
     return p, time.perf_counter() - t0
 
 
@@ -80,8 +116,10 @@ def launched(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dist")
     q = dict(quantize=True, q_group_size=32)  # o_proj's 64 inputs split in two: whole groups of 32
-    models = {"illada": mlx_dir(tmp, "illada", Spec()),
-              "llada": mlx_dir(tmp, "llada", Spec(layout="llada", tied=False, seed=1))}
+    models = {
+        "illada": mlx_dir(tmp, "illada", Spec()),
+        "llada": mlx_dir(tmp, "llada", Spec(layout="llada", tied=False, seed=1)),
+    }
     models["illada_q"] = mlx_dir(tmp, "illada_q", Spec(), **q)
     models["llada_q"] = mlx_dir(tmp, "llada_q", Spec(layout="llada", tied=False, seed=1), **q)
     kv1 = mlx_dir(tmp, "kv1", Spec(kv_heads=1, seed=2))
@@ -93,22 +131,45 @@ def launched(tmp_path_factory):
     out.mkdir()
     bench_json, compare_json, data = tmp / "bench2.json", tmp / "compare2.json", tmp / "items.jsonl"
     data.write_text("".join(json.dumps({"prompt": c, "answer": a}) + "\n" for c, a in REQUESTS[:5]))
-    compare = ["eval", "--compare", models["illada"], models["illada_q"], "--data", str(data), "--mc-num", "4",
-               "--batch-size", "2"]
-    plan = {"mode": "checks", "out": str(out), "chunk_forwards": CHUNK_FORWARDS, "models": models, "ids": IDS,
-            "prompt": PROMPT, "decode": DECODE,
-            "kv1": kv1, "nan": nan, "mismatch": [models["illada"], models["illada_q"]], "dp_model": models["illada"],
-            "requests": REQUESTS,
-            "commands": {"generate": ["generate", "--model", models["illada"], *GENERATE],
-                         "bench": [*BENCH, "--json", str(bench_json)],
-                         "heads": ["generate", "--model", kv1, "-p", "hi"],
-                         "stdin": ["generate", "--model", models["illada"], "--prompt", "-"],
-                         "chat": [*CHAT, "--model", models["illada"]],
-                         "compare": [*compare, "--json", str(compare_json)]},
-            "inputs": {"chat": CHAT_IN}}
+    compare = [
+        "eval",
+        "--compare",
+        models["illada"],
+        models["illada_q"],
+        "--data",
+        str(data),
+        "--mc-num",
+        "4",
+        "--batch-size",
+        "2",
+    ]
+    plan = {
+        "mode": "checks",
+        "out": str(out),
+        "chunk_forwards": CHUNK_FORWARDS,
+        "models": models,
+        "ids": IDS,
+        "prompt": PROMPT,
+        "decode": DECODE,
+        "kv1": kv1,
+        "nan": nan,
+        "mismatch": [models["illada"], models["illada_q"]],
+        "dp_model": models["illada"],
+        "requests": REQUESTS,
+        "commands": {
+            "generate": ["generate", "--model", models["illada"], *GENERATE],
+            "bench": [*BENCH, "--json", str(bench_json)],
+            "heads": ["generate", "--model", kv1, "-p", "hi"],
+            "stdin": ["generate", "--model", models["illada"], "--prompt", "-"],
+            "chat": [*CHAT, "--model", models["illada"]],
+            "compare": [*compare, "--json", str(compare_json)],
+        },
+        "inputs": {"chat": CHAT_IN},
+    }
     p, seconds = launch(plan, tmp, 240)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else None
-             for r in range(2)]
+    ranks = [
+        json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else None for r in range(2)
+    ]
     assert ranks[0] and ranks[1], f"a rank wrote nothing: {p.stdout[-2000:]} {p.stderr[-2000:]}"
 
     one = {}
@@ -116,9 +177,11 @@ def launched(tmp_path_factory):
         model, tok = load(path)
         from dist_worker import logits_of
 
-        one[name] = {"logits": logits_of(model, IDS),
-                     "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
-                     **{mode: reply(model, tok, PROMPT, **s)[1] for mode, s in DECODE.items()}}
+        one[name] = {
+            "logits": logits_of(model, IDS),
+            "param_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+            **{mode: reply(model, tok, PROMPT, **s)[1] for mode, s in DECODE.items()},
+        }
     import illada_mlx.likelihood
 
     old, illada_mlx.likelihood.CHUNK_FORWARDS = illada_mlx.likelihood.CHUNK_FORWARDS, CHUNK_FORWARDS
@@ -129,9 +192,11 @@ def launched(tmp_path_factory):
 
     one["data"] = {
         "loglikelihood": [list(x) for x in lm.loglikelihood([Request(c, a) for c, a in REQUESTS], disable_tqdm=True)],
-        "generate_until": lm.generate_until([Request(c, {"until": ["\n"], "max_gen_toks": 16})
-                                             for c, _ in REQUESTS[:3]], disable_tqdm=True),
-        "rolling": lm.loglikelihood_rolling([Request(c + a) for c, a in REQUESTS[:3]], disable_tqdm=True)}
+        "generate_until": lm.generate_until(
+            [Request(c, {"until": ["\n"], "max_gen_toks": 16}) for c, _ in REQUESTS[:3]], disable_tqdm=True
+        ),
+        "rolling": lm.loglikelihood_rolling([Request(c + a) for c, a in REQUESTS[:3]], disable_tqdm=True),
+    }
     r = CliRunner().invoke(main, ["generate", "--model", models["illada"], *GENERATE])
     one["generate"] = json.loads(r.stdout)
     one["chat"] = CliRunner().invoke(main, [*CHAT, "--model", models["illada"]], input=CHAT_IN).stdout
@@ -293,10 +358,27 @@ def test_serve_on_two_ranks_answers_as_one_process_and_ends_with_the_server(tmp_
     cli = Path(sys.executable).parent / "illada-mlx"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:  # --port, not -p (mlx.launch's own); no --host (an abbreviation of its --hosts)
-        p = subprocess.Popen([exe, "--backend", "ring", "-n", "2", "--python", sys.executable,
-                              str(cli if cli.exists() else shutil.which("illada-mlx")), "serve", "--model", path,
-                              "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "ILLADA_DIST_TIMEOUT": str(watchdog)})
+        p = subprocess.Popen(
+            [
+                exe,
+                "--backend",
+                "ring",
+                "-n",
+                "2",
+                "--python",
+                sys.executable,
+                str(cli if cli.exists() else shutil.which("illada-mlx")),
+                "serve",
+                "--model",
+                path,
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "ILLADA_DIST_TIMEOUT": str(watchdog)},
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=60) as http:
@@ -317,12 +399,19 @@ def test_serve_on_two_ranks_answers_as_one_process_and_ends_with_the_server(tmp_
 
             r = ask(temperature=0.0)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
-            chunks = [json.loads(x[6:]) for x in ask(stream=True, temperature=0.8, seed=3).text.split("\n\n")
-                      if x.startswith("data: {")]
+            chunks = [
+                json.loads(x[6:])
+                for x in ask(stream=True, temperature=0.8, seed=3).text.split("\n\n")
+                if x.startswith("data: {")
+            ]
             sampled = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
             assert sampled == one(max_tokens=16, temperature=0.8, seed=3)
-            long = {"messages": MESSAGES, "max_tokens": 480, "stream": True,  # 60 blocks: left after one step
-                    "diffusion": {**SERVE, "steps": True}}
+            long = {
+                "messages": MESSAGES,
+                "max_tokens": 480,
+                "stream": True,  # 60 blocks: left after one step
+                "diffusion": {**SERVE, "steps": True},
+            }
             with http.stream("POST", f"{url}/v1/chat/completions", json=long) as s:
                 next(x for x in s.iter_lines() if '"diffusion"' in x)
             r = ask(temperature=0.0)  # the ranks are still in step

@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fixtures import reply
+
 from illada_mlx.engine import generate_text, stream_generate
 from illada_mlx.text import ReplyText
 
@@ -45,8 +45,17 @@ def test_decoding_work_is_linear_in_the_reply(demo):
     model, tok = demo
     counting = CountingTokenizer(tok)
     msgs = [{"role": "user", "content": "count 145 to 190"}]
-    text, tokens, last = reply(model, counting, msgs, mode="variable", max_tokens=96, block_length=8,
-                               steps_per_block=8, stop=("@@",), logits_eos_inf=True)
+    text, tokens, last = reply(
+        model,
+        counting,
+        msgs,
+        mode="variable",
+        max_tokens=96,
+        block_length=8,
+        steps_per_block=8,
+        stop=("@@",),
+        logits_eos_inf=True,
+    )
     assert last.stats.blocks >= 3 and len(tokens) >= 17
     assert counting.tokens_decoded <= 2 * len(tokens)
     assert text == tok.decode(tokens)  # the streamed text is the whole reply's text
@@ -60,12 +69,18 @@ def test_stream_yields_one_response_per_block_and_a_final_one(demo):
     assert all(r.finish_reason is None for r in blocks) and last.finish_reason == "stop"
     assert len(blocks) == last.stats.blocks and [r.blocks_done for r in blocks] == list(range(1, len(blocks) + 1))
     assert last.generation_tokens == sum(len(r.tokens) for r in rs) == last.stats.output_tokens
-    assert last.prompt_tokens == len(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                        tokenize=False), add_special_tokens=False))
+    assert last.prompt_tokens == len(
+        tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    )
     assert last.prompt_tps > 0 and last.peak_memory > 0 and last.forwards == last.stats.nfe
     assert "".join(r.text for r in rs) == "1 2 3 4 7 9"
     # what ran: the spec after defaults
-    assert (last.spec.mode, last.spec.max_tokens, last.spec.block_length, last.spec.cache) == ("variable", 64, 4, "none")
+    assert (last.spec.mode, last.spec.max_tokens, last.spec.block_length, last.spec.cache) == (
+        "variable",
+        64,
+        4,
+        "none",
+    )
 
 
 def test_python_api_trims_a_default_budget_like_the_cli(demo):
@@ -103,8 +118,9 @@ def test_reply_text_cuts_at_stop_strings_and_holds_back_a_partial_one(demo):
 def test_generate_text_takes_token_ids_text_or_messages(demo):
     model, tok = demo
     msgs = [{"role": "user", "content": "reverse abc"}]
-    ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)
+    ids = tok.encode(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
     text = tok.decode(ids)
     got = {generate_text(model, tok, p, mode="fast", max_tokens=32) for p in (msgs, ids, text)}
     assert got == {"cba"}

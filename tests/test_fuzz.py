@@ -12,45 +12,87 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fixtures import Spec, deadline, write_checkpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fixtures import Spec, deadline, write_checkpoint
 from illada_mlx.config import IlladaError
 from illada_mlx.load import load
 from illada_mlx_convert import convert
 
 pytestmark = pytest.mark.slow  # many mutated checkpoints, each converted and loaded
 
-SETTINGS = settings(max_examples=60, deadline=timedelta(seconds=30), derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=timedelta(seconds=30),
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 PER_EXAMPLE_S = 60
 DELETE = object()
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
     st.sampled_from([0, 1, -1, 2, 3, 4, 7, 64, 10**7, 2**31, 2**63, 10**400, -(10**400)]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 rope = st.fixed_dictionaries({"type": st.sampled_from(["linear", "default", "yarn", 5, None]), "factor": scalars})
-CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-               "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
-               "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-               "head_dim", "layer_norm_eps", "mask_token_id", "eot_token_id", "architectures", "model_type",
-               "quantization", "illada_mlx_format", "source_layout", "d_model", "n_layers"]
-config_changes = st.dictionaries(st.sampled_from(CONFIG_KEYS), st.one_of(values, rope, st.just(DELETE)),
-                                 min_size=1, max_size=3)
+CONFIG_KEYS = [
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "head_dim",
+    "layer_norm_eps",
+    "mask_token_id",
+    "eot_token_id",
+    "architectures",
+    "model_type",
+    "quantization",
+    "illada_mlx_format",
+    "source_layout",
+    "d_model",
+    "n_layers",
+]
+config_changes = st.dictionaries(
+    st.sampled_from(CONFIG_KEYS), st.one_of(values, rope, st.just(DELETE)), min_size=1, max_size=3
+)
 DTYPES = st.sampled_from(["F16", "BF16", "F32", "F64", "I32", "I64", "U8", "BOOL", "U32", "F8_E4M3", ""])
 header_changes = st.one_of(
-    st.tuples(st.just("field"), st.integers(0, 100), st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
-              st.one_of(values, DTYPES, st.just(DELETE))),
+    st.tuples(
+        st.just("field"),
+        st.integers(0, 100),
+        st.sampled_from(["dtype", "shape", "data_offsets", "extra"]),
+        st.one_of(values, DTYPES, st.just(DELETE)),
+    ),
     st.tuples(st.just("whole"), values),
     st.tuples(st.just("length"), st.integers(0, 2**64 - 1)),
-    st.tuples(st.just("bytes"), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
-                                         max_size=4)),
+    st.tuples(
+        st.just("bytes"), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)
+    ),
 )
-
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +117,7 @@ def apply_config(path: Path, changes: dict):
 def apply_header(shard: Path, change):
     data = shard.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
     kind = change[0]
     if kind == "field":
         _, i, field, value = change
@@ -131,8 +173,10 @@ def test_mutated_configs_convert_or_refuse(base, changes):
 
 
 @SETTINGS
-@given(change=header_changes, shard=st.sampled_from(["model-00001-of-00002.safetensors",
-                                                     "model-00002-of-00002.safetensors"]))
+@given(
+    change=header_changes,
+    shard=st.sampled_from(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+)
 def test_mutated_headers_convert_or_refuse(base, change, shard):
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "hf"

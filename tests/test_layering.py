@@ -20,7 +20,9 @@ def imported_modules(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
-                "import_module", "__import__"):
+            "import_module",
+            "__import__",
+        ):
             names.update(a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str))
     return names
 
@@ -36,15 +38,22 @@ def f():
     'illada_mlx_convert is only named in this string'
 """
     tree = ast.parse(source)
-    assert imported_modules(tree) == {"illada_mlx_convert.converter", "illada_mlx_convert", "illada_mlx_convert.demo",
-                                      "illada_mlx_convert.cli"}
+    assert imported_modules(tree) == {
+        "illada_mlx_convert.converter",
+        "illada_mlx_convert",
+        "illada_mlx_convert.demo",
+        "illada_mlx_convert.cli",
+    }
 
 
 def test_library_modules_do_not_import_the_converter():
     files = [f for f in sorted(LIBRARY.rglob("*.py")) if f.name not in COMPOSITION_ROOT or f.parent != LIBRARY]
     assert len(files) > 10
-    offenders = [str(f.relative_to(LIBRARY)) for f in files
-                 if any(m.split(".")[0] == "illada_mlx_convert" for m in imported_modules(ast.parse(f.read_text())))]
+    offenders = [
+        str(f.relative_to(LIBRARY))
+        for f in files
+        if any(m.split(".")[0] == "illada_mlx_convert" for m in imported_modules(ast.parse(f.read_text())))
+    ]
     assert offenders == []
 
 
@@ -52,6 +61,7 @@ def test_neither_the_library_nor_the_converter_imports_training():
     # training/ (the demo model's trainer and yardstick) is a lab: the runtime never depends on it
     converter = Path(illada_mlx.__file__).parents[1] / "convert"
     files = sorted(LIBRARY.rglob("*.py")) + sorted(converter.rglob("*.py"))
-    offenders = [f.name for f in files
-                 if any(m.split(".")[0] == "training" for m in imported_modules(ast.parse(f.read_text())))]
+    offenders = [
+        f.name for f in files if any(m.split(".")[0] == "training" for m in imported_modules(ast.parse(f.read_text())))
+    ]
     assert len(files) > 10 and offenders == []

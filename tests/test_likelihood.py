@@ -2,10 +2,10 @@
 oracle.official_greedy), on tiny checkpoints of both layouts."""
 
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 from fixtures import Spec
+
 from illada_mlx.config import ContextError, IlladaError
 from illada_mlx.likelihood import draw_masks, greedy_answers, greedy_check, log_likelihood, log_likelihoods
 from illada_mlx.load import load

@@ -2,10 +2,10 @@
 
 import mlx.core as mx
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 from fixtures import Spec
+
 from illada_mlx.cache import BlockCache
 from illada_mlx.load import load
 
@@ -83,7 +83,6 @@ def test_cached_window_equals_full_forward_on_unchanged_canvas(loaded):
         np.testing.assert_allclose(win, full[:, lo:hi], rtol=1e-4, atol=1e-4)
 
 
-
 def test_scattered_positions_forward_equals_full_forward(loaded):
     """The token cache's step: queries at any positions (unordered, repeated), their keys/values written
     over the cache's. Unchanged canvas: exact at those positions. Every position rerun with new tokens:
@@ -96,13 +95,15 @@ def test_scattered_positions_forward_equals_full_forward(loaded):
     valid = np.ones((2, 12))
     valid[1, :3] = 0  # a left-padded row
     kv = mx.array(valid)
-    for ids, at in ((old, np.array([[7, 2, 7, 11], [10, 4, 5, 4]])),
-                    (new, np.stack([rng.permutation(12), rng.permutation(12)]))):
+    for ids, at in (
+        (old, np.array([[7, 2, 7, 11], [10, 4, 5, 4]])),
+        (new, np.stack([rng.permutation(12), rng.permutation(12)])),
+    ):
         cache = BlockCache()
         model(mx.array(old), attention_mask=kv, cache=cache)
         toks = np.take_along_axis(ids, at, axis=1)
         out = np.array(model(mx.array(toks), attention_mask=kv, cache=cache, offset=mx.array(at)))
         for r in range(2):
-            ref = oracle.forward(params, ids[r:r + 1, 3 * r:], spec.heads, spec.kv_heads, spec.theta, spec.eps)[0]
+            ref = oracle.forward(params, ids[r : r + 1, 3 * r :], spec.heads, spec.kv_heads, spec.theta, spec.eps)[0]
             keep = at[r] >= 3 * r  # a padded query's output is ignored
             assert rel(out[r][keep], ref[at[r][keep] - 3 * r]) <= 1e-4

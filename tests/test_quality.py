@@ -43,8 +43,7 @@ def test_exact_mode_recalls_values(exact):
 def test_left_to_right_row_decodes_one_token_block_at_a_time(demo):
     # the yardstick's AR-order row: 32 one-token blocks of one step each. On the tasks the model answers
     # from the prompt in one forward it scores like low-confidence remasking (bench: 94-100% on both)
-    l2r = evaluate(*demo, [it for it in ITEMS if it[0] in ("add", "sort", "reverse")], "exact_left_to_right",
-                   batch=24)
+    l2r = evaluate(*demo, [it for it in ITEMS if it[0] in ("add", "sort", "reverse")], "exact_left_to_right", batch=24)
     assert l2r["forwards"] == 32 and l2r["output_tokens"] > 0
     assert all(v >= 5 / 6 for v in l2r["per_task"].values()), l2r
 
@@ -133,10 +132,13 @@ def test_exact_mode_answers_on_a_longer_fixed_canvas(demo, max_tokens):
         assert r.stats.nfe == max_tokens and text.strip() == answer, (prompt, text)
 
 
-@pytest.mark.parametrize("flag,value,said,listed", [
-    ("--recipe", "mixed_9_9", "unknown recipe(s) ['mixed_9_9']", "mixed_4_8"),
-    ("--q-mode", "affine", "unknown 4-bit mode(s) ['affine']", "mxfp4,nvfp4"),
-])
+@pytest.mark.parametrize(
+    "flag,value,said,listed",
+    [
+        ("--recipe", "mixed_9_9", "unknown recipe(s) ['mixed_9_9']", "mixed_4_8"),
+        ("--q-mode", "affine", "unknown 4-bit mode(s) ['affine']", "mxfp4,nvfp4"),
+    ],
+)
 def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, listed):
     # --recipe NAME scores a mixed-precision conversion, --q-mode MODE a 4-bit float-format one (the affine
     # 4-bit row is always there); a name that is not one of them is refused before any work
@@ -144,8 +146,12 @@ def test_quality_script_refuses_an_unknown_recipe_or_mode(flag, value, said, lis
     import sys
 
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    r = subprocess.run([sys.executable, str(script), flag, value, "--json", "/nonexistent/q.json"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(script), flag, value, "--json", "/nonexistent/q.json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and said in r.stderr and listed in r.stderr
     assert "Traceback" not in r.stderr
 

@@ -21,9 +21,13 @@ def rehearse():
 
 def test_the_8b_shapes_have_the_released_parameter_counts(rehearse):
     # counts from the released checkpoints (issue 33): iLLaDA-8B and LLaDA-8B, every tensor
-    counts = {layout: sum(int.__mul__(*s) if len(s) == 2 else s[0]
-                          for s in rehearse.tensor_shapes(layout, rehearse.SIZES["8b"][layout]).values())
-              for layout in ("illada", "llada")}
+    counts = {
+        layout: sum(
+            int.__mul__(*s) if len(s) == 2 else s[0]
+            for s in rehearse.tensor_shapes(layout, rehearse.SIZES["8b"][layout]).values()
+        )
+        for layout in ("illada", "llada")
+    }
     assert counts == {"illada": 7_615_025_152, "llada": 8_015_581_184}
 
 
@@ -38,15 +42,23 @@ def test_a_tiny_rehearsal_runs_every_stage(rehearse, tmp_path, capsys):
     rehearse.main(["--size", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["layout"], r["stage"], r["recipe"]) for r in rows] == [
-        (lay, stage, rec) for lay in ("illada", "llada") for stage, rec in
-        [("write", "bf16 source"), ("convert", "4bit"), ("load + decode", "4bit"), ("convert", "mixed_4_8"),
-         ("load + decode", "mixed_4_8")]]
+        (lay, stage, rec)
+        for lay in ("illada", "llada")
+        for stage, rec in [
+            ("write", "bf16 source"),
+            ("convert", "4bit"),
+            ("load + decode", "4bit"),
+            ("convert", "mixed_4_8"),
+            ("load + decode", "mixed_4_8"),
+        ]
+    ]
     for r in rows:
         assert r["wall_s"] > 0 and r["peak_rss_bytes"] > 0
         if r["stage"] == "write":
             s = rehearse.SIZES["tiny"][r["layout"]]
-            assert r["parameters"] == sum(int.__mul__(*x) if len(x) == 2 else x[0]
-                                          for x in rehearse.tensor_shapes(r["layout"], s).values())
+            assert r["parameters"] == sum(
+                int.__mul__(*x) if len(x) == 2 else x[0] for x in rehearse.tensor_shapes(r["layout"], s).values()
+            )
             assert r["bytes"] > 2 * r["parameters"]  # bf16 + the headers
         if r["stage"] == "convert":
             assert 4 < r["bits_per_weight"] < 9

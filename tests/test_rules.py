@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from illada_mlx.kernels import candidates_reference
-from illada_mlx.rules import (commit_entropy, commit_error, commit_factor, commit_threshold, commit_topk,
-                              transfer_counts)
+from illada_mlx.rules import commit_entropy, commit_error, commit_factor, commit_threshold, commit_topk, transfer_counts
 
 NEG = -np.inf
 

@@ -17,8 +17,8 @@ import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
-
 from fixtures import Spec, deadline, write_checkpoint
+
 from illada_mlx.cache import CACHES
 from illada_mlx.cli import main
 from illada_mlx.config import IlladaError
@@ -212,8 +212,18 @@ def wait_stopped(proc, timeout=120):
 def killed_run(src, dst: Path, point: str, sig: int, force: bool):
     """Run `illada-mlx convert` in a subprocess, stop it at `point`, send `sig`; returns (rc, stderr)."""
     env = {**os.environ, "ILLADA_MLX_CONVERT_STOP_AT": point}
-    cmd = [sys.executable, "-m", "illada_mlx", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
-           "--max-shard-size", "0.00004"] + (["--force"] if force else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "illada_mlx",
+        "convert",
+        "--hf-path",
+        str(src),
+        "--mlx-path",
+        str(dst),
+        "--max-shard-size",
+        "0.00004",
+    ] + (["--force"] if force else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     wait_stopped(proc)
     os.kill(proc.pid, sig)
@@ -223,8 +233,9 @@ def killed_run(src, dst: Path, point: str, sig: int, force: bool):
     return proc.returncode, err.decode()
 
 
-KILLS = [(sig, point) for sig in ("SIGTERM", "SIGKILL") for point in ("shard", "written", "swapping")] + \
-    [("SIGHUP", "written")]  # SIGHUP takes SIGTERM's path
+KILLS = [(sig, point) for sig in ("SIGTERM", "SIGKILL") for point in ("shard", "written", "swapping")] + [
+    ("SIGHUP", "written")
+]  # SIGHUP takes SIGTERM's path
 
 
 @pytest.mark.parametrize("sig,point", KILLS, ids=[f"{s}-{p}" for s, p in KILLS])
@@ -340,8 +351,9 @@ def test_a_tokenizer_file_linking_out_of_the_source_is_refused(own, tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model-00001-of-00002.safetensors",
-                                  "model.safetensors.index.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "tokenizer.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"]
+)
 def test_any_file_linking_out_of_the_source_is_refused(name, own, tmp_path):
     outside = tmp_path / f"outside-{name}"
     (own / name).rename(outside)
@@ -357,8 +369,10 @@ def test_a_symlink_inside_the_source_is_followed(own, tmp_path):
     out = tmp_path / "out"
     r = run_convert("--hf-path", own, "--mlx-path", out)
     assert r.exit_code == 0, r.output
-    assert not (out / "tokenizer.json").is_symlink() and (out / "tokenizer.json").read_bytes() == \
-        (own / "tok-real.json").read_bytes()
+    assert (
+        not (out / "tokenizer.json").is_symlink()
+        and (out / "tokenizer.json").read_bytes() == (own / "tok-real.json").read_bytes()
+    )
 
 
 def test_a_hub_snapshot_linking_into_its_blobs_is_read(src, tmp_path):
@@ -382,9 +396,16 @@ def test_index_entries_must_name_files_in_the_source(entry, own, tmp_path):
     one_error_line(run_convert("--hf-path", own, "--mlx-path", tmp_path / "out"), "fix the index")
 
 
-
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
-                                  "model-00002-of-00002.safetensors", "model.safetensors.index.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ],
+)
 def test_a_fifo_in_the_source_is_refused_without_hanging(name, own, tmp_path):
     (own / name).unlink()
     os.mkfifo(own / name)
@@ -465,9 +486,11 @@ def test_bad_config_values_are_one_line(case, own, tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-LLADA_CONFIGS = {"weight_tying_string": ({"weight_tying": "yes"}, "weight_tying"),
-                 "n_heads_missing": ({"n_heads": None}, "n_heads"),
-                 "d_model_list": ({"d_model": [64]}, "hidden_size")}
+LLADA_CONFIGS = {
+    "weight_tying_string": ({"weight_tying": "yes"}, "weight_tying"),
+    "n_heads_missing": ({"n_heads": None}, "n_heads"),
+    "d_model_list": ({"d_model": [64]}, "hidden_size"),
+}
 
 
 @pytest.mark.parametrize("case", list(LLADA_CONFIGS))
@@ -547,8 +570,9 @@ def test_corrupt_safetensors_headers_are_one_line(case, own, tmp_path):
     one_error_line(run_convert("--hf-path", own, "--mlx-path", tmp_path / "out"), needle)
 
 
-@pytest.mark.parametrize("dtype,needle", [(np.float64, "F64"), (np.int32, "I32"), (np.bool_, "BOOL"),
-                                          (np.int64, "I64"), (np.uint8, "U8")])
+@pytest.mark.parametrize(
+    "dtype,needle", [(np.float64, "F64"), (np.int32, "I32"), (np.bool_, "BOOL"), (np.int64, "I64"), (np.uint8, "U8")]
+)
 def test_only_float_weights_are_converted(dtype, needle, own, tmp_path):
     def cast(t):
         k = next(iter(t))
@@ -589,9 +613,15 @@ def test_a_float16_overflow_is_refused(own, tmp_path):
     assert run_convert("--hf-path", own, "--mlx-path", tmp_path / "o", "--dtype", "bfloat16").exit_code == 0
 
 
-@pytest.mark.parametrize("index,needle", [(b"not json", "not valid JSON"), (b"{}", "weight_map"),
-                                          (b'{"weight_map": []}', "weight_map"),
-                                          (b'{"weight_map": {"a": 5}}', "weight_map")])
+@pytest.mark.parametrize(
+    "index,needle",
+    [
+        (b"not json", "not valid JSON"),
+        (b"{}", "weight_map"),
+        (b'{"weight_map": []}', "weight_map"),
+        (b'{"weight_map": {"a": 5}}', "weight_map"),
+    ],
+)
 def test_bad_indexes_are_one_line(index, needle, own, tmp_path):
     (own / "model.safetensors.index.json").write_bytes(index)
     one_error_line(run_convert("--hf-path", own, "--mlx-path", tmp_path / "out"), needle)
@@ -626,19 +656,33 @@ def _extra(w):
 LOAD_CASES = {
     "nan_weight": (lambda d: edit_mlx(d, _nan), "NaN or infinite values in model.norm.weight"),
     "int_weight": (lambda d: edit_mlx(d, _int), "dtype I32"),
-    "nine_unknown": (lambda d: edit_mlx(d, _extra),
-                     "9 parameters not in the model: model.extra.0.weight, model.extra.1.weight, "
-                     "model.extra.2.weight and 6 more); re-convert the model"),
-    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-10]),
-                  "truncated"),
-    "config_heads": (lambda d: (d / "config.json").write_text(
-        (d / "config.json").read_text().replace('"num_attention_heads": 4', '"num_attention_heads": "4"')),
-        "num_attention_heads"),
-    "quant_record": (lambda d: (d / "config.json").write_text(json.dumps(
-        {**json.loads((d / "config.json").read_text()), "quantization": {"bits": 7, "group_size": 64}})),
-        "quantization"),
-    "mask_outside": (lambda d: (d / "config.json").write_text(json.dumps(
-        {**json.loads((d / "config.json").read_text()), "mask_token_id": 10**6})), "outside the vocabulary"),
+    "nine_unknown": (
+        lambda d: edit_mlx(d, _extra),
+        "9 parameters not in the model: model.extra.0.weight, model.extra.1.weight, "
+        "model.extra.2.weight and 6 more); re-convert the model",
+    ),
+    "truncated": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-10]),
+        "truncated",
+    ),
+    "config_heads": (
+        lambda d: (d / "config.json").write_text(
+            (d / "config.json").read_text().replace('"num_attention_heads": 4', '"num_attention_heads": "4"')
+        ),
+        "num_attention_heads",
+    ),
+    "quant_record": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "quantization": {"bits": 7, "group_size": 64}})
+        ),
+        "quantization",
+    ),
+    "mask_outside": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "mask_token_id": 10**6})
+        ),
+        "outside the vocabulary",
+    ),
 }
 
 
@@ -748,8 +792,12 @@ def test_a_prompt_that_is_not_utf8_is_refused():
 
 
 def test_argv_bytes_that_are_not_utf8_are_refused_by_the_command():
-    res = subprocess.run([sys.executable, "-m", "illada_mlx", "generate", "-p", b"hi \xff there"],
-                         capture_output=True, timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "illada_mlx", "generate", "-p", b"hi \xff there"],
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     err = res.stderr.decode()
     assert res.returncode == 1 and err.count("\n") == 1 and err.startswith("error: --prompt is not valid UTF-8"), err
 

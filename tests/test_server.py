@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-
-from illada_mlx.load import load
 from fixtures import reply
+
 from illada_mlx.engine import generate_text
+from illada_mlx.load import load
 from illada_mlx.server import Engine, Options, make_app, make_server
 
 FAST = {"mode": "fast"}
@@ -66,23 +66,37 @@ def direct(demo, text, mode="fast", max_tokens=32):
 
 
 def test_chat_completion_non_streamed(client, demo):
-    r = client.chat.completions.create(model="illada-demo", messages=[{"role": "user", "content": "reverse abc"}],
-                                       max_tokens=32, extra_body={"diffusion": FAST})
+    r = client.chat.completions.create(
+        model="illada-demo",
+        messages=[{"role": "user", "content": "reverse abc"}],
+        max_tokens=32,
+        extra_body={"diffusion": FAST},
+    )
     text, tokens, last = direct(demo, "reverse abc")
     assert r.choices[0].message.content == text
     assert r.choices[0].finish_reason == last.finish_reason and r.usage.completion_tokens == len(tokens)
 
 
 def test_chat_completion_streamed_block_by_block(client, demo):
-    stream = client.chat.completions.create(model="illada-demo", stream=True, max_tokens=64,
-                                            messages=[{"role": "user", "content": "sort 3 1 2"}],
-                                            extra_body={"diffusion": {"mode": "variable", "block_length": 8,
-                                                                      "steps_per_block": 8}})
+    stream = client.chat.completions.create(
+        model="illada-demo",
+        stream=True,
+        max_tokens=64,
+        messages=[{"role": "user", "content": "sort 3 1 2"}],
+        extra_body={"diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     model, tok = demo
-    want, _, last = reply(model, tok, [{"role": "user", "content": "sort 3 1 2"}], mode="variable", max_tokens=64,
-                          block_length=8, steps_per_block=8)
+    want, _, last = reply(
+        model,
+        tok,
+        [{"role": "user", "content": "sort 3 1 2"}],
+        mode="variable",
+        max_tokens=64,
+        block_length=8,
+        steps_per_block=8,
+    )
     assert text == want
     assert chunks[-1].choices[0].finish_reason == last.finish_reason
     assert chunks[0].choices[0].delta.role == "assistant" and not any(c.choices[0].delta.role for c in chunks[1:])
@@ -93,8 +107,9 @@ def test_completions_endpoint_with_stop(client, demo):
     full = direct(demo, "reverse abc")[0]
     prompt = "<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n"
     stop = full[1:2] or "x"
-    r = client.completions.create(model="illada-demo", max_tokens=32, stop=[stop], prompt=prompt,
-                                  extra_body={"diffusion": FAST})
+    r = client.completions.create(
+        model="illada-demo", max_tokens=32, stop=[stop], prompt=prompt, extra_body={"diffusion": FAST}
+    )
     assert r.choices[0].text == (full[: full.find(stop)] if stop in full else full)
 
 
@@ -102,13 +117,18 @@ def test_completions_endpoint_with_stop(client, demo):
 def test_concurrent_requests_all_complete_correctly(client, demo):
     model, tok = demo
     prompts = ["reverse abc", "reverse xyz", "sort 2 1", "a=4 b=8 ; b?"]
-    expected = {p: generate_text(model, tok, [{"role": "user", "content": p}], mode="fast", max_tokens=32)
-                for p in prompts}
+    expected = {
+        p: generate_text(model, tok, [{"role": "user", "content": p}], mode="fast", max_tokens=32) for p in prompts
+    }
 
     def ask(i):
         p = prompts[i % len(prompts)]
-        r = client.chat.completions.create(model="illada-demo", max_tokens=32, extra_body={"diffusion": FAST},
-                                           messages=[{"role": "user", "content": p}])
+        r = client.chat.completions.create(
+            model="illada-demo",
+            max_tokens=32,
+            extra_body={"diffusion": FAST},
+            messages=[{"role": "user", "content": p}],
+        )
         return p, r.choices[0].message.content
 
     with ThreadPoolExecutor(20) as ex:
@@ -134,17 +154,50 @@ def test_long_prompt_without_max_tokens_gets_the_room_left(client):
 
 BAD = [
     ("POST", "/chat/completions", b"{not json", 400, "invalid_json"),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "foo": 1}), 400,
-     "unknown_field"),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "foo": 1}),
+        400,
+        "unknown_field",
+    ),
     ("POST", "/chat/completions", json.dumps({"messages": []}), 400, None),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, None),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}), 400, None),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), 400, None),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+        400,
+        None,
+    ),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}),
+        400,
+        None,
+    ),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}),
+        400,
+        None,
+    ),
     ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": 5}), 400, None),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
-                                              "diffusion": {"warp": 9}}), 400, "unknown_field"),
-    ("POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}), 400,
-     "context_length_exceeded"),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "diffusion": {"warp": 9}}),
+        400,
+        "unknown_field",
+    ),
+    (
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}),
+        400,
+        "context_length_exceeded",
+    ),
     ("POST", "/completions", json.dumps({"prompt": ""}), 400, None),
     ("POST", "/chat/completions", b"[1, 2]", 400, "invalid_json"),
     ("POST", "/chat/completions", b"x" * (1 << 20 + 1), 413, "request_too_large"),
@@ -177,8 +230,12 @@ def test_disconnecting_stream_frees_the_worker(ckpt_factory, caplog):
     model, tok = load(str(d))
     srv = Server(model, tok, "tiny")
     try:
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
-                "diffusion": {"block_length": 8, "steps_per_block": 8}}
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 480,
+            "stream": True,
+            "diffusion": {"block_length": 8, "steps_per_block": 8},
+        }
         with httpx.Client(base_url=srv.url, timeout=30) as h:
             with h.stream("POST", "/chat/completions", json=body) as r:
                 first = next(r.iter_lines())
@@ -206,21 +263,52 @@ def ask(client, messages=USER, **kw):
 
 
 def test_neutral_values_of_meaningless_fields_are_accepted(client, demo):
-    r = ask(client, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[], tool_choice="none",
-            response_format={"type": "text"}, user="u1", top_p=1, n=1, logprobs=False, seed=3, store=False,
-            metadata={"a": "b"}, parallel_tool_calls=False, stream_options=None, temperature=0)
+    r = ask(
+        client,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        user="u1",
+        top_p=1,
+        n=1,
+        logprobs=False,
+        seed=3,
+        store=False,
+        metadata={"a": "b"},
+        parallel_tool_calls=False,
+        stream_options=None,
+        temperature=0,
+    )
     assert r.choices[0].message.content == direct(demo, "reverse abc")[0]
 
 
-REFUSED = [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 10}),
-           ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-           ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("n", 99),
-           ("top_logprobs", 3), ("stream", "false"), ("top_k", -1), ("min_p", 2), ("top_p", 0),
-           ("max_tokens", True), ("stop", [1]), ("diffusion", {"think_boost": "no"}), ("diffusion", {"mode": 1}),
-           ("messages", [{"role": "tool", "content": "x"}]),
-           ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-           ("messages", [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]),
-           ("stream_options", {"include_usage": "yes"}), ("model", 5), ("warp", 9)]
+REFUSED = [
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("logit_bias", {"5": 10}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("response_format", {"type": "json_object"}),
+    ("tool_choice", "required"),
+    ("n", 99),
+    ("top_logprobs", 3),
+    ("stream", "false"),
+    ("top_k", -1),
+    ("min_p", 2),
+    ("top_p", 0),
+    ("max_tokens", True),
+    ("stop", [1]),
+    ("diffusion", {"think_boost": "no"}),
+    ("diffusion", {"mode": 1}),
+    ("messages", [{"role": "tool", "content": "x"}]),
+    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    ("messages", [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]),
+    ("stream_options", {"include_usage": "yes"}),
+    ("model", 5),
+    ("warp", 9),
+]
 
 
 @pytest.mark.parametrize("name,value", REFUSED)
@@ -233,10 +321,18 @@ def test_unsupported_values_are_refused_naming_the_field(demo_server, name, valu
     assert "\n" not in err["message"]
 
 
-@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", 1.0),
-                                        ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
-                                        ("tools", REFUSED[3][1]), ("tool_choice", "required"),
-                                        ("top_logprobs", 2)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 1.0),
+        ("logit_bias", {"5": 10}),
+        ("response_format", {"type": "json_object"}),
+        ("tools", REFUSED[3][1]),
+        ("tool_choice", "required"),
+        ("top_logprobs", 2),
+    ],
+)
 def test_the_openai_client_sees_the_refused_field(client, name, value):
     import openai
 
@@ -261,8 +357,10 @@ def direct_msgs(demo, msgs, **kw):
 def test_a_conversation_without_a_user_turn_is_a_400(client):
     import openai
 
-    for msgs in ([{"role": "system", "content": "reverse abc"}],
-                 [{"role": "developer", "content": "be brief"}, {"role": "assistant", "content": "ok"}]):
+    for msgs in (
+        [{"role": "system", "content": "reverse abc"}],
+        [{"role": "developer", "content": "be brief"}, {"role": "assistant", "content": "ok"}],
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             ask(client, messages=msgs)
         assert e.value.status_code == 400 and "no user turn" in str(e.value)
@@ -298,8 +396,10 @@ def test_sampling_without_a_cut_differs_from_greedy(client, demo):
     # a recall prompt: the demo is sure of a reversal even at T = 2, less so of which value a key has
     q = "a=1 b=2 ; a?"
     greedy = direct(demo, q)[0]
-    outs = {ask(client, [{"role": "user", "content": q}], temperature=2.0, seed=s).choices[0].message.content
-            for s in range(4)}
+    outs = {
+        ask(client, [{"role": "user", "content": q}], temperature=2.0, seed=s).choices[0].message.content
+        for s in range(4)
+    }
     assert outs != {greedy}
 
 
@@ -316,7 +416,7 @@ def test_logprobs_are_the_committed_tokens_at_their_step(client, demo):
     content = r.choices[0].logprobs.content
     ids = build_prompt(tok, USER)
     x = mx.array([ids + [model.args.mask_token_id] * 32])
-    lp = np.array(mx.log(mx.softmax(model(x).astype(mx.float32)[0, len(ids):], axis=-1)))
+    lp = np.array(mx.log(mx.softmax(model(x).astype(mx.float32)[0, len(ids) :], axis=-1)))
     tokens = direct(demo, "reverse abc")[1]
     assert len(content) == len(tokens) == r.usage.completion_tokens
     for j, (e, t) in enumerate(zip(content, tokens)):
@@ -333,10 +433,17 @@ def test_logprobs_of_a_request_decoded_alone(client):
 
 
 def test_completions_logprobs(client):
-    r = client.completions.create(model="illada-demo", prompt="<|im_start|>user\nreverse abc<|im_end|>\n"
-                                  "<|im_start|>assistant\n", max_tokens=32, logprobs=1, extra_body={"diffusion": FAST})
+    r = client.completions.create(
+        model="illada-demo",
+        prompt="<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n",
+        max_tokens=32,
+        logprobs=1,
+        extra_body={"diffusion": FAST},
+    )
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens and all(v <= 0 for v in lp.token_logprobs)
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens and all(
+        v <= 0 for v in lp.token_logprobs
+    )
 
 
 def test_health_model_card_and_created(demo_server, client):
@@ -361,8 +468,12 @@ def test_request_log_line(client, caplog):
         if any(m.startswith("POST /v1/chat/completions 200") for m in lines):
             break
         time.sleep(0.05)
-    assert any(m.startswith("POST /v1/chat/completions 200 prompt=") and f"output={r.usage.completion_tokens} "
-               in m and m.endswith(" ms") for m in lines), lines
+    assert any(
+        m.startswith("POST /v1/chat/completions 200 prompt=")
+        and f"output={r.usage.completion_tokens} " in m
+        and m.endswith(" ms")
+        for m in lines
+    ), lines
 
 
 def test_bind_refuses_a_busy_port_in_one_line():
@@ -380,8 +491,9 @@ def test_bind_refuses_a_busy_port_in_one_line():
 # ------------------------------------------------------------------------------------------ hostile input
 def raw_post(url, body: bytes, headers=None):
     with httpx.Client(base_url=url, timeout=30) as h:
-        return h.post("/chat/completions", content=body, headers={"content-type": "application/json",
-                                                                   **(headers or {})})
+        return h.post(
+            "/chat/completions", content=body, headers={"content-type": "application/json", **(headers or {})}
+        )
 
 
 CRASHES = [
@@ -414,21 +526,48 @@ def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(demo_serve
 def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo):
     rng = np.random.default_rng(0)
     base = {"model": "illada-demo", "messages": USER, "max_tokens": 8, "diffusion": {"mode": "fast"}}
-    names = sorted(set(base) | {"temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "stream", "logprobs",
-                                "top_logprobs", "presence_penalty", "logit_bias", "tools", "response_format",
-                                "stream_options", "prompt", "x"})
+    names = sorted(
+        set(base)
+        | {
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "n",
+            "stop",
+            "seed",
+            "stream",
+            "logprobs",
+            "top_logprobs",
+            "presence_penalty",
+            "logit_bias",
+            "tools",
+            "response_format",
+            "stream_options",
+            "prompt",
+            "x",
+        }
+    )
 
     def value(depth=0):
         kind = rng.integers(0, 10 if depth < 3 else 6)
-        return [lambda: None, lambda: True, lambda: int(rng.integers(-10, 10 ** 6)),
-                lambda: float(rng.normal() * 10.0 ** rng.integers(0, 30)),
-                lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))), lambda: "",
-                lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
-                lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
-                lambda: [{"role": enum(["user", "system", "developer", "assistant", "x"]), "content": value(depth + 1)}],
-                lambda: {"mode": enum(["fast", "exact", "zz"]), "cache": enum(["token", "none"]),
-                         "block_refresh": enum(["window", "full"]), "block_length": int(rng.integers(-2, 40))},
-                ][kind]()
+        return [
+            lambda: None,
+            lambda: True,
+            lambda: int(rng.integers(-10, 10**6)),
+            lambda: float(rng.normal() * 10.0 ** rng.integers(0, 30)),
+            lambda: "".join(chr(int(c)) for c in rng.integers(1, 0x2FFF, rng.integers(0, 8))),
+            lambda: "",
+            lambda: [value(depth + 1) for _ in range(rng.integers(0, 3))],
+            lambda: {str(rng.choice(names)): value(depth + 1) for _ in range(rng.integers(0, 3))},
+            lambda: [{"role": enum(["user", "system", "developer", "assistant", "x"]), "content": value(depth + 1)}],
+            lambda: {
+                "mode": enum(["fast", "exact", "zz"]),
+                "cache": enum(["token", "none"]),
+                "block_refresh": enum(["window", "full"]),
+                "block_length": int(rng.integers(-2, 40)),
+            },
+        ][kind]()
 
     def enum(names):  # an enumerated field: one of its names, or a value of another JSON type
         return [str(rng.choice(names)), [str(rng.choice(names))], {"a": 1}, 1, 2.5, True, None][rng.integers(0, 7)]
@@ -444,8 +583,11 @@ def test_fuzz_gets_no_500_and_the_server_still_answers(demo_server, client, demo
             if rng.random() < 0.2:  # the enumerated fields, each a name or a value of another JSON type
                 body["messages"] = [{"role": enum(["user", "system", "developer", "assistant"]), "content": "hi"}]
             if rng.random() < 0.2:
-                body["diffusion"] = {k: enum(v) for k, v in (("mode", ["fast"]), ("cache", ["token"]),
-                                                              ("block_refresh", ["window"])) if rng.random() < 0.5}
+                body["diffusion"] = {
+                    k: enum(v)
+                    for k, v in (("mode", ["fast"]), ("cache", ["token"]), ("block_refresh", ["window"]))
+                    if rng.random() < 0.5
+                }
             if rng.random() < 0.1:
                 body = value()
             path = "/chat/completions" if rng.random() < 0.8 else "/completions"
@@ -563,8 +705,12 @@ def test_many_idle_sockets_do_not_stop_health(tiny_model):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_over_max_request_seconds_ends_with_time_limit(short_server, stream):
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": stream,
-            "diffusion": {"block_length": 8, "steps_per_block": 8, "mode": "variable"}}
+    body = {
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 480,
+        "stream": stream,
+        "diffusion": {"block_length": 8, "steps_per_block": 8, "mode": "variable"},
+    }
     t0 = time.time()
     with httpx.Client(base_url=short_server.url, timeout=60) as h:
         r = h.post("/chat/completions", json=body)
@@ -579,8 +725,13 @@ def test_a_request_over_max_request_seconds_ends_with_time_limit(short_server, s
 # ------------------------------------------------------------------------------------------ exposure
 @pytest.fixture(scope="module")
 def locked(demo):
-    s = Server(*demo, "illada-demo", opts=Options(api_key="sekrit", allowed_hosts=("127.0.0.1", "localhost"),
-                                                  allowed_origins=("http://ok.example",)))
+    s = Server(
+        *demo,
+        "illada-demo",
+        opts=Options(
+            api_key="sekrit", allowed_hosts=("127.0.0.1", "localhost"), allowed_origins=("http://ok.example",)
+        ),
+    )
     yield s
     s.stop()
 
@@ -603,15 +754,21 @@ def test_text_plain_post_gets_415_and_a_foreign_host_400(locked):
     with httpx.Client(base_url=locked.url, timeout=30) as h:
         r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "text/plain"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
-        r = h.post("/chat/completions", content=body, headers={**auth, "content-type": "application/json",
-                                                               "host": "evil.example:8080"})
+        r = h.post(
+            "/chat/completions",
+            content=body,
+            headers={**auth, "content-type": "application/json", "host": "evil.example:8080"},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
         assert h.get("/models", headers={**auth, "host": "localhost:1234"}).status_code == 200
 
 
 def test_cors_is_off_unless_origins_are_allowed(locked, demo_server):
-    pre = {"origin": "http://ok.example", "access-control-request-method": "POST",
-           "access-control-request-headers": "content-type"}
+    pre = {
+        "origin": "http://ok.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type",
+    }
     with httpx.Client(timeout=10) as h:
         r = h.options(f"{locked.url}/chat/completions", headers=pre)
         assert r.headers.get("access-control-allow-origin") == "http://ok.example"
@@ -649,8 +806,12 @@ def test_the_default_budget_of_a_fixed_canvas_is_the_official_128(demo_server):
 
 def test_a_full_queue_answers_429(tiny_model):
     srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
-    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
-            "diffusion": {"block_length": 8, "steps_per_block": 8}}
+    long = {
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 480,
+        "stream": True,
+        "diffusion": {"block_length": 8, "steps_per_block": 8},
+    }
     short = dict(long, stream=False, max_tokens=8)
     ex = ThreadPoolExecutor(1)
     try:
@@ -675,8 +836,12 @@ def test_a_queued_request_whose_client_left_does_not_hold_a_queue_place(tiny_mod
     # max_queue 1: a queued stream whose client closed leaves its place to the next request at once, though
     # the worker (mid-block in a long decode) has not come to it yet
     srv = Server(*tiny_model, "tiny", max_queue=1, max_batch=1)
-    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True,
-            "diffusion": {"block_length": 240, "steps_per_block": 240}}
+    long = {
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 480,
+        "stream": True,
+        "diffusion": {"block_length": 240, "steps_per_block": 240},
+    }
     short = dict(long, stream=False, max_tokens=8, diffusion={"block_length": 8, "steps_per_block": 8})
     ex = ThreadPoolExecutor(1)
     try:
@@ -709,7 +874,7 @@ def test_a_client_gone_mid_body_is_one_line(demo_server, caplog):
 
     caplog.set_level(logging.INFO)
     with socket.create_connection(("127.0.0.1", demo_server.port)) as s:
-        s.sendall(HEAD + b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+        s.sendall(HEAD + b'Content-Length: 1000\r\n\r\n{"messages": ')
     time.sleep(1.0)
     with httpx.Client(base_url=demo_server.url, timeout=10) as h:
         assert h.get("/models").status_code == 200
@@ -780,8 +945,9 @@ def test_allowed_hosts_star_means_any_and_a_list_of_nothing_is_refused():
     assert guard._refuse(scope).code == "invalid_host"
 
 
-@pytest.mark.parametrize("key,env", [("", None), (None, ""), ("has space", None), ("line\nbreak", None),
-                                     ("clé", None), ("tab\t", None)])
+@pytest.mark.parametrize(
+    "key,env", [("", None), (None, ""), ("has space", None), ("line\nbreak", None), ("clé", None), ("tab\t", None)]
+)
 def test_serve_refuses_an_api_key_no_client_can_send(key, env, monkeypatch):
     from click.testing import CliRunner
 
@@ -790,7 +956,9 @@ def test_serve_refuses_an_api_key_no_client_can_send(key, env, monkeypatch):
     monkeypatch.delenv("ILLADA_MLX_API_KEY", raising=False)
     if env is not None:
         monkeypatch.setenv("ILLADA_MLX_API_KEY", env)
-    r = CliRunner().invoke(main, ["serve", "--port", str(_free_port())] + (["--api-key", key] if key is not None else []))
+    r = CliRunner().invoke(
+        main, ["serve", "--port", str(_free_port())] + (["--api-key", key] if key is not None else [])
+    )
     assert r.exit_code == 1 and r.output.startswith("error: --api-key") and r.output.count("\n") == 1, r.output
 
 
@@ -841,8 +1009,12 @@ def test_a_request_whose_client_left_stops_within_a_step(ckpt_factory, mode, str
     calls = _counting(model)
     srv = Server(model, tok, "tiny")
     try:
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 256, "stream": stream,
-                "diffusion": {"mode": mode, "block_length": 256, "steps_per_block": 256}}
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 256,
+            "stream": stream,
+            "diffusion": {"mode": mode, "block_length": 256, "steps_per_block": 256},
+        }
         with httpx.Client(base_url=srv.url, timeout=30) as h:
             if stream:
                 with h.stream("POST", "/chat/completions", json=body) as r:
@@ -871,8 +1043,9 @@ def test_diffusion_stats_say_only_what_was_measured(demo_server):
     # a batched reply (fast) and one decoded alone (exact): no figure is a zero or 1/0 standing for "unknown"
     with httpx.Client(base_url=demo_server.url, timeout=60) as h:
         batched = h.post("/chat/completions", json={"messages": USER, "diffusion": FAST}).json()["diffusion_stats"]
-        alone = h.post("/chat/completions", json={"messages": USER, "diffusion": {"mode": "exact"},
-                                                  "max_tokens": 32}).json()["diffusion_stats"]
+        alone = h.post(
+            "/chat/completions", json={"messages": USER, "diffusion": {"mode": "exact"}, "max_tokens": 32}
+        ).json()["diffusion_stats"]
     for st in (batched, alone):
         assert st["nfe"] > 0 and st["output_tokens"] > 0 and 0 < st["peak_memory_bytes"] < 2**40
         assert st["prompt_tps"] is None or 0 < st["prompt_tps"] < 1e8
@@ -883,8 +1056,14 @@ def test_diffusion_stats_say_only_what_was_measured(demo_server):
 @pytest.mark.parametrize("stream", [False, True])
 def test_completions_text_offset_points_at_each_token(demo_server, stream):
     prompt = "<|im_start|>user\nreverse abcdef<|im_end|>\n<|im_start|>assistant\n"
-    body = {"prompt": prompt, "max_tokens": 64, "logprobs": 0, "stream": stream, "n": 2,
-            "diffusion": {"mode": "fast", "block_length": 4}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": 64,
+        "logprobs": 0,
+        "stream": stream,
+        "n": 2,
+        "diffusion": {"mode": "fast", "block_length": 4},
+    }
     with httpx.Client(base_url=demo_server.url, timeout=60) as h:
         r = h.post("/completions", json=body)
     texts, toks, offs = {}, {}, {}
@@ -900,14 +1079,15 @@ def test_completions_text_offset_points_at_each_token(demo_server, stream):
     for i, text in texts.items():
         assert len(offs[i]) == len(toks[i]) and offs[i][0] == 0
         for t, o in zip(toks[i], offs[i]):
-            assert text[o:o + len(t)] == t, (text, t, o)
+            assert text[o : o + len(t)] == t, (text, t, o)
 
 
 def test_completions_decode_the_prompt_as_it_is_as_the_readme_says(demo_server, client):
     # docs/server.md: the demo model answers a raw prompt with nothing, its template with the chat answer
     raw = client.completions.create(model="illada-demo", prompt="57+68=", max_tokens=64)
-    templated = client.completions.create(model="illada-demo", max_tokens=64,
-                                          prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n")
+    templated = client.completions.create(
+        model="illada-demo", max_tokens=64, prompt="<|im_start|>user\n57+68=<|im_end|>\n<|im_start|>assistant\n"
+    )
     chat = ask(client, [{"role": "user", "content": "57+68="}], max_tokens=64, extra_body={})
     assert raw.choices[0].text == "" and raw.choices[0].finish_reason == "stop"
     assert templated.choices[0].text == chat.choices[0].message.content == "125"
@@ -972,6 +1152,7 @@ def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
     body = {"max_tokens": 256, "stream": True, "diffusion": settings}
     try:
         with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=srv.url, timeout=60) as h:
+
             def read(messages):
                 text = ""
                 with h.stream("POST", "/chat/completions", json={**body, "messages": messages}) as r:
@@ -984,7 +1165,9 @@ def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
             while not rows:
                 time.sleep(0.005)
             with httpx.Client(base_url=srv.url, timeout=60) as h2:
-                with h2.stream("POST", "/chat/completions", json={**body, "messages": [{"role": "user", "content": "go"}]}) as r:
+                with h2.stream(
+                    "POST", "/chat/completions", json={**body, "messages": [{"role": "user", "content": "go"}]}
+                ) as r:
                     lines = r.iter_lines()  # held: a dropped iterator closes the response
                     next(lines)
                     t0 = time.time()

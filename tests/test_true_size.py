@@ -12,11 +12,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import oracle
 import pytest
 from click.testing import CliRunner
-
-import oracle
 from fixtures import Spec
+from test_convert import params_from_mlx_dir
+
 from illada_mlx import memory, progress
 from illada_mlx.backend import on_cpu
 from illada_mlx.cli import main
@@ -24,7 +25,6 @@ from illada_mlx.engine import stream_generate
 from illada_mlx.errors import IlladaWarning
 from illada_mlx.load import load
 from illada_mlx_convert import convert
-from test_convert import params_from_mlx_dir
 
 SPEC = Spec(seed=33, dtype="bfloat16")
 BF16_ITEM, F32_ITEM = 2, 4
@@ -73,15 +73,18 @@ def test_a_bf16_4bit_model_computes_in_float32_on_the_cpu(q4_dir, tmp_path):
     (exact / "config.json").write_bytes((q4_dir / "config.json").read_bytes())
     for f in q4_dir.glob("*.safetensors"):
         w = mx.load(str(f))
-        mx.save_safetensors(str(exact / f.name), {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating)
-                                                  else v for k, v in w.items()})
+        mx.save_safetensors(
+            str(exact / f.name),
+            {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()},
+        )
     ref = oracle.forward(params_from_mlx_dir(exact, SPEC.tied), ids, SPEC.heads, SPEC.kv_heads, SPEC.theta, SPEC.eps)
     assert np.abs(np.array(out, np.float64) - ref).max() / np.abs(ref).max() <= 1e-4
 
 
 def test_generate_reports_the_compute_dtype(q4_dir):
-    r = CliRunner().invoke(main, ["generate", "--model", str(q4_dir), "-p", "hi", "--json", "-m", "32",
-                                  "--mode", "exact"])
+    r = CliRunner().invoke(
+        main, ["generate", "--model", str(q4_dir), "-p", "hi", "--json", "-m", "32", "--mode", "exact"]
+    )
     assert r.exit_code == 0, r.output
     stats = json.loads(r.stdout.strip().splitlines()[-1])["stats"]
     assert stats["compute_dtype"] == ("float32" if on_cpu() else "bfloat16")
@@ -163,8 +166,11 @@ def test_convert_and_load_progress_in_a_log(ckpt_factory, tmp_path, monkeypatch)
     lines = r.stderr.splitlines()
     assert lines[0] == f"loading {out} (1 file(s)): {gb(out_bytes)} ..."
     assert lines[1].startswith(f"loading done: {gb(out_bytes)} in ")
-    prompt = json.loads(CliRunner().invoke(main, ["generate", "--model", str(out), "-p", "hi", "-m", "32", "--mode",
-                                                  "exact", "--json"]).stdout.splitlines()[-1])["prompt_tokens"]
+    prompt = json.loads(
+        CliRunner()
+        .invoke(main, ["generate", "--model", str(out), "-p", "hi", "-m", "32", "--mode", "exact", "--json"])
+        .stdout.splitlines()[-1]
+    )["prompt_tokens"]
     assert lines[2] == f"first forward: the prompt ({prompt} tokens) and the masks ..."
     assert lines[3].startswith(f"first forward done: {prompt + 32} positions in ")  # the fixed canvas
 
@@ -206,8 +212,13 @@ def _catches_sigterm(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to know the handler is set")
 def test_sigterm_ends_generate_with_one_line():
-    p = subprocess.Popen([sys.executable, "-m", "illada_mlx.cli", "generate", "-p", "-"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "illada_mlx.cli", "generate", "-p", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not _catches_sigterm(p.pid) and time.time() < deadline and p.poll() is None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
 
 from illada_mlx.server import Options
 from illada_mlx.spec import make_spec
-from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = Path(__file__).parent / "out"  # the browser test's screenshot (gitignored)
@@ -58,9 +58,21 @@ def test_the_page_has_an_icon_so_no_load_gets_a_404(demo):
         s.stop()
 
 
-@pytest.mark.parametrize("path", ["/static/../server.py", "/static/..%2Fserver.py", "/static/%2e%2e/server.py",
-                                  "/static/index.html", "/static/", "/static/APP.JS",
-                                  "/static/web/app.js", "/web/app.js", "/index.html", "/static/..%5Cserver.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../server.py",
+        "/static/..%2Fserver.py",
+        "/static/%2e%2e/server.py",
+        "/static/index.html",
+        "/static/",
+        "/static/APP.JS",
+        "/static/web/app.js",
+        "/web/app.js",
+        "/index.html",
+        "/static/..%5Cserver.py",
+    ],
+)
 def test_only_the_listed_files_are_served(demo_server, path):
     status, body = raw_get(demo_server.port, path)
     assert status in (400, 404) and b"import" not in body, (path, status, body[:200])
@@ -96,11 +108,14 @@ def test_defaults_are_the_model_defaults_per_mode(demo_server, demo):
 
 
 # ------------------------------------------------------------------------------------------ the step events
-@pytest.mark.parametrize("diffusion,stream,message", [
-    ({"steps": "yes"}, True, "diffusion.steps must be true or false"),
-    ({"steps": 1}, True, "diffusion.steps must be true or false"),
-    ({"steps": True}, False, "diffusion.steps needs stream: true"),
-])
+@pytest.mark.parametrize(
+    "diffusion,stream,message",
+    [
+        ({"steps": "yes"}, True, "diffusion.steps must be true or false"),
+        ({"steps": 1}, True, "diffusion.steps must be true or false"),
+        ({"steps": True}, False, "diffusion.steps needs stream: true"),
+    ],
+)
 def test_steps_option_is_checked(demo_server, diffusion, stream, message):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": stream, "diffusion": diffusion}
     with httpx.Client(base_url=demo_server.url, timeout=30) as h:
@@ -135,20 +150,28 @@ def replay(chunks, tok, spec, chat=True):
     return out
 
 
-@pytest.mark.parametrize("diffusion,n", [
-    ({"mode": "variable", "block_length": 8, "steps_per_block": 4}, 1),  # batched, several blocks
-    ({"mode": "fast", "block_length": 8}, 2),  # batched rows of one request, threshold commits
-    ({"mode": "exact", "block_length": 8, "steps_per_block": 4}, 1),  # decoded alone, a fixed canvas past EOS
-])
+@pytest.mark.parametrize(
+    "diffusion,n",
+    [
+        ({"mode": "variable", "block_length": 8, "steps_per_block": 4}, 1),  # batched, several blocks
+        ({"mode": "fast", "block_length": 8}, 2),  # batched rows of one request, threshold commits
+        ({"mode": "exact", "block_length": 8, "steps_per_block": 4}, 1),  # decoded alone, a fixed canvas past EOS
+    ],
+)
 def test_step_events_replay_into_exactly_the_final_text(client, demo, diffusion, n):
     model, tok = demo
     prompts = ["reverse hello", "sort 3 1 2"]
     spec = make_spec(model, tok, 0)
 
     def ask(p):
-        stream = client.chat.completions.create(model="illada-demo", messages=[{"role": "user", "content": p}],
-                                                max_tokens=32, n=n, stream=True,
-                                                extra_body={"diffusion": {**diffusion, "steps": True}})
+        stream = client.chat.completions.create(
+            model="illada-demo",
+            messages=[{"role": "user", "content": p}],
+            max_tokens=32,
+            n=n,
+            stream=True,
+            extra_body={"diffusion": {**diffusion, "steps": True}},
+        )
         return list(stream)
 
     with ThreadPoolExecutor(2) as ex:  # side by side: the batched path serves both
@@ -166,16 +189,26 @@ def test_step_events_replay_into_exactly_the_final_text(client, demo, diffusion,
 def test_step_events_on_completions(client, demo):
     model, tok = demo
     prompt = "<|im_start|>user\nreverse abc<|im_end|>\n<|im_start|>assistant\n"
-    chunks = list(client.completions.create(model="illada-demo", prompt=prompt, max_tokens=16, stream=True,
-                                            extra_body={"diffusion": {"mode": "variable", "block_length": 8,
-                                                                      "steps_per_block": 8, "steps": True}}))
-    (said, replayed), = replay(chunks, tok, make_spec(model, tok, 0), chat=False).values()
+    chunks = list(
+        client.completions.create(
+            model="illada-demo",
+            prompt=prompt,
+            max_tokens=16,
+            stream=True,
+            extra_body={"diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8, "steps": True}},
+        )
+    )
+    ((said, replayed),) = replay(chunks, tok, make_spec(model, tok, 0), chat=False).values()
     assert said and replayed == said
 
 
 def test_ordinary_streams_carry_nothing_new(demo_server):
-    body = {"messages": [{"role": "user", "content": "reverse hello"}], "stream": True, "max_tokens": 16,
-            "diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8}}
+    body = {
+        "messages": [{"role": "user", "content": "reverse hello"}],
+        "stream": True,
+        "max_tokens": 16,
+        "diffusion": {"mode": "variable", "block_length": 8, "steps_per_block": 8},
+    }
     for steps in (None, False):
         if steps is not None:
             body["diffusion"]["steps"] = steps
@@ -187,8 +220,16 @@ def test_ordinary_streams_carry_nothing_new(demo_server):
 
 
 # ------------------------------------------------------------------------------------------ the page in a browser
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class Counting:
@@ -268,8 +309,11 @@ def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
         assert other.is_hidden("#key")
         ask_page(page, "a=4 b=8 ; b?")
         ask_page(other, "reverse abc")
-        history = [{"role": "user", "content": "reverse hello"}, {"role": "assistant", "content": "olleh"},
-                   {"role": "user", "content": "a=4 b=8 ; b?"}]
+        history = [
+            {"role": "user", "content": "reverse hello"},
+            {"role": "assistant", "content": "olleh"},
+            {"role": "user", "content": "a=4 b=8 ; b?"},
+        ]
         assert last_reply(page) == generate_text(model, tok, history) != ""
         assert last_reply(other) == generate_text(model, tok, [{"role": "user", "content": "reverse abc"}])
         assert [m["content"] for m in sent[1]["messages"]] == [m["content"] for m in history]

@@ -60,8 +60,7 @@ ORDERED = ("sums", "parity")  # answers whose digits each follow from the right-
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _count(rng: random.Random, step: int, most: int = 64, least: int = 17, to_hundred: bool = False
-           ) -> tuple[str, str]:
+def _count(rng: random.Random, step: int, most: int = 64, least: int = 17, to_hundred: bool = False) -> tuple[str, str]:
     """Count from a to b in steps of `step`, `least`-`most` three-digit numbers (17-64: an answer of 67-255
     tokens); with `to_hundred`, b is a round hundred (200-900) and a lies n - 1 steps below it
     (countround, countbyround)."""
@@ -88,7 +87,7 @@ def _make(task: str, rng: random.Random) -> tuple[str, str]:
         return "reverse " + s, s[::-1]
     if task == "sums":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
-        totals = [sum(xs[:i + 1]) % 10 for i in range(len(xs))]
+        totals = [sum(xs[: i + 1]) % 10 for i in range(len(xs))]
         return "sums " + " ".join(map(str, xs)), " ".join(map(str, totals[::-1]))
     if task == "count":
         return _count(rng, 1)

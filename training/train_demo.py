@@ -32,18 +32,31 @@ from pathlib import Path
 
 import torch
 
-from training.demo_tasks import (BLOCKWISE, COUNTS, EXTRA, NUMBER_TOKENS, ORDERED, TASKS, examples,
-                                 held_out_conversations, held_out_set)
-from training.train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render, same_last_digit_cuts  # noqa: F401
+from training.demo_tasks import (
+    BLOCKWISE,
+    COUNTS,
+    EXTRA,
+    NUMBER_TOKENS,
+    ORDERED,
+    TASKS,
+    examples,
+    held_out_conversations,
+    held_out_set,
+)
+from training.train_rows import EOS, MASK, TEMPLATE, batches, chat_prompt, render, same_last_digit_cuts
 
 # torch_ref by path, not through the illada_mlx package (whose __init__ imports MLX): the trainer also
 # runs where only PyTorch is installed, e.g. the lent CUDA machine
 _spec = importlib.util.spec_from_file_location(
-    "torch_ref", Path(__file__).resolve().parents[1] / "illada_mlx" / "torch_ref.py")
+    "torch_ref", Path(__file__).resolve().parents[1] / "illada_mlx" / "torch_ref.py"
+)
 torch_ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torch_ref)
-TorchIllada, init_weights, official_generate = (torch_ref.TorchIllada, torch_ref.init_weights,
-                                                torch_ref.official_generate)
+TorchIllada, init_weights, official_generate = (
+    torch_ref.TorchIllada,
+    torch_ref.init_weights,
+    torch_ref.official_generate,
+)
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<[MASK]>", "<think>", "</think>"]
 LONG_CANVAS = 256  # the growing canvas's budget for long answers (every one and its EOS fit)
@@ -55,12 +68,19 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
     # every letter, digit and space is its own pre-token, so a letter is one and the same token
     # everywhere (byte-level BPE would make "a" and " a" different tokens); merges only join punctuation
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[A-Za-z0-9 ]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[A-Za-z0-9 ]"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     gen = examples(seed + 1)
     corpus = [chat_prompt(p) + a for _, p, a in (next(gen) for _ in range(20000))]
     tok.train_from_iterator(corpus, trainer)
@@ -72,11 +92,27 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
 
 def write_tokenizer_config(out: Path):
     tc = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "</s>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
-        "chat_template": TEMPLATE, "clean_up_tokenization_spaces": False, "model_max_length": 512,
-        "added_tokens_decoder": {str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for i, s in enumerate(SPECIALS)},
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "chat_template": TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for i, s in enumerate(SPECIALS)
+        },
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
@@ -95,8 +131,9 @@ class Batches(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         seed = self.seed + 1000 * (info.id if info else 0)
-        return (tuple(map(torch.from_numpy, b)) for b in batches(Tokenizer.from_file(self.tok_file), seed,
-                                                                 **self.layout))
+        return (
+            tuple(map(torch.from_numpy, b)) for b in batches(Tokenizer.from_file(self.tok_file), seed, **self.layout)
+        )
 
 
 @torch.no_grad()
@@ -112,7 +149,7 @@ def variable_generate(model, prompt, block: int = 32, max_blocks: int = 8):
             conf, x0 = torch.softmax(model(x).float(), -1).max(-1)
             pos = torch.where(x == MASK, conf, -1.0).argmax(-1)
             x[rows, pos] = x0[rows, pos]
-        if (x[:, prompt.shape[1]:] == EOS).any(-1).all():
+        if (x[:, prompt.shape[1] :] == EOS).any(-1).all():
             break
     return x
 
@@ -136,10 +173,9 @@ def held_out_accuracy(model, tok, items, block: int = 32, canvas: int = 0, varia
         if variable:
             x = variable_generate(model, prompt, block, canvas // block)
         else:
-            x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block,
-                                     mask_id=MASK)
+            x, _ = official_generate(model, prompt, steps=canvas, gen_length=canvas, block_length=block, mask_id=MASK)
         for (task, _, a), out in zip(rows, x[:, n:].tolist()):
-            out = out[:out.index(EOS)] if EOS in out else out
+            out = out[: out.index(EOS)] if EOS in out else out
             ok = tok.decode(out).strip() == a
             score.setdefault(task, []).append(ok)
     model.train()
@@ -158,7 +194,7 @@ def order_probe(model, tok, items, block: int = 32) -> dict:
     hits = {"neighbours_visible": [], "all_masked": []}
     for _, p, a in items:
         q = tok.encode(chat_prompt(p)).ids
-        r = tok.encode(chat_prompt(p) + a).ids[len(q):]
+        r = tok.encode(chat_prompt(p) + a).ids[len(q) :]
         row = torch.tensor(q + r + [EOS] * (block - len(r)), device=dev)
         digits = [len(q) + i for i, t in enumerate(r) if tok.id_to_token(t).isdigit()]
         for name, hit in hits.items():
@@ -190,7 +226,7 @@ def end_probe(model, tok, items, block: int = 32) -> dict:
         p_eos = {"end": [], "not_end": [], "same_last_digit": []}
         for _, p, a in (it for it in items if it[0] == task):
             q = tok.encode(chat_prompt(p)).ids
-            r = tok.encode(chat_prompt(p) + a).ids[len(q):] + [EOS]
+            r = tok.encode(chat_prompt(p) + a).ids[len(q) :] + [EOS]
             last = block * ((len(r) - 1) // block)
             cuts = [("end", len(r) - 1)] + ([("not_end", len(r) - 1 - w)] if len(r) - 1 - w >= last else [])
             for name, cut in cuts + [("same_last_digit", c) for c in same_last_digit_cuts(r)[-1:]]:
@@ -200,16 +236,30 @@ def end_probe(model, tok, items, block: int = 32) -> dict:
                 logits[MASK] = float("-inf")
                 p_eos[name].append(torch.softmax(logits, -1)[EOS].item())
         right = [v > 0.5 for v in p_eos["end"]] + [v < 0.5 for v in p_eos["not_end"]]
-        out[task] = {**{k: round(sum(v) / max(len(v), 1), 3) for k, v in p_eos.items()},
-                     "decided_right": round(sum(right) / max(len(right), 1), 3),
-                     "stops_at_last_digit": round(sum(v > 0.5 for v in p_eos["same_last_digit"]) /
-                                                  max(len(p_eos["same_last_digit"]), 1), 3)}
+        out[task] = {
+            **{k: round(sum(v) / max(len(v), 1), 3) for k, v in p_eos.items()},
+            "decided_right": round(sum(right) / max(len(right), 1), 3),
+            "stops_at_last_digit": round(
+                sum(v > 0.5 for v in p_eos["same_last_digit"]) / max(len(p_eos["same_last_digit"]), 1), 3
+            ),
+        }
     model.train()
     return out
 
 
-def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_only=0.8, inv_t=False,
-            pad_weight=1.0, eos_weight=1.0, masked_from=None):
+def loss_fn(
+    model,
+    x,
+    answer,
+    valid,
+    prompt_maskable=None,
+    t_min=1e-3,
+    answer_only=0.8,
+    inv_t=False,
+    pad_weight=1.0,
+    eos_weight=1.0,
+    masked_from=None,
+):
     """t ~ U(t_min, 1) (the spec's ε by default); mask each maskable token with probability t; cross-entropy
     on the masked tokens. iLLaDA SFT masks prompt and answer alike; here a fifth of the rows do that and the
     rest mask the answer only (LLaDA's SFT); rows whose `prompt_maskable` is False (long answers' blocks)
@@ -247,26 +297,45 @@ def loss_fn(model, x, answer, valid, prompt_maskable=None, t_min=1e-3, answer_on
 def save_checkpoint(model: TorchIllada, out: Path):
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (out / "config.json").write_text(json.dumps(model.config, indent=2))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="illada_mlx/demo_model")
-    ap.add_argument("--steps", type=int, default=5000,
-                    help="0: no training, only the probe (of --init's weights, with the --tasks / --multi-turn mix)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=5000,
+        help="0: no training, only the probe (of --init's weights, with the --tasks / --multi-turn mix)",
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=32, help="answer positions per row (the decode block)")
-    ap.add_argument("--max-area", type=int, default=0,
-                    help="draw each batch's answer area from block/2 .. this (log-uniform), so fixed canvases of "
-                         "those lengths decode; 0 = always --block")
+    ap.add_argument(
+        "--max-area",
+        type=int,
+        default=0,
+        help="draw each batch's answer area from block/2 .. this (log-uniform), so fixed canvases of "
+        "those lengths decode; 0 = always --block",
+    )
     ap.add_argument("--inv-t", action="store_true", help="weight masked tokens by 1/t (the spec's objective)")
-    ap.add_argument("--t-min", type=float, default=1e-3,
-                    help="draw the mask rate t from [this, 1] (the spec's ε); 1 masks every maskable token")
-    ap.add_argument("--pad-weight", type=float, default=1.0,
-                    help="loss weight of the EOS padding after an answer's own EOS (LLaDA's SFT: 1)")
+    ap.add_argument(
+        "--t-min",
+        type=float,
+        default=1e-3,
+        help="draw the mask rate t from [this, 1] (the spec's ε); 1 masks every maskable token",
+    )
+    ap.add_argument(
+        "--pad-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the EOS padding after an answer's own EOS (LLaDA's SFT: 1)",
+    )
     ap.add_argument("--answer-only", type=float, default=0.8, help="share of rows that mask the answer only")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--d", type=int, default=192)
@@ -275,28 +344,57 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=320)
-    ap.add_argument("--tasks", default=",".join(TASKS),
-                    help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task")
-    ap.add_argument("--multi-turn", type=float, default=0.0,
-                    help="share of rows that are conversations: 1-4 earlier exchanges, the last turn from --tasks")
-    ap.add_argument("--first-block", type=float, default=0.0,
-                    help="share of long-answer batches that train the answer's first block (the rest: uniform)")
-    ap.add_argument("--last-block", type=float, default=0.0,
-                    help="share of long-answer batches that train each answer's last block (where it ends)")
-    ap.add_argument("--end-rows", type=float, default=0.0,
-                    help="share of long-answer batches of end decisions (train_rows.batches)")
-    ap.add_argument("--eos-weight", type=float, default=1.0,
-                    help="loss weight of an answer's own EOS (where it ends; padding: --pad-weight)")
-    ap.add_argument("--long-probe", type=int, default=10,
-                    help="held-out items per long task (count, countby) in the probe: 256 steps each, so few")
+    ap.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task",
+    )
+    ap.add_argument(
+        "--multi-turn",
+        type=float,
+        default=0.0,
+        help="share of rows that are conversations: 1-4 earlier exchanges, the last turn from --tasks",
+    )
+    ap.add_argument(
+        "--first-block",
+        type=float,
+        default=0.0,
+        help="share of long-answer batches that train the answer's first block (the rest: uniform)",
+    )
+    ap.add_argument(
+        "--last-block",
+        type=float,
+        default=0.0,
+        help="share of long-answer batches that train each answer's last block (where it ends)",
+    )
+    ap.add_argument(
+        "--end-rows", type=float, default=0.0, help="share of long-answer batches of end decisions (train_rows.batches)"
+    )
+    ap.add_argument(
+        "--eos-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of an answer's own EOS (where it ends; padding: --pad-weight)",
+    )
+    ap.add_argument(
+        "--long-probe",
+        type=int,
+        default=10,
+        help="held-out items per long task (count, countby) in the probe: 256 steps each, so few",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                    help="data worker processes")
+    ap.add_argument(
+        "--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="data worker processes"
+    )
     ap.add_argument("--eval-every", type=int, default=500, help="held-out exact-mode accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=24.0,
-                    help="time budget, probes included: the cosine schedule follows the clock and the run ends "
-                         "when it is spent (or at --steps); 0 = none (the schedule follows --steps)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=24.0,
+        help="time budget, probes included: the cosine schedule follows the clock and the run ends "
+        "when it is spent (or at --steps); 0 = none (the schedule follows --steps)",
+    )
     ap.add_argument("--init", default=None, help="start from this checkpoint dir (same shape) instead of random")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     a = ap.parse_args()
@@ -317,12 +415,26 @@ def main():
     else:
         tok = build_tokenizer(out, a.seed, a.vocab)
     config = {
-        "architectures": ["ILLaDAForCausalLM"], "model_type": "illada", "hidden_size": a.d,
-        "num_hidden_layers": a.layers, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
-        "intermediate_size": a.ffn, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu",
-        "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": EOS, "torch_dtype": "float32",
+        "architectures": ["ILLaDAForCausalLM"],
+        "model_type": "illada",
+        "hidden_size": a.d,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "intermediate_size": a.ffn,
+        "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": EOS,
+        "pad_token_id": EOS,
+        "torch_dtype": "float32",
     }
     model = TorchIllada(config)
     init_weights(model, a.seed)
@@ -338,10 +450,22 @@ def main():
     def lr_at(i: int, done: float) -> float:
         """Linear warm-up over `warm` steps, then cosine from --lr to 5% of it as `done` goes 0 -> 1."""
         return a.lr * min(1.0, (i + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
-    rows = Batches(str(out / "tokenizer.json"), a.seed, batch=a.batch, block=a.block, tasks=tasks,
-                   max_area=a.max_area, multi_turn=a.multi_turn, first_block=a.first_block,
-                   last_block=a.last_block, end_rows=a.end_rows)
-    data = iter(torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda"))
+
+    rows = Batches(
+        str(out / "tokenizer.json"),
+        a.seed,
+        batch=a.batch,
+        block=a.block,
+        tasks=tasks,
+        max_area=a.max_area,
+        multi_turn=a.multi_turn,
+        first_block=a.first_block,
+        last_block=a.last_block,
+        end_rows=a.end_rows,
+    )
+    data = iter(
+        torch.utils.data.DataLoader(rows, batch_size=None, num_workers=a.workers, pin_memory=a.device == "cuda")
+    )
     # probes: not the bench's held-out items (other seeds); long answers in variable mode, few of them
     short = tuple(t for t in dict.fromkeys(tasks) if t not in BLOCKWISE)
     probe = held_out_set(25, seed=999, tasks=short) + (held_out_conversations(10, seed=999) if a.multi_turn else [])
@@ -357,8 +481,11 @@ def main():
             by_task = {}
             for it in long_probe:
                 by_task.setdefault(it[0], []).append(it)
-            acc.update(held_out_accuracy(model, tok, [x for v in by_task.values() for x in v[:n_long]], a.block,
-                                         LONG_CANVAS, variable=True))
+            acc.update(
+                held_out_accuracy(
+                    model, tok, [x for v in by_task.values() for x in v[:n_long]], a.block, LONG_CANVAS, variable=True
+                )
+            )
         return acc
 
     t0, log, ema = time.time(), [], None
@@ -372,8 +499,19 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(i, done)
         x, answer, valid, maskable, masked_from = (t.to(a.device, non_blocking=True) for t in next(data))
-        loss = loss_fn(model, x, answer, valid, maskable, answer_only=a.answer_only, inv_t=a.inv_t, t_min=a.t_min,
-                       pad_weight=a.pad_weight, eos_weight=a.eos_weight, masked_from=masked_from)
+        loss = loss_fn(
+            model,
+            x,
+            answer,
+            valid,
+            maskable,
+            answer_only=a.answer_only,
+            inv_t=a.inv_t,
+            t_min=a.t_min,
+            pad_weight=a.pad_weight,
+            eos_weight=a.eos_weight,
+            masked_from=masked_from,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -398,13 +536,23 @@ def main():
     longest = {}  # and on the longest fixed canvas trained for, in blocks of --block as the samplers decode it
     if a.max_area > a.block:
         longest[f"held_out_probe_canvas_{a.max_area}"] = held_out_accuracy(
-            model, tok, [it for it in probe if it[0] in TASKS], a.block, a.max_area)
+            model, tok, [it for it in probe if it[0] in TASKS], a.block, a.max_area
+        )
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()}-thread CPU"
-    info = {"command": " ".join(sys.argv), "seed": a.seed, "steps": i, "params": n_params,
-            "seconds": round(time.time() - t0, 1), "final_loss_ema": None if ema is None else round(ema, 4), "held_out_probe": final, **longest,
-            **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
-            **({"end_probe": end_probe(model, tok, counts, a.block)} if counts else {}),
-            "log": log, "machine": f"{a.device}: {where}, PyTorch {torch.__version__}"}
+    info = {
+        "command": " ".join(sys.argv),
+        "seed": a.seed,
+        "steps": i,
+        "params": n_params,
+        "seconds": round(time.time() - t0, 1),
+        "final_loss_ema": None if ema is None else round(ema, 4),
+        "held_out_probe": final,
+        **longest,
+        **({"order_probe": order_probe(model, tok, ordered_probe, a.block)} if ordered_probe else {}),
+        **({"end_probe": end_probe(model, tok, counts, a.block)} if counts else {}),
+        "log": log,
+        "machine": f"{a.device}: {where}, PyTorch {torch.__version__}",
+    }
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     print(json.dumps({k: v for k, v in info.items() if k != "log"}))
 

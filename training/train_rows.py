@@ -15,8 +15,9 @@ from training.demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, conversations, 
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
 # and every checkpoint train_demo.py writes carries it (engine.build_prompt renders the same string)
-TEMPLATE = json.loads((Path(__file__).resolve().parents[1] / "illada_mlx" / "demo_model" /
-                       "tokenizer_config.json").read_text())["chat_template"]
+TEMPLATE = json.loads(
+    (Path(__file__).resolve().parents[1] / "illada_mlx" / "demo_model" / "tokenizer_config.json").read_text()
+)["chat_template"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -79,8 +80,18 @@ def _end_cut(r: list[int], rng) -> int:
     return same[int(rng.integers(0, len(same)))]
 
 
-def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 0, multi_turn: float = 0.0,
-            first_block: float = 0.0, last_block: float = 0.0, end_rows: float = 0.0):
+def batches(
+    tok,
+    seed: int,
+    batch: int,
+    block: int,
+    tasks=None,
+    max_area: int = 0,
+    multi_turn: float = 0.0,
+    first_block: float = 0.0,
+    last_block: float = 0.0,
+    end_rows: float = 0.0,
+):
     """(ids, answer, valid, prompt_maskable, masked_from) batches of one kind of row each (short single
     turns, conversations, long answers), so a short row is not padded to a long one's length.
 
@@ -119,7 +130,7 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
         fs = tok.encode_batch([p + a for p, (_, _, a) in zip(prompts, items)])
         for (task, m, _), q, f in zip(items, qs, fs):
             kind = _row_kind(task, m)
-            pending[kind].append((q.ids, f.ids[len(q.ids):] + [EOS]))
+            pending[kind].append((q.ids, f.ids[len(q.ids) :] + [EOS]))
             if len(pending[kind]) < batch:
                 continue
             chunk, pending[kind] = pending[kind], []
@@ -140,8 +151,8 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
                     else:  # an end decision: the block holding the cut, masked from it
                         k = at[j] // block
                         cuts[j] = at[j] - block * k
-                    cur = r[block * k:block * (k + 1)]
-                    rows.append((q + r[:block * k], cur + [EOS] * (block - len(cur))))
+                    cur = r[block * k : block * (k + 1)]
+                    rows.append((q + r[: block * k], cur + [EOS] * (block - len(cur))))
                 area = block
             else:
                 area = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))  # log-uniform on [lo, hi]
@@ -151,7 +162,7 @@ def batches(tok, seed: int, batch: int, block: int, tasks=None, max_area: int = 
             answer = np.zeros((batch, width), dtype=bool)
             valid = np.zeros((batch, width), dtype=bool)
             for j, (q, r) in enumerate(rows):
-                ids[j, :len(q) + area] = q + r
-                answer[j, len(q):len(q) + area] = True
-                valid[j, :len(q) + area] = True
+                ids[j, : len(q) + area] = q + r
+                answer[j, len(q) : len(q) + area] = True
+                valid[j, : len(q) + area] = True
             yield ids, answer, valid, np.full(batch, kind != "long"), cuts

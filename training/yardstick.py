@@ -25,14 +25,22 @@ SAMPLERS = {
     # what a user gets: the model's own defaults (diffusion_config.json), else the fast mode's
     "default": (None, dict(max_tokens=64)),
     # the fast mode's mechanisms one at a time over the plain threshold rule (on their own)
-    "fast_t0.9_token_drift": ("fast", dict(max_tokens=64, rule="threshold", threshold=0.9, cache="token",
-                                           eos_fill=False)),
-    "fast_error0.04_token_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04, cache="token",
-                                                 block_refresh="window", eos_fill=False)),
-    "fast_error0.04_token_drift": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04, cache="token",
-                                                eos_fill=False)),
-    "fast_error0.04_prefix_window": ("fast", dict(max_tokens=64, rule="error", error_bound=0.04,
-                                                  block_refresh="window", eos_fill=False)),
+    "fast_t0.9_token_drift": (
+        "fast",
+        dict(max_tokens=64, rule="threshold", threshold=0.9, cache="token", eos_fill=False),
+    ),
+    "fast_error0.04_token_window": (
+        "fast",
+        dict(max_tokens=64, rule="error", error_bound=0.04, cache="token", block_refresh="window", eos_fill=False),
+    ),
+    "fast_error0.04_token_drift": (
+        "fast",
+        dict(max_tokens=64, rule="error", error_bound=0.04, cache="token", eos_fill=False),
+    ),
+    "fast_error0.04_prefix_window": (
+        "fast",
+        dict(max_tokens=64, rule="error", error_bound=0.04, block_refresh="window", eos_fill=False),
+    ),
     "exact": ("exact", dict(max_tokens=32)),
     "exact_random_remask": ("exact", dict(max_tokens=32, remasking="random", seed=0)),
     # the same with other draws of the random order (run on their own: how much the seed moves it)
@@ -43,26 +51,49 @@ SAMPLERS = {
     # past the answer block, which the model must fill with EOS (4x the forwards; run on its own)
     "exact_canvas128": ("exact", dict(max_tokens=128)),
     "variable": ("variable", dict(max_tokens=64)),
-    "fast_t0.9_prefix": ("fast", dict(max_tokens=64, threshold=0.9, cache="prefix", eos_fill=False, block_refresh="window")),
+    "fast_t0.9_prefix": (
+        "fast",
+        dict(max_tokens=64, threshold=0.9, cache="prefix", eos_fill=False, block_refresh="window"),
+    ),
     # the same commits without the cache: what the prefix cache's stale prompt states cost (run on its own)
-    "fast_t0.9_nocache": ("fast", dict(max_tokens=64, threshold=0.9, cache="none", eos_fill=False, block_refresh="window")),
+    "fast_t0.9_nocache": (
+        "fast",
+        dict(max_tokens=64, threshold=0.9, cache="none", eos_fill=False, block_refresh="window"),
+    ),
     # the token cache: a step reruns only the masks and the tokens the step before it committed
-    "fast_t0.9_token": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="window",
-                                     eos_fill=False)),
+    "fast_t0.9_token": (
+        "fast",
+        dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="window", eos_fill=False),
+    ),
     # a stricter commit threshold with the same cache: what parallel commits cost on long answers (on its own)
-    "fast_t0.99_token": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="window",
-                                      eos_fill=False)),
+    "fast_t0.99_token": (
+        "fast",
+        dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="window", eos_fill=False),
+    ),
     # the token cache with the whole canvas recomputed at each block start (on its own)
-    "fast_t0.9_token_full": ("fast", dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="full", eos_fill=False)),
+    "fast_t0.9_token_full": (
+        "fast",
+        dict(max_tokens=64, threshold=0.9, cache="token", block_refresh="full", eos_fill=False),
+    ),
     # both: the stricter threshold and the full refresh (on its own)
-    "fast_t0.99_token_full": ("fast", dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="full", eos_fill=False)),
+    "fast_t0.99_token_full": (
+        "fast",
+        dict(max_tokens=64, threshold=0.99, cache="token", block_refresh="full", eos_fill=False),
+    ),
     # blocks of 8, so most answers span several blocks: what each block refresh policy costs (on their own)
     "variable_b8": ("variable", dict(max_tokens=64, block_length=8, steps_per_block=8)),
-    "fast_b8_full": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
-                                  block_refresh="full", eos_fill=False)),
-    "fast_b8_window": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix",
-                                    block_refresh="window", eos_fill=False)),
-    "fast_b8_token": ("fast", dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token", eos_fill=False, block_refresh="window")),
+    "fast_b8_full": (
+        "fast",
+        dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix", block_refresh="full", eos_fill=False),
+    ),
+    "fast_b8_window": (
+        "fast",
+        dict(max_tokens=64, block_length=8, steps_per_block=8, cache="prefix", block_refresh="window", eos_fill=False),
+    ),
+    "fast_b8_token": (
+        "fast",
+        dict(max_tokens=64, block_length=8, steps_per_block=8, cache="token", eos_fill=False, block_refresh="window"),
+    ),
 }
 assert all(mode is None or mode in PRESETS for mode, _ in SAMPLERS.values())
 # the rows run without --samplers; every other row runs only when named
@@ -119,7 +150,7 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
     rows = RowForwards()
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
+        chunk = items[i : i + batch]
         g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
         nfe += g.stats.nfe
         processed += g.stats.processed
@@ -130,16 +161,24 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
             per_task.setdefault(task, []).append((first_wrong(list(toks), want), len(want), eos_block))
     n = sum(len(v) for v in per_task.values())
     return {
-        "sampler": sampler, "gen": gen, "n": n,
+        "sampler": sampler,
+        "gen": gen,
+        "n": n,
         "accuracy": sum(w is None for v in per_task.values() for w, _, _ in v) / n,
         "per_task": {t: sum(w is None for w, _, _ in v) / len(v) for t, v in per_task.items()},
-        "blocks_right": {t: sum(-(-L // B) if w is None else w // B for w, L, _ in v) / sum(-(-L // B) for _, L, _ in v)
-                         for t, v in per_task.items()},
+        "blocks_right": {
+            t: sum(-(-L // B) if w is None else w // B for w, L, _ in v) / sum(-(-L // B) for _, L, _ in v)
+            for t, v in per_task.items()
+        },
         "eos_in_its_block": {t: sum(e for _, _, e in v) / len(v) for t, v in per_task.items()},
         "first_wrong": {t: [w for w, _, _ in v] for t, v in per_task.items()},
         "answer_tokens": {t: [L for _, L, _ in v] for t, v in per_task.items()},
-        "forwards": nfe, "processed_tokens": processed, "seconds": round(time.perf_counter() - t0, 2),
-        "output_tokens": out_tokens, "row_forwards": rows.n, "tokens_per_row_forward": out_tokens / max(rows.n, 1),
+        "forwards": nfe,
+        "processed_tokens": processed,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "output_tokens": out_tokens,
+        "row_forwards": rows.n,
+        "tokens_per_row_forward": out_tokens / max(rows.n, 1),
         "processed_per_output_token": processed / max(out_tokens, 1),
     }
 
@@ -152,8 +191,12 @@ def _score(tok, chunk, tokens, per_task: dict, correct: list) -> None:
 
 
 def _summary(sampler: str, per_task: dict, correct: list) -> dict:
-    return {"sampler": sampler, "accuracy": sum(correct) / len(correct), "n": len(correct),
-            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}}
+    return {
+        "sampler": sampler,
+        "accuracy": sum(correct) / len(correct),
+        "n": len(correct),
+        "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
+    }
 
 
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
@@ -163,7 +206,7 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     rows = RowForwards()
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
+        chunk = items[i : i + batch]
         g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
         nfe += g.stats.nfe
         processed += g.stats.processed
@@ -171,10 +214,15 @@ def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
         _score(tok, chunk, g.tokens, per_task, correct)
     return {
         **_summary(sampler, per_task, correct),
-        "forwards": nfe, "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
-        "processed_tokens": processed, "output_tokens": out_tokens, "seconds": round(time.perf_counter() - t0, 2),
-        "row_forwards": rows.n, "tokens_per_row_forward": out_tokens / max(rows.n, 1),
-        "processed_per_output_token": processed / max(out_tokens, 1), "correct": correct,
+        "forwards": nfe,
+        "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
+        "processed_tokens": processed,
+        "output_tokens": out_tokens,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "row_forwards": rows.n,
+        "tokens_per_row_forward": out_tokens / max(rows.n, 1),
+        "processed_per_output_token": processed / max(out_tokens, 1),
+        "correct": correct,
     }
 
 
@@ -202,7 +250,11 @@ def evaluate_chat(model, tok, items, sampler: str, turn_delay: int = 1) -> dict:
         _score(tok, [item], g.tokens, per_task, correct)
     return {
         **_summary(sampler + "_chat" + ("" if turn_delay == 1 else f"_delay{turn_delay}"), per_task, correct),
-        "turn_delay": turn_delay, "forwards": nfe,
-        "processed_tokens": processed, "processed_tokens_all_turns": processed_all,
-        "seconds": round(time.perf_counter() - t0, 2), "correct": correct, "turns_decoded": turns,
+        "turn_delay": turn_delay,
+        "forwards": nfe,
+        "processed_tokens": processed,
+        "processed_tokens_all_turns": processed_all,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "correct": correct,
+        "turns_decoded": turns,
     }
