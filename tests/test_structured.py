@@ -1,0 +1,125 @@
+"""Structured output's templates (illada_mlx/structured.py): valid by construction for any fill its rules
+allow, checked with jsonschema on generated schemas."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from illada_mlx.config import IlladaError
+from illada_mlx.structured import Layout, TokenClasses, compile_schema, render
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    """Objects nested up to depth 3, strings, integers, numbers, booleans, enums, bounded arrays,
+    required and optional keys."""
+    kinds = ["string", "integer", "number", "boolean", "enum", "array"] + (["object"] * 2 if depth < 3 else [])
+    kind = rng.choice(kinds if depth else ["object"])
+    if kind == "object":
+        props = {f"k{i}": random_schema(rng, depth + 1) for i in range(rng.randint(1, 4))}
+        return {
+            "type": "object",
+            "properties": props,
+            "required": rng.sample(sorted(props), rng.randint(0, len(props))),
+            "additionalProperties": False,
+        }
+    if kind == "array":
+        lo = rng.randint(0, 2)
+        s = {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo}
+        return {**s, "maxItems": lo + rng.randint(0, 2)} if rng.random() < 0.5 else s
+    if kind == "enum":
+        return {"enum": rng.sample(["red", "green", 3, None, True, "a b"], rng.randint(1, 4))}
+    if kind == "string":
+        s = {"type": "string"}
+        if rng.random() < 0.5:
+            lo = rng.randint(0, 3)
+            s.update(minLength=lo, maxLength=lo + rng.randint(0, 6))
+        return s
+    s = {"type": kind}
+    if kind in ("integer", "number") and rng.random() < 0.6:
+        lo = rng.randint(-50, 50)
+        s.update(minimum=lo, maximum=lo + rng.randint(0, 500))
+    return s
+
+
+def random_fill(layout: Layout, rng: random.Random) -> np.ndarray:
+    """A fill as a diffusion decode might commit it: open positions in a random order, each a random token
+    the layout allows at that moment."""
+    canvas = layout.ids.copy()
+    static = layout.static_allowed()
+    open_ = [i for i in range(len(layout)) if static[i].any()]
+    rng.shuffle(open_)
+    for i in open_:
+        choices = np.flatnonzero(layout.allowed(canvas, static)[i])
+        canvas[i] = rng.choice(choices.tolist())
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def layout_of(demo):
+    _, tok = demo
+    classes = TokenClasses.of(tok, pad=tok.eos_token_id)
+    return lambda schema: Layout(compile_schema(schema), tok, classes, mask_id=5)
+
+
+def test_any_allowed_fill_of_200_schemas_validates(layout_of):
+    rng = random.Random(0)
+    for n in range(200):
+        schema = random_schema(rng)
+        layout = layout_of(schema)
+        canvas = random_fill(layout, rng)
+        chosen = {h: rng.randrange(len(o)) for h, o in layout.options.items()}
+        out = json.loads(layout.render(canvas, chosen))
+        jsonschema.validate(out, schema)  # raises on an invalid answer
+        assert (canvas != 5).sum() == (layout.static_allowed().any(1) | (layout.hole < 0)).sum()
+
+
+def test_padding_runs_to_the_end_of_its_hole(layout_of):
+    layout = layout_of({"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
+    pad = layout.classes.pad
+    at = np.flatnonzero(layout.hole == 0)
+    canvas = layout.ids.copy()
+    canvas[at[1]] = pad  # a pad at slot 1: slots 2, 3 may only pad; slot 0 may not (a token must come first)
+    allowed = layout.allowed(canvas)
+    assert allowed[at[2]].sum() == 1 and allowed[at[2], pad] and allowed[at[3], pad]
+    canvas = layout.ids.copy()
+    canvas[at[2]] = layout.tok.encode("x", add_special_tokens=False)[0]  # a token at slot 2: no pad before it
+    assert not layout.allowed(canvas)[at[:2], pad].any() and layout.allowed(canvas)[at[3], pad]
+
+
+def test_the_fixed_text_is_the_schema_s_skeleton(layout_of):
+    layout = layout_of({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
+    text = layout.tok.decode([t for t in layout.ids.tolist() if t != 5])
+    assert text == '{"answer":""}'
+    assert render(layout.template, ["olleh"]) == '{"answer": "olleh"}'
+
+
+def test_choices_take_the_likeliest_option(layout_of):
+    layout = layout_of({"enum": ["yes", "no"]})
+    logp = np.full((len(layout), len(layout.classes.text)), -10.0)
+    at = np.flatnonzero(layout.hole == 0)
+    for k, t in enumerate(layout.options[0][1]):  # "no" is likely
+        logp[at[k], t] = -0.1
+    logp[at[len(layout.options[0][1]) :], layout.classes.pad] = -0.1
+    assert layout.render(layout.ids, layout.choose(logp)) == '"no"'
+
+
+@pytest.mark.parametrize(
+    "schema,needle",
+    [
+        ({"type": "object", "patternProperties": {}}, "'patternProperties'"),
+        ({"oneOf": [{"type": "string"}]}, "'oneOf'"),
+        ({"type": ["string", "null"]}, "a list of types is not supported"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}},
+            "'pattern' at schema.properties.a",
+        ),
+        ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems ≤ maxItems"),
+    ],
+)
+def test_an_unsupported_schema_is_refused_by_name(schema, needle):
+    with pytest.raises(IlladaError, match=needle.replace("[", r"\[")):
+        compile_schema(schema)
