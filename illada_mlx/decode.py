@@ -112,6 +112,17 @@ class Generation:
 
 
 @dataclass
+class Infill:
+    """A fixed canvas whose answer starts partly written and whose open positions are constrained
+    (structured.py's templates): `answer` (rows, max_tokens) holds the written tokens and mask_id where the
+    model writes; `allowed(canvas, positions)` gives the tokens each of `positions` (B, K) may take now,
+    (B, K, V) bool."""
+
+    answer: mx.array
+    allowed: Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
 class DecodeState:
     """One call's state: the canvas of the rows still running and what goes with it."""
 
@@ -127,6 +138,7 @@ class DecodeState:
     # the drift policy, per active row: the reply tokens before the block whose start last recomputed its
     # canvas (0: never; rows appended later are padded with 0)
     refreshed: list[int] = field(default_factory=list)
+    infill: Optional[Infill] = None
 
     def keep(self, idx: list[int], cfg: bool) -> None:
         """Drop every active row not in idx (positions in the active batch); the cache keeps its rows
@@ -374,6 +386,8 @@ def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int
         is_mask = cur == spec.mask_id
         prev, prev_mask = pos, is_mask
         logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
+        if st.infill is not None:
+            logits = mx.where(st.infill.allowed(x, pos), logits, -mx.inf)
         if boost and spec.think_token is not None:  # end-of-thinking boost at the leftmost masked position
             thought = mx.any(x[:, st.prompt_len :] == spec.think_token, axis=1)
             first = mx.argmax(mx.where(is_mask, -pos, -(2**30)), axis=1)
@@ -432,7 +446,12 @@ StopFn = Callable[[int, list[int]], bool]
 
 
 def decode(
-    model, prompts, spec: DecodeSpec, stop_fn: Optional[StopFn] = None, cache: Optional[BlockCache] = None
+    model,
+    prompts,
+    spec: DecodeSpec,
+    stop_fn: Optional[StopFn] = None,
+    cache: Optional[BlockCache] = None,
+    infill: Optional[Infill] = None,
 ) -> Iterator[Union[Step, BlockDone, Generation]]:
     """Yields Step and BlockDone events, then the final Generation.
 
@@ -441,6 +460,7 @@ def decode(
     appears or `stop_fn(row, the block's new tokens)` returns True (stop strings).
     cache: a BlockCache kept from an earlier call (chat turns): its common prefix with this prompt is
     reused by the first refresh (only with spec.cache on, batch 1).
+    infill: a fixed canvas's answer written in part, its open positions constrained (`Infill`).
     """
     t0 = time.perf_counter()
     mx.reset_peak_memory()
@@ -452,8 +472,11 @@ def decode(
     canvas_len = P + gen_length  # the most it grows to (the last growing block is cut at the budget)
     stats.prompt_tokens = n_rows * P if key_valid is None else int(key_valid.sum())
     prompt_mask = mx.concatenate([x != spec.mask_id, mx.zeros((n_rows, gen_length), dtype=mx.bool_)], axis=1)
+    if infill is not None and (spec.growing or infill.answer.shape != (n_rows, gen_length)):
+        raise IlladaError("an infill needs the fixed canvas and an answer of max_tokens per row")
     if not spec.growing:
-        x = mx.concatenate([x, mx.full((n_rows, gen_length), spec.mask_id, dtype=mx.int32)], axis=1)
+        answer = mx.full((n_rows, gen_length), spec.mask_id, dtype=mx.int32) if infill is None else infill.answer
+        x = mx.concatenate([x, answer.astype(mx.int32)], axis=1)
     if key_valid is not None:
         key_valid = mx.concatenate([key_valid, mx.ones((n_rows, gen_length), dtype=mx.int32)], axis=1)
     if spec.cache == "none":
@@ -463,7 +486,7 @@ def decode(
         cache.plan_reuse(x, P - 1 if spec.cfg_scale == 0 else 0)  # the prompt's last token is always recomputed
         cache.reserve(canvas_len)
     key = mx.random.key(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
-    st = DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), cache, key, stats, t0)
+    st = DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), cache, key, stats, t0, infill=infill)
     out: list[list[int]] = [[] for _ in range(n_rows)]
     done = [False] * n_rows
     for b in range(spec.n_blocks):

@@ -399,3 +399,79 @@ class Layout:
 
     def render(self, canvas: np.ndarray, chosen: dict[int, int]) -> str:
         return render(self.template, self.fills(canvas, chosen))
+
+
+# ------------------------------------------------------------------------------------------ the decode
+@dataclass
+class JsonResult:
+    text: str  # the JSON answer
+    value: Any  # the same, parsed
+    stats: Any  # decode.Stats: forwards and processed tokens, the choices' scoring forward included
+    spec: Any  # the DecodeSpec that ran
+
+
+def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
+    """The choice holes' options, scored from one forward of the prompt and the skeleton (every hole open)."""
+    import mlx.core as mx
+
+    if not layout.options:
+        return {}
+    x = mx.array([ids + layout.ids.tolist()], dtype=mx.int32)
+    logits = model(x, None, logits_at=mx.arange(len(ids), x.shape[1]))
+    logp = np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0].astype(mx.float32))
+    stats.nfe += 1
+    stats.processed += x.shape[1]
+    return layout.choose(logp)
+
+
+def _written(layout: Layout, chosen: dict[int, int]) -> np.ndarray:
+    """The answer canvas before denoising: the skeleton, with each choice's option and its padding."""
+    answer = layout.ids.copy()
+    for h, k in chosen.items():
+        at = np.flatnonzero(layout.hole == h)
+        opt = layout.options[h][k]
+        answer[at] = opt + [layout.classes.pad] * (len(at) - len(opt))
+    return answer
+
+
+def generate_json(model, tokenizer, ids: list[int], schema: dict, **settings) -> JsonResult:
+    """An answer to the prompt `ids` that is JSON valid against `schema` (see the module doc). settings:
+    make_spec's (mode, rule, threshold, cache, seed, ...); the template is one fixed block, its open
+    positions denoised under the mode's commit rule and cache, one step per position at most."""
+    import mlx.core as mx
+
+    from .decode import Infill, Stats, decode, run
+    from .spec import make_spec
+
+    template = compile_schema(schema)
+    a = model.args
+    pad = a.eos_token_id
+    classes = TokenClasses.of(tokenizer, pad=pad, special=(a.mask_token_id,))
+    layout = Layout(template, tokenizer, classes, a.mask_token_id)
+    stats = Stats()
+    chosen = _choose(model, ids, layout, stats)
+    answer = _written(layout, chosen)
+    n_open = int((answer == a.mask_token_id).sum())
+    L = len(layout)
+    over = dict(
+        canvas="fixed",
+        block_length=L,
+        steps_per_block=max(n_open, 1),
+        logits_eos_inf=False,
+        confidence_eos_eot_inf=False,
+        eos_fill=False,
+    )
+    spec = make_spec(model, tokenizer, len(ids), max_tokens=L, **{**settings, **over})
+    if n_open:
+        static = mx.array(layout.static_allowed())
+
+        def allowed(x, pos):
+            now = mx.array(layout.allowed(np.array(x[0, len(ids) :]), np.array(static)))
+            return now[pos - len(ids)]
+
+        g = run(decode(model, [ids], spec, infill=Infill(mx.array(answer[None]), allowed)))
+        answer = np.array(g.canvas[0, len(ids) :])
+        stats.nfe += g.stats.nfe
+        stats.processed += g.stats.processed
+    text = layout.render(answer, chosen)
+    return JsonResult(text, json.loads(text), stats, spec)

@@ -123,3 +123,47 @@ def test_choices_take_the_likeliest_option(layout_of):
 def test_an_unsupported_schema_is_refused_by_name(schema, needle):
     with pytest.raises(IlladaError, match=needle.replace("[", r"\[")):
         compile_schema(schema)
+
+
+@pytest.fixture(scope="module")
+def random_weights(demo):
+    """A model of the demo's shape and vocabulary with random weights (it has learned no JSON)."""
+    import mlx.core as mx
+
+    from illada_mlx.model import Model
+
+    mx.random.seed(1)
+    model = Model(demo[0].args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("exact", "variable")] + ["fast", "fast_fixed"]
+)
+@pytest.mark.parametrize("weights", ["demo", "random"])
+def test_every_mode_answers_valid_json_on_trained_and_random_weights(demo, random_weights, mode, weights):
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    model = model if weights == "demo" else random_weights
+    rng = random.Random(hash((mode, weights)) % 1000)
+    ids = build_prompt(tok, [{"role": "user", "content": "reverse hello"}])
+    for _ in range(3):
+        schema = random_schema(rng)
+        r = generate_json(model, tok, ids, schema, mode=mode, seed=0)
+        jsonschema.validate(json.loads(r.text), schema)
+        assert r.value == json.loads(r.text) and r.stats.nfe >= 1
+
+
+def test_the_skeleton_costs_no_forwards(demo):
+    # every value is a choice: one scoring forward and no denoising at all
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    ids = build_prompt(tok, [{"role": "user", "content": "57+68="}])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "c": {"enum": ["a", "b"]}}}
+    r = generate_json(model, tok, ids, schema)
+    assert r.stats.nfe == 1 and set(json.loads(r.text)) == {"ok", "c"}
