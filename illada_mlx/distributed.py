@@ -167,7 +167,8 @@ def shared_seed(g: mx.distributed.Group, seed: Optional[int]) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------------------ agreement
-def fingerprint(items: dict[str, bytes]) -> dict[str, str]:
+def file_digests(items: dict[str, bytes]) -> dict[str, str]:
+    """name -> the first 16 hex digits of the SHA-256 of its bytes (what check_same compares across ranks)."""
     return {k: hashlib.sha256(v).hexdigest()[:16] for k, v in items.items()}
 
 
@@ -176,7 +177,7 @@ def check_same(g: mx.distributed.Group, items: dict[str, bytes], what: str) -> N
     if g.size() == 1:
         return
     watch(g)
-    everyone = all_objects(g, fingerprint(items))
+    everyone = all_objects(g, file_digests(items))
     for r, theirs in enumerate(everyone[1:], 1):
         bad = [k for k in everyone[0] if theirs.get(k) != everyone[0][k]]
         if bad:
