@@ -11,8 +11,9 @@ group and every helper here is the identity, so single-process code paths are un
   ranks' results back in the original order on every rank; rank 0 reports.
 - the watchdog (tensor parallel: `watch`): a collective whose peer died or hangs blocks forever. A thread
   (it runs while the main thread waits inside MLX) exits the process with one line when no progress
-  (`beat`: a forward, a finished exchange) is seen for ILLADA_DIST_TIMEOUT seconds (default 300); `idle()`
-  pauses it while a rank waits on purpose (for a chat line). mlx.launch itself terminates the other ranks
+  (`beat`: a forward, which the sharded embedding reports (shard.py), or a finished exchange) is seen for
+  ILLADA_DIST_TIMEOUT seconds (default 300); `idle()` pauses it while a rank waits on purpose (for a chat
+  line). mlx.launch itself terminates the other ranks
   when one exits with an error.
 """
 
