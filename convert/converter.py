@@ -58,8 +58,7 @@ def peak_rss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def _sample_sums(w: mx.array) -> tuple[float, float]:
-    """The sum and absolute sum of a strided sample of `w`: equal for a tied head and its embedding."""
+def _fingerprint(w: mx.array) -> tuple[float, float]:
     w = w.reshape(-1)[:: max(1, w.size // 65536)].astype(mx.float32)
     return float(w.sum()), float(mx.abs(w).sum())
 
@@ -216,11 +215,11 @@ def _write(ck, args, out: Path, target, default_q, recipe, max_shard_bytes, prog
                 w = tensors[name]
                 left -= w.nbytes
                 if name == "lm_head.weight(tied)":
-                    head_fp = _sample_sums(w)
+                    head_fp = _fingerprint(w)
                     bar.update(w.nbytes)
                     continue
                 if name == "model.embed_tokens.weight" and args.tie_word_embeddings:
-                    embed_fp = _sample_sums(w)
+                    embed_fp = _fingerprint(w)
                 source, w = w, w.astype(target) if target is not None else w
                 if not allow_nonfinite:
                     _check_finite(name, w, source)
