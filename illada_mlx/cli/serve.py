@@ -37,8 +37,7 @@ def command(model_path, host, port, max_queue, max_batch, max_request_seconds, a
 
     from .. import distributed as dist
     from ..listen import check_api_key, host_names
-    from ..server import Engine, Options, follow  # the server's names, in this one place
-    from ..server import serve as run
+    from ..server import Engine, Options, follow, serve  # the server's names, in this one line
 
     g = ranks()
     if api_key is None and os.environ.get("ILLADA_MLX_API_KEY") == "":  # click reads an empty variable as unset
@@ -55,4 +54,4 @@ def command(model_path, host, port, max_queue, max_batch, max_request_seconds, a
     name = Path(str(model_path)).name if model_path else "illada-demo"
     engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
     opts = Options(api_key=api_key, allowed_hosts=hosts, allowed_origins=names(allowed_origins) or ())
-    run(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
+    serve(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
