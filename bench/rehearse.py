@@ -247,7 +247,7 @@ def run_stage(argv: list[str]) -> dict:
 
 
 def child(argv: list[str]) -> None:
-    from illada_mlx.config import one_line_errors
+    from illada_mlx.options import one_line_errors
     from illada_mlx_convert.converter import peak_rss_bytes
 
     kind, rest = argv[0], argv[1:]

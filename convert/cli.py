@@ -15,8 +15,8 @@ BITS = sorted({b for bits, _ in QUANT_MODES.values() for b in bits})
 GROUP_SIZES = sorted({g for _, groups in QUANT_MODES.values() for g in groups})
 
 
-def _mode_defaults(key: str) -> str:
-    return ", ".join(f"{mode} {check_params(None, None, mode)[key]}" for mode in QUANT_MODES)
+def _q_mode_defaults(key: str) -> str:
+    return ", ".join(f"{q_mode} {check_params(None, None, q_mode)[key]}" for q_mode in QUANT_MODES)
 
 
 def _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe) -> bool:
@@ -52,13 +52,13 @@ def _quantize_flags(quantize, q_bits, q_group_size, q_mode, q_recipe) -> bool:
     "--q-bits",
     type=click.Choice([str(b) for b in BITS]),
     default=None,
-    help=f"Default: the mode's ({_mode_defaults('bits')}).",
+    help=f"Default: the mode's ({_q_mode_defaults('bits')}).",
 )
 @click.option(
     "--q-group-size",
     type=click.Choice([str(g) for g in GROUP_SIZES]),
     default=None,
-    help=f"Default: the mode's ({_mode_defaults('group_size')}).",
+    help=f"Default: the mode's ({_q_mode_defaults('group_size')}).",
 )
 @click.option("--q-mode", type=click.Choice(list(QUANT_MODES)), default="affine", show_default=True)
 @click.option(

@@ -7,71 +7,15 @@ read into one `ModelArgs`; our MLX directories store the iLLaDA-style keys plus 
 from __future__ import annotations
 
 import math
-import os
 import reprlib
-import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import IlladaError
+from .errors import ContextError as ContextError  # re-exported: where callers have always found it
+from .errors import IlladaError, one_line
 from .files import read_bytes, read_json_object
-
-
-def debug_enabled(flag: bool = False) -> bool:
-    """Tracebacks wanted: `--debug` or ILLADA_MLX_DEBUG=1."""
-    return flag or os.environ.get("ILLADA_MLX_DEBUG", "") not in ("", "0")
-
-
-def one_line(text: str) -> str:
-    """A message as one line: its lines joined with '; '."""
-    return "; ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
-
-
-def describe_os_error(e: OSError) -> str:
-    """'FILE: strerror' (both files for a rename), or the error's text when it names no file."""
-    if e.strerror and e.filename is not None:
-        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
-        return f"{names}: {e.strerror}; check the path, its permissions and the free space"
-    return f"{one_line(e) or type(e).__name__}; check the paths, their permissions and the free space"
-
-
-@contextmanager
-def one_line_errors(debug: bool = False):
-    """For commands: a failure is one `error:` line on stderr and exit code 1 (Ctrl-C: 130; a signal the
-    converter turned into an interrupt: 128 + its number), never a traceback unless `debug` or
-    ILLADA_MLX_DEBUG=1. Our errors and OSError are expected; anything else is reported as a bug. click's
-    own exceptions (usage errors, --help's exit) pass through to click."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", None)
-        sys.stderr.write(f"interrupted{f' (signal {signum})' if signum else ''}\n")
-        sys.exit(128 + signum if signum else 130)
-    except Exception as e:
-        import click
-
-        if debug_enabled(debug) or isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
-            raise
-        if isinstance(e, IlladaError):
-            msg = one_line(e)
-        elif isinstance(e, OSError):
-            msg = describe_os_error(e)
-        elif isinstance(e, MemoryError):
-            msg = "out of memory; use a smaller model, budget or batch"
-        else:
-            msg = (
-                f"unexpected {type(e).__name__}: {one_line(e)}; this is a bug: rerun with --debug "
-                "(or ILLADA_MLX_DEBUG=1) and report the traceback"
-            )
-        sys.stderr.write(f"error: {msg}\n")
-        sys.exit(1)
-
-
-class ContextError(IlladaError):
-    """The prompt and the generation do not fit the model's positions (the server's context_length_exceeded)."""
-
+from .quant import check_record
 
 ILLADA = "illada"
 LLADA = "llada"
@@ -214,8 +158,6 @@ def check_args(a: "ModelArgs") -> None:
         if v is not None and not (_is_int(v) and v >= 0):
             raise _bad(name, v, "a token id (a whole number from 0)")
     if a.quantization is not None:
-        from .quant import check_record
-
         check_record(a.quantization)
     if a.source_layout not in (ILLADA, LLADA):
         raise _bad("source_layout", a.source_layout, f"{ILLADA!r} or {LLADA!r}")

@@ -21,7 +21,7 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def fingerprint() -> str:
+def bundled_digest() -> str:
     """The first 12 hex digits of a SHA-1 over the bundled checkpoint's files (names and bytes)."""
     h = hashlib.sha1()
     for f in sorted(BUNDLED.iterdir()):
@@ -39,5 +39,5 @@ def bundled() -> Path:
 
 
 def converted_path() -> Path:
-    """Where the bundled checkpoint's MLX conversion lives: one directory per fingerprint under cache_root()."""
-    return cache_root() / f"demo-{fingerprint()}"
+    """Where the bundled checkpoint's MLX conversion lives: one directory per bundled_digest under cache_root()."""
+    return cache_root() / f"demo-{bundled_digest()}"

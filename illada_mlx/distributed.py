@@ -11,8 +11,9 @@ group and every helper here is the identity, so single-process code paths are un
   ranks' results back in the original order on every rank; rank 0 reports.
 - the watchdog (tensor parallel: `watch`): a collective whose peer died or hangs blocks forever. A thread
   (it runs while the main thread waits inside MLX) exits the process with one line when no progress
-  (`beat`: a forward, a finished exchange) is seen for ILLADA_DIST_TIMEOUT seconds (default 300); `idle()`
-  pauses it while a rank waits on purpose (for a chat line). mlx.launch itself terminates the other ranks
+  (`beat`: a forward, which the sharded embedding reports (shard.py), or a finished exchange) is seen for
+  ILLADA_DIST_TIMEOUT seconds (default 300); `idle()` pauses it while a rank waits on purpose (for a chat
+  line). mlx.launch itself terminates the other ranks
   when one exits with an error.
 """
 
@@ -167,7 +168,8 @@ def shared_seed(g: mx.distributed.Group, seed: Optional[int]) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------------------ agreement
-def fingerprint(items: dict[str, bytes]) -> dict[str, str]:
+def file_digests(items: dict[str, bytes]) -> dict[str, str]:
+    """name -> the first 16 hex digits of the SHA-256 of its bytes (what check_same compares across ranks)."""
     return {k: hashlib.sha256(v).hexdigest()[:16] for k, v in items.items()}
 
 
@@ -176,7 +178,7 @@ def check_same(g: mx.distributed.Group, items: dict[str, bytes], what: str) -> N
     if g.size() == 1:
         return
     watch(g)
-    everyone = all_objects(g, fingerprint(items))
+    everyone = all_objects(g, file_digests(items))
     for r, theirs in enumerate(everyone[1:], 1):
         bad = [k for k in everyone[0] if theirs.get(k) != everyone[0][k]]
         if bad:

@@ -15,7 +15,6 @@ import mlx.nn as nn
 
 from .cache import BlockCache
 from .config import IlladaError, ModelArgs
-from .distributed import beat
 from .shard import VocabSharded, shard_model
 
 
@@ -141,7 +140,6 @@ class Model(nn.Module):
         cache holds (see cache.py); or offset is (B, L), the canvas position of each of `ids` (any order,
         repeats allowed), whose keys/values are written over the cache's.
         """
-        beat()  # the watchdog (several ranks): this rank is making progress
         h = self.model.embed_tokens(ids)
         mask = attention_mask_for(attention_mask, offset, ids.shape[1])
         for i, layer in enumerate(self.model.layers):

@@ -2,19 +2,64 @@
 positive integers) and command classes whose every failure is one `error:` line.
 
 A bad option value (out of range, not a number) exits with 1 like every other failure (see
-`config.one_line_errors`), other usage errors (an unknown or missing option) with 2, as click does;
+`one_line_errors`), other usage errors (an unknown or missing option) with 2, as click does;
 tracebacks only with `--debug` or ILLADA_MLX_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+from contextlib import contextmanager
 
 import click
 
-from .config import one_line, one_line_errors
+from .errors import IlladaError, one_line
 from .settings import SEED_MAX
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    """Tracebacks wanted: `--debug` or ILLADA_MLX_DEBUG=1."""
+    return flag or os.environ.get("ILLADA_MLX_DEBUG", "") not in ("", "0")
+
+
+def describe_os_error(e: OSError) -> str:
+    """'FILE: strerror' (both files for a rename), or the error's text when it names no file."""
+    if e.strerror and e.filename is not None:
+        names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{names}: {e.strerror}; check the path, its permissions and the free space"
+    return f"{one_line(e) or type(e).__name__}; check the paths, their permissions and the free space"
+
+
+@contextmanager
+def one_line_errors(debug: bool = False):
+    """For commands: a failure is one `error:` line on stderr and exit code 1 (Ctrl-C: 130; a signal the
+    converter turned into an interrupt: 128 + its number), never a traceback unless `debug` or
+    ILLADA_MLX_DEBUG=1. Our errors and OSError are expected; anything else is reported as a bug. click's
+    own exceptions (usage errors, --help's exit) pass through to click."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        sys.stderr.write(f"interrupted{f' (signal {signum})' if signum else ''}\n")
+        sys.exit(128 + signum if signum else 130)
+    except Exception as e:
+        if debug_enabled(debug) or isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
+            raise
+        if isinstance(e, IlladaError):
+            msg = one_line(e)
+        elif isinstance(e, OSError):
+            msg = describe_os_error(e)
+        elif isinstance(e, MemoryError):
+            msg = "out of memory; use a smaller model, budget or batch"
+        else:
+            msg = (
+                f"unexpected {type(e).__name__}: {one_line(e)}; this is a bug: rerun with --debug "
+                "(or ILLADA_MLX_DEBUG=1) and report the traceback"
+            )
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(1)
 
 
 class FiniteFloat(click.FloatRange):

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import IlladaError
+from .errors import IlladaError
 
-# mode -> (allowed bits, allowed group sizes)
+# quantization mode (q_mode; the record's "mode" key) -> (allowed bits, allowed group sizes)
 QUANT_MODES = {
     "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
     "mxfp4": ((4,), (32,)),
@@ -26,21 +26,21 @@ _EMBED = re.compile(r"^(model\.embed_tokens|lm_head)$")
 _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
-def check_params(bits: Optional[int], group_size: Optional[int], mode: str) -> dict:
-    """The (bits, group size, mode) record, the mode's defaults filling what is None; refused if unsupported."""
-    if mode not in QUANT_MODES:
-        raise IlladaError(f"unsupported quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    ok_bits, ok_groups = QUANT_MODES[mode]
+def check_params(bits: Optional[int], group_size: Optional[int], q_mode: str) -> dict:
+    """The (bits, group size, mode) record, the q_mode's defaults filling what is None; refused if unsupported."""
+    if q_mode not in QUANT_MODES:
+        raise IlladaError(f"unsupported quantization mode {q_mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    ok_bits, ok_groups = QUANT_MODES[q_mode]
     # not given: 4 bits in groups of 64 where the mode allows them (affine), else the mode's only value
     # (mlx-lm's defaults: mxfp4 g32, nvfp4 g16, mxfp8 8-bit g32)
     bits = (4 if 4 in ok_bits else ok_bits[0]) if bits is None else bits
     group_size = (64 if 64 in ok_groups else ok_groups[0]) if group_size is None else group_size
     if bits not in ok_bits or group_size not in ok_groups:
         raise IlladaError(
-            f"{mode} quantization supports bits {list(ok_bits)} with group size {list(ok_groups)}, "
+            f"{q_mode} quantization supports bits {list(ok_bits)} with group size {list(ok_groups)}, "
             f"not bits={bits} group={group_size}; change --q-bits/--q-group-size"
         )
-    return {"group_size": group_size, "bits": bits, "mode": mode}
+    return {"group_size": group_size, "bits": bits, "mode": q_mode}
 
 
 def check_record(record: dict) -> None:
@@ -49,18 +49,18 @@ def check_record(record: dict) -> None:
     def params(d, where):
         if not isinstance(d, dict):
             raise IlladaError(f"config.json: quantization{where} is not an object; re-convert the model")
-        bits, group, mode = d.get("bits"), d.get("group_size"), d.get("mode", "affine")
-        ok = mode in QUANT_MODES if isinstance(mode, str) else False
+        bits, group, q_mode = d.get("bits"), d.get("group_size"), d.get("mode", "affine")
+        ok = q_mode in QUANT_MODES if isinstance(q_mode, str) else False
         if not (
             ok
-            and bits in QUANT_MODES[mode][0]
-            and group in QUANT_MODES[mode][1]
+            and bits in QUANT_MODES[q_mode][0]
+            and group in QUANT_MODES[q_mode][1]
             and not isinstance(bits, bool)
             and not isinstance(group, bool)
         ):
             raise IlladaError(
                 f"config.json: quantization{where} (bits {bits!r}, group size {group!r}, mode "
-                f"{mode!r}) is not one this package writes; re-convert the model"
+                f"{q_mode!r}) is not one this package writes; re-convert the model"
             )
 
     params(record, "")

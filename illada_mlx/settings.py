@@ -1,7 +1,7 @@
 """The decode settings a person chooses, each declared once: its type, range, help and where it is asked
 for (a CLI flag, a request field, an lm-eval model arg, a model's diffusion_config.json).
 
-The faces are built from this registry: `cli.sampler_options` makes its click options from it, the API's
+The faces are built from this registry: `cli.common.sampler_options` makes its click options from it, the API's
 `diffusion` object and sampling fields are read with `Setting.check`, lm-eval's model args are typed and
 checked with `Setting.parse`, `DecodeSpec.check` checks every ranged field with it and `/v1/illada/defaults`
 publishes it for the web page. A setting's default is the mode's and the model's (spec.py), not here.

@@ -9,7 +9,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_map
 
 from .config import IlladaError, ModelArgs
-from .distributed import watch
+from .distributed import beat, watch
 
 
 def _rows_of(module: nn.Module, rank: int, size: int) -> tuple[int, int]:
@@ -47,6 +47,7 @@ class VocabSharded(nn.Module):
         self.start, self.rows = _rows_of(inner, group.rank(), group.size())
 
     def __call__(self, ids: mx.array) -> mx.array:
+        beat()  # every tensor-parallel forward starts here: the watchdog sees this rank making progress
         local = ids - self.start
         inside = (local >= 0) & (local < self.rows)
         h = self.inner(mx.where(inside, local, 0))

@@ -3,6 +3,8 @@ from decoding the same prompt directly (T = 0 is deterministic), so these test t
 model's skill (that is test_quality.py)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -113,9 +115,9 @@ def test_chat_two_turns_reset_and_settings(demo):
 
 @pytest.mark.slow  # one token per step, every frame drawn
 def test_chat_visual_renders_when_forced(monkeypatch, direct):
-    import illada_mlx.cli
+    import illada_mlx.cli.widgets
 
-    monkeypatch.setattr(illada_mlx.cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(illada_mlx.cli.widgets, "stdout_is_terminal", lambda: True)
     # one token per step (fast mode fills the demo's whole block in one forward: no masked frame)
     r = CliRunner().invoke(
         main, ["chat", "--visual", "--mode", "variable", "--max-tokens", "32"], input="reverse abc\n"
@@ -138,7 +140,7 @@ def test_fixed_canvas_default_is_the_official_128_tokens(mode):
 def test_mode_and_cache_names_come_from_the_one_table():
     from illada_mlx import api
     from illada_mlx.cache import CACHES, REFRESHES
-    from illada_mlx.cli import _modes
+    from illada_mlx.cli.common import mode_names
     from illada_mlx.config import IlladaError
 
     for cmd in ("generate", "chat"):
@@ -147,9 +149,9 @@ def test_mode_and_cache_names_come_from_the_one_table():
         assert list(params["cache"].type.choices) == list(CACHES)
         assert list(params["block_refresh"].type.choices) == list(REFRESHES)
     # bench --modes: every preset, nothing else
-    assert _modes(",".join(PRESETS)) == list(PRESETS)
+    assert mode_names(",".join(PRESETS)) == list(PRESETS)
     with pytest.raises(IlladaError, match="warp"):
-        _modes("exact,warp")
+        mode_names("exact,warp")
     # the server: every preset and cache accepted, anything else refused
 
     class args:  # what api.settings reads of the model's ModelArgs
@@ -222,7 +224,7 @@ class Terminal:
 
 
 def test_progress_status_never_garbles_the_streamed_text(monkeypatch):
-    from illada_mlx.cli import Progress
+    from illada_mlx.cli.widgets import Progress
 
     term = Terminal()
     monkeypatch.setattr("sys.stdout", term)
@@ -344,3 +346,23 @@ def test_every_readme_command_parses():
     for flag in ("--plot", "--baselines torch"):
         first = re.search(rf"^.*illada-mlx bench.*{flag}.*$", text, re.M)
         assert first and 0 <= text.find('pip install -e ".[bench]"') < first.start(), flag
+
+
+def test_help_lists_the_commands_without_importing_them():
+    # `-h` reads the summaries from the dispatcher's table: no command module, and never the converter
+    code = (
+        "import sys; from illada_mlx.cli import main\n"
+        "try:\n    main(['-h'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('illada_mlx.cli.', 'illada_mlx_convert'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines()[-1] == "[]"
+    assert "convert   Convert an HF checkpoint" in r.stdout
+
+
+def test_the_dispatchers_summaries_are_the_commands_own():
+    from illada_mlx.cli import COMMANDS, main
+
+    for name, (_, summary) in COMMANDS.items():
+        cmd = main.get_command(None, name)
+        assert cmd.name == name and (cmd.help or "").replace("\n", " ").startswith(summary)

@@ -603,13 +603,13 @@ def test_load_without_a_path_reads_the_bundled_checkpoint_in_memory(tmp_path, mo
 
 
 def test_ensure_demo_model_converts_once_and_says_so(tmp_path, monkeypatch):
-    from illada_mlx.demo import BUNDLED, fingerprint
+    from illada_mlx.demo import BUNDLED, bundled_digest
     from illada_mlx_convert import ensure_demo_model
 
     monkeypatch.setenv("ILLADA_MLX_CACHE", str(tmp_path / "cache"))
     notices = []
     d = ensure_demo_model(notices.append)
-    assert d == tmp_path / "cache" / f"demo-{fingerprint()}"
+    assert d == tmp_path / "cache" / f"demo-{bundled_digest()}"
     assert notices == [f"converting the bundled demo model into {d} (first use only)"]
     assert ensure_demo_model(notices.append) == d and len(notices) == 1
     assert ensure_demo_model() == d
