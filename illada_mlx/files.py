@@ -118,6 +118,11 @@ def read_user_file(path: str, option: str, limit: int) -> bytes:
     return data
 
 
+def read_json_file(path: str, option: str, limit: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from a file an option names (`read_user_file`'s rules, then `parse_json_object`'s)."""
+    return parse_json_object(read_user_file(path, option, limit), Path(path))
+
+
 def check_writable(path: Path, option: str) -> None:
     """Refuse, before any work, a file that could not be written at the end: an existing file is opened for
     appending (nothing written), a new one tried as a temporary file in its nearest existing folder."""

@@ -167,3 +167,19 @@ def test_the_skeleton_costs_no_forwards(demo):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "c": {"enum": ["a", "b"]}}}
     r = generate_json(model, tok, ids, schema)
     assert r.stats.nfe == 1 and set(json.loads(r.text)) == {"ok", "c"}
+
+
+def test_generate_json_schema_prints_valid_json(tmp_path):
+    from click.testing import CliRunner
+
+    from illada_mlx.cli import main
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    r = CliRunner().invoke(main, ["generate", "-p", "57+68=", "--json-schema", str(path)])
+    assert r.exit_code == 0, r.output
+    jsonschema.validate(json.loads(r.stdout.strip()), schema)
+    path.write_text('{"type": "object", "patternProperties": {}}')
+    r = CliRunner().invoke(main, ["generate", "-p", "x", "--json-schema", str(path)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "'patternProperties'" in r.output
