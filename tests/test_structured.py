@@ -9,40 +9,9 @@ import pytest
 
 from illada_mlx.config import IlladaError
 from illada_mlx.structured import Layout, TokenClasses, compile_schema, render
+from training.schemas import random_schema
 
 jsonschema = pytest.importorskip("jsonschema")
-
-
-def random_schema(rng: random.Random, depth: int = 0) -> dict:
-    """Objects nested up to depth 3, strings, integers, numbers, booleans, enums, bounded arrays,
-    required and optional keys."""
-    kinds = ["string", "integer", "number", "boolean", "enum", "array"] + (["object"] * 2 if depth < 3 else [])
-    kind = rng.choice(kinds if depth else ["object"])
-    if kind == "object":
-        props = {f"k{i}": random_schema(rng, depth + 1) for i in range(rng.randint(1, 4))}
-        return {
-            "type": "object",
-            "properties": props,
-            "required": rng.sample(sorted(props), rng.randint(0, len(props))),
-            "additionalProperties": False,
-        }
-    if kind == "array":
-        lo = rng.randint(0, 2)
-        s = {"type": "array", "items": random_schema(rng, depth + 1), "minItems": lo}
-        return {**s, "maxItems": lo + rng.randint(0, 2)} if rng.random() < 0.5 else s
-    if kind == "enum":
-        return {"enum": rng.sample(["red", "green", 3, None, True, "a b"], rng.randint(1, 4))}
-    if kind == "string":
-        s = {"type": "string"}
-        if rng.random() < 0.5:
-            lo = rng.randint(0, 3)
-            s.update(minLength=lo, maxLength=lo + rng.randint(0, 6))
-        return s
-    s = {"type": kind}
-    if kind in ("integer", "number") and rng.random() < 0.6:
-        lo = rng.randint(-50, 50)
-        s.update(minimum=lo, maximum=lo + rng.randint(0, 500))
-    return s
 
 
 def random_fill(layout: Layout, rng: random.Random) -> np.ndarray:
