@@ -66,7 +66,7 @@ from .api import (
     step_events,
     streaming,
 )
-from .batch import Batch, LogprobTracker, Row, _row, batch_key
+from .batch import Batch, LogprobTracker, Row, batch_key
 from .config import ContextError, IlladaError, one_line
 from .decode import Step
 from .engine import build_prompt, stream_generate
@@ -393,7 +393,9 @@ class Engine:
             tokens += len(r.tokens)
             lp = tracker.result() if tracker is not None and r.tokens else None
             if r.text or r.tokens:
-                job.emit("text", i, (r.text, self._logprobs(r.tokens, _row(lp, 0, len(r.tokens)), job.top_logprobs)))
+                job.emit(
+                    "text", i, (r.text, self._logprobs(r.tokens, lp and lp.row(0, len(r.tokens)), job.top_logprobs))
+                )
             cancelled = job.cancel.is_set() or self.closing.is_set()
             late = r.finish_reason is None and time.monotonic() > job.deadline
             if self.group is not None:
