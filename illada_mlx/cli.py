@@ -660,7 +660,8 @@ def serve(
 
     from . import distributed as dist
     from .listen import check_api_key, host_names
-    from .server import Engine, Options, follow
+    from .server import Options, follow
+    from .server import Scheduler as Engine
     from .server import serve as run
 
     g = ranks()

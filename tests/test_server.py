@@ -13,7 +13,7 @@ from fixtures import reply
 
 from illada_mlx.engine import generate_text
 from illada_mlx.load import load
-from illada_mlx.server import Engine, Options, make_app, make_server
+from illada_mlx.server import Options, Scheduler, make_app, make_server
 
 FAST = {"mode": "fast"}
 
@@ -26,7 +26,7 @@ def _free_port():
 
 class Server:
     def __init__(self, model, tok, name, max_queue=32, opts=None, max_batch=8, max_request_seconds=600.0, **kw):
-        self.engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
+        self.engine = Scheduler(model, tok, name, max_queue, max_batch, max_request_seconds)
         self.port = _free_port()
         self.server = make_server(make_app(self.engine, opts), "127.0.0.1", self.port, "error", **kw)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
