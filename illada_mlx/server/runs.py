@@ -16,6 +16,7 @@ limit, the server stopping); its running choice leaves only there.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from contextlib import closing
@@ -29,6 +30,8 @@ from ..batch import Batch, BlockLogprobs, LogprobTracker, Row
 from ..decode import BlockDone, Generation, Step, decode
 from ..engine import stream_generate
 from ..spec import DecodeSpec
+
+log = logging.getLogger("illada_mlx.server")
 
 
 class Solo:
@@ -82,6 +85,7 @@ class Solo:
             if on_step is not None:
                 on_step(ev)
             if self.group is None and leave is not None and leave(row):  # one process: stop at this step
+                log.info("request cancelled mid-block")
                 self._end()
                 return [(row, [], "cancelled", None)]
         raise RuntimeError("decode ended before its block did")
@@ -121,6 +125,8 @@ class Solo:
             return None
         why = self.halt(row) if self.halt is not None else None
         dist.decide(self.group, why is not None)
+        if why == "cancelled":
+            log.info("request cancelled after block %d of %d", row.blocks, self.spec.n_blocks)
         return why
 
     def _end(self) -> None:

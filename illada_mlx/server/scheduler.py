@@ -68,7 +68,6 @@ class Scheduler:
         )
         self.worker.start()
 
-    # -------------------------------------------------------------------------------------- the queue
     def submit(self, job: Job):
         """Queue a job, or 429 when max_queue requests already wait (the running batch's not counted, nor the
         requests whose client went away while they waited: the worker skips them when it comes to them)."""
@@ -214,6 +213,8 @@ class Scheduler:
         }
         for row in run.remove(gone):
             if row.handle.job.cancel.is_set() or self.closing.is_set():
+                if row.blocks and not shared(run):
+                    log.info("request cancelled after block %d of %d", row.blocks, run.spec.n_blocks)
                 self._done(row.handle)
             else:
                 self._finish(run, row, [], "time_limit", None)
@@ -238,7 +239,8 @@ class Scheduler:
         )  # a client gone: out now
         for row, toks, reason, lp in results:
             if reason == "cancelled":
-                log.info("a request's choice stopped mid-decode (its client went away)")
+                if shared(run):
+                    log.info("a request's row left its batch mid-block (its client went away)")
                 self._done(row.handle)
             else:
                 self._finish(run, row, toks, reason, lp)
@@ -274,7 +276,6 @@ class Scheduler:
         self.served += 1
         self.cancelled += job.cancel.is_set()
 
-    # -------------------------------------------------------------------------------------- step events
     def _emit_steps(self, run: Run, ev: Step) -> None:
         """Each row that asked for them (diffusion.steps): its commits at this step as a Stepped event, the
         reply's block (its index, first position and length) and [position, token id, its text alone] per
