@@ -229,17 +229,17 @@ def _grow(x: mx.array, n: int, axis: int, fill) -> mx.array:
     return mx.concatenate([x, mx.full(shape, fill, dtype=x.dtype)], axis=axis)
 
 
-def step_window(mode: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
-    """The canvas slice a cached step runs."""
-    return (block_start, canvas_len) if mode == "prefix" else (block_start, block_end)
+def step_window(policy: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
+    """The canvas slice a cached step runs under the cache policy (one of CACHES)."""
+    return (block_start, canvas_len) if policy == "prefix" else (block_start, block_end)
 
 
-def refresh_kind(mode: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
+def refresh_kind(policy: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
     """What a forward recomputes: "full" (the canvas), "window" (the last block again + the new one, at a
     block start), "drift" (the window and probes, at a block start) or None (the step window). Always full
     without a cache, at the first block and every `every` steps (0 = never); at a block start per the
     policy, with a full refresh every `full_every` blocks (0 = never) under the window and drift policies."""
-    if mode == "none" or (every > 0 and step % every == 0):
+    if policy == "none" or (every > 0 and step % every == 0):
         return "full"
     if step:
         return None
