@@ -93,8 +93,12 @@ class Solo:
                 return [(row, [], "cancelled", None)]
         raise RuntimeError("decode ended before its block did")
 
+    def spec_for(self, row: Row) -> DecodeSpec:
+        """Choice i's settings: the request's, with seed + i when it has a seed."""
+        return self.spec if self.spec.seed is None else replace(self.spec, seed=self.spec.seed + row.handle.index)
+
     def _begin(self, row: Row, stop_fn) -> None:
-        spec = self.spec if self.spec.seed is None else replace(self.spec, seed=self.spec.seed + row.handle.index)
+        spec = self.spec_for(row)
         if self.group is not None:  # the other ranks' `follow` runs the same decode (one seed for sampling)
             spec = replace(spec, seed=spec.seed if spec.seed is not None else time.time_ns() % 2**31)
             dist.broadcast(self.group, {"ids": row.ids, "spec": spec.as_dict()})
@@ -154,6 +158,11 @@ def stats_of(run, row: Row, tokens: int) -> Optional[dict]:
         peak_memory_bytes=mx.get_peak_memory(),
     )
     return d
+
+
+def settings_of(run, row: Row) -> dict:
+    """The settings a choice ran with (diffusion_settings)."""
+    return (run.spec_for(row) if isinstance(run, Solo) else run.spec).as_dict()
 
 
 def shared(run) -> bool:

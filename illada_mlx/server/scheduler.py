@@ -26,7 +26,7 @@ from ..engine import build_prompt
 from ..text import ReplyText
 from .events import Choice, Failed, Finished, Job, Stepped, Text
 from .openai_wire import logprob_entries
-from .runs import Solo, shared, stats_of
+from .runs import Solo, settings_of, shared, stats_of
 
 log = logging.getLogger("illada_mlx.server")
 Run = Union[Batch, Solo]
@@ -255,7 +255,7 @@ class Scheduler:
         if text or toks:
             c.job.emit(Text(c.index, text, logprob_entries(self.tok, toks, lp, row.top_logprobs)))
         if reason is not None:
-            c.job.emit(Finished(c.index, reason, c.tokens, stats_of(run, row, c.tokens), run.spec.as_dict()))
+            c.job.emit(Finished(c.index, reason, c.tokens, stats_of(run, row, c.tokens), settings_of(run, row)))
             self._done(c)
 
     def _gone(self, job: Job, began: float) -> bool:
