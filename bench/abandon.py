@@ -11,7 +11,7 @@ clients run alone (`--alone-seconds`), then beside the leavers. Reported: the we
 block (p50 / p90 / max) alone and beside the leavers, their requests per second, the leavers' requests,
 and, once every client has stopped at the end, the forwards the server still ran for requests nobody
 reads any more (the model's forwards are counted); per row dropped mid-decode, whether the step it left
-after began after its client had gone (server.Engine.late_steps: 0 means it stopped within the step it
+after began after its client had gone (server.Scheduler.late_steps: 0 means it stopped within the step it
 was on), and the time between forwards.
 """
 
@@ -34,7 +34,7 @@ import mlx.core as mx
 from soak import small_model  # bench/soak.py, beside this script
 
 from illada_mlx.load import load
-from illada_mlx.server import Engine, make_app, make_server
+from illada_mlx.server import Scheduler, make_app, make_server
 
 STEADY = {"max_tokens": 32, "stream": True, "diffusion": {"mode": "fast", "block_length": 16}}
 LEAVER = {"max_tokens": 128, "stream": True, "diffusion": {"mode": "fast", "block_length": 16}}
@@ -157,7 +157,7 @@ def main():
     with socket.socket() as so:
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]
-    engine = Engine(model, tok, "abandon", max_queue=4 * (a.leavers + a.steady), max_batch=8)
+    engine = Scheduler(model, tok, "abandon", max_queue=4 * (a.leavers + a.steady), max_batch=8)
     server = make_server(make_app(engine), "127.0.0.1", port, "error")
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

@@ -35,7 +35,7 @@ from illada_mlx.config import ModelArgs
 from illada_mlx.engine import generate_text
 from illada_mlx.load import load
 from illada_mlx.model import Model
-from illada_mlx.server import Engine, make_app, make_server
+from illada_mlx.server import Scheduler, make_app, make_server
 from training.demo_tasks import held_out_set
 
 
@@ -62,7 +62,7 @@ def run(model, tok, items, expected, settings, max_batch, concurrency, requests)
     with socket.socket() as so:
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]
-    engine = Engine(model, tok, "soak", max_queue=max(16, concurrency * 2), max_batch=max_batch)
+    engine = Scheduler(model, tok, "soak", max_queue=max(16, concurrency * 2), max_batch=max_batch)
     server = make_server(make_app(engine), "127.0.0.1", port, "error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

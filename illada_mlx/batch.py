@@ -9,12 +9,13 @@ block boundaries and finished rows leaving (the server's worker drives it).
 All rows share one canvas width. The first rows are left-padded to the longest prompt, as in decode.py; a
 row joining later is left-padded so that its prompt ends where the running rows' next block starts, so it
 fits only when its prompt is no longer than the canvas so far and its budget within the positions left
-(`fits`). Every row's block then spans the same positions, and decode.py's `_denoise_block` runs it.
+(`fits`). Every row's block then spans the same positions, and decode.py's `denoise_block` runs it.
 
 With a block cache the join block's first forward is two forwards: the running rows recompute what a
 block start recomputes (cache.refresh_kind), the joining rows their whole canvas, as they would alone;
-their cache rows are then one cache. So each row's tokens at temperature 0 are those it gets decoded
-alone, up to the float rounding of a different batch shape. `batch_key` says which specs can share a batch.
+their cache rows are then one cache (BlockCache.merge). So each row's tokens at temperature 0 are those it
+gets decoded alone, up to the float rounding of a different batch shape. `batch_key` says which specs can
+share a batch.
 
 A row can also leave mid-block (run_block's `leave`, asked after every step: a client that went away): its
 canvas, key mask and cache rows are dropped there (DecodeState.keep, BlockCache.keep) and the block goes on
@@ -30,7 +31,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from .cache import BlockCache
-from .decode import DecodeState, Stats, Step, _denoise_block, _forward
+from .decode import DecodeState, Stats, Step, denoise_block, forward_logits
 from .spec import DecodeSpec
 
 
@@ -70,6 +71,12 @@ class BlockLogprobs:
     token: list  # (rows, block) floats
     top_ids: Optional[list] = None  # (rows, block, k)
     top: Optional[list] = None
+
+    def row(self, j: int, n: int) -> "BlockLogprobs":
+        """Row j's figures, its first n positions (its tokens before a stop)."""
+        return BlockLogprobs(
+            self.token[j][:n], self.top_ids[j][:n] if self.top_ids else None, self.top[j][:n] if self.top else None
+        )
 
 
 class LogprobTracker:
@@ -172,49 +179,50 @@ class Batch:
         for r in new:
             r.nfe_at_join = self.stats.nfe
         if self.st is None:
-            cache = None if spec.cache == "none" else BlockCache()
+            kv = None if spec.cache == "none" else BlockCache()
             seed = spec.seed if spec.seed is not None else time.time_ns() % 2**31
             self.st = DecodeState(
-                x, valid, x != spec.mask_id, width, [], cache, mx.random.key(seed), self.stats, time.perf_counter()
+                x, valid, x != spec.mask_id, width, [], kv, mx.random.key(seed), self.stats, time.perf_counter()
             )
             self._split, self._fresh = None, True
         else:
             st = self.st
-            self._split = len(self.rows) if st.cache is not None else None
+            self._split = len(self.rows) if st.kv is not None else None
             st.x = mx.concatenate([st.x, x])
             st.key_valid = mx.concatenate([st.key_valid, valid])
             st.prompt_mask = mx.concatenate([st.prompt_mask, x != spec.mask_id])
         self.rows += new
         self.st.rows = list(range(len(self.rows)))
-        if self.st.cache is not None:
-            self.st.cache.reserve(width + max(r.budget - r.produced for r in self.rows))
+        if self.st.kv is not None:
+            self.st.kv.reserve(width + max(r.budget - r.produced for r in self.rows))
 
     def _forward(self, model, st, spec, pos, lo, hi, kind, query=None):
-        """decode._forward, except at a join block's first forward with a cache: the running rows recompute
-        what their block start does, the joining rows their whole canvas (a cache of their own, merged)."""
+        """decode.forward_logits, except at a join block's first forward with a cache: the running rows
+        recompute what their block start does, the joining rows their whole canvas (a cache of their own,
+        merged)."""
         n, self._split = self._split, None
         if n is None or n == 0:
-            return _forward(model, st, spec, pos, lo, hi, kind, query)
+            return forward_logits(model, st, spec, pos, lo, hi, kind, query)
         old = DecodeState(
             st.x[:n],
             st.key_valid[:n],
             st.prompt_mask[:n],
             st.prompt_len,
             st.rows[:n],
-            st.cache,
+            st.kv,
             st.key,
             st.stats,
             st.t0,
         )
         fresh = BlockCache()
-        fresh.reserve(st.cache.capacity)
-        fresh.reuse = min(lo - len(r.ids) for r in self.rows[n:])  # the joining rows' padding: not run
+        fresh.reserve(st.kv.capacity)
+        fresh.skip(min(lo - len(r.ids) for r in self.rows[n:]))  # the joining rows' padding: not run
         new = DecodeState(
             st.x[n:], st.key_valid[n:], st.prompt_mask[n:], st.prompt_len, st.rows[n:], fresh, st.key, st.stats, st.t0
         )
-        a = _forward(model, old, spec, pos[:n], lo, hi, kind)
-        b = _forward(model, new, spec, pos[n:], lo, hi, "full")
-        st.cache = _merge(st.cache, fresh)
+        a = forward_logits(model, old, spec, pos[:n], lo, hi, kind)
+        b = forward_logits(model, new, spec, pos[n:], lo, hi, "full")
+        st.kv = st.kv.merge(fresh)
         return mx.concatenate([a, b])
 
     def run_block(
@@ -243,7 +251,7 @@ class Batch:
         if logprobs is not None:
             logprobs.start(B, lo, hi - lo)
         left: list[Row] = []
-        for ev in _denoise_block(self.model, st, spec, index, lo, hi, 0.0, forward=self._forward):
+        for ev in denoise_block(self.model, st, spec, index, lo, hi, 0.0, forward=self._forward):
             if logprobs is not None:
                 logprobs.step(ev)
             if on_step is not None:
@@ -267,7 +275,7 @@ class Batch:
             r.blocks += 1
             said = stop_fn is not None and stop_fn(r, toks)
             reason = "stop" if hit or said else ("length" if r.produced >= r.budget else None)
-            out.append((r, toks, reason, _row(lp, j, len(toks))))
+            out.append((r, toks, reason, None if lp is None else lp.row(j, len(toks))))
             if reason is None:
                 keep.append(j)
         if len(keep) < B:
@@ -304,34 +312,3 @@ def _put(a: mx.array, rel: mx.array, committed: mx.array, v: mx.array) -> mx.arr
         rel = mx.broadcast_to(rel[..., None], v.shape)
         committed = committed[..., None]
     return mx.put_along_axis(a, rel, mx.where(committed, v, mx.take_along_axis(a, rel, axis=1)), axis=1)
-
-
-def _row(lp: Optional[BlockLogprobs], j: int, n: int) -> Optional[BlockLogprobs]:
-    if lp is None:
-        return None
-    return BlockLogprobs(lp.token[j][:n], lp.top_ids[j][:n] if lp.top_ids else None, lp.top[j][:n] if lp.top else None)
-
-
-def _merge(a: BlockCache, b: BlockCache) -> BlockCache:
-    """One cache of a's rows then b's (the buffers padded to the larger capacity)."""
-
-    def cat(x, y, fill=0):
-        n = max(x.shape[2 if x.ndim == 4 else 1], y.shape[2 if y.ndim == 4 else 1])
-        return mx.concatenate([_grow(x, n, fill), _grow(y, n, fill)])
-
-    out = BlockCache()
-    out.keys = [cat(k1, k2) for k1, k2 in zip(a.keys, b.keys)]
-    out.values = [cat(v1, v2) for v1, v2 in zip(a.values, b.values)]
-    out.ids = cat(a.ids, b.ids, -1) if a.ids is not None and b.ids is not None else None
-    out.length = max(a.length, b.length)
-    out.capacity = out.keys[0].shape[2] if out.keys else max(a.capacity, b.capacity)
-    return out
-
-
-def _grow(x: mx.array, n: int, fill) -> mx.array:
-    axis = 2 if x.ndim == 4 else 1
-    if x.shape[axis] == n:
-        return x
-    shape = list(x.shape)
-    shape[axis] = n - x.shape[axis]
-    return mx.concatenate([x, mx.full(shape, fill, dtype=x.dtype)], axis=axis)

@@ -58,6 +58,23 @@ class BlockCache:
         """Make room for a canvas of `capacity` positions before the buffers are first written."""
         self.capacity = max(self.capacity, capacity)
 
+    def window(self, length: int) -> None:
+        """The next forwards attend over the canvas's first `length` positions."""
+        self.length = length
+
+    def skip(self, n: int) -> None:
+        """The next full refresh starts at position n: what is before it is reused (or never run: padding)."""
+        self.reuse = n
+
+    def take_reuse(self) -> int:
+        """Where a full refresh starts (the prefix it reuses); the refreshes after it start at 0."""
+        n, self.reuse = self.reuse, 0
+        return n
+
+    def settle(self, position: int) -> None:
+        """A block-start refresh computed every position before `position` with its final tokens."""
+        self.settled = position
+
     def _room(self, layer: int, k: mx.array, v: mx.array, end: int) -> None:
         B, H, _, D = k.shape
         if layer < len(self.keys) and self.keys[layer].shape[0] == B and end <= self.keys[layer].shape[2]:
@@ -163,6 +180,17 @@ class BlockCache:
         if self.ids is not None and part.ids is not None:
             self.ids[idx] = part.ids
 
+    def merge(self, other: "BlockCache") -> "BlockCache":
+        """One cache of this one's rows then `other`'s (the buffers padded to the larger capacity); what
+        either reused or settled is not carried (a new cache's)."""
+        out = BlockCache()
+        out.keys = [_cat(a, b) for a, b in zip(self.keys, other.keys)]
+        out.values = [_cat(a, b) for a, b in zip(self.values, other.values)]
+        out.ids = _cat(self.ids, other.ids, -1) if self.ids is not None and other.ids is not None else None
+        out.length = max(self.length, other.length)
+        out.capacity = out.keys[0].shape[2] if out.keys else max(self.capacity, other.capacity)
+        return out
+
     def plan_reuse(self, canvas: mx.array, limit: int) -> None:
         """Before a new call: how much of `canvas` (batch 1) the cache already holds, at most `limit`."""
         self.reuse = 0
@@ -186,17 +214,32 @@ class BlockCache:
         return self.keys + self.values
 
 
-def step_window(mode: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
-    """The canvas slice a cached step runs."""
-    return (block_start, canvas_len) if mode == "prefix" else (block_start, block_end)
+def _cat(x: mx.array, y: mx.array, fill=0) -> mx.array:
+    """x's rows then y's, the position axis (2 of keys/values, 1 of ids) padded to the longer with `fill`."""
+    axis = 2 if x.ndim == 4 else 1
+    n = max(x.shape[axis], y.shape[axis])
+    return mx.concatenate([_grow(x, n, axis, fill), _grow(y, n, axis, fill)])
 
 
-def refresh_kind(mode: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
+def _grow(x: mx.array, n: int, axis: int, fill) -> mx.array:
+    if x.shape[axis] == n:
+        return x
+    shape = list(x.shape)
+    shape[axis] = n - x.shape[axis]
+    return mx.concatenate([x, mx.full(shape, fill, dtype=x.dtype)], axis=axis)
+
+
+def step_window(policy: str, block_start: int, block_end: int, canvas_len: int) -> tuple[int, int]:
+    """The canvas slice a cached step runs under the cache policy (one of CACHES)."""
+    return (block_start, canvas_len) if policy == "prefix" else (block_start, block_end)
+
+
+def refresh_kind(policy: str, refresh: str, block: int, step: int, every: int, full_every: int) -> Optional[str]:
     """What a forward recomputes: "full" (the canvas), "window" (the last block again + the new one, at a
     block start), "drift" (the window and probes, at a block start) or None (the step window). Always full
     without a cache, at the first block and every `every` steps (0 = never); at a block start per the
     policy, with a full refresh every `full_every` blocks (0 = never) under the window and drift policies."""
-    if mode == "none" or (every > 0 and step % every == 0):
+    if policy == "none" or (every > 0 and step % every == 0):
         return "full"
     if step:
         return None

@@ -131,7 +131,7 @@ class DecodeState:
     prompt_mask: mx.array  # (active rows, full canvas): prompt tokens that are not masks (CFG's unconditional copy)
     prompt_len: int
     rows: list[int]  # original index of each active row
-    cache: Optional[BlockCache]
+    kv: Optional[BlockCache]  # the block cache (spec.cache is its policy)
     key: mx.array  # split once per step
     stats: Stats
     t0: float
@@ -149,8 +149,8 @@ class DecodeState:
         self.key_valid = None if self.key_valid is None else self.key_valid[i]
         self.rows = [self.rows[j] for j in idx]
         self.refreshed = [self.refreshed[j] for j in idx if j < len(self.refreshed)]
-        if self.cache is not None:
-            self.cache.keep(mx.array(idx + [j + n for j in idx]) if cfg else i)
+        if self.kv is not None:
+            self.kv.keep(mx.array(idx + [j + n for j in idx]) if cfg else i)
 
 
 def left_pad(prompts, pad_id: int):
@@ -167,35 +167,35 @@ def left_pad(prompts, pad_id: int):
 
 
 # ------------------------------------------------------------------------------------------ one step
-def _forward(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str], query=None):
+def forward_logits(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: int, kind: Optional[str], query=None):
     """Logits (B, K, V) at canvas positions `pos` (B, K), with CFG and the block cache. kind: what the
     forward recomputes (cache.refresh_kind): "full", "window", "drift" or None (a step). query: the token
     cache's step, the positions (B, Q) to run; its first K are `pos` wherever `pos` is a mask (the logits at
     the other entries are a repeat's)."""
-    x, cache = st.x, st.cache
+    x, kv = st.x, st.kv
     B, L = x.shape
-    if cache is not None:
-        cache.length = L  # a forward attends over the canvas
+    if kv is not None:
+        kv.window(L)  # a forward attends over the canvas
     if query is not None:
         return _run_positions(model, st, spec, query, mx.arange(pos.shape[1]))
     if kind == "drift":
         return _probed_refresh(model, st, spec, pos, lo, hi)
-    xin, kv = _cfg_inputs(st, spec)
+    xin, key_mask = _cfg_inputs(st, spec)
     at = mx.concatenate([pos, pos]) if spec.cfg_scale > 0 else pos
     end = step_window(spec.cache, lo, hi, L)[1]
-    if cache is None:
+    if kv is None:
         wlo, end = 0, L
     elif kind == "full":
-        wlo, end, cache.reuse = cache.reuse, L, 0
+        wlo, end = kv.take_reuse(), L
     elif kind == "window":  # the finished block once more, with its final tokens, and the new one
         wlo = lo - spec.block_length
     else:
         wlo = lo
-    logits = model(xin[:, wlo:end], kv, logits_at=at - wlo, cache=cache, offset=wlo)
-    if cache is not None:
-        cache.record(xin[:, wlo:end], wlo)
+    logits = model(xin[:, wlo:end], key_mask, logits_at=at - wlo, cache=kv, offset=wlo)
+    if kv is not None:
+        kv.record(xin[:, wlo:end], wlo)
         if kind is not None:  # a block-start refresh: everything before the block now has its final tokens
-            cache.settled = lo
+            kv.settle(lo)
     return _tally(st, spec, logits, B, xin.shape[0] * (end - wlo))
 
 
@@ -214,13 +214,13 @@ def _run_positions(model, st: DecodeState, spec: DecodeSpec, query, logits_at):
     """Logits at `logits_at` (entries of `query`) from a forward of the canvas positions `query` (B, Q),
     whose keys/values are written over the cache's, with CFG."""
     B = st.x.shape[0]
-    x, kv = _cfg_inputs(st, spec)
+    x, key_mask = _cfg_inputs(st, spec)
     if spec.cfg_scale > 0:
         query = mx.concatenate([query, query])
         logits_at = logits_at if logits_at.ndim == 1 else mx.concatenate([logits_at, logits_at])
     ids = mx.take_along_axis(x, query, axis=1)
-    logits = model(ids, kv, logits_at=logits_at, cache=st.cache, offset=query)
-    st.cache.record_at(ids, query)
+    logits = model(ids, key_mask, logits_at=logits_at, cache=st.kv, offset=query)
+    st.kv.record_at(ids, query)
     return _tally(st, spec, logits, B, x.shape[0] * query.shape[1])
 
 
@@ -252,27 +252,27 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
     and those logits are theirs. Only the rows that may refresh (`may_refresh`) probe: the others' probes
     repeat the window's first position (a repeat writes what the window writes), so each row decodes as
     it does alone, and a block start where no row may refresh runs the plain window."""
-    cache, B = st.cache, st.x.shape[0]
+    kv, B = st.kv, st.x.shape[0]
     wlo = lo - spec.block_length
     end = step_window(spec.cache, lo, hi, st.x.shape[1])[1]
     eligible = may_refresh(st, lo)
     probes = probe_positions(st.key_valid, B, wlo, spec.drift_probes) if eligible else None
     if probes is None:
-        return _forward(model, st, spec, pos, lo, hi, "window")
+        return forward_logits(model, st, spec, pos, lo, hi, "window")
     if len(eligible) < B:
         probing = mx.zeros((B, 1), dtype=mx.bool_)
         probing[mx.array(eligible)] = True
         probes = mx.where(probing, probes, wlo)
     n = probes.shape[1]
     query = mx.concatenate([probes, mx.broadcast_to(mx.arange(wlo, end, dtype=mx.int32), (B, end - wlo))], axis=1)
-    cache.probe(n)
+    kv.probe(n)
     logits = _run_positions(model, st, spec, query, pos - wlo + n)
-    drift = cache.drift(getattr(model, "group", None))
+    drift = kv.drift(getattr(model, "group", None))
     if spec.cfg_scale > 0:  # a row and its unconditional copy refresh together
         drift = mx.maximum(drift[:B], drift[B:])
     drift = drift.tolist()
     st.stats.max_drift = max([st.stats.max_drift] + [drift[j] for j in eligible])
-    cache.settled = lo
+    kv.settle(lo)
     moved = [j for j in eligible if drift[j] > spec.drift_threshold]
     if not moved:
         return logits
@@ -280,7 +280,7 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
         st.refreshed[j] = lo - st.prompt_len
     st.stats.drift_refreshes += len(moved)
     if len(moved) == B:
-        return _forward(model, st, spec, pos, lo, hi, "full")
+        return forward_logits(model, st, spec, pos, lo, hi, "full")
     idx = mx.array(moved)
     part = DecodeState(
         st.x[idx],
@@ -294,9 +294,9 @@ def _probed_refresh(model, st: DecodeState, spec: DecodeSpec, pos, lo: int, hi: 
         st.t0,
     )
     rows = mx.array(moved + [j + B for j in moved]) if spec.cfg_scale > 0 else idx
-    part.cache = cache.rows(rows)
-    logits[idx] = _forward(model, part, spec, pos[idx], lo, hi, "full")
-    cache.put_rows(rows, part.cache)
+    part.kv = kv.rows(rows)
+    logits[idx] = forward_logits(model, part, spec, pos[idx], lo, hi, "full")
+    kv.put_rows(rows, part.kv)
     return logits
 
 
@@ -353,92 +353,134 @@ def fill_after_eos(x0, transfer, is_mask, pos, block: mx.array, lo: int, spec: D
     return mx.where(fill, ends[0], x0), transfer | fill
 
 
-def _denoise_block(model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float, forward=None):
-    """Fill the masks of canvas[:, lo:hi] in st.x. Yields Step events; while it holds one, the consumer may
-    drop rows (st.keep) and the block goes on with the others, as it would have without them. forward: what
-    computes the logits, with `_forward`'s arguments (default `_forward`)."""
-    forward = forward or _forward
+@dataclass
+class _Block:
+    """One block's denoising: where it is, its schedule, and the step loop's state."""
+
+    index: int
+    lo: int
+    hi: int
+    boost: float
+    counts: Optional[list]  # the schedule's commits per step (None: an adaptive rule)
+    steps: int
+    positions: mx.array  # the block's canvas positions
+    banned: mx.array  # the tokens no position may take
+    remaining: int  # the most masks any row has left
+    t: int = 0
+    prev: Optional[mx.array] = None  # the positions the previous step computed logits at
+    prev_mask: Optional[mx.array] = None  # which of them were masks
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+def _new_block(spec: DecodeSpec, index: int, lo: int, hi: int, boost: float) -> _Block:
     size = hi - lo
     steps = min(spec.steps_per_block, size)
     counts = transfer_counts(size, steps) if spec.rule == "schedule" else None
-    remaining, t = size, 0  # a block starts all masks; `remaining` is the most any row has left
-    prev = prev_mask = None  # the positions the previous step computed logits at, and which were masks
-    block_pos = mx.arange(lo, hi, dtype=mx.int32)
     banned = mx.array([spec.mask_id] + ([spec.eos_id] if spec.logits_eos_inf and spec.eos_id is not None else []))
-    while remaining > 0 and t < (steps if counts else size):
+    return _Block(index, lo, hi, boost, counts, steps, mx.arange(lo, hi, dtype=mx.int32), banned, size)
+
+
+def denoise_block(
+    model, st: DecodeState, spec: DecodeSpec, index: int, lo: int, hi: int, boost: float, forward=None
+) -> Iterator[Step]:
+    """Fill the masks of canvas[:, lo:hi] in st.x (block `index`; `boost`: the think boost there). Yields
+    Step events; while it holds one, the consumer may drop rows (st.keep) and the block goes on with the
+    others, as it would have without them. forward: what computes the logits, with `forward_logits`'s
+    arguments (default `forward_logits`). decode() and the batcher (batch.py) both run their blocks here."""
+    forward = forward or forward_logits
+    blk = _new_block(spec, index, lo, hi, boost)  # a block starts all masks
+    while blk.remaining > 0 and blk.t < (blk.steps if blk.counts else blk.size):
         st.key, sub = mx.random.split(st.key)
-        k_remask, k_gumbel = mx.random.split(sub)
+        keys = mx.random.split(sub)  # (remasking key, Gumbel key)
         x = st.x
-        B = x.shape[0]
-        kind = refresh_kind(spec.cache, spec.block_refresh, index, t, spec.refresh_every, spec.full_refresh_every)
-        query = None
-        if spec.cache == "token" and kind is None:
-            query, ordered = _token_query(x, prev, prev_mask, spec.mask_id)
-            pos = ordered[:, :remaining]
-        elif spec.logits_at == "masked":  # masked positions first, in canvas order; K = what is left
-            blk = x[:, lo:hi]
-            order = mx.argsort(mx.where(blk == spec.mask_id, block_pos, block_pos + size), axis=-1)
-            pos = (order[:, :remaining] + lo).astype(mx.int32)
-        else:
-            pos = mx.broadcast_to(block_pos, (B, size))
+        kind = refresh_kind(spec.cache, spec.block_refresh, index, blk.t, spec.refresh_every, spec.full_refresh_every)
+        pos, query = _step_positions(st, spec, blk, kind)
         logits = forward(model, st, spec, pos, lo, hi, kind, query)
         cur = mx.take_along_axis(x, pos, axis=1)
         is_mask = cur == spec.mask_id
-        prev, prev_mask = pos, is_mask
-        logits[..., banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
-        if st.infill is not None:
-            logits = mx.where(st.infill.allowed(x, pos), logits, -mx.inf)
-        if boost and spec.think_token is not None:  # end-of-thinking boost at the leftmost masked position
-            thought = mx.any(x[:, st.prompt_len :] == spec.think_token, axis=1)
-            first = mx.argmax(mx.where(is_mask, -pos, -(2**30)), axis=1)
-            logits = logits.at[mx.arange(B), first, spec.think_token].add(mx.where(thought, 0.0, boost))
-        if spec.temperature > 0:
-            logits = filter_logits(logits, spec.top_p, spec.top_k, spec.min_p)
-        x0, p, ent = candidates(logits, spec.temperature, k_gumbel, spec.rule == "entropy")
-        if spec.remasking == "random":
-            u = mx.random.uniform(shape=(B, size), key=k_remask)
-            conf = mx.take_along_axis(u, pos - lo, axis=1)
-        else:
-            conf = p
-        if spec.confidence_eos_eot_inf:
-            for tok in (spec.eos_id, spec.eot_id):
-                if tok is not None:
-                    conf = mx.where(x0 == tok, -mx.inf, conf)
-        conf = mx.where(is_mask, conf, -mx.inf)
-        transfer = _commit(conf, ent, counts[t] if counts else None, spec)
-        if spec.eos_fill and not counts:
-            x0, transfer = fill_after_eos(x0, transfer, is_mask, pos, x[:, lo:hi], lo, spec)
+        blk.prev, blk.prev_mask = pos, is_mask
+        logits, x0, transfer = _choose(st, spec, blk, logits, pos, is_mask, keys)
         st.x = mx.put_along_axis(x, pos, mx.where(transfer, x0, cur), axis=1)
-        if counts:
-            remaining -= counts[t]
-            mx.async_eval(st.x)
-        else:  # the adaptive rules need the count left: the step's one sync
-            remaining = int(mx.max((is_mask & ~transfer).sum(axis=1)))
-        if st.stats.nfe == 1:  # the first forward read the prompt: its time is the prompt's
-            mx.eval(st.x)
-            st.stats.prompt_s = time.perf_counter() - st.t0
+        _count(st, blk, is_mask, transfer)
         before = st.rows
-        yield Step(index, t, st.x, pos, transfer, st.rows, logits)
+        yield Step(index, blk.t, st.x, pos, transfer, st.rows, logits)
         if len(st.rows) < len(before):  # the consumer dropped rows (DecodeState.keep): the rest go on
-            prev, prev_mask, remaining = _rows_left(
-                st, before, prev, prev_mask, remaining, bool(counts), lo, hi, spec.mask_id
-            )
-        t += 1
-    st.stats.committed += size * st.x.shape[0]  # a block always ends fully committed
+            _rows_left(st, before, blk, spec.mask_id)
+        blk.t += 1
+    st.stats.committed += blk.size * st.x.shape[0]  # a block always ends fully committed
 
 
-def _rows_left(
-    st: DecodeState, before: list[int], prev, prev_mask, remaining: int, counted: bool, lo: int, hi: int, mask_id: int
-):
+def _step_positions(st: DecodeState, spec: DecodeSpec, blk: _Block, kind: Optional[str]):
+    """(the positions (B, K) the step computes logits at, the token cache's query or None)."""
+    x = st.x
+    if spec.cache == "token" and kind is None:
+        query, ordered = _token_query(x, blk.prev, blk.prev_mask, spec.mask_id)
+        return ordered[:, : blk.remaining], query
+    if spec.logits_at == "masked":  # masked positions first, in canvas order; K = what is left
+        inside = x[:, blk.lo : blk.hi]
+        order = mx.argsort(mx.where(inside == spec.mask_id, blk.positions, blk.positions + blk.size), axis=-1)
+        return (order[:, : blk.remaining] + blk.lo).astype(mx.int32), None
+    return mx.broadcast_to(blk.positions, (x.shape[0], blk.size)), None
+
+
+def _choose(st: DecodeState, spec: DecodeSpec, blk: _Block, logits, pos, is_mask, keys):
+    """The step's logits after the bans, the think boost and the filters; its candidates and which of them
+    it commits: (logits, candidates, commit flags)."""
+    k_remask, k_gumbel = keys
+    x = st.x
+    B = x.shape[0]
+    logits[..., blk.banned] = -mx.inf  # the mask token (a committed mask would stay masked), EOS if asked
+    if st.infill is not None:
+        logits = mx.where(st.infill.allowed(x, pos), logits, -mx.inf)
+    if blk.boost and spec.think_token is not None:  # end-of-thinking boost at the leftmost masked position
+        thought = mx.any(x[:, st.prompt_len :] == spec.think_token, axis=1)
+        first = mx.argmax(mx.where(is_mask, -pos, -(2**30)), axis=1)
+        logits = logits.at[mx.arange(B), first, spec.think_token].add(mx.where(thought, 0.0, blk.boost))
+    if spec.temperature > 0:
+        logits = filter_logits(logits, spec.top_p, spec.top_k, spec.min_p)
+    x0, p, ent = candidates(logits, spec.temperature, k_gumbel, spec.rule == "entropy")
+    if spec.remasking == "random":
+        u = mx.random.uniform(shape=(B, blk.size), key=k_remask)
+        conf = mx.take_along_axis(u, pos - blk.lo, axis=1)
+    else:
+        conf = p
+    if spec.confidence_eos_eot_inf:
+        for tok in (spec.eos_id, spec.eot_id):
+            if tok is not None:
+                conf = mx.where(x0 == tok, -mx.inf, conf)
+    conf = mx.where(is_mask, conf, -mx.inf)
+    transfer = _commit(conf, ent, blk.counts[blk.t] if blk.counts else None, spec)
+    if spec.eos_fill and not blk.counts:
+        x0, transfer = fill_after_eos(x0, transfer, is_mask, pos, x[:, blk.lo : blk.hi], blk.lo, spec)
+    return logits, x0, transfer
+
+
+def _count(st: DecodeState, blk: _Block, is_mask, transfer) -> None:
+    """After a step: the masks left (a schedule's count, or the step's one host sync), the prompt's time."""
+    if blk.counts:
+        blk.remaining -= blk.counts[blk.t]
+        mx.async_eval(st.x)
+    else:  # the adaptive rules need the count left: the step's one sync
+        blk.remaining = int(mx.max((is_mask & ~transfer).sum(axis=1)))
+    if st.stats.nfe == 1:  # the first forward read the prompt: its time is the prompt's
+        mx.eval(st.x)
+        st.stats.prompt_s = time.perf_counter() - st.t0
+
+
+def _rows_left(st: DecodeState, before: list[int], blk: _Block, mask_id: int) -> None:
     """After rows left mid-block (st.rows, a subset of `before`): the previous step's positions and mask flags
     of the rows still there, and the most masks any of them has left in the block (what the step's count
     would have been without the others; a schedule's count is the same for every row and stays)."""
     if not st.rows:
-        return prev, prev_mask, 0
+        blk.remaining = 0
+        return
     idx = mx.array([before.index(r) for r in st.rows], dtype=mx.int32)
-    if not counted:
-        remaining = int(mx.max((st.x[:, lo:hi] == mask_id).sum(axis=1)))
-    return prev[idx], prev_mask[idx], remaining
+    if not blk.counts:
+        blk.remaining = int(mx.max((st.x[:, blk.lo : blk.hi] == mask_id).sum(axis=1)))
+    blk.prev, blk.prev_mask = blk.prev[idx], blk.prev_mask[idx]
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -462,6 +504,38 @@ def decode(
     reused by the first refresh (only with spec.cache on, batch 1).
     infill: a fixed canvas's answer written in part, its open positions constrained (`Infill`).
     """
+    st = _start(model, prompts, spec, cache, infill)
+    n_rows, P = st.x.shape[0], st.prompt_len
+    canvas_len = P + spec.max_tokens  # the most it grows to (the last growing block is cut at the budget)
+    out: list[list[int]] = [[] for _ in range(n_rows)]
+    done = [False] * n_rows
+    for b in range(spec.n_blocks):
+        lo = P + b * spec.block_length
+        hi = min(lo + spec.block_length, canvas_len)
+        if spec.growing:
+            st.x = mx.concatenate([st.x, mx.full((len(st.rows), hi - lo), spec.mask_id, dtype=mx.int32)], axis=1)
+        yield from denoise_block(model, st, spec, b, lo, hi, think_boost_at(spec, lo - P))
+        finished, block_tokens = _block_end(st, spec, (lo, hi), out, done, stop_fn)
+        st.stats.blocks += 1
+        yield BlockDone(b, list(st.rows), block_tokens, finished, st.stats)
+        if spec.growing and any(finished):
+            keep = [j for j, f in enumerate(finished) if not f]
+            if not keep:
+                break
+            st.keep(keep, spec.cfg_scale > 0)
+    mx.eval(st.x)
+    if st.kv is not None and n_rows == 1:
+        st.kv.end_turn(P + len(out[0]))
+    st.stats.output_tokens = sum(len(o) for o in out)
+    st.stats.wall_s = time.perf_counter() - st.t0
+    st.stats.peak_memory_bytes = mx.get_peak_memory()
+    reasons = ["stop" if d else "length" for d in done]
+    yield Generation(out, reasons, st.stats, canvas=None if spec.growing else st.x)
+
+
+def _start(model, prompts, spec: DecodeSpec, kv: Optional[BlockCache], infill: Optional[Infill]) -> DecodeState:
+    """A call's state: the prompts left-padded (and the masks after them on a fixed canvas), the key mask,
+    the block cache (kv: one kept from an earlier call, or None) with what it may reuse, the random key."""
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     stats = Stats()
@@ -469,7 +543,6 @@ def decode(
     n_rows, P = x.shape
     spec.check(model.args.vocab_size, model.args.max_position_embeddings, P)
     gen_length = spec.max_tokens
-    canvas_len = P + gen_length  # the most it grows to (the last growing block is cut at the budget)
     stats.prompt_tokens = n_rows * P if key_valid is None else int(key_valid.sum())
     prompt_mask = mx.concatenate([x != spec.mask_id, mx.zeros((n_rows, gen_length), dtype=mx.bool_)], axis=1)
     if infill is not None and (spec.growing or infill.answer.shape != (n_rows, gen_length)):
@@ -480,52 +553,39 @@ def decode(
     if key_valid is not None:
         key_valid = mx.concatenate([key_valid, mx.ones((n_rows, gen_length), dtype=mx.int32)], axis=1)
     if spec.cache == "none":
-        cache = None
+        kv = None
     else:
-        cache = cache if cache is not None else BlockCache()
-        cache.plan_reuse(x, P - 1 if spec.cfg_scale == 0 else 0)  # the prompt's last token is always recomputed
-        cache.reserve(canvas_len)
+        kv = kv if kv is not None else BlockCache()
+        kv.plan_reuse(x, P - 1 if spec.cfg_scale == 0 else 0)  # the prompt's last token is always recomputed
+        kv.reserve(P + gen_length)
     key = mx.random.key(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
-    st = DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), cache, key, stats, t0, infill=infill)
-    out: list[list[int]] = [[] for _ in range(n_rows)]
-    done = [False] * n_rows
-    for b in range(spec.n_blocks):
-        lo = P + b * spec.block_length
-        hi = min(lo + spec.block_length, canvas_len)
-        if spec.growing:
-            st.x = mx.concatenate([st.x, mx.full((len(st.rows), hi - lo), spec.mask_id, dtype=mx.int32)], axis=1)
-        boost = 0.0
-        if spec.think_boost:
-            scale, power = spec.think_boost
-            boost = scale * min(max((lo - P) / gen_length, 0.0), 1.0) ** power
-        yield from _denoise_block(model, st, spec, b, lo, hi, boost)
-        # block end: the one host sync for stop checks
-        new = np.array(st.x[:, lo:hi]).tolist()
-        finished, block_tokens = [], []
-        for j, r in enumerate(st.rows):
-            toks = []
-            if not done[r]:
-                toks, hit = spec.cut_at_stop(new[j])
-                out[r].extend(toks)
-                said = stop_fn is not None and stop_fn(r, toks)
-                done[r] = hit or said
-            finished.append(done[r])
-            block_tokens.append(toks)
-        stats.blocks += 1
-        yield BlockDone(b, list(st.rows), block_tokens, finished, stats)
-        if spec.growing and any(finished):
-            keep = [j for j, f in enumerate(finished) if not f]
-            if not keep:
-                break
-            st.keep(keep, spec.cfg_scale > 0)
-    mx.eval(st.x)
-    if cache is not None and n_rows == 1:
-        cache.end_turn(P + len(out[0]))
-    stats.output_tokens = sum(len(o) for o in out)
-    stats.wall_s = time.perf_counter() - t0
-    stats.peak_memory_bytes = mx.get_peak_memory()
-    reasons = ["stop" if d else "length" for d in done]
-    yield Generation(out, reasons, stats, canvas=None if spec.growing else st.x)
+    return DecodeState(x, key_valid, prompt_mask, P, list(range(n_rows)), kv, key, stats, t0, infill=infill)
+
+
+def think_boost_at(spec: DecodeSpec, written: int) -> float:
+    """The end-of-thinking boost of a block that starts `written` reply positions in (0 without one)."""
+    if not spec.think_boost:
+        return 0.0
+    scale, power = spec.think_boost
+    return scale * min(max(written / spec.max_tokens, 0.0), 1.0) ** power
+
+
+def _block_end(st: DecodeState, spec: DecodeSpec, span: tuple[int, int], out: list, done: list, stop_fn):
+    """A block's end, the one host sync for the stop checks: per active row, its new tokens cut at a stop
+    (none once it is done; appended to out) and whether it is done (done updated)."""
+    lo, hi = span
+    new = np.array(st.x[:, lo:hi]).tolist()
+    finished, block_tokens = [], []
+    for j, r in enumerate(st.rows):
+        toks = []
+        if not done[r]:
+            toks, hit = spec.cut_at_stop(new[j])
+            out[r].extend(toks)
+            said = stop_fn is not None and stop_fn(r, toks)
+            done[r] = hit or said
+        finished.append(done[r])
+        block_tokens.append(toks)
+    return finished, block_tokens
 
 
 def run(events: Iterator, on_event: Optional[Callable] = None) -> Generation:

@@ -182,3 +182,27 @@ def test_when_every_row_leaves_the_block_ends_at_that_step(tiny):
     )
     assert ended == {"a": "cancelled", "b": "cancelled"} and got == {"a": [], "b": []}
     assert [s for _, s, _ in shapes] == [0, 1, 2]  # no step after the one they left at
+
+
+def test_the_block_cache_owns_its_operations():
+    # what callers used to do by hand: the window a forward attends over, the prefix a refresh skips, the
+    # settled mark, and one cache of two caches' rows (a batch's running rows and the rows joining it)
+    import mlx.core as mx
+
+    from illada_mlx.cache import BlockCache
+
+    a, b = BlockCache(), BlockCache()
+    a.update(0, mx.ones((2, 1, 4, 3)), mx.ones((2, 1, 4, 3)), 0)
+    a.record(mx.full((2, 4), 7, dtype=mx.int32), 0)
+    b.update(0, mx.full((1, 1, 6, 3), 2.0), mx.full((1, 1, 6, 3), 2.0), 0)
+    b.record(mx.full((1, 6), 9, dtype=mx.int32), 0)
+    b.skip(3)
+    assert b.take_reuse() == 3 and b.take_reuse() == 0
+    a.window(4)
+    a.settle(4)
+    assert (a.length, a.settled) == (4, 4)
+    m = a.merge(b)
+    assert m.keys[0].shape[0] == 3 and m.keys[0].shape[2] == m.capacity == max(a.capacity, b.capacity)
+    assert m.length == 6 and m.settled == 0 and m.reuse == 0
+    assert m.ids[:2, :4].tolist() == [[7] * 4] * 2 and m.ids[2, :6].tolist() == [9] * 6
+    assert m.ids[0, 4:6].tolist() == [-1, -1]  # a's rows padded where nothing was written

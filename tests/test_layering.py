@@ -65,3 +65,68 @@ def test_neither_the_library_nor_the_converter_imports_training():
         f.name for f in files if any(m.split(".")[0] == "training" for m in imported_modules(ast.parse(f.read_text())))
     ]
     assert len(files) > 10 and offenders == []
+
+
+# ------------------------------------------------------------------------------------------ private names
+OWN = ("illada_mlx", "illada_mlx_convert")
+
+
+def _own(node: ast.ImportFrom) -> bool:
+    return node.level > 0 or (node.module or "").split(".")[0] in OWN
+
+
+def private_crossings(tree: ast.AST) -> list[str]:
+    """Every `_name` (not a dunder) a module takes from another of the project's modules: `from .x import
+    _name`, `from . import _x`, or `x._name` where x was imported from the project."""
+    private = lambda n: n.startswith("_") and not (n.startswith("__") and n.endswith("__"))  # noqa: E731
+    found, imported = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and _own(node):
+            for a in node.names:
+                if private(a.name):
+                    found.append(f"from {'.' * node.level}{node.module or ''} import {a.name}")
+                imported.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            imported.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in OWN)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in imported:
+                found.append(f"{ast.unparse(node.value)}.{node.attr}")
+    return found
+
+
+def test_the_private_name_oracle_sees_each_form():
+    source = """
+import os
+from .decode import _forward, Step
+from . import batch as B, _hidden
+import illada_mlx.decode
+from illada_mlx.cache import BlockCache
+x = B._row(1) + illada_mlx.decode._denoise_block + Step._secret + BlockCache.__name__
+os._exit(1)
+self._ok = other._fine
+"""
+    assert sorted(private_crossings(ast.parse(source))) == sorted(
+        [
+            "from .decode import _forward",
+            "from . import _hidden",
+            "B._row",
+            "illada_mlx.decode._denoise_block",
+            "Step._secret",
+        ]
+    )
+
+
+def test_no_module_takes_another_modules_private_names():
+    converter = Path(illada_mlx.__file__).parents[1] / "convert"
+    files = sorted(LIBRARY.rglob("*.py")) + sorted(converter.rglob("*.py"))
+    found = {
+        (str(f.relative_to(f.parents[1] if f.is_relative_to(converter) else LIBRARY.parent)), what)
+        for f in files
+        for what in private_crossings(ast.parse(f.read_text()))
+    }
+    assert len(files) > 10
+    assert sorted(found) == []

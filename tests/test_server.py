@@ -13,7 +13,7 @@ from fixtures import reply
 
 from illada_mlx.engine import generate_text
 from illada_mlx.load import load
-from illada_mlx.server import Engine, Options, make_app, make_server
+from illada_mlx.server import Options, Scheduler, make_app, make_server
 
 FAST = {"mode": "fast"}
 
@@ -26,7 +26,7 @@ def _free_port():
 
 class Server:
     def __init__(self, model, tok, name, max_queue=32, opts=None, max_batch=8, max_request_seconds=600.0, **kw):
-        self.engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds)
+        self.engine = Scheduler(model, tok, name, max_queue, max_batch, max_request_seconds)
         self.port = _free_port()
         self.server = make_server(make_app(self.engine, opts), "127.0.0.1", self.port, "error", **kw)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -1186,3 +1186,33 @@ def test_a_gone_client_leaves_a_shared_batch_within_a_step(ckpt_factory):
         assert text == reply(model, tok, stay, max_tokens=256, **settings)[0]
     finally:
         srv.stop()
+
+
+def test_a_job_takes_only_typed_events_and_a_reader_refuses_unknown_ones():
+    # the old channel read any mistyped kind as "done"; now an unknown event cannot be sent, nor read
+    import asyncio
+
+    from illada_mlx.server import Failed, Finished, Job, Stepped, Text
+    from illada_mlx.server.openai_wire import Answer
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job([1, 2], None, loop, asyncio.Queue())
+        with pytest.raises(TypeError, match="unknown server event"):
+            job.emit(("done", 0, {}))
+        other = Job([1, 2], None, loop, asyncio.Queue())
+        for ev in (Text(0, "hi"), Stepped(0, 0, 0, 0, 8, []), Finished(0, "stop", 1, None, {}), Failed(0, "x")):
+            other.emit(ev)  # accepted
+        job.emit(Text(0, "hi"))
+
+        class Request:
+            state = type("State", (), {})()
+
+        async def read():
+            job.out.put_nowait("text")  # not an event
+            return [c async for c in Answer(True, "m", 2, False).events(job, Request())]
+
+        with pytest.raises(TypeError, match="unknown server event"):
+            loop.run_until_complete(read())
+    finally:
+        loop.close()

@@ -37,7 +37,7 @@ def command(model_path, host, port, max_queue, max_batch, max_request_seconds, a
 
     from .. import distributed as dist
     from ..listen import check_api_key, host_names
-    from ..server import Engine, Options, follow, serve  # the server's names, in this one line
+    from ..server import Options, Scheduler, follow, serve
 
     g = ranks()
     if api_key is None and os.environ.get("ILLADA_MLX_API_KEY") == "":  # click reads an empty variable as unset
@@ -52,6 +52,6 @@ def command(model_path, host, port, max_queue, max_batch, max_request_seconds, a
         follow(model, tok, g)  # the same decodes as rank 0's, until its server stops
         return
     name = Path(str(model_path)).name if model_path else "illada-demo"
-    engine = Engine(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
+    scheduler = Scheduler(model, tok, name, max_queue, max_batch, max_request_seconds, group=g)
     opts = Options(api_key=api_key, allowed_hosts=hosts, allowed_origins=names(allowed_origins) or ())
-    serve(engine, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
+    serve(scheduler, host, port, opts, log_level, echo=lambda m: click.echo(m, err=True))
