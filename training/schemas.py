@@ -8,7 +8,7 @@ import random
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
-    kinds = ["string", "integer", "number", "boolean", "enum", "array"] + (["object"] * 2 if depth < 3 else [])
+    kinds = ["string", "integer", "number", "boolean", "enum"] + (["array", "object", "object"] if depth < 3 else [])
     kind = rng.choice(kinds if depth else ["object"])
     if kind == "object":
         props = {f"k{i}": random_schema(rng, depth + 1) for i in range(rng.randint(1, 4))}
