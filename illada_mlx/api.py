@@ -39,6 +39,7 @@ COMMON = {
     "n",
     "logprobs",
     "diffusion",
+    "response_format",
 }
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
@@ -59,7 +60,6 @@ NEUTRAL = {
     "tool_choice": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
     "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
     "parallel_tool_calls": (lambda v: isinstance(v, bool), "a boolean"),
-    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}'),
     "modalities": (lambda v: v == ["text"], '["text"]'),
     "user": (lambda v: isinstance(v, str), "a string"),
     "metadata": (lambda v: isinstance(v, dict), "an object"),
@@ -257,6 +257,44 @@ def settings(a, body: dict) -> dict:
     s.update({x.name: _setting(d, x.name, "diffusion.") for x in request_settings("diffusion")})
     s["think_boost"] = _bool(d, "think_boost", where="diffusion.")
     return s
+
+
+# response_format {"type": "json_object"} without a schema: an object whose one value is the reply's text
+JSON_OBJECT_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "maxLength": 256}},
+    "required": ["answer"],
+}
+
+
+def response_schema(body: dict) -> Optional[dict]:
+    """The JSON schema a request's response_format asks its answer to keep to (structured.py), or None for
+    text; a 400 naming what is wrong or not supported."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
+    spec = rf.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema must be a JSON schema object",
+            param="response_format.json_schema.schema",
+        )
+    from .structured import compile_schema
+
+    try:
+        compile_schema(schema)
+    except IlladaError as e:
+        raise ApiError(400, str(e), param="response_format.json_schema.schema", code="unsupported_schema")
+    return schema
 
 
 def step_events(body: dict, stream: bool) -> bool:

@@ -434,40 +434,50 @@ def _written(layout: Layout, chosen: dict[int, int]) -> np.ndarray:
     return answer
 
 
-def generate_json(model, tokenizer, ids: list[int], schema: dict, **settings) -> JsonResult:
-    """An answer to the prompt `ids` that is JSON valid against `schema` (see the module doc). settings:
-    make_spec's (mode, rule, threshold, cache, seed, ...); the template is one fixed block, its open
-    positions denoised under the mode's commit rule and cache, one step per position at most."""
-    import mlx.core as mx
+def template_spec(base, prompt_len: int, layout: Layout, n_open: int, args):
+    """The DecodeSpec that fills a template: `base`'s commit rule, cache and sampling on one fixed block the
+    template's length, one step per open position at most, EOS free to pad the holes, no stop strings."""
+    from dataclasses import replace
 
-    from .decode import Infill, Stats, decode, run
-    from .spec import make_spec
-
-    template = compile_schema(schema)
-    a = model.args
-    pad = a.eos_token_id
-    classes = TokenClasses.of(tokenizer, pad=pad, special=(a.mask_token_id,))
-    layout = Layout(template, tokenizer, classes, a.mask_token_id)
-    stats = Stats()
-    chosen = _choose(model, ids, layout, stats)
-    answer = _written(layout, chosen)
-    n_open = int((answer == a.mask_token_id).sum())
     L = len(layout)
-    over = dict(
+    spec = replace(
+        base,
         canvas="fixed",
+        max_tokens=L,
         block_length=L,
         steps_per_block=max(n_open, 1),
         logits_eos_inf=False,
         confidence_eos_eot_inf=False,
         eos_fill=False,
+        stop=(),
     )
-    spec = make_spec(model, tokenizer, len(ids), max_tokens=L, **{**settings, **over})
+    spec.check(args.vocab_size, args.max_position_embeddings, prompt_len)
+    return spec
+
+
+def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, **settings) -> JsonResult:
+    """An answer to the prompt `ids` that is JSON valid against `schema` (see the module doc). spec: a
+    resolved DecodeSpec whose rule, cache and sampling to use, else make_spec's `settings` (mode, rule,
+    threshold, cache, seed, ...)."""
+    import mlx.core as mx
+
+    from .decode import Infill, Stats, decode, run
+    from .spec import make_spec
+
+    a = model.args
+    classes = TokenClasses.of(tokenizer, pad=a.eos_token_id, special=(a.mask_token_id,))
+    layout = Layout(compile_schema(schema), tokenizer, classes, a.mask_token_id)
+    stats = Stats()
+    chosen = _choose(model, ids, layout, stats)
+    answer = _written(layout, chosen)
+    n_open = int((answer == a.mask_token_id).sum())
+    base = spec if spec is not None else make_spec(model, tokenizer, len(ids), max_tokens=len(layout), **settings)
+    spec = template_spec(base, len(ids), layout, n_open, a)
     if n_open:
-        static = mx.array(layout.static_allowed())
+        static = layout.static_allowed()
 
         def allowed(x, pos):
-            now = mx.array(layout.allowed(np.array(x[0, len(ids) :]), np.array(static)))
-            return now[pos - len(ids)]
+            return mx.array(layout.allowed(np.array(x[0, len(ids) :]), static))[pos - len(ids)]
 
         g = run(decode(model, [ids], spec, infill=Infill(mx.array(answer[None]), allowed)))
         answer = np.array(g.canvas[0, len(ids) :])

@@ -153,3 +153,67 @@ def test_generate_json_schema_prints_valid_json(tmp_path):
     path.write_text('{"type": "object", "patternProperties": {}}')
     r = CliRunner().invoke(main, ["generate", "-p", "x", "--json-schema", str(path)])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "'patternProperties'" in r.output
+
+
+# ------------------------------------------------------------------------------------------ the server
+@pytest.fixture(scope="module")
+def server(demo):
+    from test_server import Server
+
+    s = Server(*demo, "illada-demo")
+    yield s
+    s.stop()
+
+
+def test_the_server_answers_a_json_schema_valid_streamed_or_whole(server):
+    import httpx
+
+    schema = {"type": "object", "properties": {"sum": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    body = {
+        "messages": [{"role": "user", "content": "57+68="}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    with httpx.Client(base_url=server.url, timeout=120) as h:
+        r = h.post("/chat/completions", json=body).json()
+        jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
+        assert r["choices"][0]["finish_reason"] == "stop" and r["diffusion_stats"]["nfe"] >= 1
+        lines = [x for x in h.post("/chat/completions", json={**body, "stream": True}).text.splitlines() if x]
+        text = "".join(
+            c["choices"][0]["delta"].get("content") or ""
+            for c in (json.loads(x[6:]) for x in lines if x.startswith("data: {"))
+            if c["choices"]
+        )
+        jsonschema.validate(json.loads(text), schema)
+        r = h.post("/completions", json={"prompt": "57+68=", "response_format": {"type": "json_object"}}).json()
+        assert isinstance(json.loads(r["choices"][0]["text"]), dict)
+
+
+@pytest.mark.parametrize(
+    "response_format,needle",
+    [
+        ({"type": "json_schema", "json_schema": {"schema": {"oneOf": []}}}, "'oneOf'"),
+        ({"type": "yaml"}, "response_format.type"),
+        ({"type": "json_schema", "json_schema": {"schema": []}}, "schema must be a JSON schema object"),
+    ],
+)
+def test_an_unsupported_response_format_is_a_400_naming_it(server, response_format, needle):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    r = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"]
+
+
+def test_the_openai_clients_parse_helper_gets_a_pydantic_object(server):
+    openai = pytest.importorskip("openai")
+    pydantic = pytest.importorskip("pydantic")
+
+    class Answer(pydantic.BaseModel):
+        answer: str
+        confident: bool
+
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    r = client.chat.completions.parse(
+        model="illada-demo", messages=[{"role": "user", "content": "reverse hello"}], response_format=Answer
+    )
+    assert isinstance(r.choices[0].message.parsed, Answer)

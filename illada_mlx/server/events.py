@@ -88,6 +88,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
     cancelled_at: float = float("inf")  # time.monotonic() when its client went away
+    schema: Optional[dict] = None  # response_format's JSON schema: a Structured run fills its template
 
     def emit(self, ev: Event) -> None:
         if not isinstance(ev, EVENTS):

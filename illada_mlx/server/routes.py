@@ -26,6 +26,7 @@ from ..api import (
     parse_json,
     prompt_text,
     read_body,
+    response_schema,
     settings,
     step_events,
     streaming,
@@ -54,6 +55,13 @@ async def _request(request: Request, chat: bool):
     n, top = choices(body, chat, scheduler.max_batch)
     stream, include_usage = streaming(body)
     steps = step_events(body, stream)
+    schema = response_schema(body)
+    if schema is not None and (steps or top >= 0 or scheduler.group is not None):
+        raise ApiError(
+            400,
+            "response_format json is answered whole: not with logprobs, diffusion.steps or several ranks",
+            param="response_format",
+        )
     prompt = messages(body) if chat else prompt_text(body)
     chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
     limit = opts.max_prompt_chars or 16 * scheduler.model.args.max_position_embeddings
@@ -74,7 +82,7 @@ async def _request(request: Request, chat: bool):
     bl = spec.block_length
     if s["max_tokens"] is None and spec.growing and spec.max_tokens > bl:  # whole blocks: it can batch
         spec = replace(spec, max_tokens=spec.max_tokens - spec.max_tokens % bl)
-    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps)
+    job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps, schema=schema)
     return job, stream, include_usage
 
 

@@ -33,6 +33,7 @@ from ..batch import Batch, BlockLogprobs, LogprobTracker, Row
 from ..decode import BlockDone, Generation, Step, decode
 from ..engine import stream_generate
 from ..spec import DecodeSpec
+from ..structured import generate_json
 
 log = logging.getLogger("illada_mlx.server")
 
@@ -142,12 +143,55 @@ class Solo:
         self._events, self.rows = None, []
 
 
+class Structured:
+    """A request with a JSON schema (response_format): each choice's answer is one block, its template filled
+    by structured.generate_json under the request's settings (seed + i for choice i); Solo's interface."""
+
+    def __init__(self, model, tokenizer, spec: DecodeSpec, schema: dict):
+        self.model, self.tok, self.spec, self.schema = model, tokenizer, spec, schema
+        self.rows: list[Row] = []
+        self.joining: list[Row] = []
+        self.lo = 0
+        self.finished: dict[int, dict] = {}  # id(row) -> its decode's figures
+        self.ran: dict[int, DecodeSpec] = {}  # id(row) -> the spec its template ran
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def fits(self, prompt_len: int, budget: int) -> bool:
+        return False
+
+    def add(self, row: Row) -> None:
+        self.joining.append(row)
+
+    def remove(self, handles: set) -> list[Row]:
+        gone = [r for r in self.joining if r.handle in handles]
+        self.joining = [r for r in self.joining if r.handle not in handles]
+        return gone
+
+    def spec_for(self, row: Row) -> DecodeSpec:
+        return self.ran.get(id(row), Solo.spec_for(self, row))
+
+    def run_block(self, stop_fn=None, logprobs=None, on_step=None, leave=None) -> list:
+        """The next choice's whole answer: (row, its tokens, "stop", None)."""
+        row = self.joining.pop(0)
+        r = generate_json(self.model, self.tok, row.ids, self.schema, spec=Solo.spec_for(self, row))
+        toks = self.tok.encode(r.text, add_special_tokens=False)
+        if stop_fn is not None:
+            stop_fn(row, toks)
+        row.blocks += 1
+        self.finished[id(row)] = {**r.stats.as_dict(), "output_tokens": len(toks)}
+        self.ran[id(row)] = r.spec
+        return [(row, toks, "stop", None)]
+
+
 def stats_of(run, row: Row, tokens: int) -> Optional[dict]:
     """A choice's diffusion_stats. Alone: its decode's figures (None when it did not finish). Batched: what is
     measured per row (forwards while it was in the batch, its tokens, blocks, time); the figures a batch
     shares and does not split per row (the prompt's time and tokens/s, the tokens processed) are null
     rather than zeros; peak memory is the process's."""
-    if isinstance(run, Solo):
+    if isinstance(run, Solo | Structured):
         return run.finished.get(id(row))
     d = run.row_stats(row, tokens).as_dict()
     d.update(
@@ -162,7 +206,7 @@ def stats_of(run, row: Row, tokens: int) -> Optional[dict]:
 
 def settings_of(run, row: Row) -> dict:
     """The settings a choice ran with (diffusion_settings)."""
-    return (run.spec_for(row) if isinstance(run, Solo) else run.spec).as_dict()
+    return (run.spec_for(row) if isinstance(run, Solo | Structured) else run.spec).as_dict()
 
 
 def shared(run) -> bool:

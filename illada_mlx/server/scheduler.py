@@ -26,10 +26,10 @@ from ..engine import build_prompt
 from ..text import ReplyText
 from .events import Choice, Failed, Finished, Job, Stepped, Text
 from .openai_wire import logprob_entries
-from .runs import Solo, settings_of, shared, stats_of
+from .runs import Solo, Structured, settings_of, shared, stats_of
 
 log = logging.getLogger("illada_mlx.server")
-Run = Union[Batch, Solo]
+Run = Union[Batch, Solo, Structured]
 
 
 class Scheduler:
@@ -127,6 +127,7 @@ class Scheduler:
                 self.waiting[0].cancel.is_set()
                 or (
                     key is not None
+                    and self.waiting[0].schema is None
                     and batch_key(self.waiting[0].spec) == key
                     and run.size + self.waiting[0].n <= self.max_batch
                     and run.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens)
@@ -156,7 +157,12 @@ class Scheduler:
     def _start(self, job: Job) -> Run:
         group = self.group
         unbatched = group is not None or batch_key(job.spec) is None
-        run = Solo(self.model, job.spec, group, self._halt) if unbatched else Batch(self.model, job.spec)
+        if job.schema is not None:
+            run = Structured(self.model, self.tok, job.spec, job.schema)
+        elif unbatched:
+            run = Solo(self.model, job.spec, group, self._halt)
+        else:
+            run = Batch(self.model, job.spec)
         self._admit(run, job)
         return run
 
