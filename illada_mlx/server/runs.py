@@ -38,6 +38,11 @@ from ..structured import generate_json
 log = logging.getLogger("illada_mlx.server")
 
 
+def choice_spec(spec: DecodeSpec, row: Row) -> DecodeSpec:
+    """Choice i's settings: the request's, with seed + i when it has a seed."""
+    return spec if spec.seed is None else replace(spec, seed=spec.seed + row.handle.index)
+
+
 class Solo:
     """A request's choices one after another, each through decode() (seed + i for choice i)."""
 
@@ -95,8 +100,7 @@ class Solo:
         raise RuntimeError("decode ended before its block did")
 
     def spec_for(self, row: Row) -> DecodeSpec:
-        """Choice i's settings: the request's, with seed + i when it has a seed."""
-        return self.spec if self.spec.seed is None else replace(self.spec, seed=self.spec.seed + row.handle.index)
+        return choice_spec(self.spec, row)
 
     def _begin(self, row: Row, stop_fn) -> None:
         spec = self.spec_for(row)
@@ -171,12 +175,12 @@ class Structured:
         return gone
 
     def spec_for(self, row: Row) -> DecodeSpec:
-        return self.ran.get(id(row), Solo.spec_for(self, row))
+        return self.ran.get(id(row), choice_spec(self.spec, row))
 
     def run_block(self, stop_fn=None, logprobs=None, on_step=None, leave=None) -> list:
         """The next choice's whole answer: (row, its tokens, "stop", None)."""
         row = self.joining.pop(0)
-        r = generate_json(self.model, self.tok, row.ids, self.schema, spec=Solo.spec_for(self, row))
+        r = generate_json(self.model, self.tok, row.ids, self.schema, spec=choice_spec(self.spec, row))
         toks = self.tok.encode(r.text, add_special_tokens=False)
         if stop_fn is not None:
             stop_fn(row, toks)
