@@ -13,7 +13,8 @@ import platform
 import statistics
 import time
 import zlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -122,141 +123,193 @@ def _median(runs: list[dict]) -> dict:
     return {k: (statistics.median([r[k] for r in runs]) if runs[0][k] is not None else None) for k in runs[0]}
 
 
+@dataclass(frozen=True)
+class ModeGrid:
+    """What bench_modes runs: every gen length × mode × cache × block refresh policy, each the median of
+    `repeats` timed runs, with the mode's preset at `block_length` and one step per token in a block. The
+    caches (None: the preset's) and refresh policies matter only to modes with a cache; the full refresh,
+    the baseline, runs with the first cache only. ban_eos (random weights): every run writes its whole
+    budget, so the rows compare equal outputs."""
+
+    modes: Sequence[str]
+    gen_lengths: Sequence[int]
+    repeats: int = 1
+    block_length: int = 32
+    refreshes: Sequence[str] = ("drift",)
+    caches: Sequence[Optional[str]] = (None,)
+    ban_eos: bool = False
+
+
+class _Case(NamedTuple):
+    """One run of the grid: gen length, mode, cache (None: the preset's), block refresh, prompt length."""
+
+    gen: int
+    mode: str
+    cache: Optional[str]
+    refresh: str
+    prompt_len: int
+
+
+def _grid_cases(grid: ModeGrid, prompt_lens) -> list[_Case]:
+    """The grid's runs in the order one process runs them."""
+    cases = []
+    for gen in grid.gen_lengths:
+        for name in grid.modes:
+            if PRESETS[name].settings["cache"] == "none":
+                cases += [_Case(gen, name, None, grid.refreshes[0], plen) for plen in prompt_lens]
+            else:
+                cases += [
+                    _Case(gen, name, c, r, plen)
+                    for i, c in enumerate(grid.caches)
+                    for r in grid.refreshes
+                    if not (i and r == "full")
+                    for plen in prompt_lens
+                ]
+    return cases
+
+
+def _bench_case(model, tokenizer, prompt: list[int], case: _Case, grid: ModeGrid) -> dict:
+    """One warm-up of a block, then the median of grid.repeats timed runs, with what ran."""
+    kw = dict(
+        mode=case.mode,
+        block_length=grid.block_length,
+        steps_per_block=grid.block_length,
+        seed=0,
+        block_refresh=case.refresh,
+        logits_eos_inf=grid.ban_eos,
+        cache=case.cache,
+    )
+    spec = make_spec(model, tokenizer, case.prompt_len, max_tokens=case.gen, **kw)
+    warm_up = make_spec(model, tokenizer, case.prompt_len, max_tokens=min(case.gen, grid.block_length), **kw)
+    _one(model, prompt, warm_up)
+    r = _median([_one(model, prompt, spec) for _ in range(grid.repeats)])
+    r.update(
+        mode=case.mode,
+        gen_length=case.gen,
+        prompt_tokens=case.prompt_len,
+        block_length=grid.block_length,
+        cache=spec.cache,
+        block_refresh=spec.block_refresh if spec.cache != "none" else None,
+        rule=spec.rule,
+        canvas=spec.canvas,
+    )
+    return r
+
+
+def _row_line(r: dict) -> str:
+    """A result row as one log line."""
+    return (
+        f"gen {r['gen_length']:5d} {r['mode']:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} "
+        f"prompt {r['prompt_tokens']:5d}: "
+        f"{format(r['tokens_per_s'], '8.2f') if r['tokens_per_s'] else '       -'} tok/s  nfe {r['nfe']:4d}  "
+        f"{r['tokens_per_forward']:.2f} tok/fwd  "
+        f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
+        f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
+        f"peak {r['peak_memory_bytes'] / 1e6:.0f} MB"
+    )
+
+
 def bench_modes(
-    model,
-    prompts: dict[int, list[int]],
-    modes,
-    gen_lengths,
-    repeats: int,
-    tokenizer=None,
-    block_length: int = 32,
-    log=print,
-    refreshes=("drift",),
-    ban_eos: bool = False,
-    caches=(None,),
-    group=None,
+    model, prompts: dict[int, list[int]], grid: ModeGrid, tokenizer=None, log=print, group=None
 ) -> list[dict]:
-    """Every (gen length, mode, cache, block refresh policy, prompt) with the mode's preset at
-    `block_length`, one step per token in a block. The caches (None: the preset's) and refresh policies
-    matter only to modes with a cache; the full refresh, the baseline, runs with the first cache only.
-    ban_eos (random weights): every run writes its whole budget, so the rows compare equal outputs. group
-    (data parallel under mlx.launch): each rank runs a contiguous share of the runs and every rank gets all
-    the rows, in the order one process would give them."""
+    """A result row for every run of `grid` (see ModeGrid) on every prompt (by its length). group (data
+    parallel under mlx.launch): each rank runs a contiguous share of the runs and every rank gets all the
+    rows, in the order one process would give them."""
     from .distributed import gather, split
 
-    runs = []  # (gen, mode, cache (None: the preset's), refresh, prompt length)
-    for gen in gen_lengths:
-        for name in modes:
-            if PRESETS[name].settings["cache"] == "none":
-                runs += [(gen, name, None, refreshes[0], plen) for plen in prompts]
-            else:
-                runs += [
-                    (gen, name, c, r, plen)
-                    for i, c in enumerate(caches)
-                    for r in refreshes
-                    if not (i and r == "full")
-                    for plen in prompts
-                ]
+    cases = _grid_cases(grid, prompts)
     if group is not None:
-        runs = split(runs, group.rank(), group.size())
+        cases = split(cases, group.rank(), group.size())
     rows = []
-    for gen, name, cache, refresh, plen in runs:
-        prompt = prompts[plen]
-        kw = dict(
-            mode=name,
-            block_length=block_length,
-            steps_per_block=block_length,
-            seed=0,
-            block_refresh=refresh,
-            logits_eos_inf=ban_eos,
-            cache=cache,
-        )
-        spec = make_spec(model, tokenizer, plen, max_tokens=gen, **kw)
-        _one(model, prompt, make_spec(model, tokenizer, plen, max_tokens=min(gen, block_length), **kw))
-        r = _median([_one(model, prompt, spec) for _ in range(repeats)])
-        r.update(
-            mode=name,
-            gen_length=gen,
-            prompt_tokens=plen,
-            block_length=block_length,
-            cache=spec.cache,
-            block_refresh=spec.block_refresh if spec.cache != "none" else None,
-            rule=spec.rule,
-            canvas=spec.canvas,
-        )
-        rows.append(r)
-        log(
-            f"gen {gen:5d} {name:10s} {r['cache']:6s} {r['block_refresh'] or '-':6s} prompt {plen:5d}: "
-            f"{format(r['tokens_per_s'], '8.2f') if r['tokens_per_s'] else '       -'} tok/s  nfe {r['nfe']:4d}  "
-            f"{r['tokens_per_forward']:.2f} tok/fwd  "
-            f"{r['processed_per_output_token']:8.1f} processed/out  {r['processed_vs_ideal']:.2f}x ideal  "
-            f"{r['ms_per_forward']:.1f} ms/fwd  first block {r['time_to_first_block_s']:.2f}s  "
-            f"peak {r['peak_memory_bytes'] / 1e6:.0f} MB"
-        )
+    for case in cases:
+        rows.append(_bench_case(model, tokenizer, prompts[case.prompt_len], case, grid))
+        log(_row_line(rows[-1]))
     return rows if group is None else gather(group, rows)
+
+
+TABLE_HEAD = (
+    "gen",
+    "mode",
+    "cache",
+    "refresh",
+    "prompt",
+    "out",
+    "tok/s",
+    "forwards",
+    "tok/fwd",
+    "proc/out",
+    "vs ideal",
+    "ms/fwd",
+    "1st blk s",
+    "peak MB",
+)
+BASELINE_MODES = ("exact", "torch_official", "mlx_lm_ar")  # rows that are compared against, never compared
+
+
+def _num(v, f: str) -> str:
+    return "-" if v is None else format(v, f)
+
+
+def _cells(r: dict) -> tuple:
+    """A result row's table cells, in TABLE_HEAD's order."""
+    peak = r["peak_memory_bytes"] / 1e6 if r.get("peak_memory_bytes") else None
+    return (
+        r["gen_length"],
+        r["mode"],
+        r.get("cache") or "-",
+        r.get("block_refresh") or "-",
+        r["prompt_tokens"],
+        r["output_tokens"],
+        _num(r["tokens_per_s"], ".2f"),
+        r["nfe"],
+        _num(r["tokens_per_forward"], ".2f"),
+        _num(r["processed_per_output_token"], ".1f"),
+        _num(r.get("processed_vs_ideal"), ".2f"),
+        _num(r["ms_per_forward"], ".1f"),
+        _num(r.get("time_to_first_block_s"), ".2f"),
+        _num(peak, ".0f"),
+    )
+
+
+def _same_work(a: dict, b: dict) -> bool:
+    return a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]
+
+
+def _base_row(r: dict, runs: list[dict]) -> Optional[dict]:
+    """The row `r` is compared against: exact on the same work, else (a cached row) its mode's first
+    full-refresh row on the same work; None when there is none."""
+    base = next((x for x in runs if x["mode"] == "exact" and _same_work(x, r)), None)
+    if r["mode"] not in BASELINE_MODES and base is None and r.get("block_refresh"):
+        full = (x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and _same_work(x, r))
+        base = next(full, None)
+    return base
+
+
+def _comparison(r: dict, base: dict) -> str:
+    what = "exact" if base["mode"] == "exact" else f"{base['mode']} {base['cache']} full refresh"
+    return (
+        f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
+        f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+        f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
+        "processed tokens per output token"
+    )
 
 
 def table(runs: list[dict]) -> str:
     """The result rows as a text table, then each mode against exact (or, without an exact row, each cached
     row against the mode's first full-refresh row) on the same prompt and length."""
-    head = (
-        "gen",
-        "mode",
-        "cache",
-        "refresh",
-        "prompt",
-        "out",
-        "tok/s",
-        "forwards",
-        "tok/fwd",
-        "proc/out",
-        "vs ideal",
-        "ms/fwd",
-        "1st blk s",
-        "peak MB",
-    )
-    lines = [" ".join(f"{h:>10s}" for h in head)]  # a space between cells: a 10-letter mode stays apart
-    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [" ".join(f"{h:>10s}" for h in TABLE_HEAD)]  # a space between cells: a 10-letter mode stays apart
+    lines += [" ".join(f"{str(c):>10s}" for c in _cells(r)) for r in runs]
     for r in runs:
-        peak = r["peak_memory_bytes"] / 1e6 if r.get("peak_memory_bytes") else None
-        cells = (
-            r["gen_length"],
-            r["mode"],
-            r.get("cache") or "-",
-            r.get("block_refresh") or "-",
-            r["prompt_tokens"],
-            r["output_tokens"],
-            num(r["tokens_per_s"], ".2f"),
-            r["nfe"],
-            num(r["tokens_per_forward"], ".2f"),
-            num(r["processed_per_output_token"], ".1f"),
-            num(r.get("processed_vs_ideal"), ".2f"),
-            num(r["ms_per_forward"], ".1f"),
-            num(r.get("time_to_first_block_s"), ".2f"),
-            num(peak, ".0f"),
-        )
-        lines.append(" ".join(f"{str(c):>10s}" for c in cells))
-    same = lambda a, b: a["prompt_tokens"] == b["prompt_tokens"] and a["gen_length"] == b["gen_length"]  # noqa
-    for r in runs:
-        base = next((x for x in runs if x["mode"] == "exact" and same(x, r)), None)
-        if r["mode"] not in ("exact", "torch_official", "mlx_lm_ar") and base is None and r.get("block_refresh"):
-            base = next(
-                (x for x in runs if x["mode"] == r["mode"] and x.get("block_refresh") == "full" and same(x, r)), None
-            )
+        base = _base_row(r, runs)
         if (
             base is not None
             and base is not r
-            and r["mode"] not in ("exact", "torch_official", "mlx_lm_ar")
+            and r["mode"] not in BASELINE_MODES
             and r["tokens_per_s"]
             and base["tokens_per_s"]
         ):  # a row that wrote nothing has no ratio
-            what = "exact" if base["mode"] == "exact" else f"{base['mode']} {base['cache']} full refresh"
-            lines.append(
-                f"gen {r['gen_length']} {r['mode']} {r['cache']} {r.get('block_refresh') or ''} vs {what} (prompt "
-                f"{r['prompt_tokens']}): {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
-                f"{base['processed_per_output_token'] / r['processed_per_output_token']:.2f}x fewer "
-                "processed tokens per output token"
-            )
+            lines.append(_comparison(r, base))
     return "\n".join(lines)
 
 

@@ -94,20 +94,16 @@ def run(cfg: BenchConfig, load: Callable, group, log=print) -> Optional[dict]:
     tensor = cfg.parallel == "tensor" and group.size() > 1
     model, tok, name = model_for(cfg, load, group, tensor)
     prompts = prompts_for(cfg, model, tok)
-    runs = B.bench_modes(
-        model,
-        prompts,
+    grid = B.ModeGrid(
         cfg.modes,
         cfg.gen_lengths,
         cfg.repeats,
-        tok,
         cfg.block_length,
-        log,
         cfg.refreshes,
+        cfg.caches,
         ban_eos=cfg.shape is not None,
-        caches=cfg.caches,
-        group=group if group.size() > 1 and not tensor else None,
     )
+    runs = B.bench_modes(model, prompts, grid, tok, log, group=group if group.size() > 1 and not tensor else None)
     if not dist.is_main(group):
         return None
     if any(r["output_tokens"] == 0 for r in runs):

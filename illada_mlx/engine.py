@@ -81,6 +81,55 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     return [int(t) for t in prompt]
 
 
+class _Tally:
+    """What a stream has written so far, and the Response that says it."""
+
+    def __init__(self, prompt_len: int, spec: DecodeSpec, reused: bool):
+        self.prompt_len, self.spec, self.reused = prompt_len, spec, reused
+        self.t0 = time.perf_counter()
+        self.produced = 0
+        self.first_positions: Optional[int] = None  # the first forward's positions: rows (CFG's copies too) × canvas
+
+    def step(self, ev: Step) -> None:
+        if self.first_positions is None:
+            self.first_positions = ev.canvas.shape[0] * ev.canvas.shape[1] * (2 if self.spec.cfg_scale > 0 else 1)
+
+    def response(self, text: str, tokens, st: Stats, blocks_done: int, **end) -> Response:
+        wall = time.perf_counter() - self.t0
+        positions = self.first_positions if not self.reused else None
+        tps = positions / max(st.prompt_s, 1e-9) if positions and st.prompt_s else 0.0
+        return Response(
+            text,
+            tokens,
+            self.prompt_len,
+            tps,
+            self.produced,
+            self.produced / max(wall, 1e-9),
+            _peak_gb(),
+            st.nfe,
+            self.produced / max(st.nfe, 1),
+            blocks_done,
+            self.spec.n_blocks,
+            **end,
+            first_forward_s=st.prompt_s,
+            first_forward_positions=positions,
+        )
+
+
+def _resolve(model, tokenizer, prompt: Prompt, spec: Optional[DecodeSpec], prompt_cache, settings: dict):
+    """(prompt ids, the spec to run): stream_generate's arguments checked."""
+    if prompt_cache is not None and not isinstance(prompt_cache, BlockCache):
+        raise IlladaError(
+            "prompt_cache= takes a BlockCache (kept across chat turns); the cache policy is the `cache` setting"
+        )
+    ids = prompt_ids(tokenizer, prompt)
+    if spec is None:
+        spec = make_spec(model, tokenizer, len(ids), **settings)
+    elif settings:
+        raise IlladaError("pass either spec= or settings, not both")
+    return ids, spec
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -99,66 +148,25 @@ def stream_generate(
     shared prefix is not recomputed. on_step: called with every denoising Step.
     Stopping the iteration early stops the decode.
     """
-    if prompt_cache is not None and not isinstance(prompt_cache, BlockCache):
-        raise IlladaError(
-            "prompt_cache= takes a BlockCache (kept across chat turns); the cache policy is the `cache` setting"
-        )
-    ids = prompt_ids(tokenizer, prompt)
-    if spec is None:
-        spec = make_spec(model, tokenizer, len(ids), **settings)
-    elif settings:
-        raise IlladaError("pass either spec= or settings, not both")
+    ids, spec = _resolve(model, tokenizer, prompt, spec, prompt_cache, settings)
     reply = ReplyText(tokenizer, spec.stop) if tokenizer is not None else None
     stop_fn = (lambda row, toks: reply.add(toks)) if reply is not None else None
-    t0 = time.perf_counter()
-    produced = 0
-    reused = prompt_cache is not None and prompt_cache.reuse > 0
-    first: list[int] = []  # the positions the first forward ran: rows (CFG's copies too) × canvas
-
-    def response(text, tokens, st: Stats, blocks_done, **end):
-        wall = time.perf_counter() - t0
-        positions = first[0] if first and not reused else None
-        tps = positions / max(st.prompt_s, 1e-9) if positions and st.prompt_s else 0.0
-        return Response(
-            text,
-            tokens,
-            len(ids),
-            tps,
-            produced,
-            produced / max(wall, 1e-9),
-            _peak_gb(),
-            st.nfe,
-            produced / max(st.nfe, 1),
-            blocks_done,
-            spec.n_blocks,
-            **end,
-            first_forward_s=st.prompt_s,
-            first_forward_positions=positions,
-        )
-
+    tally = _Tally(len(ids), spec, reused=prompt_cache is not None and prompt_cache.reuse > 0)
     events = decode(model, [ids], spec, stop_fn=stop_fn, cache=prompt_cache)
     try:
         for ev in events:
             if isinstance(ev, Step):
-                if not first:
-                    first.append(ev.canvas.shape[0] * ev.canvas.shape[1] * (2 if spec.cfg_scale > 0 else 1))
+                tally.step(ev)
                 if on_step is not None:
                     on_step(ev)
             elif isinstance(ev, BlockDone):
-                produced += len(ev.tokens[0])
-                yield response(reply.take() if reply else "", ev.tokens[0], ev.stats, ev.index + 1)
+                tally.produced += len(ev.tokens[0])
+                yield tally.response(reply.take() if reply else "", ev.tokens[0], ev.stats, ev.index + 1)
             else:
                 if reply is not None:
                     reply.finish()
-                yield response(
-                    reply.take() if reply else "",
-                    [],
-                    ev.stats,
-                    ev.stats.blocks,
-                    finish_reason=ev.finish_reasons[0],
-                    stats=ev.stats,
-                    spec=spec,
-                )
+                end = dict(finish_reason=ev.finish_reasons[0], stats=ev.stats, spec=spec)
+                yield tally.response(reply.take() if reply else "", [], ev.stats, ev.stats.blocks, **end)
     finally:
         events.close()
 

@@ -76,7 +76,8 @@ def run_compare(cfg: EvalConfig, load: Callable, group, progress: Optional[Calla
         raise IlladaError("the two models have different tokenizers; compare conversions of one model")
     items = E.encode_items(parsed, ta, raw=cfg.raw)
     step = (lambda n: progress(n, len(items))) if progress else None
-    r = E.compare(ma, mb, items, cfg.mc_num, cfg.batch_size, cfg.cfg_scale, cfg.seed, progress=step, group=share)
+    est = E.Estimator(cfg.mc_num, cfg.batch_size, cfg.cfg_scale, cfg.seed)
+    r = E.compare(ma, mb, items, est, progress=step, group=share)
     r.update(a=cfg.compare[0], b=cfg.compare[1], data=cfg.data)
     return r
 

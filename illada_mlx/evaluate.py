@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -82,43 +83,51 @@ def _item(line: str, where: str) -> tuple[str, list[dict]]:
     return answer, msgs
 
 
-def compare(
-    model_a,
-    model_b,
-    items,
-    mc_num: int = 32,
-    batch_size: int = 32,
-    cfg_scale: float = 0.0,
-    seed: int = 0,
-    progress=None,
-    group=None,
-) -> dict:
-    """Score items on both models with the same masks; the summary and the per-item figures. group (data
-    parallel under mlx.launch): each rank scores a share of the chunks one process would score, and every
-    rank gets every item's figures in order."""
+@dataclass(frozen=True)
+class Estimator:
+    """The Monte-Carlo estimator's settings: mc_num samples in rows of batch_size per forward, the CFG scale
+    and the seed of the masks."""
+
+    mc_num: int = 32
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    seed: int = 0
+
+
+def _score_both(model_a, model_b, items, est: Estimator, progress=None, group=None) -> list[tuple]:
+    """(log-likelihood on A, on B, greedy answer of A, of B) per item, with the same masks on both models;
+    under a group each rank scores a share of the chunks and every rank gets every item's figures."""
     from .distributed import gather, split
 
-    chunk = chunk_size(mc_num, batch_size)
+    chunk = chunk_size(est.mc_num, est.batch_size)
     starts = list(range(0, len(items), chunk))
     mine = starts if group is None else split(starts, group.rank(), group.size())
     scored = []
     for s in mine:
         part = items[s : s + chunk]
-        a = log_likelihoods(model_a, part, mc_num, batch_size, cfg_scale, seed)
-        b = log_likelihoods(model_b, part, mc_num, batch_size, cfg_scale, seed, masks=[x.masks for x in a])
+        a = log_likelihoods(model_a, part, est.mc_num, est.batch_size, est.cfg_scale, est.seed)
+        masks = [x.masks for x in a]
+        b = log_likelihoods(model_b, part, est.mc_num, est.batch_size, est.cfg_scale, est.seed, masks=masks)
         lengths = [(p, len(q)) for p, q in part]
         scored += list(
             zip(
                 [x.log_likelihood for x in a],
                 [x.log_likelihood for x in b],
-                greedy_answers(model_a, lengths, cfg_scale),
-                greedy_answers(model_b, lengths, cfg_scale),
+                greedy_answers(model_a, lengths, est.cfg_scale),
+                greedy_answers(model_b, lengths, est.cfg_scale),
             )
         )
         if progress is not None:
             progress(len(part))
-    if group is not None:
-        scored = gather(group, scored)
+    return scored if group is None else gather(group, scored)
+
+
+def compare(model_a, model_b, items, est: Optional[Estimator] = None, progress=None, group=None) -> dict:
+    """Score items on both models with the same masks (est: the estimator's settings, default Estimator());
+    the summary and the per-item figures. group (data parallel under mlx.launch): each rank scores a share
+    of the chunks one process would score, and every rank gets every item's figures in order."""
+    est = est if est is not None else Estimator()
+    scored = _score_both(model_a, model_b, items, est, progress, group)
     ll_a, ll_b, g_a, g_b = ([x[i] for x in scored] for i in range(4))
     n_tok = np.array([len(q) for _, q in items], dtype=np.float64)
     d = (np.array(ll_a) - np.array(ll_b)) / n_tok
@@ -127,8 +136,8 @@ def compare(
     answers = [q for _, q in items]
     return {
         "items": len(items),
-        "mc_num": mc_num,
-        "seed": seed,
+        "mc_num": est.mc_num,
+        "seed": est.seed,
         "per_token_ll_diff": mean,
         "ci95": [mean - half, mean + half],
         "greedy_agreement": float(np.mean([x == y for x, y in zip(g_a, g_b)])),

@@ -35,6 +35,7 @@ from .settings import BY_NAME
 
 _INT = {"mc_num", "batch_size"}  # the likelihood's own args; decode args and the seed are the registry's
 _FLOAT = {"cfg_scale"}
+SCORING_DEFAULTS = {"mc_num": 128, "batch_size": 32, "cfg_scale": 0.0, "greedy_check": True}  # the likelihood's args
 
 
 def decode_arg(key: str, value):
@@ -63,33 +64,22 @@ def _typed(key: str, value):
 
 @register_model("illada-mlx")
 class IlladaLM(LM):
-    def __init__(
-        self,
-        path: Optional[str] = None,
-        model=None,
-        tokenizer=None,
-        mc_num: int = 128,
-        batch_size=32,
-        cfg_scale: float = 0.0,
-        greedy_check: bool = True,
-        seed: int = 0,
-        group=None,
-        **decode,
-    ):
+    def __init__(self, path: Optional[str] = None, model=None, tokenizer=None, group=None, **model_args):
+        """A checkpoint at `path` (loaded here), or a loaded `model` and `tokenizer`. model_args, as lm-eval's
+        --model_args passes them (strings) or as values: the likelihood's mc_num (128), batch_size (32),
+        cfg_scale (0.0) and greedy_check (True); the seed (0); every other key is a decode setting for
+        generate_until (checked by its registry setting, and by make_spec, which refuses unknown keys)."""
         super().__init__()
         self.group = group if group is not None and group.size() > 1 else None
-        self.decode = {k: decode_arg(k, v) for k, v in decode.items() if v is not None}  # before any loading
+        scoring = {k: model_args.pop(k, default) for k, default in SCORING_DEFAULTS.items()}
+        seed = model_args.pop("seed", 0)
+        self.decode = {k: decode_arg(k, v) for k, v in model_args.items() if v is not None}  # before any loading
         self.seed = decode_arg("seed", seed)
         if model is None:
             from .load import load
 
             model, tokenizer = load(path)
-        kw = {
-            k: _typed(k, v)
-            for k, v in dict(
-                mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, greedy_check=greedy_check
-            ).items()
-        }
+        kw = {k: _typed(k, v) for k, v in scoring.items()}
         self.model, self.tok = model, tokenizer
         self.mc_num, self.batch, self.cfg = kw["mc_num"], kw["batch_size"], kw["cfg_scale"]
         self.greedy = kw["greedy_check"]

@@ -81,6 +81,31 @@ def test_a_chat_templated_context_keeps_its_trailing_newline(demo):
     assert ctx == build_prompt(tok, msgs) and cont == tok.encode("158", add_special_tokens=False)
 
 
+def test_every_model_arg_from_a_string_reaches_the_model(demo, monkeypatch):
+    # lm-eval's --model_args string: the likelihood's args typed, the seed and the decode settings checked by
+    # their registry settings, lm-eval's own batch_size only where the string has none
+    import importlib
+
+    from illada_mlx.config import IlladaError
+    from illada_mlx.lm_eval_model import IlladaLM
+
+    model, tok = demo
+    L = importlib.import_module("illada_mlx.load")  # the module (the package's `load` is the function)
+    monkeypatch.setattr(L, "load", lambda path: (model, tok) if path == "DIR" else None)
+    args = "path=DIR,mc_num=4,batch_size=2,cfg_scale=0.5,greedy_check=false,seed=7,mode=fast,threshold=0.8"
+    lm = IlladaLM.create_from_arg_string(args, {"batch_size": 64})
+    assert (lm.mc_num, lm.batch, lm.cfg, lm.greedy, lm.seed) == (4, 2, 0.5, False, 7)
+    assert lm.decode == {"mode": "fast", "threshold": 0.8} and lm.model is model and lm.tok is tok
+    lm = IlladaLM.create_from_arg_string("path=DIR,mc_num=64", {"batch_size": 16})
+    assert (lm.mc_num, lm.batch, lm.cfg, lm.greedy, lm.seed, lm.decode) == (64, 16, 0.0, True, 0, {})
+    with pytest.raises(IlladaError, match="multiple of batch_size"):
+        IlladaLM.create_from_arg_string("path=DIR,mc_num=3,batch_size=2")
+    with pytest.raises(IlladaError, match="not a number"):
+        IlladaLM.create_from_arg_string("path=DIR,mc_num=many")
+    with pytest.raises(IlladaError, match="seed"):
+        IlladaLM.create_from_arg_string("path=DIR,seed=x")
+
+
 @pytest.mark.slow  # lm-eval indexes every task it ships to find one
 def test_unknown_task_and_bad_arguments_are_one_line(task_dir):
     for args, needle in (

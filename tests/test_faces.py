@@ -48,3 +48,90 @@ def test_each_command_is_a_small_module():
     for name in COMMAND_MODULES:
         lines = (LIBRARY / "cli" / f"{name}.py").read_text().count("\n")
         assert lines <= 80, f"cli/{name}.py has {lines} lines"
+
+
+MAX_LINES, MAX_PARAMETERS = 60, 8  # issue 34's size rule: a function's def line to its last, named parameters
+OFFICIAL_SIGNATURES = {("decode.py", "generate"), ("decode.py", "var_generate")}  # the official LLaDA functions'
+
+
+def _is_click_command(fn: ast.AST) -> bool:
+    """Decorated with click.command / click.group (or a click group's .command / .group)."""
+    for d in fn.decorator_list:
+        f = d.func if isinstance(d, ast.Call) else d
+        if isinstance(f, ast.Attribute) and f.attr in ("command", "group"):
+            return True
+    return False
+
+
+def _parameters(fn: ast.AST, in_class: bool) -> int:
+    """Named parameters (positional-only, positional, keyword-only), a method's self / cls not counted."""
+    names = [a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs]
+    return len(names) - (in_class and bool(names) and names[0] in ("self", "cls"))
+
+
+def oversized(tree: ast.AST, where: str = "") -> list[str]:
+    """'where:qualname (N lines, M parameters)' for every function of `tree` over the size rule, click
+    commands and OFFICIAL_SIGNATURES excepted; nested functions and methods included."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str, in_class: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.", True)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                lines, params = child.end_lineno - child.lineno + 1, _parameters(child, in_class)
+                excepted = _is_click_command(child) or (where, name) in OFFICIAL_SIGNATURES
+                if (lines > MAX_LINES or params > MAX_PARAMETERS) and not excepted:
+                    found.append(f"{where}:{name} ({lines} lines, {params} parameters)")
+                visit(child, f"{name}.", False)
+            else:
+                visit(child, prefix, in_class)
+
+    visit(tree, "", False)
+    return found
+
+
+def test_the_size_oracle_sees_long_and_wide_functions_and_its_exceptions():
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    source = f"""
+def long():
+{body}
+
+def fine(a, b, c, d, e, f, g, h, *args, **kw):
+    pass
+
+def wide(a, b, c, d, e, f, g, h, *, i):
+    pass
+
+class C:
+    def method(self, a, b, c, d, e, f, g, h):
+        pass
+
+    def wide_method(self, a, b, c, d, e, f, g, h, i):
+        def inner(a, b, c, d, e, f, g, h, i):
+            pass
+
+@click.command("x")
+@click.option("--a")
+def command(a, b, c, d, e, f, g, h, i):
+{body}
+
+def generate(a, b, c, d, e, f, g, h, i):
+    pass
+"""
+    found = oversized(ast.parse(source), "decode.py")
+    assert found == [
+        "decode.py:long (61 lines, 0 parameters)",
+        "decode.py:wide (2 lines, 9 parameters)",
+        "decode.py:C.wide_method (3 lines, 9 parameters)",
+        "decode.py:C.wide_method.inner (2 lines, 9 parameters)",
+    ]
+    assert "other.py:generate (2 lines, 9 parameters)" in oversized(ast.parse(source), "other.py")
+
+
+def test_no_function_is_over_the_size_rule():
+    found = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        found += oversized(ast.parse(path.read_text()), path.relative_to(LIBRARY).as_posix())
+    assert not found, found
