@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -205,9 +203,3 @@ def summary_line(r: dict) -> str:
         f"(95% CI {lo:+.4f} .. {hi:+.4f}); greedy answers agree on {100 * r['greedy_agreement']:.1f}%; "
         f"exact A {100 * r['greedy_exact_a']:.1f}%, B {100 * r['greedy_exact_b']:.1f}%"
     )
-
-
-def write_json(path: str, obj: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))
-    print(f"wrote {path}", file=sys.stderr)
