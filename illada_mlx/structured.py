@@ -16,6 +16,7 @@ constrained to its type.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -306,6 +307,12 @@ class TokenClasses:
         return cls(text, digit, minus, pad)
 
 
+@functools.lru_cache(maxsize=4)
+def token_classes(tokenizer, pad: int, special: tuple) -> TokenClasses:
+    """TokenClasses.of, once per tokenizer (it decodes every token of the vocabulary)."""
+    return TokenClasses.of(tokenizer, pad, special)
+
+
 def _plain(t: str) -> bool:
     return bool(t) and t.isprintable() and not any(c in t for c in '"\\\ufffd')
 
@@ -373,6 +380,29 @@ class Layout:
                 out[at[at < words.max()], pad] = False
         return out
 
+    def on_device(self, prompt_len: int):
+        """`allowed`'s rules as an Infill takes them: computed on the device from the canvas (B, P + L) at the
+        positions `pos` (B, K), (B, K, V) bool, with no host sync on the sampler's step."""
+        import mlx.core as mx
+
+        static = mx.array(self.static_allowed())
+        inside = (self.hole[:, None] == self.hole[None, :]) & (self.hole >= 0)[:, None]
+        earlier = self.slot[None, :] < self.slot[:, None]  # [i, j]: j comes before i
+        pad_before, word_after = mx.array(inside & earlier), mx.array(inside & earlier.T)
+        pad, mask = self.classes.pad, self.mask_id
+        pad_col = mx.arange(static.shape[1]) == pad
+
+        def allowed(x, pos):
+            answer, at = x[:, prompt_len:], pos - prompt_len
+            is_pad, is_word = answer == pad, (answer != pad) & (answer != mask)
+            pad_only = mx.any(pad_before[None] & is_pad[:, None, :], axis=-1)
+            no_pad = mx.any(word_after[None] & is_word[:, None, :], axis=-1)
+            pad_only = mx.take_along_axis(pad_only, at, axis=1)[..., None]
+            no_pad = mx.take_along_axis(no_pad, at, axis=1)[..., None]
+            return mx.where(pad_only, pad_col, static[at]) & ~(no_pad & pad_col)
+
+        return allowed
+
     def fills(self, canvas: np.ndarray, chosen: dict[int, int]) -> list[Any]:
         """Each hole's fill from a finished answer canvas: its text up to the padding, or the chosen option."""
         out: list[Any] = []
@@ -385,15 +415,14 @@ class Layout:
             out.append(self.tok.decode([t for t in toks if t != self.mask_id]))
         return out
 
-    def choose(self, logprobs: np.ndarray) -> dict[int, int]:
+    def choose(self, logprobs) -> dict[int, int]:
         """Each choice hole's option with the largest summed log-probability of its tokens (padding after a
-        shorter option counts too), from (L, V) log-probabilities at the answer positions."""
+        shorter option counts too); logprobs[i]: the (V,) log-probabilities at answer position i."""
         out = {}
         for h, opts in self.options.items():
-            at = np.flatnonzero(self.hole == h)
-            scores = [
-                sum(logprobs[at[k], t] for k, t in enumerate(o + [self.classes.pad] * (len(at) - len(o)))) for o in opts
-            ]
+            at = np.flatnonzero(self.hole == h).tolist()
+            padded = [o + [self.classes.pad] * (len(at) - len(o)) for o in opts]
+            scores = [sum(logprobs[i][t] for i, t in zip(at, o)) for o in padded]
             out[h] = int(np.argmax(scores))
         return out
 
@@ -417,11 +446,12 @@ def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
     if not layout.options:
         return {}
     x = mx.array([ids + layout.ids.tolist()], dtype=mx.int32)
-    logits = model(x, None, logits_at=mx.arange(len(ids), x.shape[1]))
+    at = np.flatnonzero(np.isin(layout.hole, list(layout.options)))
+    logits = model(x, None, logits_at=mx.array(at + len(ids)))
     logp = np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0].astype(mx.float32))
     stats.nfe += 1
     stats.processed += x.shape[1]
-    return layout.choose(logp)
+    return layout.choose(dict(zip(at.tolist(), logp)))
 
 
 def _written(layout: Layout, chosen: dict[int, int]) -> np.ndarray:
@@ -465,7 +495,7 @@ def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, **s
     from .spec import make_spec
 
     a = model.args
-    classes = TokenClasses.of(tokenizer, pad=a.eos_token_id, special=(a.mask_token_id,))
+    classes = token_classes(tokenizer, a.eos_token_id, (a.mask_token_id,))
     layout = Layout(compile_schema(schema), tokenizer, classes, a.mask_token_id)
     stats = Stats()
     chosen = _choose(model, ids, layout, stats)
@@ -474,12 +504,7 @@ def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, **s
     base = spec if spec is not None else make_spec(model, tokenizer, len(ids), max_tokens=len(layout), **settings)
     spec = template_spec(base, len(ids), layout, n_open, a)
     if n_open:
-        static = layout.static_allowed()
-
-        def allowed(x, pos):
-            return mx.array(layout.allowed(np.array(x[0, len(ids) :]), static))[pos - len(ids)]
-
-        g = run(decode(model, [ids], spec, infill=Infill(mx.array(answer[None]), allowed)))
+        g = run(decode(model, [ids], spec, infill=Infill(mx.array(answer[None]), layout.on_device(len(ids)))))
         answer = np.array(g.canvas[0, len(ids) :])
         stats.nfe += g.stats.nfe
         stats.processed += g.stats.processed

@@ -47,6 +47,24 @@ def test_any_allowed_fill_of_200_schemas_validates(layout_of):
         assert (canvas != 5).sum() == (layout.static_allowed().any(1) | (layout.hole < 0)).sum()
 
 
+def test_the_device_rules_are_the_layout_s_rules(layout_of):
+    # Layout.on_device (what the decode applies at every step) against Layout.allowed (numpy), on partial
+    # fills of generated schemas at every position
+    import mlx.core as mx
+
+    rng = random.Random(7)
+    for _ in range(20):
+        layout = layout_of(random_schema(rng))
+        full = random_fill(layout, rng)
+        canvas = np.where(np.array([rng.random() < 0.5 for _ in full]), full, layout.ids)
+        want = layout.allowed(canvas)
+        prompt = [9, 9, 9]
+        x = mx.array([prompt + canvas.tolist()])
+        pos = mx.array([list(range(3, 3 + len(layout)))])
+        got = np.array(layout.on_device(3)(x, pos))[0]
+        np.testing.assert_array_equal(got, want)
+
+
 def test_padding_runs_to_the_end_of_its_hole(layout_of):
     layout = layout_of({"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
     pad = layout.classes.pad
