@@ -20,26 +20,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from illada_mlx.backend import backend_name, cast_floats, compute_dtype, preferred_dtype
-from illada_mlx.bench import SHAPES, machine
-from illada_mlx.config import ModelArgs
+from illada_mlx.bench import machine, random_model
 from illada_mlx.model import Model
 
 FULL_LAYERS = 32
 
 
 def quantized_model(layers: int) -> Model:
-    args = ModelArgs(
-        **{**SHAPES["8b"], "num_hidden_layers": layers},
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-        mask_token_id=5,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    mx.random.seed(0)
-    model = Model(args)
-    model.set_dtype(mx.bfloat16)
+    model = random_model("8b", mx.bfloat16, layers=layers)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     return model

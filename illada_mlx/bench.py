@@ -52,9 +52,11 @@ SHAPES = {  # iLLaDA-8B's ratios: head_dim 128 → 32 here; 4 query heads per KV
 }
 
 
-def random_model(shape: str, dtype=mx.float32, seed: int = 0) -> Model:
+def random_model(shape: str, dtype=mx.float32, seed: int = 0, layers: Optional[int] = None) -> Model:
+    """Random weights of a SHAPES shape (`layers`: that many of its layers instead)."""
+    dims = SHAPES[shape] if layers is None else {**SHAPES[shape], "num_hidden_layers": layers}
     args = ModelArgs(
-        **SHAPES[shape],
+        **dims,
         max_position_embeddings=8192,
         rope_theta=500000.0,
         tie_word_embeddings=True,

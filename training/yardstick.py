@@ -137,6 +137,36 @@ class RowForwards:
             self.n += int(mx.any(ev.committed, axis=1).sum())
 
 
+class Tally:
+    """The figures of a row's decodes over the items, batch by batch (`decoded`)."""
+
+    def __init__(self):
+        self.nfe = self.processed = self.out_tokens = 0
+        self.rows = RowForwards()
+        self.t0 = time.perf_counter()
+
+    def decoded(self, model, tok, items, spec, batch: int):
+        """(the items of a batch, its Generation), batch after batch, counting each one's figures."""
+        for i in range(0, len(items), batch):
+            chunk = items[i : i + batch]
+            g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), self.rows)
+            self.nfe += g.stats.nfe
+            self.processed += g.stats.processed
+            self.out_tokens += g.stats.output_tokens
+            yield chunk, g
+
+    def figures(self) -> dict:
+        return {
+            "forwards": self.nfe,
+            "processed_tokens": self.processed,
+            "seconds": round(time.perf_counter() - self.t0, 2),
+            "output_tokens": self.out_tokens,
+            "row_forwards": self.rows.n,
+            "tokens_per_row_forward": self.out_tokens / max(self.rows.n, 1),
+            "processed_per_output_token": self.processed / max(self.out_tokens, 1),
+        }
+
+
 def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG_GEN) -> dict:
     """A sampler of SAMPLERS on long-answer items with a `gen`-token canvas (exact) or budget (variable):
     per task, whole-answer exact match token for token and, per item, the first wrong token's position
@@ -146,15 +176,8 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
     spec = sampler_spec(model, tok, sampler, max_tokens=gen)
     B = spec.block_length
     per_task: dict[str, list] = {}
-    nfe = processed = out_tokens = 0
-    rows = RowForwards()
-    t0 = time.perf_counter()
-    for i in range(0, len(items), batch):
-        chunk = items[i : i + batch]
-        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
-        nfe += g.stats.nfe
-        processed += g.stats.processed
-        out_tokens += g.stats.output_tokens
+    tally = Tally()
+    for chunk, g in tally.decoded(model, tok, items, spec, batch):
         for (task, _, answer), toks, why in zip(chunk, g.tokens, g.finish_reasons):
             want = tok.encode(answer, add_special_tokens=False)  # toks: cut before the first EOS
             eos_block = len(toks) // B == len(want) // B and why == "stop"
@@ -173,13 +196,7 @@ def score_long(model, tok, items, sampler: str, batch: int = 10, gen: int = LONG
         "eos_in_its_block": {t: sum(e for _, _, e in v) / len(v) for t, v in per_task.items()},
         "first_wrong": {t: [w for w, _, _ in v] for t, v in per_task.items()},
         "answer_tokens": {t: [L for _, L, _ in v] for t, v in per_task.items()},
-        "forwards": nfe,
-        "processed_tokens": processed,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "output_tokens": out_tokens,
-        "row_forwards": rows.n,
-        "tokens_per_row_forward": out_tokens / max(rows.n, 1),
-        "processed_per_output_token": processed / max(out_tokens, 1),
+        **tally.figures(),
     }
 
 
@@ -202,26 +219,13 @@ def _summary(sampler: str, per_task: dict, correct: list) -> dict:
 def evaluate(model, tok, items, sampler: str, batch: int = 50) -> dict:
     spec = sampler_spec(model, tok, sampler)
     per_task, correct = {}, []  # correct: per item, in order: rows on the same items compare prompt by prompt
-    nfe = processed = out_tokens = 0
-    rows = RowForwards()
-    t0 = time.perf_counter()
-    for i in range(0, len(items), batch):
-        chunk = items[i : i + batch]
-        g = run(decode(model, [build_prompt(tok, as_messages(p)) for _, p, _ in chunk], spec), rows)
-        nfe += g.stats.nfe
-        processed += g.stats.processed
-        out_tokens += g.stats.output_tokens
+    tally = Tally()
+    for chunk, g in tally.decoded(model, tok, items, spec, batch):
         _score(tok, chunk, g.tokens, per_task, correct)
     return {
         **_summary(sampler, per_task, correct),
-        "forwards": nfe,
-        "forwards_per_batch_of_%d" % batch: nfe / max(1, -(-len(items) // batch)),
-        "processed_tokens": processed,
-        "output_tokens": out_tokens,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "row_forwards": rows.n,
-        "tokens_per_row_forward": out_tokens / max(rows.n, 1),
-        "processed_per_output_token": processed / max(out_tokens, 1),
+        **tally.figures(),
+        "forwards_per_batch_of_%d" % batch: tally.nfe / max(1, -(-len(items) // batch)),
         "correct": correct,
     }
 
