@@ -53,6 +53,8 @@ YARDSTICK_LONG = ("count", "countround", "countby", "countbyround")  # the long 
 LONG = YARDSTICK_LONG + ("succ",)
 CURRICULUM = ("countend", "countmid", "countbyend")  # shorter counts, for training only
 EXTRA = ("sums", "recall_abcd") + LONG + CURRICULUM
+TOOL_TASKS = ("tool_call", "tool_plain", "tool_result")  # tools offered (training/tool_tasks.py): messages
+EVERY = TASKS + EXTRA + TOOL_TASKS
 BLOCKWISE = LONG + CURRICULUM  # tasks whose rows are laid out block by block (training/train_rows.py)
 COUNTS = YARDSTICK_LONG + CURRICULUM  # three-digit numbers a space apart
 NUMBER_TOKENS = 4  # a count's number and the space or EOS after it, in demo-tokenizer tokens (one a character)
@@ -125,6 +127,11 @@ def examples(seed: int, split: str = "train", tasks=TASKS):
     rng = random.Random(seed)
     while True:
         task = rng.choice(tasks)
+        if task in TOOL_TASKS:  # messages, their base prompt from `split`
+            from training.tool_tasks import make
+
+            yield task, *make(task, rng, split)
+            continue
         prompt, answer = _make(task, rng)
         if held_out(prompt) == (split == "test"):
             yield task, prompt, answer
@@ -134,16 +141,16 @@ def held_out_set(n_per_task: int = 50, seed: int = 12345, tasks=TASKS) -> list[t
     """A fixed held-out set: n prompts per task, none of which training can draw."""
     out = []
     for task in tasks:
-        seen, gen = set(), examples(seed + (TASKS + EXTRA).index(task), "test", (task,))
+        seen, gen = set(), examples(seed + EVERY.index(task), "test", (task,))
         while len(seen) < n_per_task:
             t, p, a = next(gen)
-            if p not in seen:
-                seen.add(p)
+            if str(p) not in seen:
+                seen.add(str(p))
                 out.append((t, p, a))
     return out
 
 
-def _draw(task: str, rng: random.Random, split: str) -> tuple[str, str]:
+def draw(task: str, rng: random.Random, split: str) -> tuple[str, str]:
     """One (prompt, answer) of `task` from `split`."""
     while True:
         prompt, answer = _make(task, rng)
@@ -156,9 +163,9 @@ def conversation(rng: random.Random, task: str, earlier: int, split: str = "trai
     (answers correct), then a user turn of `task` from `split`, the one `answer` answers."""
     messages = []
     for _ in range(earlier):
-        p, a = _draw(rng.choice(TASKS), rng, "train")
+        p, a = draw(rng.choice(TASKS), rng, "train")
         messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-    p, a = _draw(task, rng, split)
+    p, a = draw(task, rng, split)
     return messages + [{"role": "user", "content": p}], a
 
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from training.demo_tasks import (
     BLOCKWISE,
     COUNTS,
-    EXTRA,
+    EVERY,
     NUMBER_TOKENS,
     ORDERED,
     TASKS,
@@ -121,18 +122,27 @@ class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
 
-    def __init__(self, tok_file: str, seed: int, **layout):
-        """layout: `batches`' keyword arguments (batch, block, tasks, max_area, multi_turn, ...)."""
+    def __init__(self, tok_file: str, seed: int, structured: float = 0.0, **layout):
+        """layout: `batches`' keyword arguments (batch, block, tasks, max_area, multi_turn, ...); a
+        `structured` share of the batches are tool_tasks' template rows instead."""
         super().__init__()
-        self.tok_file, self.seed, self.layout = tok_file, seed, layout
+        self.tok_file, self.seed, self.structured, self.layout = tok_file, seed, structured, layout
 
     def __iter__(self):
         from tokenizers import Tokenizer
 
         info = torch.utils.data.get_worker_info()
         seed = self.seed + 1000 * (info.id if info else 0)
+        tok = Tokenizer.from_file(self.tok_file)
+        plain = batches(tok, seed, **self.layout)
+        if not self.structured:
+            return (tuple(map(torch.from_numpy, b)) for b in plain)
+        from training.tool_tasks import template_batches
+
+        shaped, coin = template_batches(tok, seed + 3, self.layout["batch"], render), random.Random(seed + 5)
         return (
-            tuple(map(torch.from_numpy, b)) for b in batches(Tokenizer.from_file(self.tok_file), seed, **self.layout)
+            tuple(map(torch.from_numpy, next(shaped if coin.random() < self.structured else plain)))
+            for _ in iter(int, 1)
         )
 
 
@@ -347,7 +357,7 @@ def main():
     ap.add_argument(
         "--tasks",
         default=",".join(TASKS),
-        help=f"comma-separated, from {','.join(TASKS + EXTRA)}; a repeat weights a task",
+        help=f"comma-separated, from {','.join(EVERY)}; a repeat weights a task",
     )
     ap.add_argument(
         "--multi-turn",
@@ -395,12 +405,18 @@ def main():
         help="time budget, probes included: the cosine schedule follows the clock and the run ends "
         "when it is spent (or at --steps); 0 = none (the schedule follows --steps)",
     )
+    ap.add_argument(
+        "--structured",
+        type=float,
+        default=0.0,
+        help="share of batches that are structured-output template rows (training/tool_tasks.py)",
+    )
     ap.add_argument("--init", default=None, help="start from this checkpoint dir (same shape) instead of random")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     a = ap.parse_args()
     tasks = tuple(a.tasks.split(","))
-    if set(tasks) - set(TASKS + EXTRA):
-        ap.error(f"unknown task(s) {sorted(set(tasks) - set(TASKS + EXTRA))}: use {','.join(TASKS + EXTRA)}")
+    if set(tasks) - set(EVERY):
+        ap.error(f"unknown task(s) {sorted(set(tasks) - set(EVERY))}: use {','.join(EVERY)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
@@ -454,6 +470,7 @@ def main():
     rows = Batches(
         str(out / "tokenizer.json"),
         a.seed,
+        structured=a.structured,
         batch=a.batch,
         block=a.block,
         tasks=tasks,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, conversations, examples
+from training.demo_tasks import BLOCKWISE, NUMBER_TOKENS, TASKS, TOOL_TASKS, conversations, examples
 
 MASK, EOS = 5, 2
 # the chat template has one source, the bundled tokenizer_config.json: training rows are rendered from it
@@ -42,7 +42,7 @@ def draw_items(seed: int, tasks, multi_turn: float = 0.0):
     """Endless (task, messages, answer): single user turns from `tasks` and, a `multi_turn` share of them,
     conversations whose last user turn is from `tasks` (its short ones, when it has any) after 1-4 earlier
     exchanges (demo_tasks)."""
-    last = tuple(t for t in tasks if t not in BLOCKWISE)  # a conversation's last turn: a short task
+    last = tuple(t for t in tasks if t not in BLOCKWISE + TOOL_TASKS)  # a conversation's last turn: a short task
     single, multi = examples(seed, tasks=tasks), conversations(seed + 7, tasks=last or tasks)
     coin = np.random.default_rng(seed + 11)
     while True:
@@ -50,7 +50,7 @@ def draw_items(seed: int, tasks, multi_turn: float = 0.0):
             yield next(multi)
         else:
             task, p, a = next(single)
-            yield task, [{"role": "user", "content": p}], a
+            yield task, p if isinstance(p, list) else [{"role": "user", "content": p}], a
 
 
 def _row_kind(task: str, messages: list) -> str:
