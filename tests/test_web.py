@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
 
@@ -217,6 +218,69 @@ def test_ordinary_streams_carry_nothing_new(demo_server):
         chunks = [json.loads(x[6:]) for x in lines[:-1]]
         assert lines[-1] == "data: [DONE]" and len(chunks) <= 2 + 2  # the role, a chunk per block, the end
         assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
+
+
+# ------------------------------------------------------------------------------------------ a JSON schema's steps
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "word": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "pick": {"enum": ["left", "right"]},
+    },
+}
+
+
+def structured_stream(demo_server, schema, steps, mode):
+    """(the content's text, the step events' diffusion fields) of a streamed json_schema chat answer."""
+    body = {
+        "messages": [{"role": "user", "content": "reverse hello"}],
+        "stream": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        "diffusion": {"mode": mode, "steps": steps},
+    }
+    with httpx.Client(base_url=demo_server.url, timeout=120) as h:
+        r = h.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return text, [c["diffusion"] for c in chunks if "diffusion" in c]
+
+
+@pytest.mark.parametrize("mode", ["fast", "variable"])
+def test_a_json_schema_s_steps_start_from_its_skeleton_and_only_fill_holes(demo_server, demo, mode):
+    from illada_mlx.structured import Layout, TokenClasses, compile_schema
+
+    model, tok = demo
+    a = model.args
+    layout = Layout(compile_schema(SCHEMA), tok, TokenClasses.of(tok, a.eos_token_id), a.mask_token_id)
+    skeleton = {p: int(layout.ids[p]) for p in range(len(layout)) if layout.hole[p] < 0}
+    choices = {p for p in range(len(layout)) if layout.hole[p] in layout.options}
+    text, events = structured_stream(demo_server, SCHEMA, True, mode)
+    first, later = events[0], events[1:]
+    assert (first["block"], first["step"], first["start"], first["length"]) == (0, 0, 0, len(layout))
+    assert {p: t for p, t, _ in first["fixed"]} == skeleton  # every fixed token, and only those
+    assert {p for p, _, _ in first["commits"]} == choices  # the chosen options: filled from the start
+    canvas = {p: t for p, t, _ in first["fixed"] + first["commits"]}
+    for ev in later:
+        assert "fixed" not in ev and ev["length"] == len(layout) and ev["block"] == 0
+        for p, t, piece in ev["commits"]:
+            assert p not in canvas and 0 <= p < len(layout)  # a hole still masked: never a fixed token
+            assert piece == tok.decode([t])
+            canvas[p] = t
+    assert [ev["step"] for ev in events] == list(range(len(events)))
+    assert sorted(canvas) == list(range(len(layout)))  # every hole filled by the last step
+    answer = np.array([canvas[p] for p in range(len(layout))])
+    chosen = {}
+    for h, opts in layout.options.items():  # read each choice back from the canvas
+        at = np.flatnonzero(layout.hole == h)
+        padded = [o + [a.eos_token_id] * (len(at) - len(o)) for o in opts]
+        chosen[h] = padded.index(answer[at].tolist())
+    assert text == layout.render(answer, chosen)  # the last canvas is the answer's
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert structured_stream(demo_server, SCHEMA, False, mode) == (text, [])  # without steps: as before
 
 
 # ------------------------------------------------------------------------------------------ the page in a browser
