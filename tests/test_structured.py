@@ -279,3 +279,30 @@ def test_the_openai_clients_parse_helper_gets_a_pydantic_object(server):
         model="illada-demo", messages=[{"role": "user", "content": "reverse hello"}], response_format=Answer
     )
     assert isinstance(r.choices[0].message.parsed, Answer)
+
+
+class Broken:
+    """The demo model, failing at its first forward (a bug of ours, as the server sees it)."""
+
+    def __init__(self, model):
+        self.args = model.args
+
+    def __call__(self, *a, **kw):
+        raise RuntimeError("broken forward")
+
+
+def test_a_failed_structured_decode_answers_its_request(demo):
+    # the choice being decoded gets the failure (a 500 naming it) rather than waiting for ever
+    import httpx
+    from test_server import Server
+
+    s = Server(Broken(demo[0]), demo[1], "illada-demo")
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string"}}},
+    }
+    try:
+        r = httpx.post(s.url + "/chat/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "broken forward" in r.json()["error"]["message"]
+    finally:
+        s.stop()
