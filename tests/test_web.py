@@ -481,6 +481,9 @@ def test_the_page_asks_for_json_and_draws_the_schema_s_skeleton(browser, demo):
             time.sleep(0.3)
             assert not sent and page.input_value("#prompt") == "reverse hello"  # kept, nothing sent
 
+        page.click("#schema-example")  # the placeholder's example: a schema the server compiles
+        compile_schema(json.loads(page.input_value("#schema")))
+        assert page.is_hidden("#schema-error") and page.inner_text("#schema-state") == "(on)"
         page.fill("#schema", json.dumps(schema))
         assert page.is_hidden("#schema-error") and page.inner_text("#schema-state") == "(on)"
         page.select_option("#mode", "variable")
