@@ -12,6 +12,9 @@ constrained to its type.
 - `Layout.value(tokens)` reads the filled canvas back into a Python value (strings cut to maxLength,
   numbers kept to their bounds, enums and booleans as chosen) and `json.dumps` writes it: the output
   parses and validates against its schema for any fill the rules allow, which is what the decode keeps to.
+- `generate_json(..., on_step=f)` calls f with a `TemplateStep` for the template as written (the skeleton
+  and the choices) and after each denoising step: the answer canvas, which positions are fixed text, which
+  the step filled (the server's step events and the web page's skeleton view).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -437,6 +440,43 @@ class JsonResult:
     value: Any  # the same, parsed
     stats: Any  # decode.Stats: forwards and processed tokens, the choices' scoring forward included
     spec: Any  # the DecodeSpec that ran
+    answer: Optional[np.ndarray] = None  # (L,) the filled answer canvas the text was read from
+
+
+@dataclass
+class TemplateStep:
+    """The answer canvas of a template's decode at one step (generate_json's on_step): step 0 is the template
+    as written before denoising (its fixed text, the choices' options, masks at the open holes), then one per
+    denoising step."""
+
+    step: int
+    answer: np.ndarray  # (L,) the answer canvas after the step: mask_id where a hole is still open
+    fixed: np.ndarray  # (L,) bool: the template's fixed text (written at step 0, never changed)
+    filled: np.ndarray  # (L,) bool: what this step wrote (step 0: the choices' options and their padding)
+    mask_id: int
+
+    @property
+    def masked(self) -> np.ndarray:
+        """(L,) bool: the hole positions still open."""
+        return self.answer == self.mask_id
+
+
+def _stepper(layout: Layout, answer: np.ndarray, prompt_len: int, on_step: Callable):
+    """Calls on_step with the written template (step 0); returns decode's on_event, which calls it after each
+    denoising step with what that step filled (one host sync a step, only when there is an on_step)."""
+    from .decode import Step
+
+    fixed, mask = layout.hole < 0, layout.mask_id
+    on_step(TemplateStep(0, answer.copy(), fixed, np.isin(layout.hole, list(layout.options)), mask))
+    prev = [answer]
+
+    def on_event(ev) -> None:
+        if isinstance(ev, Step):
+            now = np.array(ev.canvas[0, prompt_len:])
+            on_step(TemplateStep(ev.step + 1, now, fixed, (prev[0] == mask) & (now != mask), mask))
+            prev[0] = now
+
+    return on_event
 
 
 def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
@@ -485,10 +525,11 @@ def template_spec(base, prompt_len: int, layout: Layout, n_open: int, args):
     return spec
 
 
-def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, **settings) -> JsonResult:
+def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, on_step=None, **settings) -> JsonResult:
     """An answer to the prompt `ids` that is JSON valid against `schema` (see the module doc). spec: a
     resolved DecodeSpec whose rule, cache and sampling to use, else make_spec's `settings` (mode, rule,
-    threshold, cache, seed, ...)."""
+    threshold, cache, seed, ...). on_step: called with a TemplateStep for the written template and after
+    each denoising step."""
     import mlx.core as mx
 
     from .decode import Infill, Stats, decode, run
@@ -503,10 +544,12 @@ def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, **s
     n_open = int((answer == a.mask_token_id).sum())
     base = spec if spec is not None else make_spec(model, tokenizer, len(ids), max_tokens=len(layout), **settings)
     spec = template_spec(base, len(ids), layout, n_open, a)
+    on_event = _stepper(layout, answer, len(ids), on_step) if on_step is not None else None
     if n_open:
-        g = run(decode(model, [ids], spec, infill=Infill(mx.array(answer[None]), layout.on_device(len(ids)))))
+        infill = Infill(mx.array(answer[None]), layout.on_device(len(ids)))
+        g = run(decode(model, [ids], spec, infill=infill), on_event)
         answer = np.array(g.canvas[0, len(ids) :])
         stats.nfe += g.stats.nfe
         stats.processed += g.stats.processed
     text = layout.render(answer, chosen)
-    return JsonResult(text, json.loads(text), stats, spec)
+    return JsonResult(text, json.loads(text), stats, spec, answer)

@@ -157,6 +157,50 @@ def test_the_skeleton_costs_no_forwards(demo):
     assert r.stats.nfe == 1 and set(json.loads(r.text)) == {"ok", "c"}
 
 
+SKELETON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "bc"]}, "minItems": 2, "maxItems": 2},
+    },
+}
+
+
+@pytest.mark.parametrize("mode", ["fast", "variable"])
+def test_on_step_starts_from_the_skeleton_and_only_fills_holes(demo, mode):
+    # the steps generate_json reports against the layout computed here: step 0 is the skeleton (fixed text,
+    # choices filled, every other hole masked), each later step writes only positions still masked, and the
+    # last canvas is the one the answer was read from
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    a = model.args
+    layout = Layout(compile_schema(SKELETON_SCHEMA), tok, TokenClasses.of(tok, a.eos_token_id), a.mask_token_id)
+    fixed = layout.hole < 0
+    choice = np.isin(layout.hole, list(layout.options))
+    ids = build_prompt(tok, [{"role": "user", "content": "reverse hello"}])
+    steps = []
+    r = generate_json(model, tok, ids, SKELETON_SCHEMA, mode=mode, on_step=steps.append)
+    assert [s.step for s in steps] == list(range(len(steps))) and len(steps) >= 2
+    first = steps[0]
+    np.testing.assert_array_equal(first.fixed, fixed)
+    np.testing.assert_array_equal(first.answer[fixed], layout.ids[fixed])
+    np.testing.assert_array_equal(first.filled, choice)
+    np.testing.assert_array_equal(first.masked, ~fixed & ~choice)
+    before = first.answer
+    for s in steps[1:]:
+        changed = s.answer != before
+        np.testing.assert_array_equal(changed, s.filled)  # what it says it filled, nothing else
+        assert not (s.filled & (before != a.mask_token_id)).any()  # only masks get filled
+        before = s.answer
+    assert not steps[-1].masked.any()
+    np.testing.assert_array_equal(steps[-1].answer, r.answer)
+    assert generate_json(model, tok, ids, SKELETON_SCHEMA, mode=mode).text == r.text  # on_step changes nothing
+
+
 def test_generate_json_schema_prints_valid_json(tmp_path):
     from click.testing import CliRunner
 
@@ -235,3 +279,30 @@ def test_the_openai_clients_parse_helper_gets_a_pydantic_object(server):
         model="illada-demo", messages=[{"role": "user", "content": "reverse hello"}], response_format=Answer
     )
     assert isinstance(r.choices[0].message.parsed, Answer)
+
+
+class Broken:
+    """The demo model, failing at its first forward (a bug of ours, as the server sees it)."""
+
+    def __init__(self, model):
+        self.args = model.args
+
+    def __call__(self, *a, **kw):
+        raise RuntimeError("broken forward")
+
+
+def test_a_failed_structured_decode_answers_its_request(demo):
+    # the choice being decoded gets the failure (a 500 naming it) rather than waiting for ever
+    import httpx
+    from test_server import Server
+
+    s = Server(Broken(demo[0]), demo[1], "illada-demo")
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string"}}},
+    }
+    try:
+        r = httpx.post(s.url + "/chat/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "broken forward" in r.json()["error"]["message"]
+    finally:
+        s.stop()

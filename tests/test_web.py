@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
 
@@ -219,6 +220,69 @@ def test_ordinary_streams_carry_nothing_new(demo_server):
         assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
 
 
+# ------------------------------------------------------------------------------------------ a JSON schema's steps
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "word": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "pick": {"enum": ["left", "right"]},
+    },
+}
+
+
+def structured_stream(demo_server, schema, steps, mode):
+    """(the content's text, the step events' diffusion fields) of a streamed json_schema chat answer."""
+    body = {
+        "messages": [{"role": "user", "content": "reverse hello"}],
+        "stream": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        "diffusion": {"mode": mode, "steps": steps},
+    }
+    with httpx.Client(base_url=demo_server.url, timeout=120) as h:
+        r = h.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return text, [c["diffusion"] for c in chunks if "diffusion" in c]
+
+
+@pytest.mark.parametrize("mode", ["fast", "variable"])
+def test_a_json_schema_s_steps_start_from_its_skeleton_and_only_fill_holes(demo_server, demo, mode):
+    from illada_mlx.structured import Layout, TokenClasses, compile_schema
+
+    model, tok = demo
+    a = model.args
+    layout = Layout(compile_schema(SCHEMA), tok, TokenClasses.of(tok, a.eos_token_id), a.mask_token_id)
+    skeleton = {p: int(layout.ids[p]) for p in range(len(layout)) if layout.hole[p] < 0}
+    choices = {p for p in range(len(layout)) if layout.hole[p] in layout.options}
+    text, events = structured_stream(demo_server, SCHEMA, True, mode)
+    first, later = events[0], events[1:]
+    assert (first["block"], first["step"], first["start"], first["length"]) == (0, 0, 0, len(layout))
+    assert {p: t for p, t, _ in first["fixed"]} == skeleton  # every fixed token, and only those
+    assert {p for p, _, _ in first["commits"]} == choices  # the chosen options: filled from the start
+    canvas = {p: t for p, t, _ in first["fixed"] + first["commits"]}
+    for ev in later:
+        assert "fixed" not in ev and ev["length"] == len(layout) and ev["block"] == 0
+        for p, t, piece in ev["commits"]:
+            assert p not in canvas and 0 <= p < len(layout)  # a hole still masked: never a fixed token
+            assert piece == tok.decode([t])
+            canvas[p] = t
+    assert [ev["step"] for ev in events] == list(range(len(events)))
+    assert sorted(canvas) == list(range(len(layout)))  # every hole filled by the last step
+    answer = np.array([canvas[p] for p in range(len(layout))])
+    chosen = {}
+    for h, opts in layout.options.items():  # read each choice back from the canvas
+        at = np.flatnonzero(layout.hole == h)
+        padded = [o + [a.eos_token_id] * (len(at) - len(o)) for o in opts]
+        chosen[h] = padded.index(answer[at].tolist())
+    assert text == layout.render(answer, chosen)  # the last canvas is the answer's
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert structured_stream(demo_server, SCHEMA, False, mode) == (text, [])  # without steps: as before
+
+
 # ------------------------------------------------------------------------------------------ the page in a browser
 CHROMIUM_ARGS = [
     "--headless",
@@ -359,4 +423,97 @@ def test_the_page_chats_draws_the_canvas_and_stops(browser, demo):
         assert "block_refresh" not in sent[-1]["diffusion"]
     finally:
         context.close()
+        srv.stop()
+
+
+class Slow:
+    """The model, a little slower per forward, so a page has time to show each step."""
+
+    def __init__(self, model, seconds):
+        self.model, self.args, self.seconds = model, model.args, seconds
+
+    def __call__(self, *a, **kw):
+        time.sleep(self.seconds)
+        return self.model(*a, **kw)
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1">'  # a key the page must show as text
+
+
+def cell_text(piece: str) -> str:
+    """A token's text as the page's canvas cell shows it (app.js `visible`)."""
+    return "\u2205" if piece == "" else piece.replace("\n", "\u21b5").replace(" ", "\u2423")
+
+
+@pytest.mark.slow  # a browser
+def test_the_page_asks_for_json_and_draws_the_schema_s_skeleton(browser, demo):
+    """The JSON schema box: invalid JSON is an inline error and nothing is sent; a schema goes as
+    response_format, the canvas shows the template's fixed text (dimmed cells, in order, with masks at the
+    holes) and the reply is JSON valid against it; a key with markup stays text; an unsupported schema is
+    the server's error; a cleared box asks for plain text again."""
+    from illada_mlx.structured import Layout, TokenClasses, compile_schema
+
+    jsonschema = pytest.importorskip("jsonschema")
+    model, tok = demo
+    a = model.args
+    schema = {
+        "type": "object",
+        "properties": {
+            HOSTILE: {"type": "string", "maxLength": 4},
+            "ok": {"type": "boolean"},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+    }
+    layout = Layout(compile_schema(schema), tok, TokenClasses.of(tok, a.eos_token_id), a.mask_token_id)
+    skeleton = [cell_text(tok.decode([t])) for t, h in zip(layout.ids.tolist(), layout.hole) if h < 0]
+    srv = Server(Slow(model, 0.4), tok, "illada-demo")
+    page = browser.new_page(viewport={"width": 1000, "height": 640})
+    try:
+        sent = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        page.wait_for_selector("#mode option", state="attached", timeout=10_000)
+        page.click("#json summary")
+        for bad, says in (("{nope", "not JSON"), ("[1]", "a JSON schema is an object")):
+            page.fill("#schema", bad)
+            assert page.is_visible("#schema-error") and page.inner_text("#schema-error").startswith(says)
+            ask_page(page, "reverse hello")
+            time.sleep(0.3)
+            assert not sent and page.input_value("#prompt") == "reverse hello"  # kept, nothing sent
+
+        page.click("#schema-example")  # the placeholder's example: a schema the server compiles
+        compile_schema(json.loads(page.input_value("#schema")))
+        assert page.is_hidden("#schema-error") and page.inner_text("#schema-state") == "(on)"
+        page.fill("#schema", json.dumps(schema))
+        assert page.is_hidden("#schema-error") and page.inner_text("#schema-state") == "(on)"
+        page.select_option("#mode", "variable")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant .canvas .cell.fixed", timeout=30_000)
+        fixed = page.locator(".msg.assistant .canvas .cell.fixed").all_inner_texts()
+        masks = page.locator(".msg.assistant .canvas .cell.mask").count()
+        cells = page.locator(".msg.assistant .canvas .cell").count()
+        OUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUT / "webchat-skeleton.png"))
+        assert fixed == skeleton and masks > 0 and cells == len(layout)
+        value = json.loads(last_reply(page))
+        jsonschema.validate(value, schema)
+        assert (
+            HOSTILE in value
+            and page.locator("img").count() == 0
+            and page.evaluate("typeof window.pwned") == "undefined"
+        )
+        assert sent[-1]["response_format"] == {"type": "json_schema", "json_schema": {"name": "page", "schema": schema}}
+
+        page.fill("#schema", '{"oneOf": []}')  # valid JSON, a feature the server refuses by name
+        ask_page(page, "reverse hello")
+        last_reply(page)
+        assert "'oneOf'" in page.locator(".msg.assistant .stats").last.inner_text()
+
+        page.fill("#schema", "")
+        assert page.inner_text("#schema-state") == ""
+        ask_page(page, "reverse hello")
+        last_reply(page)
+        assert "response_format" not in sent[-1]
+    finally:
+        page.close()
         srv.stop()

@@ -27,7 +27,8 @@ class Text:
 class Stepped:
     """A denoising step's commits in choice `index` (diffusion.steps): the reply's block (its index, first
     position and length) and [position, token id, its text alone] per token committed, positions counted
-    from the reply's start."""
+    from the reply's start. A structured answer's first event also lists its template's fixed text
+    (`fixed`, in the same form): written before denoising, never committed by the model."""
 
     index: int
     block: int
@@ -35,15 +36,19 @@ class Stepped:
     start: int
     length: int
     commits: list
+    fixed: Optional[list] = None
 
     def as_dict(self) -> dict:
-        return {
+        d = {
             "block": self.block,
             "step": self.step,
             "start": self.start,
             "length": self.length,
             "commits": self.commits,
         }
+        if self.fixed is not None:
+            d["fixed"] = self.fixed
+        return d
 
 
 @dataclass(frozen=True)

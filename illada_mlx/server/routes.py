@@ -56,10 +56,10 @@ async def _request(request: Request, chat: bool):
     stream, include_usage = streaming(body)
     steps = step_events(body, stream)
     schema = response_schema(body)
-    if schema is not None and (steps or top >= 0 or scheduler.group is not None):
+    if schema is not None and (top >= 0 or scheduler.group is not None):
         raise ApiError(
             400,
-            "response_format json is answered whole: not with logprobs, diffusion.steps or several ranks",
+            "response_format json is answered whole: not with logprobs or several ranks",
             param="response_format",
         )
     prompt = messages(body) if chat else prompt_text(body)

@@ -178,9 +178,14 @@ class Structured:
         return self.ran.get(id(row), choice_spec(self.spec, row))
 
     def run_block(self, stop_fn=None, logprobs=None, on_step=None, leave=None) -> list:
-        """The next choice's whole answer: (row, its tokens, "stop", None)."""
+        """The next choice's whole answer: (row, its tokens, "stop", None). When its request asks for steps,
+        on_step gets the template's structured.TemplateStep events (the written skeleton, then each
+        denoising step). The choice is in `rows` while it runs (a failure reaches its request)."""
         row = self.joining.pop(0)
-        r = generate_json(self.model, self.tok, row.ids, self.schema, spec=choice_spec(self.spec, row))
+        self.rows = [row]
+        follow = on_step if on_step is not None and row.handle.job.steps else None
+        r = generate_json(self.model, self.tok, row.ids, self.schema, spec=choice_spec(self.spec, row), on_step=follow)
+        self.rows = []
         toks = self.tok.encode(r.text, add_special_tokens=False)
         if stop_fn is not None:
             stop_fn(row, toks)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .. import distributed as dist
 from ..api import ApiError
@@ -23,6 +24,7 @@ from ..batch import Batch, LogprobTracker, Row, batch_key
 from ..config import one_line
 from ..decode import Step
 from ..engine import build_prompt
+from ..structured import TemplateStep
 from ..text import ReplyText
 from .events import Choice, Failed, Finished, Job, Stepped, Text
 from .openai_wire import logprob_entries
@@ -233,7 +235,7 @@ class Scheduler:
         clock = [time.monotonic()] * 2  # when the step that just ran began, when it ended
         steps = any(r.handle.job.steps for r in rows)
 
-        def on_step(ev: Step):
+        def on_step(ev: Union[Step, TemplateStep]):
             clock[:] = clock[1], time.monotonic()
             if steps:
                 self._emit_steps(run, ev)
@@ -282,13 +284,15 @@ class Scheduler:
         self.served += 1
         self.cancelled += job.cancel.is_set()
 
-    def _emit_steps(self, run: Run, ev: Step) -> None:
+    def _emit_steps(self, run: Run, ev: Union[Step, TemplateStep]) -> None:
         """Each row that asked for them (diffusion.steps): its commits at this step as a Stepped event, the
         reply's block (its index, first position and length) and [position, token id, its text alone] per
         token committed, positions counted from the reply's start (canvas position run.lo is the block's)."""
         want = [(j, r) for j, r in enumerate(run.rows) if r.handle.job.steps]
         if not want:
             return
+        if isinstance(ev, TemplateStep):
+            return self._emit_template(want[0][1], ev)
         tokens = mx.take_along_axis(ev.canvas, ev.positions, axis=1)
         pos, committed, tokens = ev.positions.tolist(), ev.committed.tolist(), tokens.tolist()  # one host sync
         bl = run.spec.block_length
@@ -298,6 +302,15 @@ class Scheduler:
             commits = [[p - run.lo + start, t, self._piece(t)] for p, c, t in at if c]
             length = min(bl, r.budget - start)
             r.handle.job.emit(Stepped(r.handle.index, r.blocks, ev.step, start, length, commits))
+
+    def _emit_template(self, r: Row, ev: TemplateStep) -> None:
+        """A structured answer's step (runs.Structured: one block, the template's length): what the step
+        filled as commits; at step 0 the template's fixed text too (`fixed`), so a client draws the skeleton
+        before any value is filled."""
+        ids = ev.answer.tolist()
+        commits = [[p, ids[p], self._piece(ids[p])] for p in np.flatnonzero(ev.filled).tolist()]
+        fixed = [[p, ids[p], self._piece(ids[p])] for p in np.flatnonzero(ev.fixed).tolist()] if ev.step == 0 else None
+        r.handle.job.emit(Stepped(r.handle.index, 0, ev.step, 0, len(ids), commits, fixed))
 
     def _piece(self, t: int) -> str:
         if t not in self.pieces:

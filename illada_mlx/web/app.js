@@ -1,7 +1,8 @@
 // The web chat page of `illada-mlx serve`. It sends the whole conversation to /v1/chat/completions as a
 // stream with diffusion.steps, draws the block being denoised (the canvas) from the step chunks, and
 // appends each block's text to the reply when its content chunk arrives. Stop aborts the fetch; the
-// server cancels the generation at the step it is on.
+// server cancels the generation at the step it is on. With a JSON schema set, the request asks for
+// response_format json_schema: the canvas is the schema's template, its fixed text drawn dimmed.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -108,7 +109,41 @@ function requestBody() {
   if (!$("block_refresh").disabled && $("block_refresh").value !== d.block_refresh) {
     diffusion.block_refresh = $("block_refresh").value;
   }
+  const schema = readSchema();
+  if (schema) body.response_format = { type: "json_schema", json_schema: { name: "page", schema } };
   return body;
+}
+
+// ------------------------------------------------------------------------------------------ the JSON schema
+function readSchema() {
+  // the schema box: null when empty, else its object; throws an Error saying what is wrong
+  const raw = $("schema").value.trim();
+  if (!raw) return null;
+  let value;
+  try {
+    value = JSON.parse(raw);
+  } catch (e) {
+    throw new Error("not JSON: " + e.message);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new Error("a JSON schema is an object: {\"type\": ...}");
+  }
+  return value;
+}
+
+function checkSchema() {
+  // whether the schema box can be sent; its error shown under it (text only), its state in the summary
+  let error = "", set = false;
+  try {
+    set = readSchema() !== null;
+  } catch (e) {
+    error = e.message;
+  }
+  $("schema-error").textContent = error;
+  $("schema-error").hidden = !error;
+  $("schema").classList.toggle("invalid", !!error);
+  $("schema-state").textContent = error ? "(invalid)" : set ? "(on)" : "";
+  return !error;
 }
 
 // ------------------------------------------------------------------------------------------ the canvas
@@ -141,6 +176,12 @@ class Canvas {
       }
     }
     for (const cell of this.el.querySelectorAll(".new")) cell.classList.remove("new");
+    for (const [pos, , piece] of ev.fixed || []) {  // a JSON template's text, written before denoising
+      const cell = this.cells[pos - ev.start];
+      cell.className = "cell fixed";
+      cell.textContent = visible(piece);
+      cell.title = piece;
+    }
     for (const [pos, id, piece] of ev.commits) {
       const cell = this.cells[pos - ev.start];
       const end = defaults.end_tokens.includes(id);  // EOS / EoT: the reply ends at the first one
@@ -246,6 +287,11 @@ $("ask").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || running || !defaults) return;
+  if (!checkSchema()) {  // the question stays in the box until the schema is fixed or cleared
+    $("json").open = true;
+    $("schema").focus();
+    return;
+  }
   $("prompt").value = "";
   send(text);
 });
@@ -259,6 +305,11 @@ $("stop").addEventListener("click", () => running && running.abort());
 $("new-chat").addEventListener("click", () => {
   conversation = [];
   $("log").replaceChildren();
+});
+$("schema").addEventListener("input", checkSchema);
+$("schema-example").addEventListener("click", () => {
+  $("schema").value = $("schema").placeholder;
+  checkSchema();
 });
 $("mode").addEventListener("change", fillDefaults);
 $("defaults").addEventListener("click", fillDefaults);
