@@ -375,12 +375,13 @@ class _Block:
         return self.hi - self.lo
 
 
-def _new_block(spec: DecodeSpec, index: int, lo: int, hi: int, boost: float) -> _Block:
-    size = hi - lo
-    steps = min(spec.steps_per_block, size)
-    counts = transfer_counts(size, steps) if spec.rule == "schedule" else None
+def _new_block(spec: DecodeSpec, index: int, lo: int, hi: int, boost: float, masks: int) -> _Block:
+    """A block of canvas[lo:hi] holding `masks` masks (its size, but where an infill wrote some): the
+    schedule spreads its commits over those, as the official get_num_transfer_tokens counts them."""
+    steps = min(spec.steps_per_block, masks)
+    counts = transfer_counts(masks, steps) if spec.rule == "schedule" and masks else None
     banned = mx.array([spec.mask_id] + ([spec.eos_id] if spec.logits_eos_inf and spec.eos_id is not None else []))
-    return _Block(index, lo, hi, boost, counts, steps, mx.arange(lo, hi, dtype=mx.int32), banned, size)
+    return _Block(index, lo, hi, boost, counts, steps, mx.arange(lo, hi, dtype=mx.int32), banned, masks)
 
 
 def denoise_block(
@@ -391,7 +392,9 @@ def denoise_block(
     others, as it would have without them. forward: what computes the logits, with `forward_logits`'s
     arguments (default `forward_logits`). decode() and the batcher (batch.py) both run their blocks here."""
     forward = forward or forward_logits
-    blk = _new_block(spec, index, lo, hi, boost)  # a block starts all masks
+    # a block starts all masks, but for an infill's written tokens (counted: one sync a block)
+    masks = hi - lo if st.infill is None else int(mx.max((st.x[:, lo:hi] == spec.mask_id).sum(axis=1)))
+    blk = _new_block(spec, index, lo, hi, boost, masks)
     while blk.remaining > 0 and blk.t < (blk.steps if blk.counts else blk.size):
         st.key, sub = mx.random.split(st.key)
         keys = mx.random.split(sub)  # (remasking key, Gumbel key)

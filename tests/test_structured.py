@@ -157,6 +157,24 @@ def test_the_skeleton_costs_no_forwards(demo):
     assert r.stats.nfe == 1 and set(json.loads(r.text)) == {"ok", "c"}
 
 
+def test_the_official_schedule_commits_one_open_position_a_step(demo):
+    # exact mode's schedule spreads its commits over the open positions only (the official
+    # get_num_transfer_tokens counts the block's masks, not its written text): one forward per open position,
+    # each committing exactly one of them, plus the choices' scoring forward
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    ids = build_prompt(tok, [{"role": "user", "content": "57+68="}])
+    layout = Layout(compile_schema(SKELETON_SCHEMA), tok, TokenClasses.of(tok, pad=tok.eos_token_id), 5)
+    choice = {h.index for h in layout.template.holes if h.kind == "choice"}
+    n_open = int(sum(h >= 0 and h not in choice for h in layout.hole.tolist()))
+    seen = []
+    r = generate_json(model, tok, ids, SKELETON_SCHEMA, mode="exact", seed=0, on_step=seen.append)
+    assert r.stats.nfe == n_open + 1
+    assert [int(s.filled.sum()) for s in seen[1:]] == [1] * n_open
+
+
 SKELETON_SCHEMA = {
     "type": "object",
     "properties": {
