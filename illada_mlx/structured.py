@@ -440,11 +440,12 @@ class JsonResult:
 
 
 def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
-    """The choice holes' options, scored from one forward of the prompt and the skeleton (every hole open)."""
+    """The choice holes' options, scored from one forward of the prompt and the skeleton (every hole open);
+    no forward when every choice has one option (a const, such as a tool call's name)."""
     import mlx.core as mx
 
-    if not layout.options:
-        return {}
+    if all(len(opts) == 1 for opts in layout.options.values()):
+        return {h: 0 for h in layout.options}
     x = mx.array([ids + layout.ids.tolist()], dtype=mx.int32)
     at = np.flatnonzero(np.isin(layout.hole, list(layout.options)))
     logits = model(x, None, logits_at=mx.array(at + len(ids)))

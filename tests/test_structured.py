@@ -157,6 +157,30 @@ def test_the_skeleton_costs_no_forwards(demo):
     assert r.stats.nfe == 1 and set(json.loads(r.text)) == {"ok", "c"}
 
 
+def test_choices_of_one_option_cost_no_forward(demo):
+    # a const (a tool call's name) is written, not scored: a schema of consts runs no forward at all (counted
+    # at the model), and with an enum of two beside it the one scoring forward comes back
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    seen = []
+
+    class Counted:
+        args = model.args
+
+        def __call__(self, *a, **kw):
+            seen.append(1)
+            return model(*a, **kw)
+
+    ids = build_prompt(tok, [{"role": "user", "content": "57+68="}])
+    consts = {"type": "object", "properties": {"name": {"const": "add"}, "v": {"const": 3}}}
+    r = generate_json(Counted(), tok, ids, consts)
+    assert seen == [] and r.stats.nfe == 0 and r.value == {"name": "add", "v": 3}
+    r = generate_json(Counted(), tok, ids, {**consts, "properties": {**consts["properties"], "e": {"enum": [1, 2]}}})
+    assert len(seen) == r.stats.nfe == 1 and r.value["name"] == "add"
+
+
 def test_generate_json_schema_prints_valid_json(tmp_path):
     from click.testing import CliRunner
 
