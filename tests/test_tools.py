@@ -3,6 +3,7 @@ independent float64 re-derivation of auto's decision and of the name's scores), 
 their tool's parameters on trained and random weights, the history's rendering, and the server's OpenAI
 shapes through the official client."""
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -32,7 +33,9 @@ def fn(name, properties=None, **extra):
 
 ADD = fn("add", {"a": {"type": "integer"}, "b": {"type": "integer"}}, required=["a", "b"])
 WEATHER = fn("get_weather", {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}})
-NOTE = fn("note", {"text": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}})
+NOTE = fn(
+    "note", {"text": {"type": "string", "maxLength": 8}, "tags": {"type": "array", "items": {"enum": ["x", "y"]}}}
+)
 FLAG = fn("a", {"on": {"type": "boolean"}, "level": {"type": "number", "minimum": 0, "maximum": 10}})
 
 
@@ -145,15 +148,17 @@ def random_weights(demo):
 
 
 @pytest.mark.parametrize("weights", ["demo", "random"])
-def test_every_call_validates_against_its_tool_s_parameters(demo, random_weights, weights):
+@pytest.mark.parametrize("generated", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_every_call_validates_against_its_tool_s_parameters(demo, random_weights, weights, generated):
+    # hand-written tools; and (slow) tools whose parameters are generated schemas, larger templates
     model = demo[0] if weights == "demo" else random_weights
     tok = demo[1]
     rng = random.Random(5)
     extra = [fn(f"t{i}", {"x": random_schema(rng), "y": {"type": "integer", "minimum": -5}}) for i in range(3)]
-    tools = parse_tools([ADD, WEATHER, NOTE, FLAG, *extra])
+    tools = parse_tools(extra if generated else [ADD, WEATHER, NOTE, FLAG])
     ids = build_prompt(tok, plain_messages([{"role": "user", "content": "57+68="}], tools))
     for choice in ["required", "auto"] + [t.name for t in tools]:
-        r = generate_tool_call(model, tok, ids, tools, choice, mode="fast")
+        r = generate_tool_call(model, tok, ids, tools, choice, mode="fast", max_tokens=32)
         if r.call is None:  # auto may answer
             assert choice == "auto" and isinstance(r.text, str)
             continue
@@ -223,3 +228,133 @@ def test_a_tool_whose_parameters_cannot_be_built_is_refused_by_name():
         parse_tools([fn("f", {"x": {"oneOf": [{"type": "string"}]}})])
     with pytest.raises(IlladaError, match="offered twice"):
         parse_tools([ADD, ADD])
+
+
+# ------------------------------------------------------------------------------------------ the server
+@pytest.fixture(scope="module")
+def server(demo):
+    from test_server import Server
+
+    s = Server(*demo, "illada-demo")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+
+def test_the_openai_client_calls_a_tool_and_reads_the_answer_to_its_result(client):
+    messages = [{"role": "user", "content": "57+68="}]
+    r = client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD], tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    assert r.model_extra["diffusion_stats"]["nfe"] >= 1 and r.usage.completion_tokens > 0
+    messages += [choice.message, {"role": "tool", "tool_call_id": call.id, "content": "125"}]
+    again = client.chat.completions.create(model="illada-demo", messages=messages)
+    assert again.choices[0].finish_reason in ("stop", "length") and isinstance(again.choices[0].message.content, str)
+    none = client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD], tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and isinstance(none.choices[0].message.content, str)
+
+
+def test_a_streamed_call_arrives_as_tool_call_chunks(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="illada-demo",
+            messages=[{"role": "user", "content": "weather in Paris"}],
+            tools=[ADD, WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    (call,) = calls
+    assert call.index == 0 and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_auto_answers_as_the_library_decides(client, demo):
+    model, tok = demo
+    tools = parse_tools([ADD])
+    messages = [{"role": "user", "content": "57+68="}]
+    ids = build_prompt(tok, plain_messages(messages, tools))
+    want = generate_tool_call(model, tok, ids, tools, "auto")
+    r = client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD])
+    m = r.choices[0].message
+    if want.call is None:
+        assert m.tool_calls is None and m.content == want.text and r.choices[0].finish_reason != "tool_calls"
+        assert r.model_extra["diffusion_stats"]["nfe"] == want.stats.nfe
+    else:
+        assert m.tool_calls[0].function.name == want.call.name
+
+
+@pytest.mark.parametrize(
+    "extra,param,code",
+    [
+        ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "sub"}}}, "tool_choice", None),
+        ({"tool_choice": "required"}, "tool_choice", None),
+        ({"tools": [ADD], "response_format": {"type": "json_object"}}, "response_format", None),
+        ({"tools": [ADD], "n": 2}, "n", None),
+        ({"tools": [ADD], "logprobs": True}, "tools", None),
+        ({"tools": [fn("f", {"x": {"type": "string", "pattern": "a"}})]}, "tools", "unsupported_schema"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools", None),
+        ({"tools": "add"}, "tools", None),
+    ],
+)
+def test_what_tools_cannot_do_is_a_400_naming_the_parameter(server, extra, param, code):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
+    r = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and err["code"] == code, err
+    assert "\n" not in err["message"]
+
+
+@pytest.mark.parametrize(
+    "messages,param",
+    [
+        (
+            [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{"}}],
+                },
+            ],
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}],
+            "messages[1].tool_calls[0].function.name",
+        ),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{}] * 17}], "messages[1].tool_calls"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "user", "content": "y", "tool_calls": [{}]}],
+            "messages[1].tool_calls",
+        ),
+        ([{"role": "function", "content": "x"}], "messages[0].role"),
+        ([{"role": "tool", "content": "x"}], "messages"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": None}], "messages[1].content"),
+    ],
+)
+def test_a_hostile_history_is_a_400_naming_the_field(server, messages, param):
+    import httpx
+
+    r = httpx.post(server.url + "/chat/completions", json={"messages": messages, "max_tokens": 8}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param, err
+
+
+def test_tools_on_completions_are_refused(server):
+    import httpx
+
+    body = {"prompt": "57+68=", "tools": [ADD], "max_tokens": 8}
+    r = httpx.post(server.url + "/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
