@@ -50,6 +50,7 @@ KEYWORDS = {
 }
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 MAX_DEPTH = 8
+MAX_PIECES = 4096  # fixed texts and holes of one template (nested arrays' items multiply)
 MAX_HOLE = 256  # tokens a single hole may take
 STRING_TOKENS = 24  # a string hole's tokens without maxLength
 INTEGER_DIGITS = 9  # an integer's digits without bounds that say fewer
@@ -127,6 +128,10 @@ def _node(schema: Any, out: list[Piece], where: str, depth: int) -> Node:
         raise IlladaError(f"{where} must be a schema object")
     if depth > MAX_DEPTH:
         raise IlladaError(f"the JSON schema nests deeper than {MAX_DEPTH} levels at {where}")
+    if len(out) > MAX_PIECES:
+        raise IlladaError(
+            f"the JSON schema's template is over {MAX_PIECES} pieces at {where} (fewer or shorter arrays)"
+        )
     _check_keywords(schema, where)
     if "const" in schema or "enum" in schema:
         options = (schema["const"],) if "const" in schema else schema["enum"]

@@ -117,6 +117,13 @@ def call_schema(tool: Tool) -> dict:
     }
 
 
+def call_length(tokenizer, tool: Tool, mask_id: int) -> int:
+    """The canvas positions a call to `tool` takes (its template's tokens and holes)."""
+    from .structured import Layout, compile_schema
+
+    return len(Layout(compile_schema(call_schema(tool)), tokenizer, None, mask_id))
+
+
 def call_text(name: str, arguments: Any) -> str:
     """A call as the canvas writes it (and as the history shows it)."""
     return json.dumps({"name": name, "arguments": arguments}, separators=(",", ":"), ensure_ascii=False)

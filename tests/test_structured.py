@@ -106,6 +106,19 @@ def test_choices_take_the_likeliest_option(layout_of):
             "'pattern' at schema.properties.a",
         ),
         ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems ≤ maxItems"),
+        # 64 items of 64 items of ... would be 64**6 pieces: refused once the template passes the cap
+        (
+            {
+                "type": "array",
+                "minItems": 64,
+                "items": {
+                    "type": "array",
+                    "minItems": 64,
+                    "items": {"type": "array", "minItems": 64, "items": {"type": "array", "minItems": 64}},
+                },
+            },
+            "over 4096 pieces",
+        ),
     ],
 )
 def test_an_unsupported_schema_is_refused_by_name(schema, needle):

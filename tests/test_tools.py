@@ -305,6 +305,16 @@ def test_auto_answers_as_the_library_decides(client, demo):
         ({"tools": [fn("f", {"x": {"type": "string", "pattern": "a"}})]}, "tools", "unsupported_schema"),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools", None),
         ({"tools": "add"}, "tools", None),
+        # a call whose template cannot fit one block after the prompt
+        (
+            {
+                "tools": [
+                    fn("f", {"x": {"type": "array", "minItems": 64, "items": {"maxLength": 64, "type": "string"}}})
+                ]
+            },
+            "tools",
+            "context_length_exceeded",
+        ),
     ],
 )
 def test_what_tools_cannot_do_is_a_400_naming_the_parameter(server, extra, param, code):

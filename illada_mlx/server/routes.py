@@ -35,7 +35,9 @@ from ..api import (
 from ..config import ContextError, IlladaError
 from ..listen import Guard, LoopErrors, Options, bind, exposure, make_server, raise_fd_limit
 from ..settings import as_json as settings_registry
+from ..settings import setting
 from ..spec import PRESETS, make_spec
+from ..tools import MODES, call_length
 from .events import Job
 from .openai_wire import Answer
 from .scheduler import Scheduler
@@ -89,7 +91,26 @@ async def _request(request: Request, chat: bool):
     job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps, schema=schema)
     if tools is not None and tool_choice != "none":
         job.tools, job.tool_choice = tools, tool_choice
+        await asyncio.get_running_loop().run_in_executor(scheduler.pool, _check_call_room, scheduler, job)
     return job, stream, include_usage
+
+
+def _check_call_room(scheduler: Scheduler, job: Job) -> None:
+    """Every call the job may make fits the model's positions after its prompt, and one block (a
+    context_length_exceeded 400 naming tools otherwise)."""
+    a = scheduler.model.args
+    room = min(setting("block_length").hi, a.max_position_embeddings - len(job.prompt_ids))
+    for t in job.tools:
+        if job.tool_choice in MODES or t.name == job.tool_choice:
+            n = call_length(scheduler.tok, t, a.mask_token_id)
+            if n > room:
+                raise ApiError(
+                    400,
+                    f"a call to {t.name} takes {n} positions, more than the {room} this prompt leaves (at most "
+                    f"{setting('block_length').hi})",
+                    param="tools",
+                    code="context_length_exceeded",
+                )
 
 
 def _check_tool_job(n: int, top: int, steps: bool, schema, group) -> None:
