@@ -287,11 +287,15 @@ def test_auto_answers_as_the_library_decides(client, demo):
     want = generate_tool_call(model, tok, ids, tools, "auto")
     r = client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD])
     m = r.choices[0].message
-    if want.call is None:
-        assert m.tool_calls is None and m.content == want.text and r.choices[0].finish_reason != "tool_calls"
+    chunks = list(client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    if want.call is None:  # an ordinary answer, whole and streamed, its decision's forward counted
+        assert m.tool_calls is None and m.content == want.text == streamed and not calls
+        assert r.choices[0].finish_reason != "tool_calls"
         assert r.model_extra["diffusion_stats"]["nfe"] == want.stats.nfe
     else:
-        assert m.tool_calls[0].function.name == want.call.name
+        assert m.tool_calls[0].function.name == want.call.name == calls[0].function.name
 
 
 @pytest.mark.parametrize(
