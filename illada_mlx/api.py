@@ -394,9 +394,10 @@ def _tool_calls(calls, where: str) -> list[dict]:
     return out
 
 
-def tool_request(body: dict) -> tuple[Optional[list[Tool]], str]:
-    """(the tools a chat request offers or None, its tool_choice: auto, required, none or a tool's name;
-    auto when tools are given and it names none); a 400 naming tools or tool_choice."""
+def tool_request(body: dict) -> tuple[Optional[list[Tool]], str, list[Tool]]:
+    """(the tools a chat request offers (shown to the model) or None, its tool_choice: auto (when tools are
+    given and it says none), required or none, the tools it may call: all, or the one tool_choice names,
+    with "required"); a 400 naming tools or tool_choice."""
     raw, choice = body.get("tools"), body.get("tool_choice")
     tools = None
     if raw is not None and raw != []:
@@ -407,7 +408,7 @@ def tool_request(body: dict) -> tuple[Optional[list[Tool]], str]:
         except IlladaError as e:
             raise ApiError(400, str(e), param="tools")
     if choice is None:
-        return tools, "auto" if tools else "none"
+        return tools, "auto" if tools else "none", tools or []
     if isinstance(choice, dict):
         fn = choice.get("function") if choice.get("type") == "function" else None
         choice = fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
@@ -417,14 +418,15 @@ def tool_request(body: dict) -> tuple[Optional[list[Tool]], str]:
                 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
                 param="tool_choice",
             )
-        if not any(t.name == choice for t in tools or []):
+        named = [t for t in tools or [] if t.name == choice]
+        if not named:
             raise ApiError(400, f"tool_choice names {choice[:64]!r}, which tools does not offer", param="tool_choice")
-        return tools, choice
+        return tools, "required", named  # even a tool named "none" or "auto"
     if not isinstance(choice, str) or choice not in MODES:
         raise ApiError(400, 'tool_choice must be "none", "auto", "required" or a function', param="tool_choice")
     if choice == "required" and not tools:
         raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
-    return tools, choice
+    return tools, choice, tools or []
 
 
 def _content(c, where: str) -> str:

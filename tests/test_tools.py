@@ -279,6 +279,18 @@ def test_a_streamed_call_arrives_as_tool_call_chunks(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_a_tool_named_like_a_mode_is_called_by_name(client):
+    none = fn("none", {"k": {"enum": [1, 2]}})
+    r = client.chat.completions.create(
+        model="illada-demo",
+        messages=[{"role": "user", "content": "x"}],
+        tools=[ADD, none],
+        tool_choice={"type": "function", "function": {"name": "none"}},
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "none" and json.loads(call.function.arguments)["k"] in (1, 2)
+
+
 def test_auto_answers_as_the_library_decides(client, demo):
     model, tok = demo
     tools = parse_tools([ADD])

@@ -37,7 +37,7 @@ from ..listen import Guard, LoopErrors, Options, bind, exposure, make_server, ra
 from ..settings import as_json as settings_registry
 from ..settings import setting
 from ..spec import PRESETS, make_spec
-from ..tools import MODES, call_length
+from ..tools import call_length
 from .events import Job
 from .openai_wire import Answer
 from .scheduler import Scheduler
@@ -65,7 +65,7 @@ async def _request(request: Request, chat: bool):
             "response_format json is answered whole: not with logprobs, diffusion.steps or several ranks",
             param="response_format",
         )
-    tools, tool_choice = tool_request(body) if chat else (None, "none")
+    tools, tool_choice, callable_tools = tool_request(body) if chat else (None, "none", [])
     if tools is not None and tool_choice != "none":
         _check_tool_job(n, top, steps, schema, scheduler.group)
     prompt = messages(body, tools) if chat else prompt_text(body)
@@ -90,7 +90,7 @@ async def _request(request: Request, chat: bool):
         spec = replace(spec, max_tokens=spec.max_tokens - spec.max_tokens % bl)
     job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps, schema=schema)
     if tools is not None and tool_choice != "none":
-        job.tools, job.tool_choice = tools, tool_choice
+        job.tools, job.tool_choice = callable_tools, tool_choice
         await asyncio.get_running_loop().run_in_executor(scheduler.pool, _check_call_room, scheduler, job)
     return job, stream, include_usage
 
@@ -101,16 +101,15 @@ def _check_call_room(scheduler: Scheduler, job: Job) -> None:
     a = scheduler.model.args
     room = min(setting("block_length").hi, a.max_position_embeddings - len(job.prompt_ids))
     for t in job.tools:
-        if job.tool_choice in MODES or t.name == job.tool_choice:
-            n = call_length(scheduler.tok, t, a.mask_token_id)
-            if n > room:
-                raise ApiError(
-                    400,
-                    f"a call to {t.name} takes {n} positions, more than the {room} this prompt leaves (at most "
-                    f"{setting('block_length').hi})",
-                    param="tools",
-                    code="context_length_exceeded",
-                )
+        n = call_length(scheduler.tok, t, a.mask_token_id)
+        if n > room:
+            raise ApiError(
+                400,
+                f"a call to {t.name} takes {n} positions, more than the {room} this prompt leaves (at most "
+                f"{setting('block_length').hi})",
+                param="tools",
+                code="context_length_exceeded",
+            )
 
 
 def _check_tool_job(n: int, top: int, steps: bool, schema, group) -> None:
