@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 
 from .config import IlladaError
 from .settings import request_settings, setting
+from .tools import MAX_CALLS, MODES, NAME, Tool, UnsupportedSchema, parse_tools, plain_messages
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32  # JSON nesting
@@ -41,7 +42,7 @@ COMMON = {
     "diffusion",
     "response_format",
 }
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
 
@@ -49,7 +50,8 @@ def _number_is(x):
     return lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and v == x
 
 
-# fields with no meaning for this model: accepted at their neutral value (or null), refused otherwise
+# fields with no meaning for this model (or this endpoint: tools on /v1/completions): accepted at their neutral
+# value (or null), refused otherwise
 NEUTRAL = {
     "presence_penalty": (_number_is(0), "0"),
     "frequency_penalty": (_number_is(0), "0"),
@@ -70,7 +72,9 @@ NEUTRAL = {
     "suffix": (lambda v: v == "", '""'),
 }
 DIFFUSION_FIELDS = {x.name for x in request_settings("diffusion")} | {"think_boost", "steps"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MESSAGE_FIELDS = {"role", "content", "name"}  # and per role:
+ROLE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}
 
 
 class ApiError(Exception):
@@ -330,28 +334,99 @@ def streaming(body: dict) -> tuple[bool, bool]:
     return stream, _bool(so, "include_usage", where="stream_options.")
 
 
-def messages(body: dict) -> list[dict]:
-    """The conversation as {role, content} with text content: developer turns are system turns, content
-    parts are joined."""
+def messages(body: dict, tools: Optional[list[Tool]] = None) -> list[dict]:
+    """The conversation as plain {role, content} turns with text content (tools.plain_messages): developer
+    turns are system turns, content parts are joined, an assistant's tool_calls are written as call texts,
+    a tool turn is a user turn, and `tools` are offered in a system turn."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"{where} must be an object with role and content", param=where)
-        extra = sorted(k for k in set(m) - {"role", "content", "name"} if m[k] not in (None, []))
-        if extra:
-            raise ApiError(400, f"{where}.{extra[0]} is not supported", param=f"{where}.{extra[0]}")
-        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # a list or object is not hashable
-            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
-        out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"{where}.content")})
+    out = [_message(m, f"messages[{i}]") for i, m in enumerate(msgs)]
     if not any(m["role"] == "user" for m in out):
         raise ApiError(
             400, "messages has no user turn: a conversation needs at least one user message", param="messages"
         )
+    return plain_messages(out, tools)
+
+
+def _message(m, where: str) -> dict:
+    """One message checked: {role, content} (an assistant's content may be null when it has tool_calls),
+    and the assistant's tool_calls with arguments that parse as JSON."""
+    if not isinstance(m, dict):
+        raise ApiError(400, f"{where} must be an object with role and content", param=where)
+    if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # a list or object is not hashable
+        raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
+    allowed = MESSAGE_FIELDS | ROLE_FIELDS.get(m["role"], set())
+    extra = sorted(k for k in set(m) - allowed if m[k] not in (None, []))
+    if extra:
+        raise ApiError(400, f"{where}.{extra[0]} is not supported", param=f"{where}.{extra[0]}")
+    calls = _tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if m["role"] == "assistant" else []
+    content = m.get("content")
+    text = "" if content is None and calls else _content(content, f"{where}.content")
+    return {"role": ROLES[m["role"]], "content": text, "tool_calls": calls}
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant turn's tool_calls as [{"name", "arguments"}], each checked: a function call whose
+    name is a tool name and whose arguments are JSON text (or an object)."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list) or len(calls) > MAX_CALLS:
+        raise ApiError(400, f"{where} must be a list of at most {MAX_CALLS} calls", param=where)
+    out = []
+    for j, c in enumerate(calls):
+        at = f"{where}[{j}].function"
+        fn = c.get("function") if isinstance(c, dict) and c.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ApiError(
+                400, f"{at}.name must be a tool's name: 1-64 letters, digits, '_' or '-'", param=f"{at}.name"
+            )
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise ApiError(400, f"{at}.arguments is not JSON", param=f"{at}.arguments")
+        elif not isinstance(args, dict):
+            raise ApiError(400, f"{at}.arguments must be JSON text", param=f"{at}.arguments")
+        out.append({"name": name, "arguments": args})
     return out
+
+
+def tool_request(body: dict) -> tuple[Optional[list[Tool]], str, list[Tool]]:
+    """(the tools a chat request offers (shown to the model) or None, its tool_choice: auto (when tools are
+    given and it says none), required or none, the tools it may call: all, or the one tool_choice names,
+    with "required"); a 400 naming tools or tool_choice."""
+    raw, choice = body.get("tools"), body.get("tool_choice")
+    tools = None
+    if raw is not None and raw != []:
+        try:
+            tools = parse_tools(raw)
+        except UnsupportedSchema as e:
+            raise ApiError(400, str(e), param="tools", code="unsupported_schema")
+        except IlladaError as e:
+            raise ApiError(400, str(e), param="tools")
+    if choice is None:
+        return tools, "auto" if tools else "none", tools or []
+    if isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        choice = fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
+        if choice is None:
+            raise ApiError(
+                400,
+                'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
+        named = [t for t in tools or [] if t.name == choice]
+        if not named:
+            raise ApiError(400, f"tool_choice names {choice[:64]!r}, which tools does not offer", param="tool_choice")
+        return tools, "required", named  # even a tool named "none" or "auto"
+    if not isinstance(choice, str) or choice not in MODES:
+        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or a function', param="tool_choice")
+    if choice == "required" and not tools:
+        raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
+    return tools, choice, tools or []
 
 
 def _content(c, where: str) -> str:

@@ -20,6 +20,7 @@ from .config import IlladaError
 from .decode import BlockDone, Stats, Step, decode
 from .spec import DecodeSpec, make_spec
 from .text import ReplyText
+from .tools import plain_messages
 
 Prompt = Union[str, list]  # text (no template), a list of token ids, or a list of chat messages
 
@@ -48,12 +49,13 @@ class Response:
 
 def build_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
     """Chat-template the messages (system text merged into the first user turn after it, as iLLaDA's
-    template rejects a system role; with no user turn after it, it is the user turn); raw, or a tokenizer
-    without a template: the last message's text as is."""
+    template rejects a system role; with no user turn after it, it is the user turn); an OpenAI history's
+    tool calls and tool turns as tools.plain_messages writes them; raw, or a tokenizer without a template:
+    the last message's text as is."""
     if raw or not getattr(tokenizer, "chat_template", None):
         return tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
     msgs, system = [], None
-    for m in messages:
+    for m in plain_messages(messages):
         if m["role"] == "system":
             system = m["content"]
             continue

@@ -53,6 +53,7 @@ KEYWORDS = {
 }
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 MAX_DEPTH = 8
+MAX_PIECES = 4096  # fixed texts and holes of one template (nested arrays' items multiply)
 MAX_HOLE = 256  # tokens a single hole may take
 STRING_TOKENS = 24  # a string hole's tokens without maxLength
 INTEGER_DIGITS = 9  # an integer's digits without bounds that say fewer
@@ -130,6 +131,10 @@ def _node(schema: Any, out: list[Piece], where: str, depth: int) -> Node:
         raise IlladaError(f"{where} must be a schema object")
     if depth > MAX_DEPTH:
         raise IlladaError(f"the JSON schema nests deeper than {MAX_DEPTH} levels at {where}")
+    if len(out) > MAX_PIECES:
+        raise IlladaError(
+            f"the JSON schema's template is over {MAX_PIECES} pieces at {where} (fewer or shorter arrays)"
+        )
     _check_keywords(schema, where)
     if "const" in schema or "enum" in schema:
         options = (schema["const"],) if "const" in schema else schema["enum"]
@@ -480,11 +485,12 @@ def _stepper(layout: Layout, answer: np.ndarray, prompt_len: int, on_step: Calla
 
 
 def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
-    """The choice holes' options, scored from one forward of the prompt and the skeleton (every hole open)."""
+    """The choice holes' options, scored from one forward of the prompt and the skeleton (every hole open);
+    no forward when every choice has one option (a const, such as a tool call's name)."""
     import mlx.core as mx
 
-    if not layout.options:
-        return {}
+    if all(len(opts) == 1 for opts in layout.options.values()):
+        return {h: 0 for h in layout.options}
     x = mx.array([ids + layout.ids.tolist()], dtype=mx.int32)
     at = np.flatnonzero(np.isin(layout.hole, list(layout.options)))
     logits = model(x, None, logits_at=mx.array(at + len(ids)))

@@ -289,7 +289,7 @@ REFUSED = [
     ("presence_penalty", 0.5),
     ("frequency_penalty", -1),
     ("logit_bias", {"5": 10}),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
     ("response_format", {"type": "yaml"}),  # json_object and json_schema are answered (test_structured.py)
     ("tool_choice", "required"),
     ("n", 99),

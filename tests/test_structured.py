@@ -106,6 +106,19 @@ def test_choices_take_the_likeliest_option(layout_of):
             "'pattern' at schema.properties.a",
         ),
         ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems ≤ maxItems"),
+        # 64 items of 64 items of ... would be 64**6 pieces: refused once the template passes the cap
+        (
+            {
+                "type": "array",
+                "minItems": 64,
+                "items": {
+                    "type": "array",
+                    "minItems": 64,
+                    "items": {"type": "array", "minItems": 64, "items": {"type": "array", "minItems": 64}},
+                },
+            },
+            "over 4096 pieces",
+        ),
     ],
 )
 def test_an_unsupported_schema_is_refused_by_name(schema, needle):
@@ -217,6 +230,30 @@ def test_on_step_starts_from_the_skeleton_and_only_fills_holes(demo, mode):
     assert not steps[-1].masked.any()
     np.testing.assert_array_equal(steps[-1].answer, r.answer)
     assert generate_json(model, tok, ids, SKELETON_SCHEMA, mode=mode).text == r.text  # on_step changes nothing
+
+
+def test_choices_of_one_option_cost_no_forward(demo):
+    # a const (a tool call's name) is written, not scored: a schema of consts runs no forward at all (counted
+    # at the model), and with an enum of two beside it the one scoring forward comes back
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.structured import generate_json
+
+    model, tok = demo
+    seen = []
+
+    class Counted:
+        args = model.args
+
+        def __call__(self, *a, **kw):
+            seen.append(1)
+            return model(*a, **kw)
+
+    ids = build_prompt(tok, [{"role": "user", "content": "57+68="}])
+    consts = {"type": "object", "properties": {"name": {"const": "add"}, "v": {"const": 3}}}
+    r = generate_json(Counted(), tok, ids, consts)
+    assert seen == [] and r.stats.nfe == 0 and r.value == {"name": "add", "v": 3}
+    r = generate_json(Counted(), tok, ids, {**consts, "properties": {**consts["properties"], "e": {"enum": [1, 2]}}})
+    assert len(seen) == r.stats.nfe == 1 and r.value["name"] == "add"
 
 
 def test_generate_json_schema_prints_valid_json(tmp_path):

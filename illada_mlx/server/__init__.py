@@ -17,7 +17,9 @@ The package:
   - routes.py: reading a request (api.py checks it: a bad field gets one 400 naming it, never a 500), the
     routes, the web page, the app (listen.py's guard in front: Host, API key, content type, the log
     line) and `serve`.
-  - runs.py: Solo, and `follow` for the ranks other than 0.
+  - runs.py: Solo, Structured (response_format's JSON schema), and `follow` for the ranks other than 0.
+  - tool_runs.py: ToolRun, a request with tools: the decision (tools.choose_tool), then the call's template
+    filled whole (finish_reason "tool_calls"), or, when auto decides not to call, a Solo's free-form answer.
 
 Tensor parallel (`mlx.launch`, several ranks; Scheduler(group=)): rank 0 serves HTTP and its worker decodes
 one request at a time (no batching, n = 1): before a decode it broadcasts the prompt's token ids and the

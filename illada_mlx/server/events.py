@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 from ..spec import DecodeSpec
 from ..text import ReplyText
+from ..tools import Tool, ToolCall
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,15 @@ class Stepped:
 
 @dataclass(frozen=True)
 class Finished:
-    """Choice `index` ended: why ("stop", "length", "time_limit"), its tokens, its figures (None: none were
-    measured) and the settings it ran with."""
+    """Choice `index` ended: why ("stop", "length", "time_limit", "tool_calls"), its tokens, its figures
+    (None: none were measured), the settings it ran with, and its tool call when it made one."""
 
     index: int
     reason: str
     tokens: int
     stats: Optional[dict]
     spec: dict
+    call: Optional[ToolCall] = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which it ends with "time_limit"
     cancelled_at: float = float("inf")  # time.monotonic() when its client went away
     schema: Optional[dict] = None  # response_format's JSON schema: a Structured run fills its template
+    tools: Optional[list[Tool]] = None  # tools it may call (tool_choice not "none"): a ToolRun answers it
+    tool_choice: str = "auto"  # "auto", "required" or a tool's name (tools.choose_tool)
 
     def emit(self, ev: Event) -> None:
         if not isinstance(ev, EVENTS):

@@ -37,6 +37,13 @@ def logprob_entries(tok, toks: list, lp, k: int) -> Optional[list]:
     return out
 
 
+def tool_call(call, index: Optional[int] = None) -> dict:
+    """A tools.ToolCall as OpenAI's tool_calls entry (with its `index` in a stream's delta)."""
+    out = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function"}
+    out["function"] = {"name": call.name, "arguments": call.arguments_json()}
+    return out if index is None else {"index": index, **out}
+
+
 class Answer:
     """A request's response in OpenAI's shapes: one JSON object, or server-sent chunks."""
 
@@ -72,9 +79,10 @@ class Answer:
             "text_offset": offsets,
         }
 
-    def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None) -> str:
+    def chunk(self, i: int, text=None, lp=None, finish=None, first=False, extra=None, call=None) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            delta = {"tool_calls": [tool_call(call, 0)]} if call is not None else delta
             choice = {"index": i, "delta": delta, "logprobs": self.logprobs(lp, i), "finish_reason": finish}
         else:
             choice = {"index": i, "text": text or "", "logprobs": self.logprobs(lp, i), "finish_reason": finish}
@@ -90,7 +98,8 @@ class Answer:
         return self.chunk(ev.index, finish=ev.reason, extra=extra)
 
     async def events(self, job: Job, request: Request):
-        """The stream: the role (chat), text chunks as blocks commit, each choice's finish, the usage if
+        """The stream: the role (chat), text chunks as blocks commit (a tool call: one chunk with
+        delta.tool_calls), each choice's finish, the usage if
         asked for, [DONE]. With diffusion.steps, a chunk per denoising step before its block's text (an
         empty delta and a `diffusion` field) and the finish chunk carries diffusion_stats and
         diffusion_settings. Leaving early (a disconnect) cancels the job."""
@@ -111,6 +120,8 @@ class Answer:
                 elif isinstance(ev, Finished):
                     tokens += ev.tokens
                     done += 1
+                    if ev.call is not None:  # the call whole in one chunk, then its finish
+                        yield self.chunk(ev.index, call=ev.call)
                     yield self.finish_chunk(ev, job.steps)
                 else:
                     raise unknown(ev)
@@ -163,7 +174,9 @@ class Answer:
                 "finish_reason": ends[i].reason,
                 "logprobs": self.logprobs(lps[i] if job.top_logprobs >= 0 else None, i),
             }
-            if self.chat:
+            if self.chat and ends[i].call is not None:
+                c["message"] = {"role": "assistant", "content": None, "tool_calls": [tool_call(ends[i].call)]}
+            elif self.chat:
                 c["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:
                 c["text"] = "".join(texts[i])

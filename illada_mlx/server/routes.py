@@ -30,11 +30,14 @@ from ..api import (
     settings,
     step_events,
     streaming,
+    tool_request,
 )
 from ..config import ContextError, IlladaError
 from ..listen import Guard, LoopErrors, Options, bind, exposure, make_server, raise_fd_limit
 from ..settings import as_json as settings_registry
+from ..settings import setting
 from ..spec import PRESETS, make_spec
+from ..tools import call_length
 from .events import Job
 from .openai_wire import Answer
 from .scheduler import Scheduler
@@ -62,7 +65,10 @@ async def _request(request: Request, chat: bool):
             "response_format json is answered whole: not with logprobs or several ranks",
             param="response_format",
         )
-    prompt = messages(body) if chat else prompt_text(body)
+    tools, tool_choice, callable_tools = tool_request(body) if chat else (None, "none", [])
+    if tools is not None and tool_choice != "none":
+        _check_tool_job(n, top, steps, schema, scheduler.group)
+    prompt = messages(body, tools) if chat else prompt_text(body)
     chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
     limit = opts.max_prompt_chars or 16 * scheduler.model.args.max_position_embeddings
     if chars > limit:
@@ -83,7 +89,39 @@ async def _request(request: Request, chat: bool):
     if s["max_tokens"] is None and spec.growing and spec.max_tokens > bl:  # whole blocks: it can batch
         spec = replace(spec, max_tokens=spec.max_tokens - spec.max_tokens % bl)
     job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps, schema=schema)
+    if tools is not None and tool_choice != "none":
+        job.tools, job.tool_choice = callable_tools, tool_choice
+        await asyncio.get_running_loop().run_in_executor(scheduler.pool, _check_call_room, scheduler, job)
     return job, stream, include_usage
+
+
+def _check_call_room(scheduler: Scheduler, job: Job) -> None:
+    """Every call the job may make fits the model's positions after its prompt, and one block (a
+    context_length_exceeded 400 naming tools otherwise)."""
+    a = scheduler.model.args
+    room = min(setting("block_length").hi, a.max_position_embeddings - len(job.prompt_ids))
+    for t in job.tools:
+        n = call_length(scheduler.tok, t, a.mask_token_id)
+        if n > room:
+            raise ApiError(
+                400,
+                f"a call to {t.name} takes {n} positions, more than the {room} this prompt leaves (at most "
+                f"{setting('block_length').hi})",
+                param="tools",
+                code="context_length_exceeded",
+            )
+
+
+def _check_tool_job(n: int, top: int, steps: bool, schema, group) -> None:
+    """What a request that may call a tool cannot have: a 400 naming the parameter."""
+    if schema is not None:
+        raise ApiError(
+            400, "response_format json cannot be combined with tools (a call is JSON already)", param="response_format"
+        )
+    if n > 1:
+        raise ApiError(400, "n must be 1 with tools", param="n")
+    if top >= 0 or steps or group is not None:
+        raise ApiError(400, "a request with tools takes no logprobs, diffusion.steps or several ranks", param="tools")
 
 
 # ------------------------------------------------------------------------------------------ answering

@@ -200,7 +200,7 @@ def stats_of(run, row: Row, tokens: int) -> Optional[dict]:
     measured per row (forwards while it was in the batch, its tokens, blocks, time); the figures a batch
     shares and does not split per row (the prompt's time and tokens/s, the tokens processed) are null
     rather than zeros; peak memory is the process's."""
-    if isinstance(run, Solo | Structured):
+    if not isinstance(run, Batch):  # Solo, Structured, tool_runs.ToolRun
         return run.finished.get(id(row))
     d = run.row_stats(row, tokens).as_dict()
     d.update(
@@ -215,7 +215,7 @@ def stats_of(run, row: Row, tokens: int) -> Optional[dict]:
 
 def settings_of(run, row: Row) -> dict:
     """The settings a choice ran with (diffusion_settings)."""
-    return (run.spec_for(row) if isinstance(run, Solo | Structured) else run.spec).as_dict()
+    return (run.spec if isinstance(run, Batch) else run.spec_for(row)).as_dict()
 
 
 def shared(run) -> bool:

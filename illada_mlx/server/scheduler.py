@@ -29,9 +29,10 @@ from ..text import ReplyText
 from .events import Choice, Failed, Finished, Job, Stepped, Text
 from .openai_wire import logprob_entries
 from .runs import Solo, Structured, settings_of, shared, stats_of
+from .tool_runs import ToolRun
 
 log = logging.getLogger("illada_mlx.server")
-Run = Union[Batch, Solo, Structured]
+Run = Union[Batch, Solo, Structured, ToolRun]
 
 
 class Scheduler:
@@ -130,6 +131,7 @@ class Scheduler:
                 or (
                     key is not None
                     and self.waiting[0].schema is None
+                    and self.waiting[0].tools is None
                     and batch_key(self.waiting[0].spec) == key
                     and run.size + self.waiting[0].n <= self.max_batch
                     and run.fits(len(self.waiting[0].prompt_ids), self.waiting[0].spec.max_tokens)
@@ -159,7 +161,9 @@ class Scheduler:
     def _start(self, job: Job) -> Run:
         group = self.group
         unbatched = group is not None or batch_key(job.spec) is None
-        if job.schema is not None:
+        if job.tools is not None:
+            run = ToolRun(self.model, self.tok, job.spec, job.tools, job.tool_choice)
+        elif job.schema is not None:
             run = Structured(self.model, self.tok, job.spec, job.schema)
         elif unbatched:
             run = Solo(self.model, job.spec, group, self._halt)
@@ -257,13 +261,15 @@ class Scheduler:
         """A block's tokens of a row as text; its finish when `reason` says it ended."""
         c = row.handle
         c.tokens += len(toks)
+        call = run.call_of(row) if isinstance(run, ToolRun) else None  # a call is no text
         if reason is not None:
             c.reply.finish()
         text = c.reply.take()
-        if text or toks:
+        if (text or toks) and call is None:
             c.job.emit(Text(c.index, text, logprob_entries(self.tok, toks, lp, row.top_logprobs)))
         if reason is not None:
-            c.job.emit(Finished(c.index, reason, c.tokens, stats_of(run, row, c.tokens), settings_of(run, row)))
+            stats, spec = stats_of(run, row, c.tokens), settings_of(run, row)
+            c.job.emit(Finished(c.index, reason, c.tokens, stats, spec, call))
             self._done(c)
 
     def _gone(self, job: Job, began: float) -> bool:
