@@ -107,3 +107,29 @@ def test_values_longer_than_their_hole_are_drawn_again():
         except ValueError:
             continue
         assert open_.any() and len(canvas) == len(open_)
+
+
+def test_the_rows_show_the_model_what_the_runtime_shows_it(runtime_tok):
+    # a training row's conversation (tools offered, the call, its result) renders to the same prompt ids as
+    # the runtime's rendering of the OpenAI history that carries them (tools.plain_messages, build_prompt)
+    from illada_mlx.engine import build_prompt
+    from illada_mlx.tools import call_text, plain_messages, result_text
+    from training.tool_tasks import TOOLS, with_tools
+
+    tools = [TOOLS["reverse"], TOOLS["add"]]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 57, "b": 68}'}}
+    history = [
+        {"role": "user", "content": "57+68="},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "125"},
+    ]
+    row = [
+        {"role": "user", "content": with_tools(tools, "57+68=")},
+        {"role": "assistant", "content": call_text("add", {"a": 57, "b": 68})},
+        {"role": "user", "content": result_text("125")},
+    ]
+    want = runtime_tok.encode(render(row), add_special_tokens=False)
+    assert build_prompt(runtime_tok, plain_messages(history, tools)) == want
+    assert build_prompt(runtime_tok, plain_messages(history[:1], tools)) == runtime_tok.encode(
+        render(row[:1]), add_special_tokens=False
+    )
