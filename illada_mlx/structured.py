@@ -438,6 +438,11 @@ class Layout:
         return render(self.template, self.fills(canvas, chosen))
 
 
+def template_length(tokenizer, schema: dict, mask_id: int) -> int:
+    """The canvas positions `schema`'s template takes (its fixed tokens and its holes)."""
+    return len(Layout(compile_schema(schema), tokenizer, None, mask_id))
+
+
 # ------------------------------------------------------------------------------------------ the decode
 @dataclass
 class JsonResult:

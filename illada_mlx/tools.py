@@ -119,9 +119,9 @@ def call_schema(tool: Tool) -> dict:
 
 def call_length(tokenizer, tool: Tool, mask_id: int) -> int:
     """The canvas positions a call to `tool` takes (its template's tokens and holes)."""
-    from .structured import Layout, compile_schema
+    from .structured import template_length
 
-    return len(Layout(compile_schema(call_schema(tool)), tokenizer, None, mask_id))
+    return template_length(tokenizer, call_schema(tool), mask_id)
 
 
 def call_text(name: str, arguments: Any) -> str:

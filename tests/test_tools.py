@@ -331,6 +331,20 @@ def test_auto_answers_as_the_library_decides(client, demo):
             "tools",
             "context_length_exceeded",
         ),
+        # and a response_format schema's template likewise
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "big",
+                        "schema": {"type": "array", "minItems": 64, "items": {"maxLength": 64, "type": "string"}},
+                    },
+                }
+            },
+            "response_format",
+            "context_length_exceeded",
+        ),
     ],
 )
 def test_what_tools_cannot_do_is_a_400_naming_the_parameter(server, extra, param, code):

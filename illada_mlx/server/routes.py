@@ -37,6 +37,7 @@ from ..listen import Guard, LoopErrors, Options, bind, exposure, make_server, ra
 from ..settings import as_json as settings_registry
 from ..settings import setting
 from ..spec import PRESETS, make_spec
+from ..structured import template_length
 from ..tools import call_length
 from .events import Job
 from .openai_wire import Answer
@@ -91,23 +92,28 @@ async def _request(request: Request, chat: bool):
     job = Job(ids, spec, asyncio.get_running_loop(), asyncio.Queue(), n=n, top_logprobs=top, steps=steps, schema=schema)
     if tools is not None and tool_choice != "none":
         job.tools, job.tool_choice = callable_tools, tool_choice
-        await asyncio.get_running_loop().run_in_executor(scheduler.pool, _check_call_room, scheduler, job)
+    if job.tools or schema is not None:
+        await asyncio.get_running_loop().run_in_executor(scheduler.pool, _check_template_room, scheduler, job)
     return job, stream, include_usage
 
 
-def _check_call_room(scheduler: Scheduler, job: Job) -> None:
-    """Every call the job may make fits the model's positions after its prompt, and one block (a
-    context_length_exceeded 400 naming tools otherwise)."""
+def _check_template_room(scheduler: Scheduler, job: Job) -> None:
+    """Every template the job may decode (its JSON schema's, or a call to each of its tools) fits the
+    model's positions after its prompt, and one block (a context_length_exceeded 400 naming the parameter
+    otherwise)."""
     a = scheduler.model.args
     room = min(setting("block_length").hi, a.max_position_embeddings - len(job.prompt_ids))
-    for t in job.tools:
-        n = call_length(scheduler.tok, t, a.mask_token_id)
+    if job.schema is not None:
+        needs = [("the JSON schema's template", template_length(scheduler.tok, job.schema, a.mask_token_id))]
+    else:
+        needs = [(f"a call to {t.name}", call_length(scheduler.tok, t, a.mask_token_id)) for t in job.tools]
+    for what, n in needs:
         if n > room:
             raise ApiError(
                 400,
-                f"a call to {t.name} takes {n} positions, more than the {room} this prompt leaves (at most "
+                f"{what} takes {n} positions, more than the {room} this prompt leaves (at most "
                 f"{setting('block_length').hi})",
-                param="tools",
+                param="response_format" if job.schema is not None else "tools",
                 code="context_length_exceeded",
             )
 
