@@ -32,3 +32,20 @@ def demo():
     from illada_mlx.load import load
 
     return load()
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo):
+    """`serve` of the demo model on a free local port (test_server.Server), one per test module."""
+    from test_server import Server
+
+    s = Server(*demo, "illada-demo")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    """The official openai client of demo_server."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=demo_server.url, api_key="none", max_retries=0, timeout=120)

@@ -42,19 +42,6 @@ class Server:
         self.thread.join(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def demo_server(demo):
-    s = Server(*demo, "illada-demo")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(demo_server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=demo_server.url, api_key="none", max_retries=0, timeout=120)
-
-
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == ["illada-demo"]
 

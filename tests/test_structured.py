@@ -273,16 +273,7 @@ def test_generate_json_schema_prints_valid_json(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the server
-@pytest.fixture(scope="module")
-def server(demo):
-    from test_server import Server
-
-    s = Server(*demo, "illada-demo")
-    yield s
-    s.stop()
-
-
-def test_the_server_answers_a_json_schema_valid_streamed_or_whole(server):
+def test_the_server_answers_a_json_schema_valid_streamed_or_whole(demo_server):
     import httpx
 
     schema = {"type": "object", "properties": {"sum": {"type": "integer"}, "ok": {"type": "boolean"}}}
@@ -290,7 +281,7 @@ def test_the_server_answers_a_json_schema_valid_streamed_or_whole(server):
         "messages": [{"role": "user", "content": "57+68="}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
     }
-    with httpx.Client(base_url=server.url, timeout=120) as h:
+    with httpx.Client(base_url=demo_server.url, timeout=120) as h:
         r = h.post("/chat/completions", json=body).json()
         jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
         assert r["choices"][0]["finish_reason"] == "stop" and r["diffusion_stats"]["nfe"] >= 1
@@ -313,23 +304,21 @@ def test_the_server_answers_a_json_schema_valid_streamed_or_whole(server):
         ({"type": "json_schema", "json_schema": {"schema": []}}, "schema must be a JSON schema object"),
     ],
 )
-def test_an_unsupported_response_format_is_a_400_naming_it(server, response_format, needle):
+def test_an_unsupported_response_format_is_a_400_naming_it(demo_server, response_format, needle):
     import httpx
 
     body = {"messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
-    r = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    r = httpx.post(demo_server.url + "/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and needle in r.json()["error"]["message"]
 
 
-def test_the_openai_clients_parse_helper_gets_a_pydantic_object(server):
-    openai = pytest.importorskip("openai")
+def test_the_openai_clients_parse_helper_gets_a_pydantic_object(client):
     pydantic = pytest.importorskip("pydantic")
 
     class Answer(pydantic.BaseModel):
         answer: str
         confident: bool
 
-    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
     r = client.chat.completions.parse(
         model="illada-demo", messages=[{"role": "user", "content": "reverse hello"}], response_format=Answer
     )

@@ -231,21 +231,6 @@ def test_a_tool_whose_parameters_cannot_be_built_is_refused_by_name():
 
 
 # ------------------------------------------------------------------------------------------ the server
-@pytest.fixture(scope="module")
-def server(demo):
-    from test_server import Server
-
-    s = Server(*demo, "illada-demo")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
-
-
 def test_the_openai_client_calls_a_tool_and_reads_the_answer_to_its_result(client):
     messages = [{"role": "user", "content": "57+68="}]
     r = client.chat.completions.create(model="illada-demo", messages=messages, tools=[ADD], tool_choice="required")
@@ -347,11 +332,11 @@ def test_auto_answers_as_the_library_decides(client, demo):
         ),
     ],
 )
-def test_what_tools_cannot_do_is_a_400_naming_the_parameter(server, extra, param, code):
+def test_what_tools_cannot_do_is_a_400_naming_the_parameter(demo_server, extra, param, code):
     import httpx
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
-    r = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    r = httpx.post(demo_server.url + "/chat/completions", json=body, timeout=60)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param and err["code"] == code, err
     assert "\n" not in err["message"]
@@ -384,17 +369,17 @@ def test_what_tools_cannot_do_is_a_400_naming_the_parameter(server, extra, param
         ([{"role": "user", "content": "x"}, {"role": "tool", "content": None}], "messages[1].content"),
     ],
 )
-def test_a_hostile_history_is_a_400_naming_the_field(server, messages, param):
+def test_a_hostile_history_is_a_400_naming_the_field(demo_server, messages, param):
     import httpx
 
-    r = httpx.post(server.url + "/chat/completions", json={"messages": messages, "max_tokens": 8}, timeout=60)
+    r = httpx.post(demo_server.url + "/chat/completions", json={"messages": messages, "max_tokens": 8}, timeout=60)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param, err
 
 
-def test_tools_on_completions_are_refused(server):
+def test_tools_on_completions_are_refused(demo_server):
     import httpx
 
     body = {"prompt": "57+68=", "tools": [ADD], "max_tokens": 8}
-    r = httpx.post(server.url + "/completions", json=body, timeout=60)
+    r = httpx.post(demo_server.url + "/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
