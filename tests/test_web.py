@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_server import Server, client, demo_server  # noqa: F401 (the module's server and client fixtures)
+from test_server import Server
 
 from illada_mlx.server import Options
 from illada_mlx.spec import make_spec
