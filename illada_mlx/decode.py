@@ -45,6 +45,12 @@ class Stats:
     drift_refreshes: int = 0  # whole-canvas refreshes the drift policy ran (cache.py)
     max_drift: float = 0.0  # the largest probe drift it measured
 
+    def add_forwards(self, forwards: int, processed: int) -> None:
+        """Count `forwards` forwards run outside the sampler over `processed` query tokens (a template's choice
+        scoring, a tool decision)."""
+        self.nfe += forwards
+        self.processed += processed
+
     @property
     def tokens_per_forward(self) -> float:
         return self.output_tokens / max(self.nfe, 1)

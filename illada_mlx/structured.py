@@ -500,8 +500,7 @@ def _choose(model, ids: list[int], layout: Layout, stats) -> dict[int, int]:
     at = np.flatnonzero(np.isin(layout.hole, list(layout.options)))
     logits = model(x, None, logits_at=mx.array(at + len(ids)))
     logp = np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0].astype(mx.float32))
-    stats.nfe += 1
-    stats.processed += x.shape[1]
+    stats.add_forwards(1, x.shape[1])
     return layout.choose(dict(zip(at.tolist(), logp)))
 
 
@@ -560,7 +559,6 @@ def generate_json(model, tokenizer, ids: list[int], schema: dict, spec=None, on_
         infill = Infill(mx.array(answer[None]), layout.on_device(len(ids)))
         g = run(decode(model, [ids], spec, infill=infill), on_event)
         answer = np.array(g.canvas[0, len(ids) :])
-        stats.nfe += g.stats.nfe
-        stats.processed += g.stats.processed
+        stats.add_forwards(g.stats.nfe, g.stats.processed)
     text = layout.render(answer, chosen)
     return JsonResult(text, json.loads(text), stats, spec, answer)

@@ -201,12 +201,6 @@ def check_choice(choice: Any, tools: list[Tool]) -> str:
     return choice
 
 
-def add_cost(stats, forwards: int, processed: int) -> None:
-    """Count `forwards` more forwards over `processed` more query tokens in a decode.Stats."""
-    stats.nfe += forwards
-    stats.processed += processed
-
-
 def _logprobs(model, x: list[int], at: list[int]) -> np.ndarray:
     """(len(at), V) log-probabilities at the canvas positions `at` from one forward of `x`."""
     import mlx.core as mx
@@ -221,7 +215,7 @@ def wants_call(model, tokenizer, ids: list[int], block_length: int, stats) -> bo
     first = tokenizer.encode(CALL_PREFIX, add_special_tokens=False)[0]
     x = list(ids) + [model.args.mask_token_id] * block_length
     logp = _logprobs(model, x, [len(ids)])
-    add_cost(stats, 1, len(x))
+    stats.add_forwards(1, len(x))
     return int(np.argmax(logp[0])) == first
 
 
@@ -237,7 +231,7 @@ def pick_tool(model, tokenizer, ids: list[int], tools: list[Tool], block_length:
     start = len(ids) + len(prefix)
     x = list(ids) + prefix + [model.args.mask_token_id] * max(block_length - len(prefix), longest)
     logp = _logprobs(model, x, list(range(start, start + longest)))
-    add_cost(stats, 1, len(x))
+    stats.add_forwards(1, len(x))
     scores = [sum(float(logp[j, t]) for j, t in enumerate(n)) for n in names]
     return tools[int(np.argmax(scores))]
 
@@ -263,7 +257,7 @@ def fill_call(model, tokenizer, ids: list[int], tool: Tool, spec, stats) -> tupl
     from .structured import generate_json
 
     r = generate_json(model, tokenizer, ids, call_schema(tool), spec=spec)
-    add_cost(stats, r.stats.nfe, r.stats.processed)
+    stats.add_forwards(r.stats.nfe, r.stats.processed)
     stats.output_tokens += len(tokenizer.encode(r.text, add_special_tokens=False))
     return ToolCall(tool.name, r.value["arguments"]), r.spec
 
@@ -286,5 +280,5 @@ def generate_tool_call(
     parts, last = [], None
     for last in stream_generate(model, tokenizer, list(ids), spec=spec):
         parts.append(last.text)
-    add_cost(last.stats, stats.nfe, stats.processed)
+    last.stats.add_forwards(stats.nfe, stats.processed)
     return ToolAnswer(None, "".join(parts), last.stats, spec)

@@ -49,3 +49,16 @@ def client(demo_server):
     """The official openai client of demo_server."""
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=demo_server.url, api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def random_weights(demo):
+    """A model of the demo's shape and vocabulary with random weights (it has learned no JSON, no tools)."""
+    import mlx.core as mx
+
+    from illada_mlx.model import Model
+
+    mx.random.seed(1)
+    model = Model(demo[0].args)
+    mx.eval(model.parameters())
+    return model

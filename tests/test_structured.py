@@ -126,19 +126,6 @@ def test_an_unsupported_schema_is_refused_by_name(schema, needle):
         compile_schema(schema)
 
 
-@pytest.fixture(scope="module")
-def random_weights(demo):
-    """A model of the demo's shape and vocabulary with random weights (it has learned no JSON)."""
-    import mlx.core as mx
-
-    from illada_mlx.model import Model
-
-    mx.random.seed(1)
-    model = Model(demo[0].args)
-    mx.eval(model.parameters())
-    return model
-
-
 @pytest.mark.parametrize(
     "mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("exact", "variable")] + ["fast", "fast_fixed"]
 )

@@ -135,18 +135,6 @@ def test_a_named_or_single_tool_or_none_runs_no_forward(tok, args):
 
 
 # ------------------------------------------------------------------------------------------ the call
-@pytest.fixture(scope="module")
-def random_weights(demo):
-    import mlx.core as mx
-
-    from illada_mlx.model import Model
-
-    mx.random.seed(3)
-    model = Model(demo[0].args)
-    mx.eval(model.parameters())
-    return model
-
-
 @pytest.mark.parametrize("weights", ["demo", "random"])
 @pytest.mark.parametrize("generated", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_every_call_validates_against_its_tool_s_parameters(demo, random_weights, weights, generated):

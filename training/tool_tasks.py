@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from illada_mlx.structured import Layout, TokenClasses, compile_schema
+from illada_mlx.structured import Layout, compile_schema
 from illada_mlx.tools import call_schema, call_text, parse_tools, result_text, tools_text
 from training.demo_tasks import TASKS, draw
 
@@ -145,11 +145,7 @@ def filled_canvas(layout: Layout, value) -> tuple[np.ndarray, np.ndarray]:
     return ids, open_
 
 
-def _classes(vocab: int) -> TokenClasses:
-    return TokenClasses(np.ones(vocab, bool), np.ones(vocab, bool), None, EOS)
-
-
-def template_item(rng: random.Random, view: TokenizerView, vocab: int, split: str = "train"):
+def template_item(rng: random.Random, view: TokenizerView, split: str = "train"):
     """(messages, canvas ids, maskable) of one template row: a JSON-wrapped task or a call's arguments."""
     if rng.random() < 0.5:
         task = rng.choice(TASKS)
@@ -163,7 +159,7 @@ def template_item(rng: random.Random, view: TokenizerView, vocab: int, split: st
         tool = TOOLS[TOOL_FOR[task]]
         schema, value = call_schema(tool), {"name": tool.name, "arguments": arguments(task, p)}
         messages = [{"role": "user", "content": with_tools(_offer(rng, tool.name, None), p)}]
-    layout = Layout(compile_schema(schema), view, _classes(vocab), MASK)
+    layout = Layout(compile_schema(schema), view, None, MASK)  # filled, not decoded: no token classes
     ids, open_ = filled_canvas(layout, value)
     return messages, ids, open_
 
@@ -171,12 +167,12 @@ def template_item(rng: random.Random, view: TokenizerView, vocab: int, split: st
 def template_batches(tok, seed: int, batch: int, render):
     """Endless (ids, answer, valid, prompt_maskable, masked_from) batches of template rows (train_rows'
     batch format): only the holes are answer (maskable), the skeleton and prompt never are."""
-    rng, view, vocab = random.Random(seed), TokenizerView(tok), tok.get_vocab_size()
+    rng, view = random.Random(seed), TokenizerView(tok)
     while True:
         rows = []
         while len(rows) < batch:
             try:
-                m, canvas, open_ = template_item(rng, view, vocab)
+                m, canvas, open_ = template_item(rng, view)
             except ValueError:
                 continue  # a value longer than its hole: drawn again
             rows.append((tok.encode(render(m)).ids, canvas, open_))

@@ -118,6 +118,13 @@ def write_tokenizer_config(out: Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
 
 
+def mixed(plain, shaped, share: float, seed: int):
+    """Endless batches: from `shaped` a `share` of the time (a coin per batch), else from `plain`."""
+    coin = random.Random(seed)
+    while True:
+        yield next(shaped if coin.random() < share else plain)
+
+
 class Batches(torch.utils.data.IterableDataset):
     """`batches` in DataLoader worker processes (worker k draws from seed + 1000 k; the DataLoader's
     round-robin order keeps a run reproducible for a given --workers)."""
@@ -139,11 +146,8 @@ class Batches(torch.utils.data.IterableDataset):
             return (tuple(map(torch.from_numpy, b)) for b in plain)
         from training.tool_tasks import template_batches
 
-        shaped, coin = template_batches(tok, seed + 3, self.layout["batch"], render), random.Random(seed + 5)
-        return (
-            tuple(map(torch.from_numpy, next(shaped if coin.random() < self.structured else plain)))
-            for _ in iter(int, 1)
-        )
+        shaped = template_batches(tok, seed + 3, self.layout["batch"], render)
+        return (tuple(map(torch.from_numpy, b)) for b in mixed(plain, shaped, self.structured, seed + 5))
 
 
 @torch.no_grad()

@@ -147,24 +147,26 @@ class Solo:
         self._events, self.rows = None, []
 
 
-class Structured:
-    """A request with a JSON schema (response_format): each choice's answer is one block, its template filled
-    by structured.generate_json under the request's settings (seed + i for choice i); Solo's interface."""
+class OneAtATime:
+    """What a run whose choices start one at a time, joined by no other request (a template's, a tool
+    request's), shares with Solo's interface: the choices waiting (`joining`), each one's figures
+    (`finished`) and the spec it ran (`ran`). A subclass sets `rows` (the choices running)."""
 
-    def __init__(self, model, tokenizer, spec: DecodeSpec, schema: dict):
-        self.model, self.tok, self.spec, self.schema = model, tokenizer, spec, schema
-        self.rows: list[Row] = []
+    rows: list
+
+    def __init__(self, spec: DecodeSpec):
+        self.spec = spec
         self.joining: list[Row] = []
         self.lo = 0
-        self.finished: dict[int, dict] = {}  # id(row) -> its decode's figures
-        self.ran: dict[int, DecodeSpec] = {}  # id(row) -> the spec its template ran
+        self.finished: dict[int, dict] = {}  # id(row) -> its figures
+        self.ran: dict[int, DecodeSpec] = {}  # id(row) -> the spec it ran
 
     @property
     def size(self) -> int:
         return len(self.rows) + len(self.joining)
 
     def fits(self, prompt_len: int, budget: int) -> bool:
-        return False
+        return False  # nothing joins
 
     def add(self, row: Row) -> None:
         self.joining.append(row)
@@ -176,6 +178,16 @@ class Structured:
 
     def spec_for(self, row: Row) -> DecodeSpec:
         return self.ran.get(id(row), choice_spec(self.spec, row))
+
+
+class Structured(OneAtATime):
+    """A request with a JSON schema (response_format): each choice's answer is one block, its template filled
+    by structured.generate_json under the request's settings (seed + i for choice i)."""
+
+    def __init__(self, model, tokenizer, spec: DecodeSpec, schema: dict):
+        super().__init__(spec)
+        self.model, self.tok, self.schema = model, tokenizer, schema
+        self.rows: list[Row] = []
 
     def run_block(self, stop_fn=None, logprobs=None, on_step=None, leave=None) -> list:
         """The next choice's whole answer: (row, its tokens, "stop", None). When its request asks for steps,

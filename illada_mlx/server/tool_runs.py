@@ -11,18 +11,15 @@ from typing import Optional
 
 from ..decode import Stats
 from ..spec import DecodeSpec
-from ..tools import Tool, ToolCall, add_cost, call_text, choose_tool, fill_call
-from .runs import Solo, choice_spec
+from ..tools import Tool, ToolCall, call_text, choose_tool, fill_call
+from .runs import OneAtATime, Solo, choice_spec
 
 
-class ToolRun:
+class ToolRun(OneAtATime):
     def __init__(self, model, tokenizer, spec: DecodeSpec, tools: list[Tool], choice: str):
-        self.model, self.tok, self.spec, self.tools, self.choice = model, tokenizer, spec, tools, choice
-        self.joining: list = []  # choices still to decide
+        super().__init__(spec)
+        self.model, self.tok, self.tools, self.choice = model, tokenizer, tools, choice
         self.solo = Solo(model, spec)  # the choices answering free-form
-        self.lo = 0
-        self.finished: dict[int, dict] = {}  # id(row) -> its figures, decision included
-        self.ran: dict[int, DecodeSpec] = {}  # id(row) -> the spec its call's template ran
         self.calls: dict[int, ToolCall] = {}  # id(row) -> its call, until the scheduler takes it
         self.cost: dict[int, Stats] = {}  # id(row) -> its decision's forwards (a free-form choice's)
 
@@ -30,23 +27,8 @@ class ToolRun:
     def rows(self) -> list:
         return self.solo.rows + self.solo.joining
 
-    @property
-    def size(self) -> int:
-        return len(self.rows) + len(self.joining)
-
-    def fits(self, prompt_len: int, budget: int) -> bool:
-        return False  # nothing joins
-
-    def add(self, row) -> None:
-        self.joining.append(row)
-
     def remove(self, handles: set) -> list:
-        gone = [r for r in self.joining if r.handle in handles]
-        self.joining = [r for r in self.joining if r.handle not in handles]
-        return gone + self.solo.remove(handles)
-
-    def spec_for(self, row) -> DecodeSpec:
-        return self.ran.get(id(row), choice_spec(self.spec, row))
+        return super().remove(handles) + self.solo.remove(handles)
 
     def call_of(self, row) -> Optional[ToolCall]:
         """The row's call, once (the scheduler's finish takes it)."""
@@ -79,5 +61,5 @@ class ToolRun:
         """A free-form choice's figures with its decision's forwards and processed tokens added."""
         st = Stats(**{k: figures[k] for k in Stats.__dataclass_fields__})
         cost = self.cost.pop(id(row), Stats())
-        add_cost(st, cost.nfe, cost.processed)
+        st.add_forwards(cost.nfe, cost.processed)
         return {**figures, **st.as_dict()}
