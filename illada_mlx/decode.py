@@ -375,6 +375,7 @@ class _Block:
     t: int = 0
     prev: Optional[mx.array] = None  # the positions the previous step computed logits at
     prev_mask: Optional[mx.array] = None  # which of them were masks
+    seen: Optional[mx.array] = None  # (B, size): each masked position's candidate at the previous step, else -1
 
     @property
     def size(self) -> int:
@@ -462,9 +463,23 @@ def _choose(st: DecodeState, spec: DecodeSpec, blk: _Block, logits, pos, is_mask
                 conf = mx.where(x0 == tok, -mx.inf, conf)
     conf = mx.where(is_mask, conf, -mx.inf)
     transfer = _commit(conf, ent, blk.counts[blk.t] if blk.counts else None, spec)
+    if spec.stable_threshold > 0 and not blk.counts:
+        transfer = transfer | stable_commits(blk, pos, x0, conf, spec.stable_threshold)
     if spec.eos_fill and not blk.counts:
         x0, transfer = fill_after_eos(x0, transfer, is_mask, pos, x[:, blk.lo : blk.hi], blk.lo, spec)
     return logits, x0, transfer
+
+
+def stable_commits(blk: _Block, pos, x0, conf, tau: float) -> mx.array:
+    """The masked candidates (conf > -inf) whose confidence is ≥ τ and which the block's previous step
+    predicted the same, the commit rule's KLASS-style companion: a prediction that the previous step's
+    commits did not change is not waiting on them. Records this step's candidates for the next step."""
+    rel = pos - blk.lo
+    masked = conf > -mx.inf
+    seen = blk.seen if blk.seen is not None else mx.full((pos.shape[0], blk.size), -1, dtype=mx.int32)
+    stable = masked & (conf >= tau) & (mx.take_along_axis(seen, rel, axis=1) == x0)
+    blk.seen = mx.put_along_axis(seen, rel, mx.where(masked, x0, -1).astype(mx.int32), axis=1)
+    return stable
 
 
 def _count(st: DecodeState, blk: _Block, is_mask, transfer) -> None:
@@ -490,6 +505,7 @@ def _rows_left(st: DecodeState, before: list[int], blk: _Block, mask_id: int) ->
     if not blk.counts:
         blk.remaining = int(mx.max((st.x[:, blk.lo : blk.hi] == mask_id).sum(axis=1)))
     blk.prev, blk.prev_mask = blk.prev[idx], blk.prev_mask[idx]
+    blk.seen = None if blk.seen is None else blk.seen[idx]
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -208,6 +208,17 @@ SETTINGS = (
         default="the model's, else 0.05",
     ),
     Setting(
+        "stable_threshold",
+        float,
+        "adaptive rules: also commit a token the block's previous step predicted the same, at confidence ≥ this (0: off)",
+        lo=0,
+        hi=1,
+        flags=("--stable-threshold",),
+        request="diffusion",
+        model_file=True,
+        default="the model's, else 0 (off)",
+    ),
+    Setting(
         "factor",
         float,
         "factor rule: the longest prefix of the sorted confidences with (n + 1)(1 − c) < f",

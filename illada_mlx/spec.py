@@ -75,6 +75,9 @@ class DecodeSpec:
     factor: float = 1.0
     entropy_gamma: float = 0.1
     error_bound: float = 0.05  # the error rule: Σ (1 − confidence) of one step's commits at most this
+    stable_threshold: float = (
+        0.0  # adaptive rules: also commit what the previous step predicted the same, at ≥ this (0: off)
+    )
     cache: str = "none"
     refresh_every: int = 0  # also recompute the whole canvas every this many steps of a block (0: never)
     block_refresh: str = "window"  # what a block start recomputes (cache.REFRESHES)

@@ -108,7 +108,10 @@ def test_chat_two_turns_reset_and_settings(demo):
     lines = r.stderr.splitlines()
     assert "history cleared" in r.stderr and f"mode: fast ({spec.canvas} canvas, budget 32 tokens)" in lines
     assert f"cache: {spec.cache}, block refresh {spec.block_refresh} (drift threshold {spec.drift_threshold})" in lines
-    assert f"commits: error {spec.error_bound}" in lines and "sampling: temperature 0 (greedy); seed none" in lines
+    assert (
+        f"commits: error {spec.error_bound}, stable ≥ {spec.stable_threshold}" in lines
+        and "sampling: temperature 0 (greedy); seed none" in lines
+    )
     assert not any(len(ln) > 100 for ln in lines if ln.startswith(("mode:", "ends:")))
     assert r.stderr.count("==========\nPrompt: ") == 3  # a stats block per reply
 

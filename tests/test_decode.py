@@ -1,6 +1,8 @@
 """The sampler against the official algorithm re-derived in float64 (oracle.official_generate), plus the
 variable-length, fast-path and argument-checking behaviour on a scripted model."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import oracle
@@ -582,8 +584,8 @@ def test_full_refresh_every_block_is_the_full_policy(tiny):
     assert full.tokens == every.tokens and full.stats.processed == every.stats.processed
 
 
-@pytest.mark.parametrize("threshold", [0.4, 0.5])
-def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
+@pytest.mark.parametrize("threshold,stable", [(0.4, 0.0), (0.5, 0.0), (0.9, 0.05)])
+def test_token_cache_rows_decode_together_as_alone(tiny, threshold, stable):
     """Rows committing at different rates: each row's step reruns only what it had masked (a row with
     fewer repeats a position), so a batched row's logits at its masks are the ones it gets alone."""
     from illada_mlx.decode import decode
@@ -596,6 +598,7 @@ def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
         steps_per_block=8,
         rule="threshold",
         threshold=threshold,
+        stable_threshold=stable,
         cache="token",
         logits_eos_inf=True,
     )
@@ -617,6 +620,9 @@ def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
                 tokens = ev.tokens
         return out, tokens
 
+    def steps_of(sp):
+        return [ev for ev in decode(model, rows, sp) if isinstance(ev, Step)]
+
     together, toks = steps(rows)
     assert any(len({a.shape[0] for a in v}) > 1 for v in together.values())  # different rates
     for r, row in enumerate(rows):
@@ -624,6 +630,8 @@ def test_token_cache_rows_decode_together_as_alone(tiny, threshold):
         assert toks_r[0] == toks[r]
         for at, lg in alone.items():
             np.testing.assert_allclose(together[at][r], lg[0], rtol=1e-4, atol=1e-5)
+    if stable:  # the stable commits took part: fewer steps than the plain rule's
+        assert len(together) < len(steps_of(replace(spec, stable_threshold=0.0)))
 
 
 # ------------------------------------------------------------------------------- the fast path's mechanisms
@@ -801,3 +809,65 @@ def test_drift_refresh_rows_decode_together_as_alone(tiny):
     for j, r in enumerate(rows):
         assert both.tokens[j] == run(decode(model, [r], spec)).tokens[0]
     assert 0 < both.stats.drift_refreshes
+
+
+def _error_rule_np(conf, eps):
+    """The error rule restated: by decreasing confidence while Σ (1 − c) ≤ ε, at least the best one."""
+    out = np.zeros(conf.shape, bool)
+    for b, row in enumerate(conf):
+        order = [i for i in np.argsort(-row, kind="stable") if np.isfinite(row[i])]
+        err, n = 0.0, 0
+        for i in order:
+            err += 1 - row[i]
+            if err > eps:
+                break
+            n += 1
+        out[b, order[: max(n, 1)]] = True
+    return out
+
+
+@pytest.mark.parametrize("cache", ["none", "token"])
+def test_stable_commits_follow_their_definition(tiny, cache):
+    # every step's commits re-derived from its logits: the error rule's, and each masked candidate with
+    # confidence ≥ τ that the block's previous step predicted the same
+    from illada_mlx.decode import decode
+
+    model, _, _, mask = tiny
+    rows = prompts(2, 6, 61).tolist()
+    tau, eps = 0.05, 0.02
+    spec = _growing(mask, max_tokens=24, rule="error", error_bound=eps, stable_threshold=tau, cache=cache)
+    before, seen, extra = None, {}, 0
+    for ev in decode(model, rows, spec):
+        if not isinstance(ev, Step):
+            continue
+        canvas = np.array(ev.canvas)
+        if ev.step == 0:  # a new block: its positions start as masks
+            before, seen = canvas.copy(), {}
+            before[:, 6 + 8 * ev.block :] = mask
+        pos, lg = np.array(ev.positions), np.array(ev.logits, dtype=np.float64)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x0, masked = p.argmax(-1), np.take_along_axis(before, pos, 1) == mask
+        conf = np.where(masked, p.max(-1), -np.inf)
+        prev = np.array([[seen.get((b, int(i)), -1) for i in row] for b, row in enumerate(pos)])
+        stable = masked & (conf >= tau) & (prev == x0)
+        rule = _error_rule_np(conf, eps)
+        want = rule | stable
+        np.testing.assert_array_equal(np.array(ev.committed), want)
+        extra += int((stable & ~rule).sum())
+        seen = {(b, int(i)): int(x0[b, k]) for b, row in enumerate(pos) for k, i in enumerate(row) if masked[b, k]}
+        before = canvas
+    assert extra > 0  # the stable commits added some
+
+
+def test_stable_commits_off_is_the_plain_rule(tiny):
+    from illada_mlx.decode import decode, run
+
+    model, _, _, mask = tiny
+    rows = prompts(2, 6, 62).tolist()
+    kw = dict(max_tokens=24, rule="error", error_bound=0.02, cache="prefix")
+    plain = run(decode(model, rows, _growing(mask, **kw)))
+    off = run(decode(model, rows, _growing(mask, stable_threshold=0.0, **kw)))
+    on = run(decode(model, rows, _growing(mask, stable_threshold=0.05, **kw)))
+    assert off.tokens == plain.tokens and off.stats.nfe == plain.stats.nfe
+    assert on.stats.nfe < plain.stats.nfe

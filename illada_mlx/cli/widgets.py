@@ -28,6 +28,7 @@ def stats_block(r, compute: str = "") -> str:
         f"{sp.mode}: {sp.canvas} canvas, budget {sp.max_tokens}, block {sp.block_length}, "
         f"{sp.steps_per_block} steps/block, rule {sp.rule}"
         + (f" {sp.rule_number}" if sp.rule_number is not None else "")
+        + stable_words(sp)
         + f", cache {sp.cache}"
         + (f", refresh {sp.block_refresh}" if sp.cache != "none" else "")
         + (f" ({st.drift_refreshes} whole-canvas)" if sp.cache != "none" and sp.block_refresh == "drift" else "")
@@ -42,6 +43,11 @@ def stats_block(r, compute: str = "") -> str:
     )
 
 
+def stable_words(sp) -> str:
+    """', stable ≥ 0.9' when the adaptive rule's stable commits are on (decode.stable_commits), else ''."""
+    return f", stable ≥ {sp.stable_threshold}" if sp.stable_threshold > 0 and sp.rule != "schedule" else ""
+
+
 def compute_note(model) -> str:
     """'float32 on cpu': the dtype the model computes in, on which backend (backend.py chose it)."""
     from ..backend import backend_name, compute_dtype
@@ -52,6 +58,7 @@ def compute_note(model) -> str:
 def settings_text(sp) -> str:
     """chat's /settings: the decode settings a person chooses, one topic per line."""
     commits = f"{sp.rule} {sp.rule_number}" if sp.rule_number is not None else f"{sp.rule} ({sp.remasking})"
+    commits += stable_words(sp)
     sampling = (
         "temperature 0 (greedy)"
         if sp.temperature == 0

@@ -186,6 +186,7 @@ async def defaults(request):
         "rule",
         "threshold",
         "error_bound",
+        "stable_threshold",
         "max_tokens",
         "temperature",
         "cache",
