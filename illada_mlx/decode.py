@@ -26,7 +26,15 @@ import numpy as np
 from .cache import BlockCache, refresh_kind, step_window
 from .config import IlladaError
 from .kernels import candidates, filter_logits
-from .rules import commit_entropy, commit_error, commit_factor, commit_threshold, commit_topk, transfer_counts
+from .rules import (
+    commit_entropy,
+    commit_error,
+    commit_factor,
+    commit_stable,
+    commit_threshold,
+    commit_topk,
+    transfer_counts,
+)
 from .spec import DecodeSpec, think_token_id
 from .text import ReplyText
 
@@ -381,6 +389,14 @@ class _Block:
     def size(self) -> int:
         return self.hi - self.lo
 
+    def saw(self, pos, x0, conf) -> mx.array:
+        """This step's candidates at the masked `pos` (conf > -inf) recorded for the next step; returns what
+        the previous step predicted at `pos` (−1 where it had nothing)."""
+        rel = pos - self.lo
+        seen = self.seen if self.seen is not None else mx.full((pos.shape[0], self.size), -1, dtype=mx.int32)
+        self.seen = mx.put_along_axis(seen, rel, mx.where(conf > -mx.inf, x0, -1).astype(mx.int32), axis=1)
+        return mx.take_along_axis(seen, rel, axis=1)
+
 
 def _new_block(spec: DecodeSpec, index: int, lo: int, hi: int, boost: float, masks: int) -> _Block:
     """A block of canvas[lo:hi] holding `masks` masks (its size, but where an infill wrote some): the
@@ -463,23 +479,11 @@ def _choose(st: DecodeState, spec: DecodeSpec, blk: _Block, logits, pos, is_mask
                 conf = mx.where(x0 == tok, -mx.inf, conf)
     conf = mx.where(is_mask, conf, -mx.inf)
     transfer = _commit(conf, ent, blk.counts[blk.t] if blk.counts else None, spec)
-    if spec.stable_threshold > 0 and not blk.counts:
-        transfer = transfer | stable_commits(blk, pos, x0, conf, spec.stable_threshold)
+    if spec.stable:
+        transfer = transfer | commit_stable(conf, x0, blk.saw(pos, x0, conf), spec.stable_threshold)
     if spec.eos_fill and not blk.counts:
         x0, transfer = fill_after_eos(x0, transfer, is_mask, pos, x[:, blk.lo : blk.hi], blk.lo, spec)
     return logits, x0, transfer
-
-
-def stable_commits(blk: _Block, pos, x0, conf, tau: float) -> mx.array:
-    """The masked candidates (conf > -inf) whose confidence is ≥ τ and which the block's previous step
-    predicted the same, the commit rule's KLASS-style companion: a prediction that the previous step's
-    commits did not change is not waiting on them. Records this step's candidates for the next step."""
-    rel = pos - blk.lo
-    masked = conf > -mx.inf
-    seen = blk.seen if blk.seen is not None else mx.full((pos.shape[0], blk.size), -1, dtype=mx.int32)
-    stable = masked & (conf >= tau) & (mx.take_along_axis(seen, rel, axis=1) == x0)
-    blk.seen = mx.put_along_axis(seen, rel, mx.where(masked, x0, -1).astype(mx.int32), axis=1)
-    return stable
 
 
 def _count(st: DecodeState, blk: _Block, is_mask, transfer) -> None:

@@ -58,6 +58,14 @@ def commit_entropy(conf: mx.array, entropy: mx.array, gamma: float) -> mx.array:
     return _prefix_commit(conf, (csum - hs <= gamma) & ~mx.isinf(hs), order, rank)
 
 
+def commit_stable(conf: mx.array, x0: mx.array, before: mx.array, tau: float) -> mx.array:
+    """Stable commits, beside an adaptive rule: the candidates with confidence ≥ τ that the block's previous
+    step predicted the same (`before`: its candidate at each position, −1 where it had none), KLASS's
+    stability test in its simplest form: a prediction the previous step's commits did not change is not
+    waiting on them."""
+    return (conf > -mx.inf) & (conf >= tau) & (before == x0)
+
+
 def commit_error(conf: mx.array, eps: float) -> mx.array:
     """Error-bounded commits: candidates by decreasing confidence while the sum of their error
     probabilities, Σ (1 − c), stays ≤ ε (a union bound on the chance that any of them is wrong under the

@@ -75,9 +75,7 @@ class DecodeSpec:
     factor: float = 1.0
     entropy_gamma: float = 0.1
     error_bound: float = 0.05  # the error rule: Σ (1 − confidence) of one step's commits at most this
-    stable_threshold: float = (
-        0.0  # adaptive rules: also commit what the previous step predicted the same, at ≥ this (0: off)
-    )
+    stable_threshold: float = 0.0  # adaptive rules: rules.commit_stable's τ (0: off)
     cache: str = "none"
     refresh_every: int = 0  # also recompute the whole canvas every this many steps of a block (0: never)
     block_refresh: str = "window"  # what a block start recomputes (cache.REFRESHES)
@@ -106,6 +104,11 @@ class DecodeSpec:
     @property
     def growing(self) -> bool:
         return self.canvas == "growing"
+
+    @property
+    def stable(self) -> bool:
+        """Whether stable commits (rules.commit_stable) run beside the rule: an adaptive rule and τs > 0."""
+        return self.stable_threshold > 0 and self.rule != "schedule"
 
     @property
     def rule_number(self) -> Optional[float]:

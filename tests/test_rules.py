@@ -134,3 +134,14 @@ def test_error_rule_worked_case():
     # 0.99 + 0.98 = 0.03 of error: both under 0.05; the third (0.9) would make 0.13
     conf = m([[0.9, 0.99, NEG, 0.98], [0.6, 0.7, NEG, NEG]])
     assert np.array(commit_error(conf, 0.05)).tolist() == [[False, True, False, True], [False, True, False, False]]
+
+
+def test_stable_commits_take_the_settled_confident_candidates():
+    # by hand: a candidate commits when it is confident enough and the previous step predicted it too
+    from illada_mlx.rules import commit_stable
+
+    conf = m([[0.97, 0.97, 0.5, NEG], [0.96, 0.99, 0.99, 0.99]])
+    x0 = mx.array([[4, 5, 6, 7], [4, 5, 6, 7]])
+    before = mx.array([[4, 9, 6, 7], [4, 5, -1, 7]])
+    got = np.array(commit_stable(conf, x0, before, 0.96))
+    assert got.tolist() == [[True, False, False, False], [True, True, False, True]]

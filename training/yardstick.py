@@ -24,9 +24,8 @@ SAMPLERS = {
     # one step per token unless overridden
     # what a user gets: the model's own defaults (diffusion_config.json), else the fast mode's
     "default": (None, dict(max_tokens=64)),
-    # the default without its stable commits, and with the token cache (on their own)
+    # the default without its stable commits (on its own)
     "default_unstable": (None, dict(max_tokens=64, stable_threshold=0.0)),
-    "default_token": (None, dict(max_tokens=64, cache="token")),
     # the fast mode's mechanisms one at a time over the plain threshold rule (on their own)
     "fast_t0.9_token_drift": (
         "fast",

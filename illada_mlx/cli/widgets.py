@@ -44,8 +44,8 @@ def stats_block(r, compute: str = "") -> str:
 
 
 def stable_words(sp) -> str:
-    """', stable ≥ 0.9' when the adaptive rule's stable commits are on (decode.stable_commits), else ''."""
-    return f", stable ≥ {sp.stable_threshold}" if sp.stable_threshold > 0 and sp.rule != "schedule" else ""
+    """', stable ≥ 0.9' when stable commits run beside the rule (rules.commit_stable), else ''."""
+    return f", stable ≥ {sp.stable_threshold}" if sp.stable else ""
 
 
 def compute_note(model) -> str:
